@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from . import common_pb2 as tessera_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17tessera/v1/worker.proto\x12\ntessera.v1\x1a\x17tessera/v1/common.proto\"\r\n\x0bInfoRequest\"\xe7\x01\n\nWorkerInfo\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x13\n\x0b\x66ingerprint\x18\x03 \x01(\t\x12\x1e\n\x04span\x18\x04 \x01(\x0b\x32\x10.tessera.v1.Span\x12\x12\n\nnum_layers\x18\x05 \x01(\x05\x12\x0c\n\x04kind\x18\x06 \x01(\t\x12\x10\n\x08\x63\x61pacity\x18\x07 \x01(\x05\x12\x13\n\x0boutstanding\x18\x08 \x01(\x05\x12\x15\n\rlive_sessions\x18\t \x01(\x05\x12\x13\n\x0bhidden_size\x18\n \x01(\x05\x12\x0f\n\x07\x61\x64\x64ress\x18\x0b \x01(\t\"\xb7\x01\n\x13StageForwardRequest\x12%\n\tinput_ids\x18\x01 \x01(\x0b\x32\x12.tessera.v1.Tensor\x12)\n\rhidden_states\x18\x02 \x01(\x0b\x32\x12.tessera.v1.Tensor\x12*\n\x0e\x61ttention_mask\x18\x03 \x01(\x0b\x32\x12.tessera.v1.Tensor\x12\x0c\n\x04pool\x18\x04 \x01(\x08\x12\x14\n\x0chidden_dtype\x18\x05 \x01(\t\"A\n\x14StageForwardResponse\x12)\n\rhidden_states\x18\x01 \x01(\x0b\x32\x12.tessera.v1.Tensor\"Y\n\x08Sampling\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\r\n\x05top_k\x18\x02 \x01(\x05\x12\r\n\x05top_p\x18\x03 \x01(\x02\x12\x11\n\x04seed\x18\x04 \x01(\x03H\x00\x88\x01\x01\x42\x07\n\x05_seed\"\xa8\x01\n\x0bStepRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12%\n\tinput_ids\x18\x02 \x01(\x0b\x32\x12.tessera.v1.Tensor\x12)\n\rhidden_states\x18\x03 \x01(\x0b\x32\x12.tessera.v1.Tensor\x12&\n\x08sampling\x18\x04 \x01(\x0b\x32\x14.tessera.v1.Sampling\x12\x0b\n\x03\x65nd\x18\x05 \x01(\x08\"b\n\x0cStepResponse\x12)\n\rhidden_states\x18\x01 \x01(\x0b\x32\x12.tessera.v1.Tensor\x12\x10\n\x08token_id\x18\x02 \x01(\x03\x12\x15\n\rcached_tokens\x18\x03 \x01(\x05\"9\n\x0fRegisterRequest\x12&\n\x06worker\x18\x01 \x01(\x0b\x32\x16.tessera.v1.WorkerInfo\"-\n\x10RegisterResponse\x12\x19\n\x11heartbeat_seconds\x18\x01 \x01(\x02\"$\n\x11\x44\x65registerRequest\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\"\x14\n\x12\x44\x65registerResponse2\xd1\x01\n\x06Worker\x12\x37\n\x04Info\x12\x17.tessera.v1.InfoRequest\x1a\x16.tessera.v1.WorkerInfo\x12L\n\x07\x46orward\x12\x1f.tessera.v1.StageForwardRequest\x1a .tessera.v1.StageForwardResponse\x12@\n\x07Session\x12\x17.tessera.v1.StepRequest\x1a\x18.tessera.v1.StepResponse(\x01\x30\x01\x32\x9e\x01\n\x08Registry\x12\x45\n\x08Register\x12\x1b.tessera.v1.RegisterRequest\x1a\x1c.tessera.v1.RegisterResponse\x12K\n\nDeregister\x12\x1d.tessera.v1.DeregisterRequest\x1a\x1e.tessera.v1.DeregisterResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17tessera/v1/worker.proto\x12\ntessera.v1\x1a\x17tessera/v1/common.proto\"\r\n\x0bInfoRequest\"\xe7\x01\n\nWorkerInfo\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x13\n\x0b\x66ingerprint\x18\x03 \x01(\t\x12\x1e\n\x04span\x18\x04 \x01(\x0b\x32\x10.tessera.v1.Span\x12\x12\n\nnum_layers\x18\x05 \x01(\x05\x12\x0c\n\x04kind\x18\x06 \x01(\t\x12\x10\n\x08\x63\x61pacity\x18\x07 \x01(\x05\x12\x13\n\x0boutstanding\x18\x08 \x01(\x05\x12\x15\n\rlive_sessions\x18\t \x01(\x05\x12\x13\n\x0bhidden_size\x18\n \x01(\x05\x12\x0f\n\x07\x61\x64\x64ress\x18\x0b \x01(\t\"\xd7\x01\n\x13StageForwardRequest\x12%\n\tinput_ids\x18\x01 \x01(\x0b\x32\x12.tessera.v1.Tensor\x12)\n\rhidden_states\x18\x02 \x01(\x0b\x32\x12.tessera.v1.Tensor\x12*\n\x0e\x61ttention_mask\x18\x03 \x01(\x0b\x32\x12.tessera.v1.Tensor\x12\x0c\n\x04pool\x18\x04 \x01(\x08\x12\x14\n\x0chidden_dtype\x18\x05 \x01(\t\x12\x1e\n\x04span\x18\x06 \x01(\x0b\x32\x10.tessera.v1.Span\"A\n\x14StageForwardResponse\x12)\n\rhidden_states\x18\x01 \x01(\x0b\x32\x12.tessera.v1.Tensor\"Y\n\x08Sampling\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\r\n\x05top_k\x18\x02 \x01(\x05\x12\r\n\x05top_p\x18\x03 \x01(\x02\x12\x11\n\x04seed\x18\x04 \x01(\x03H\x00\x88\x01\x01\x42\x07\n\x05_seed\"\xbe\x01\n\x0bStepRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12%\n\tinput_ids\x18\x02 \x01(\x0b\x32\x12.tessera.v1.Tensor\x12)\n\rhidden_states\x18\x03 \x01(\x0b\x32\x12.tessera.v1.Tensor\x12&\n\x08sampling\x18\x04 \x01(\x0b\x32\x14.tessera.v1.Sampling\x12\x0b\n\x03\x65nd\x18\x05 \x01(\x08\x12\x14\n\x0chidden_dtype\x18\x06 \x01(\t\"b\n\x0cStepResponse\x12)\n\rhidden_states\x18\x01 \x01(\x0b\x32\x12.tessera.v1.Tensor\x12\x10\n\x08token_id\x18\x02 \x01(\x03\x12\x15\n\rcached_tokens\x18\x03 \x01(\x05\"9\n\x0fRegisterRequest\x12&\n\x06worker\x18\x01 \x01(\x0b\x32\x16.tessera.v1.WorkerInfo\"-\n\x10RegisterResponse\x12\x19\n\x11heartbeat_seconds\x18\x01 \x01(\x02\"$\n\x11\x44\x65registerRequest\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\"\x14\n\x12\x44\x65registerResponse2\xd1\x01\n\x06Worker\x12\x37\n\x04Info\x12\x17.tessera.v1.InfoRequest\x1a\x16.tessera.v1.WorkerInfo\x12L\n\x07\x46orward\x12\x1f.tessera.v1.StageForwardRequest\x1a .tessera.v1.StageForwardResponse\x12@\n\x07Session\x12\x17.tessera.v1.StepRequest\x1a\x18.tessera.v1.StepResponse(\x01\x30\x01\x32\x9e\x01\n\x08Registry\x12\x45\n\x08Register\x12\x1b.tessera.v1.RegisterRequest\x1a\x1c.tessera.v1.RegisterResponse\x12K\n\nDeregister\x12\x1d.tessera.v1.DeregisterRequest\x1a\x1e.tessera.v1.DeregisterResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,25 +37,25 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_WORKERINFO']._serialized_start=80
   _globals['_WORKERINFO']._serialized_end=311
   _globals['_STAGEFORWARDREQUEST']._serialized_start=314
-  _globals['_STAGEFORWARDREQUEST']._serialized_end=497
-  _globals['_STAGEFORWARDRESPONSE']._serialized_start=499
-  _globals['_STAGEFORWARDRESPONSE']._serialized_end=564
-  _globals['_SAMPLING']._serialized_start=566
-  _globals['_SAMPLING']._serialized_end=655
-  _globals['_STEPREQUEST']._serialized_start=658
-  _globals['_STEPREQUEST']._serialized_end=826
-  _globals['_STEPRESPONSE']._serialized_start=828
-  _globals['_STEPRESPONSE']._serialized_end=926
-  _globals['_REGISTERREQUEST']._serialized_start=928
-  _globals['_REGISTERREQUEST']._serialized_end=985
-  _globals['_REGISTERRESPONSE']._serialized_start=987
-  _globals['_REGISTERRESPONSE']._serialized_end=1032
-  _globals['_DEREGISTERREQUEST']._serialized_start=1034
-  _globals['_DEREGISTERREQUEST']._serialized_end=1070
-  _globals['_DEREGISTERRESPONSE']._serialized_start=1072
-  _globals['_DEREGISTERRESPONSE']._serialized_end=1092
-  _globals['_WORKER']._serialized_start=1095
-  _globals['_WORKER']._serialized_end=1304
-  _globals['_REGISTRY']._serialized_start=1307
-  _globals['_REGISTRY']._serialized_end=1465
+  _globals['_STAGEFORWARDREQUEST']._serialized_end=529
+  _globals['_STAGEFORWARDRESPONSE']._serialized_start=531
+  _globals['_STAGEFORWARDRESPONSE']._serialized_end=596
+  _globals['_SAMPLING']._serialized_start=598
+  _globals['_SAMPLING']._serialized_end=687
+  _globals['_STEPREQUEST']._serialized_start=690
+  _globals['_STEPREQUEST']._serialized_end=880
+  _globals['_STEPRESPONSE']._serialized_start=882
+  _globals['_STEPRESPONSE']._serialized_end=980
+  _globals['_REGISTERREQUEST']._serialized_start=982
+  _globals['_REGISTERREQUEST']._serialized_end=1039
+  _globals['_REGISTERRESPONSE']._serialized_start=1041
+  _globals['_REGISTERRESPONSE']._serialized_end=1086
+  _globals['_DEREGISTERREQUEST']._serialized_start=1088
+  _globals['_DEREGISTERREQUEST']._serialized_end=1124
+  _globals['_DEREGISTERRESPONSE']._serialized_start=1126
+  _globals['_DEREGISTERRESPONSE']._serialized_end=1146
+  _globals['_WORKER']._serialized_start=1149
+  _globals['_WORKER']._serialized_end=1358
+  _globals['_REGISTRY']._serialized_start=1361
+  _globals['_REGISTRY']._serialized_end=1519
 # @@protoc_insertion_point(module_scope)

@@ -96,6 +96,7 @@ class StageForwardRequest(_message.Message):
     ATTENTION_MASK_FIELD_NUMBER: _builtins.int
     POOL_FIELD_NUMBER: _builtins.int
     HIDDEN_DTYPE_FIELD_NUMBER: _builtins.int
+    SPAN_FIELD_NUMBER: _builtins.int
     pool: _builtins.bool
     """last stage only: mean-pool + L2-normalise"""
     hidden_dtype: _builtins.str
@@ -112,6 +113,10 @@ class StageForwardRequest(_message.Message):
     def attention_mask(self) -> _common_pb2.Tensor:
         """[batch, seq] int64 (1 = token, 0 = padding)"""
 
+    @_builtins.property
+    def span(self) -> _common_pb2.Span:
+        """layers to run, inside the worker's span; default all"""
+
     def __init__(
         self,
         *,
@@ -120,10 +125,11 @@ class StageForwardRequest(_message.Message):
         attention_mask: _common_pb2.Tensor | None = ...,
         pool: _builtins.bool = ...,
         hidden_dtype: _builtins.str = ...,
+        span: _common_pb2.Span | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["attention_mask", b"attention_mask", "hidden_states", b"hidden_states", "input_ids", b"input_ids"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["attention_mask", b"attention_mask", "hidden_states", b"hidden_states", "input_ids", b"input_ids", "span", b"span"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attention_mask", b"attention_mask", "hidden_dtype", b"hidden_dtype", "hidden_states", b"hidden_states", "input_ids", b"input_ids", "pool", b"pool"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attention_mask", b"attention_mask", "hidden_dtype", b"hidden_dtype", "hidden_states", b"hidden_states", "input_ids", b"input_ids", "pool", b"pool", "span", b"span"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -193,9 +199,12 @@ class StepRequest(_message.Message):
     HIDDEN_STATES_FIELD_NUMBER: _builtins.int
     SAMPLING_FIELD_NUMBER: _builtins.int
     END_FIELD_NUMBER: _builtins.int
+    HIDDEN_DTYPE_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     end: _builtins.bool
     """end the session and free its KV cache"""
+    hidden_dtype: _builtins.str
+    """dtype for hidden states sent back; default float32"""
     @_builtins.property
     def input_ids(self) -> _common_pb2.Tensor:
         """[1, n] int64, first stage only"""
@@ -216,10 +225,11 @@ class StepRequest(_message.Message):
         hidden_states: _common_pb2.Tensor | None = ...,
         sampling: Global___Sampling | None = ...,
         end: _builtins.bool = ...,
+        hidden_dtype: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["hidden_states", b"hidden_states", "input_ids", b"input_ids", "sampling", b"sampling"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["end", b"end", "hidden_states", b"hidden_states", "input_ids", b"input_ids", "sampling", b"sampling", "session_id", b"session_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["end", b"end", "hidden_dtype", b"hidden_dtype", "hidden_states", b"hidden_states", "input_ids", b"input_ids", "sampling", b"sampling", "session_id", b"session_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -1,0 +1,126 @@
+"""The `tessera` command: up, router, worker, cache, prepare."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+
+from services.common.settings import (
+    RouterSettings,
+    WorkerSettings,
+    apply,
+    apply_env,
+    default_repository,
+)
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        stream=sys.stderr)
+    # transformers' load reports and progress bars are noise in a server log.
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def _cmd_router(args: argparse.Namespace) -> int:
+    from services.common.telemetry import setup_tracing, shutdown_tracing
+    from services.router.main import run_router
+
+    settings = apply_env(RouterSettings(), "TESSERA_ROUTER_")
+    apply(settings, {"host": args.host, "port": args.port, "repository": args.repository,
+                     "workers": args.workers, "cache_nodes": args.cache}, "flags")
+    setup_tracing("tessera-router")
+    try:
+        return asyncio.run(run_router(settings))
+    finally:
+        shutdown_tracing()
+
+
+def _cmd_worker(args: argparse.Namespace) -> int:
+    from services.common.telemetry import setup_tracing, shutdown_tracing
+    from services.worker.main import run_worker
+
+    settings = apply_env(WorkerSettings(), "TESSERA_WORKER_")
+    apply(settings, {"model": args.model, "layers": args.layers, "host": args.host,
+                     "port": args.port, "routers": args.router, "repository": args.repository,
+                     "advertise": args.advertise, "threads": args.threads}, "flags")
+    if not settings.model:
+        raise SystemExit("tessera worker: --model is required")
+    setup_tracing(f"tessera-worker-{settings.model}")
+    try:
+        return asyncio.run(run_worker(settings))
+    finally:
+        shutdown_tracing()
+
+
+def _cmd_cache(args: argparse.Namespace) -> int:
+    from services.cache.launcher import run_nodes
+
+    return run_nodes(args.nodes or ["127.0.0.1:11211"])
+
+
+def _cmd_prepare(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from services.worker.prepare import prepare_repository
+
+    for name, path in prepare_repository(Path(args.repository)).items():
+        print(f"{name}: {path}")
+    return 0
+
+
+def _cmd_up(args: argparse.Namespace) -> int:
+    from services.mesh import run_mesh
+
+    return run_mesh(args.config, repository=args.repository)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="tessera", description=__doc__)
+    parser.add_argument("--log-level", default=os.environ.get("TESSERA_LOG_LEVEL", "info"))
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    up = sub.add_parser("up", help="start a whole local mesh: memcached, router, workers")
+    up.add_argument("--config", help="mesh YAML file; default: the built-in mesh")
+    up.add_argument("--repository", default=default_repository())
+    up.set_defaults(func=_cmd_up)
+
+    router = sub.add_parser("router", help="start the router")
+    router.add_argument("--host")
+    router.add_argument("--port", type=int)
+    router.add_argument("--repository")
+    router.add_argument("--workers", help="static worker addresses, comma-separated")
+    router.add_argument("--cache", help="memcached nodes host:port, comma-separated")
+    router.set_defaults(func=_cmd_router)
+
+    worker = sub.add_parser("worker", help="start one worker (a stage or a replica)")
+    worker.add_argument("--model")
+    worker.add_argument("--layers", help="START:END; omit for a replica")
+    worker.add_argument("--host")
+    worker.add_argument("--port", type=int)
+    worker.add_argument("--router", help="router addresses to register with, comma-separated")
+    worker.add_argument("--advertise", help="host:port the router should dial")
+    worker.add_argument("--repository")
+    worker.add_argument("--threads", type=int, help="torch threads")
+    worker.set_defaults(func=_cmd_worker)
+
+    cache = sub.add_parser("cache", help="start local memcached nodes")
+    cache.add_argument("nodes", nargs="*", help="host:port per node (default 127.0.0.1:11211)")
+    cache.set_defaults(func=_cmd_cache)
+
+    prepare = sub.add_parser("prepare", help="prepare the model repository")
+    prepare.add_argument("--repository", default=default_repository())
+    prepare.set_defaults(func=_cmd_prepare)
+
+    args = parser.parse_args(argv)
+    _setup_logging(args.log_level)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,132 @@
+"""One typed settings object per service: flags > TESSERA_* environment > YAML file > defaults."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+DEFAULT_REPOSITORY = "model-repository"
+
+
+def default_repository() -> str:
+    return os.environ.get("TESSERA_MODEL_REPOSITORY", DEFAULT_REPOSITORY)
+
+
+@dataclass
+class WorkerSettings:
+    model: str = ""
+    layers: str | None = None           # "START:END"; None = the whole model (a replica)
+    host: str = "127.0.0.1"             # interface to bind
+    port: int = 50061
+    advertise: str | None = None        # host:port the router dials; default host:port
+    routers: list[str] = field(default_factory=list)  # routers to register with
+    repository: str = field(default_factory=default_repository)
+    heartbeat_s: float = 2.0            # seconds between registrations
+    max_outstanding: int = 64           # requests in flight before RESOURCE_EXHAUSTED
+    max_sessions: int = 64              # live generation sessions
+    max_kv_mb: int = 2048               # MiB of KV cache over all sessions
+    session_idle_s: float = 60.0        # seconds before an idle session is ended
+    drain_s: float = 10.0               # seconds to finish work on SIGTERM
+    threads: int = 0                    # torch intra-op threads; 0 = torch's default
+
+
+@dataclass
+class RouterSettings:
+    host: str = "127.0.0.1"
+    port: int = 50051
+    repository: str = field(default_factory=default_repository)
+    workers: list[str] = field(default_factory=list)   # static worker addresses
+    cache_nodes: list[str] = field(default_factory=list)
+    cache_timeout_s: float = 0.1        # seconds per memcached call
+    health_interval_s: float = 1.0      # seconds between worker probes
+    worker_ttl_s: float = 6.0           # a registration not renewed this long expires
+    max_prompt_tokens: int = 4096       # longer prompts get INVALID_ARGUMENT
+    max_new_tokens: int = 1024          # the largest max_new_tokens accepted
+    default_max_new_tokens: int = 64
+    max_embed_inputs: int = 256         # texts per Embed request
+    max_input_chars: int = 100_000      # characters per text
+    max_outstanding: int = 256          # requests in flight before RESOURCE_EXHAUSTED
+    request_timeout_s: float = 120.0    # deadline when the client sets none
+    drain_s: float = 10.0
+
+
+@dataclass
+class MeshSettings:
+    """The file `tessera up --config` reads."""
+
+    router: RouterSettings = field(default_factory=RouterSettings)
+    cache_nodes: list[str] = field(default_factory=lambda: ["127.0.0.1:11211"])
+    workers: list[WorkerSettings] = field(default_factory=list)
+
+
+DEFAULT_MESH_YAML = """\
+router: {port: 50051}
+cache: {nodes: ["127.0.0.1:11211"]}     # local nodes are launched by `tessera up`
+workers:
+  - {model: smollm2-135m-instruct, layers: "0:15", port: 50061}
+  - {model: smollm2-135m-instruct, layers: "15:30", port: 50062}
+  - {model: all-minilm-l6-v2, port: 50063}   # no layers: a replica
+"""
+
+
+def _coerce(value: Any, kind: Any) -> Any:
+    text = str(kind)
+    if isinstance(value, str) and "list" in text:
+        return [v.strip() for v in value.split(",") if v.strip()]
+    if text in ("int", "<class 'int'>"):
+        return int(value)
+    if text in ("float", "<class 'float'>"):
+        return float(value)
+    if text in ("bool", "<class 'bool'>"):
+        return str(value).lower() in ("1", "true", "yes", "on")
+    return value
+
+
+def apply(target: Any, values: Mapping[str, Any], source: str) -> Any:
+    """Sets known fields from a mapping; unknown keys are an error naming the source."""
+    known = {f.name: f for f in dataclasses.fields(target)}
+    for key, value in values.items():
+        if value is None:
+            continue
+        name = key.replace("-", "_")
+        if name not in known:
+            raise ValueError(f"{source}: unknown setting {key!r}")
+        setattr(target, name, _coerce(value, known[name].type))
+    return target
+
+
+def apply_env(target: Any, prefix: str, environ: Mapping[str, str] | None = None) -> Any:
+    env = os.environ if environ is None else environ
+    values = {}
+    for f in dataclasses.fields(target):
+        key = f"{prefix}{f.name.upper()}"
+        if key in env:
+            values[f.name] = env[key]
+    return apply(target, values, "environment")
+
+
+def load_mesh(text: str, source: str = "mesh file") -> MeshSettings:
+    data = yaml.safe_load(text) or {}
+    mesh = MeshSettings()
+    unknown = set(data) - {"router", "cache", "workers"}
+    if unknown:
+        raise ValueError(f"{source}: unknown sections {sorted(unknown)}")
+    apply(mesh.router, data.get("router") or {}, f"{source} router")
+    cache = data.get("cache") or {}
+    if "nodes" in cache:
+        mesh.cache_nodes = [str(n) for n in cache["nodes"] or []]
+    for index, entry in enumerate(data.get("workers") or []):
+        mesh.workers.append(apply(WorkerSettings(), entry, f"{source} workers[{index}]"))
+    return mesh
+
+
+def load_mesh_file(path: str | Path | None) -> MeshSettings:
+    if path is None:
+        return load_mesh(DEFAULT_MESH_YAML, "built-in default mesh")
+    return load_mesh(Path(path).read_text(), str(path))

@@ -1,0 +1,112 @@
+"""`tessera up`: one local mesh as child processes; Ctrl-C or SIGTERM stops every one of them."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import FrameType
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from services.cache.launcher import MemcachedNode, is_local_address, split_address
+from services.common.settings import MeshSettings, load_mesh_file
+
+READY_TIMEOUT_S = 300.0
+
+
+def _wait_serving(address: str, service: str, deadline: float,
+                  procs: list[subprocess.Popen[bytes]]) -> None:
+    with grpc.insecure_channel(address) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while time.monotonic() < deadline:
+            for proc in procs:
+                if proc.poll() is not None:
+                    raise RuntimeError(f"{' '.join(map(str, proc.args))} exited with "
+                                       f"{proc.returncode}")
+            try:
+                reply = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=1.0)
+                if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError:
+                pass
+            time.sleep(0.2)
+    raise TimeoutError(f"{address} did not report SERVING for {service!r} in time")
+
+
+def _commands(mesh: MeshSettings, repository: str) -> list[list[str]]:
+    router = mesh.router
+    router_address = f"127.0.0.1:{router.port}"
+    python = [sys.executable, "-m", "services.cli"]
+    commands = [[*python, "router", "--host", router.host, "--port", str(router.port),
+                 "--repository", repository, "--cache", ",".join(mesh.cache_nodes)]]
+    for worker in mesh.workers:
+        command = [*python, "worker", "--model", worker.model, "--host", worker.host,
+                   "--port", str(worker.port), "--router", router_address,
+                   "--repository", repository]
+        if worker.layers:
+            command += ["--layers", worker.layers]
+        commands.append(command)
+    return commands
+
+
+def run_mesh(config: str | None, *, repository: str) -> int:
+    mesh = load_mesh_file(config)
+    nodes: list[MemcachedNode] = []
+    procs: list[subprocess.Popen[bytes]] = []
+    stopping = False
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        nonlocal stopping
+        stopping = True
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, on_signal)
+    try:
+        for address in mesh.cache_nodes:
+            if is_local_address(address):
+                host, port = split_address(address)
+                node = MemcachedNode()
+                node.start(host=host, port=port)
+                nodes.append(node)
+        for command in _commands(mesh, repository):
+            procs.append(subprocess.Popen(command, cwd=Path.cwd()))
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        router_address = f"127.0.0.1:{mesh.router.port}"
+        for model in dict.fromkeys(w.model for w in mesh.workers):
+            _wait_serving(router_address, model, deadline, procs)
+        causal = next((w.model for w in mesh.workers if "smollm" in w.model), None)
+        print("\ntessera mesh ready: router on " + router_address, flush=True)
+        if causal:
+            print("try:\n  .venv/bin/grpcurl -plaintext -d '{\"model\":\"" + causal +
+                  "\",\"messages\":[{\"role\":\"user\",\"content\":\"What is the capital of "
+                  "France?\"}],\"max_new_tokens\":24}' " + router_address +
+                  " tessera.v1.Inference/Generate", flush=True)
+        print("Ctrl-C stops every process.", flush=True)
+        while True:
+            for proc in procs:
+                if proc.poll() is not None:
+                    print(f"tessera up: {proc.args[3]} exited with {proc.returncode}; "
+                          f"stopping the mesh", file=sys.stderr, flush=True)
+                    return 1
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        for proc in reversed(procs):
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in reversed(procs):
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        for node in nodes:
+            node.stop()
+        print("tessera mesh stopped", flush=True)

@@ -1,0 +1,83 @@
+"""`tessera router`: the public front door. Serves Inference + Registry, health per model."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from pathlib import Path
+
+
+from services.cache.store import CacheStore
+from services.common.server import serve
+from services.common.settings import RouterSettings
+from services.pb.tessera.v1 import inference_pb2_grpc, worker_pb2_grpc
+from services.router.frontends import Frontends
+from services.router.pool import WorkerPool
+from services.router.routing import RoutingTable
+from services.router.service import InferenceService, RegistryService
+
+log = logging.getLogger("tessera.router")
+SERVICE_NAME = "tessera.v1.Inference"
+REGISTRY_NAME = "tessera.v1.Registry"
+
+
+async def run_router(settings: RouterSettings, *, ready: asyncio.Event | None = None,
+                     stop: asyncio.Event | None = None, port_out: list[int] | None = None) -> int:
+    """Serves until SIGINT/SIGTERM (or `stop`), then drains and exits 0."""
+    stop = stop or asyncio.Event()
+    pool = WorkerPool(list(settings.workers), probe_interval_s=settings.health_interval_s,
+                      ttl_s=settings.worker_ttl_s)
+    cache = CacheStore(settings.cache_nodes, timeout_s=settings.cache_timeout_s,
+                       tracer=__import__("opentelemetry.trace", fromlist=["get_tracer"])
+                       .get_tracer("tessera.cache"))
+    frontends = Frontends(Path(settings.repository))
+    inference = InferenceService(settings, pool, frontends, cache)
+    registry = RegistryService(pool, heartbeat_s=max(settings.worker_ttl_s / 3, 0.5))
+    served = await serve(
+        [lambda s: inference_pb2_grpc.add_InferenceServicer_to_server(inference, s),
+         lambda s: worker_pb2_grpc.add_RegistryServicer_to_server(registry, s)],
+        [SERVICE_NAME, REGISTRY_NAME], host=settings.host, port=settings.port,
+        tracer_name="tessera.router")
+    health_names: set[str] = set()
+    pending: list[asyncio.Task[None]] = []
+
+    def publish_health(table: RoutingTable) -> None:
+        async def update() -> None:
+            for model in set(table.models()) | health_names:
+                health_names.add(model)
+                await served.set_status(model, bool(table.chains(model)))
+        pending.append(asyncio.ensure_future(update()))
+
+    pool.on_change(publish_health)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        try:
+            loop.add_signal_handler(sig, stop.set)
+        except (NotImplementedError, RuntimeError):
+            pass
+    try:
+        await pool.start()
+        await served.set_status("", True)
+        await served.set_status(SERVICE_NAME, True)
+        await served.set_status(REGISTRY_NAME, True)
+        if port_out is not None:
+            port_out.append(served.port)
+        print(f"tessera router ready on {settings.host}:{served.port}", flush=True)
+        if ready is not None:
+            ready.set()
+        await stop.wait()
+        inference.draining = True
+        await served.health.enter_graceful_shutdown()
+        deadline = loop.time() + settings.drain_s
+        while inference.outstanding and loop.time() < deadline:
+            await asyncio.sleep(0.05)
+        return 0
+    finally:
+        await served.server.stop(grace=1.0)
+        await pool.close()
+        cache.close()
+        for task in pending:
+            task.cancel()
+
+

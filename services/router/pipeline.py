@@ -1,0 +1,174 @@
+"""The hop loop: drives a request through the stages of a chain, one gRPC call per stage."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+from contextlib import contextmanager
+from collections.abc import Iterator
+
+import grpc
+from grpc import aio
+from opentelemetry import trace
+
+from services.common.errors import DeadlineExceeded, ResourceExhausted, ServiceError
+from services.common.telemetry import outgoing_metadata
+from services.common.types import Hop, SamplingParams
+from services.pb.tessera.v1 import common_pb2, worker_pb2
+from services.router.pool import WorkerPool
+from services.router.routing import Chain
+
+tracer = trace.get_tracer("tessera.router")
+
+# Codes after which the same work may be tried on another chain.
+RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED,
+                       grpc.StatusCode.ABORTED})
+
+
+class HopFailed(Exception):
+    """A worker failed at the transport; the work may be retried on another chain."""
+
+    def __init__(self, address: str, detail: str) -> None:
+        super().__init__(f"worker {address} failed: {detail}")
+        self.address = address
+
+
+def translate(error: aio.AioRpcError, address: str, pool: WorkerPool) -> Exception:
+    """Maps a worker's status to what the router does with it."""
+    code = error.code()
+    if code in RETRYABLE:
+        pool.mark_failed(address)
+        return HopFailed(address, f"{code.name}: {error.details()}")
+    if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+        return DeadlineExceeded(f"deadline passed while worker {address} was working")
+    if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+        return ResourceExhausted(error.details() or f"worker {address} is at capacity")
+    if code == grpc.StatusCode.INVALID_ARGUMENT:
+        return _ForwardedInvalid(error.details() or "invalid input")
+    return ServiceError(f"worker {address} failed with {code.name}: {error.details()}")
+
+
+class _ForwardedInvalid(ServiceError):
+    """A worker rejected input; the caller decides whether the client or the router is at fault."""
+
+    code = grpc.StatusCode.INVALID_ARGUMENT
+
+
+@contextmanager
+def _counted(pool: WorkerPool, address: str) -> Iterator[None]:
+    pool.load[address] = pool.load.get(address, 0) + 1
+    try:
+        yield
+    finally:
+        pool.load[address] -= 1
+
+
+def ids_tensor(rows: Sequence[Sequence[int]]) -> common_pb2.Tensor:
+    import numpy as np
+
+    from services.common.tensors import from_numpy
+
+    return from_numpy(np.asarray(rows, dtype=np.int64).reshape(len(rows), -1))
+
+
+async def run_forward(pool: WorkerPool, hops: Sequence[Hop], *,
+                      input_ids: common_pb2.Tensor | None,
+                      hidden_states: common_pb2.Tensor | None,
+                      attention_mask: common_pb2.Tensor | None,
+                      pool_output: bool, timeout: float,
+                      hidden_dtype: str = "float32") -> common_pb2.Tensor:
+    """Runs hops in order; the first takes input_ids or hidden_states, each next one the last's."""
+    current = hidden_states
+    for index, hop in enumerate(hops):
+        request = worker_pb2.StageForwardRequest(
+            span=common_pb2.Span(start=hop.span.start, end=hop.span.end),
+            pool=pool_output and index == len(hops) - 1,
+            hidden_dtype=hidden_dtype)
+        if index == 0 and input_ids is not None:
+            request.input_ids.CopyFrom(input_ids)
+        else:
+            assert current is not None
+            request.hidden_states.CopyFrom(current)
+        if attention_mask is not None:
+            request.attention_mask.CopyFrom(attention_mask)
+        with _counted(pool, hop.address), tracer.start_as_current_span(
+                f"hop {hop.span}", attributes={"tessera.worker": hop.address,
+                                              "tessera.span": str(hop.span)}):
+            try:
+                response = await pool.stub(hop.address).Forward(
+                    request, timeout=timeout, metadata=outgoing_metadata())
+            except aio.AioRpcError as error:
+                raise translate(error, hop.address, pool) from None
+        current = response.hidden_states
+    assert current is not None
+    return current
+
+
+class ChainSession:
+    """One generation in flight on a chain: one Session stream per stage, driven step by step."""
+
+    def __init__(self, pool: WorkerPool, chain: Chain, sampling: SamplingParams,
+                 timeout: float) -> None:
+        self.pool = pool
+        self.chain = chain
+        self.session_id = uuid.uuid4().hex
+        self.sampling = sampling
+        self.timeout = timeout
+        self._calls: list[tuple[str, aio.StreamStreamCall]] = []
+        self._first = True
+
+    async def __aenter__(self) -> ChainSession:
+        metadata = outgoing_metadata()
+        for worker in self.chain.workers:
+            call = self.pool.stub(worker.address).Session(timeout=self.timeout, metadata=metadata)
+            self._calls.append((worker.address, call))
+            self.pool.load[worker.address] = self.pool.load.get(worker.address, 0) + 1
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        for address, call in self._calls:
+            self.pool.load[address] -= 1
+            try:
+                await call.done_writing()
+            except Exception:  # noqa: BLE001 - the stream may be broken already
+                pass
+            call.cancel()
+        self._calls.clear()
+
+    async def step(self, token_ids: Sequence[int]) -> int:
+        """Feeds new tokens through every stage; returns the token the last stage sampled."""
+        s = self.sampling
+        sampling = worker_pb2.Sampling(temperature=s.temperature, top_k=s.top_k, top_p=s.top_p)
+        if s.seed is not None:
+            sampling.seed = s.seed
+        hidden: common_pb2.Tensor | None = None
+        response = None
+        for index, (address, call) in enumerate(self._calls):
+            request = worker_pb2.StepRequest(session_id=self.session_id)
+            if index == 0:
+                request.input_ids.CopyFrom(ids_tensor([list(token_ids)]))
+            else:
+                assert hidden is not None
+                request.hidden_states.CopyFrom(hidden)
+            if self._first:
+                request.sampling.CopyFrom(sampling)
+            try:
+                await call.write(request)
+                response = await call.read()
+            except aio.AioRpcError as error:
+                raise translate(error, address, self.pool) from None
+            except aio.UsageError as error:
+                raise HopFailed(address, str(error)) from None
+            if response is aio.EOF:
+                code = await call.code()
+                details = await call.details()
+                raise translate(_StatusOnly(code, details), address, self.pool)
+            hidden = response.hidden_states
+        self._first = False
+        assert response is not None
+        return int(response.token_id)
+
+
+class _StatusOnly(aio.AioRpcError):
+    def __init__(self, code: grpc.StatusCode, details: str | None) -> None:
+        super().__init__(code, aio.Metadata(), aio.Metadata(), details=details)

@@ -1,0 +1,464 @@
+"""The public Inference servicer and the internal Registry servicer on the router.
+
+A request reads top to bottom: validate -> cache key -> cache.get -> route -> hops -> cache.set.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import TypeVar
+
+import numpy as np
+from grpc import aio
+from opentelemetry import trace
+
+from services.cache.codec import decode_vector, encode_vector
+from services.cache.keys import embed_key, generate_key
+from services.cache.store import CacheStore
+from services.common.errors import (
+    DeadlineExceeded,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+    ServiceError,
+    Unavailable,
+)
+from services.common.settings import RouterSettings
+from services.common.tensors import from_numpy, validate
+from services.common.types import ModelKind, SamplingParams, Span
+from services.pb.tessera.v1 import (
+    common_pb2,
+    inference_pb2,
+    inference_pb2_grpc,
+    worker_pb2,
+    worker_pb2_grpc,
+)
+from services.router.frontends import Frontends, ModelFrontend
+from services.router.generation import TextAssembler
+from services.router.pipeline import ChainSession, HopFailed, _ForwardedInvalid, run_forward
+from services.router.pool import WorkerPool
+from services.router.routing import Chain
+
+log = logging.getLogger(__name__)
+tracer = trace.get_tracer("tessera.router")
+T = TypeVar("T")
+
+ROLES = frozenset({"system", "user", "assistant", "tool"})
+MAX_STOP_STRINGS = 16
+MAX_STOP_CHARS = 256
+RETRY_BUDGET = 2  # extra chains tried after a transport failure
+
+
+class Deadline:
+    def __init__(self, context: aio.ServicerContext, default_s: float) -> None:
+        remaining = context.time_remaining()
+        loop = asyncio.get_running_loop()
+        self._at = loop.time() + (remaining if remaining is not None else default_s)
+
+    def remaining(self) -> float:
+        left = self._at - asyncio.get_running_loop().time()
+        if left <= 0:
+            raise DeadlineExceeded("deadline passed before the work was done")
+        return left
+
+
+class InferenceService(inference_pb2_grpc.InferenceServicer):
+    """Validates, caches, routes and drives requests for every model."""
+
+    def __init__(self, settings: RouterSettings, pool: WorkerPool, frontends: Frontends,
+                 cache: CacheStore) -> None:
+        self.settings = settings
+        self.pool = pool
+        self.frontends = frontends
+        self.cache = cache
+        self.outstanding = 0
+        self.draining = False
+
+    # -- shared steps -----------------------------------------------------------------------
+
+    def _admit(self) -> None:
+        if self.draining:
+            raise Unavailable("router is shutting down")
+        if self.outstanding >= self.settings.max_outstanding:
+            raise ResourceExhausted(f"router is at capacity ({self.settings.max_outstanding} "
+                                    f"requests in flight, max_outstanding)")
+        self.outstanding += 1
+
+    def _frontend(self, model: str, kind: ModelKind | None = None) -> ModelFrontend:
+        if not model:
+            raise InvalidArgument("model is required")
+        if not self.pool.table.knows(model):
+            try:
+                frontend = self.frontends.get(model)
+            except NotFound:
+                raise NotFound(f"unknown model {model!r}; ListModels shows what is served") \
+                    from None
+        else:
+            frontend = self.frontends.get(model)
+        if kind is not None and frontend.kind is not kind:
+            what = "generation" if kind is ModelKind.CAUSAL_LM else "embeddings"
+            raise InvalidArgument(f"model {model!r} is a {frontend.kind.value} model and "
+                                  f"does not serve {what}")
+        return frontend
+
+    async def _on_chains(self, model: str, work: Callable[[Chain], Awaitable[T]]) -> T:
+        """Runs idempotent work on the least-loaded chain, moving on after transport failures."""
+        excluded: set[str] = set()
+        for attempt in range(RETRY_BUDGET + 1):
+            chain = self.pool.table.route(model, self.pool.load, exclude=frozenset(excluded))
+            try:
+                return await work(chain)
+            except HopFailed as failure:
+                log.warning("attempt %d on %s failed: %s", attempt + 1, chain.describe(), failure)
+                excluded.add(failure.address)
+                if attempt == RETRY_BUDGET:
+                    raise Unavailable(f"model {model!r}: {failure}") from None
+        raise AssertionError("unreachable")
+
+    # -- Generate ---------------------------------------------------------------------------
+
+    def _generate_inputs(self, request: inference_pb2.GenerateRequest
+                         ) -> tuple[ModelFrontend, list[int], int, SamplingParams, list[str]]:
+        frontend = self._frontend(request.model, ModelKind.CAUSAL_LM)
+        limits = self.settings
+        if request.prompt and request.messages:
+            raise InvalidArgument("send either prompt or messages, not both")
+        if request.messages:
+            for index, message in enumerate(request.messages):
+                if message.role not in ROLES:
+                    raise InvalidArgument(f"messages[{index}].role must be one of "
+                                          f"{', '.join(sorted(ROLES))}, got {message.role!r}")
+                if len(message.content) > limits.max_input_chars:
+                    raise InvalidArgument(f"messages[{index}] is over {limits.max_input_chars} "
+                                          f"characters (max_input_chars)")
+            if not any(m.content.strip() for m in request.messages):
+                raise InvalidArgument("messages are all empty")
+            prompt_ids = frontend.encode_chat([(m.role, m.content) for m in request.messages])
+        else:
+            if not request.prompt.strip():
+                raise InvalidArgument("prompt is empty")
+            if len(request.prompt) > limits.max_input_chars:
+                raise InvalidArgument(f"prompt is over {limits.max_input_chars} characters "
+                                      f"(max_input_chars)")
+            prompt_ids = frontend.encode_prompt(request.prompt)
+        if not prompt_ids:
+            raise InvalidArgument("prompt encodes to no tokens")
+        max_new = (request.max_new_tokens if request.HasField("max_new_tokens")
+                   else limits.default_max_new_tokens)
+        if not 1 <= max_new <= limits.max_new_tokens:
+            raise InvalidArgument(f"max_new_tokens must be in [1, {limits.max_new_tokens}], "
+                                  f"got {max_new}")
+        if len(prompt_ids) > limits.max_prompt_tokens:
+            raise InvalidArgument(f"prompt is {len(prompt_ids)} tokens, over the "
+                                  f"{limits.max_prompt_tokens} limit (max_prompt_tokens)")
+        if len(prompt_ids) + max_new > frontend.max_length:
+            raise InvalidArgument(f"prompt ({len(prompt_ids)} tokens) + max_new_tokens "
+                                  f"({max_new}) is over the model's {frontend.max_length} "
+                                  f"positions")
+        temperature = request.temperature if request.HasField("temperature") else 0.0
+        top_p = request.top_p if request.HasField("top_p") else 1.0
+        top_k = request.top_k if request.HasField("top_k") else 0
+        if not math.isfinite(temperature) or temperature < 0 or temperature > 100:
+            raise InvalidArgument(f"temperature must be in [0, 100], got {temperature}")
+        if not math.isfinite(top_p) or not 0 < top_p <= 1:
+            raise InvalidArgument(f"top_p must be in (0, 1], got {top_p}")
+        if top_k < 0:
+            raise InvalidArgument(f"top_k must be >= 0, got {top_k}")
+        stop = list(request.stop)
+        if len(stop) > MAX_STOP_STRINGS or any(not s or len(s) > MAX_STOP_CHARS for s in stop):
+            raise InvalidArgument(f"stop takes at most {MAX_STOP_STRINGS} non-empty strings of "
+                                  f"at most {MAX_STOP_CHARS} characters")
+        seed = request.seed if request.HasField("seed") else None
+        sampling = SamplingParams(temperature=float(temperature), top_k=int(top_k),
+                                  top_p=float(top_p), seed=seed)
+        return frontend, prompt_ids, max_new, sampling, stop
+
+    async def _generate(self, request: inference_pb2.GenerateRequest,
+                        context: aio.ServicerContext
+                        ) -> AsyncIterator[inference_pb2.GenerateChunk]:
+        """The one generation path; Generate gathers it, GenerateStream forwards it."""
+        deadline = Deadline(context, self.settings.request_timeout_s)
+        frontend, prompt_ids, max_new, sampling, stop = self._generate_inputs(request)
+        model = request.model
+        chain = self.pool.table.route(model, self.pool.load)
+        key = None
+        if sampling.deterministic:
+            key = generate_key(model, chain.fingerprint, prompt_ids, {
+                "max_new_tokens": max_new, "temperature": sampling.temperature,
+                "top_k": sampling.top_k, "top_p": sampling.top_p, "seed": sampling.seed,
+                "stop": stop})
+            hit = self.cache.get(key)
+            if hit is not None:
+                cached = inference_pb2.GenerateResponse()
+                try:
+                    cached.ParseFromString(hit)
+                except Exception:  # noqa: BLE001 - a corrupt entry is a miss
+                    cached = None
+                if cached is not None:
+                    yield inference_pb2.GenerateChunk(
+                        text=cached.text, token_ids=cached.token_ids,
+                        finish_reason=cached.finish_reason, prompt_tokens=cached.prompt_tokens,
+                        generated_tokens=cached.generated_tokens, cached=True)
+                    return
+        assembler = TextAssembler(frontend, stop)
+        finish = "length"
+        sent_ids = 0
+        with tracer.start_as_current_span("generate", attributes={
+                "tessera.model": model, "tessera.route": chain.describe(),
+                "tessera.prompt_tokens": len(prompt_ids)}):
+            async with ChainSession(self.pool, chain, sampling, deadline.remaining()) as session:
+                feed = prompt_ids
+                for _ in range(max_new):
+                    deadline.remaining()
+                    try:
+                        token = await session.step(feed)
+                    except HopFailed as failure:
+                        raise Unavailable(f"model {model!r}: {failure}") from None
+                    except _ForwardedInvalid as exc:
+                        raise ServiceError(f"a worker rejected the router's step: {exc}") \
+                            from None
+                    feed = [token]
+                    if token in frontend.eos_token_ids:
+                        assembler.token_ids.append(token)
+                        finish = "eos"
+                        break
+                    assembler.add(token)
+                    if assembler.stopped:
+                        finish = "stop"
+                        break
+                    piece = assembler.take(final=False)
+                    new_ids = assembler.token_ids[sent_ids:]
+                    sent_ids = len(assembler.token_ids)
+                    yield inference_pb2.GenerateChunk(
+                        text=piece, token_ids=new_ids, prompt_tokens=len(prompt_ids),
+                        generated_tokens=len(assembler.token_ids))
+        piece = assembler.take(final=True)
+        yield inference_pb2.GenerateChunk(
+            text=piece, token_ids=assembler.token_ids[sent_ids:], finish_reason=finish,
+            prompt_tokens=len(prompt_ids), generated_tokens=len(assembler.token_ids))
+        if key is not None:
+            self.cache.set(key, inference_pb2.GenerateResponse(
+                text=assembler.text, finish_reason=finish, prompt_tokens=len(prompt_ids),
+                generated_tokens=len(assembler.token_ids),
+                token_ids=assembler.token_ids).SerializeToString())
+
+    async def Generate(self, request: inference_pb2.GenerateRequest,
+                       context: aio.ServicerContext) -> inference_pb2.GenerateResponse:
+        self._admit()
+        try:
+            response = inference_pb2.GenerateResponse()
+            parts: list[str] = []
+            async for chunk in self._generate(request, context):
+                parts.append(chunk.text)
+                response.token_ids.extend(chunk.token_ids)
+                response.prompt_tokens = chunk.prompt_tokens
+                response.generated_tokens = chunk.generated_tokens
+                response.finish_reason = chunk.finish_reason or response.finish_reason
+                response.cached = chunk.cached
+            response.text = "".join(parts)
+            return response
+        finally:
+            self.outstanding -= 1
+
+    async def GenerateStream(self, request: inference_pb2.GenerateRequest,
+                             context: aio.ServicerContext
+                             ) -> AsyncIterator[inference_pb2.GenerateChunk]:
+        self._admit()
+        try:
+            async for chunk in self._generate(request, context):
+                if chunk.text or chunk.finish_reason or chunk.token_ids:
+                    yield chunk
+        finally:
+            self.outstanding -= 1
+
+    # -- Embed ------------------------------------------------------------------------------
+
+    async def Embed(self, request: inference_pb2.EmbedRequest,
+                    context: aio.ServicerContext) -> inference_pb2.EmbedResponse:
+        self._admit()
+        try:
+            return await self._embed(request, context)
+        finally:
+            self.outstanding -= 1
+
+    async def _embed(self, request: inference_pb2.EmbedRequest,
+                     context: aio.ServicerContext) -> inference_pb2.EmbedResponse:
+        deadline = Deadline(context, self.settings.request_timeout_s)
+        frontend = self._frontend(request.model, ModelKind.ENCODER)
+        texts = list(request.inputs)
+        limits = self.settings
+        if not texts:
+            raise InvalidArgument("inputs is empty")
+        if len(texts) > limits.max_embed_inputs:
+            raise InvalidArgument(f"{len(texts)} inputs is over the {limits.max_embed_inputs} "
+                                  f"limit (max_embed_inputs)")
+        for index, text in enumerate(texts):
+            if not text.strip():
+                raise InvalidArgument(f"inputs[{index}] is empty")
+            if len(text) > limits.max_input_chars:
+                raise InvalidArgument(f"inputs[{index}] is over {limits.max_input_chars} "
+                                      f"characters (max_input_chars)")
+        chain = self.pool.table.route(request.model, self.pool.load)
+        keys = [embed_key(request.model, chain.fingerprint, t) for t in texts]
+        found = self.cache.get_many(list(dict.fromkeys(keys)))
+        vectors: list[np.ndarray | None] = []
+        for key in keys:
+            raw = found.get(key)
+            vectors.append(decode_vector(raw) if raw is not None else None)
+        missing = [i for i, v in enumerate(vectors) if v is None]
+        if missing:
+            unique = list(dict.fromkeys(texts[i] for i in missing))
+            ids, mask = frontend.encode_batch(unique)
+            ids_pb = from_numpy(np.asarray(ids, dtype=np.int64))
+            mask_pb = from_numpy(np.asarray(mask, dtype=np.int64))
+
+            async def work(chain: Chain) -> common_pb2.Tensor:
+                return await run_forward(self.pool, chain.hops(), input_ids=ids_pb,
+                                         hidden_states=None, attention_mask=mask_pb,
+                                         pool_output=True, timeout=deadline.remaining())
+
+            try:
+                pooled = await self._on_chains(request.model, work)
+            except _ForwardedInvalid as exc:
+                raise ServiceError(f"a worker rejected the router's batch: {exc}") from None
+            validate(pooled, "pooled", ndim=2, dtypes=("float32",))
+            matrix = np.frombuffer(pooled.data, dtype="<f4").reshape(tuple(pooled.shape))
+            by_text = {text: matrix[row] for row, text in enumerate(unique)}
+            fresh: dict[str, bytes] = {}
+            for i in missing:
+                vectors[i] = by_text[texts[i]]
+                fresh[keys[i]] = encode_vector(by_text[texts[i]])
+            self.cache.set_many(fresh)
+        dim = int(vectors[0].shape[0]) if vectors[0] is not None else 0
+        return inference_pb2.EmbedResponse(
+            embeddings=[inference_pb2.Embedding(values=v.tolist()) for v in vectors
+                        if v is not None],
+            dim=dim, cached_inputs=len(texts) - len(missing), cached=not missing)
+
+    # -- Forward ----------------------------------------------------------------------------
+
+    async def Forward(self, request: inference_pb2.ForwardRequest,
+                      context: aio.ServicerContext) -> inference_pb2.ForwardResponse:
+        self._admit()
+        try:
+            return await self._forward(request, context)
+        finally:
+            self.outstanding -= 1
+
+    async def _forward(self, request: inference_pb2.ForwardRequest,
+                       context: aio.ServicerContext) -> inference_pb2.ForwardResponse:
+        deadline = Deadline(context, self.settings.request_timeout_s)
+        frontend = self._frontend(request.model)
+        num_layers = frontend.spec.num_layers
+        end = request.end if request.HasField("end") else num_layers
+        if not 0 <= request.start < end <= num_layers:
+            raise InvalidArgument(f"layers [{request.start}, {end}) must satisfy "
+                                  f"0 <= start < end <= {num_layers}")
+        span = Span(request.start, end)
+        which = request.WhichOneof("input")
+        input_ids = hidden = mask = None
+        ids_list: list[int] = []
+        if which == "text":
+            if span.start != 0:
+                raise InvalidArgument("text input needs start = 0; later layers take "
+                                      "hidden_states")
+            if not request.text.strip():
+                raise InvalidArgument("text is empty")
+            if len(request.text) > self.settings.max_input_chars:
+                raise InvalidArgument(f"text is over {self.settings.max_input_chars} "
+                                      f"characters (max_input_chars)")
+            ids, masks = frontend.encode_batch([request.text])
+            ids_list = ids[0]
+            input_ids = from_numpy(np.asarray(ids, dtype=np.int64))
+            mask = from_numpy(np.asarray(masks, dtype=np.int64))
+        elif which == "hidden_states":
+            if span.start == 0:
+                raise InvalidArgument("hidden_states input needs start > 0; layer 0 takes text")
+            shape = validate(request.hidden_states, "hidden_states", ndim=3,
+                             dtypes=("float32", "float16", "bfloat16"))
+            if shape[2] != frontend.spec.hidden_size:
+                raise InvalidArgument(f"hidden_states: last dimension must be the hidden size "
+                                      f"{frontend.spec.hidden_size}, got {shape[2]}")
+            if shape[0] == 0 or shape[1] == 0:
+                raise InvalidArgument("hidden_states is empty")
+            hidden = request.hidden_states
+            if request.HasField("attention_mask"):
+                mask_shape = validate(request.attention_mask, "attention_mask", ndim=2,
+                                      dtypes=("int64", "int32", "bool"))
+                if mask_shape != shape[:2]:
+                    raise InvalidArgument(f"attention_mask shape {list(mask_shape)} does not "
+                                          f"match hidden_states {list(shape[:2])}")
+                mask = request.attention_mask
+        else:
+            raise InvalidArgument("send text or hidden_states")
+
+        async def work(chain: Chain) -> common_pb2.Tensor:
+            return await run_forward(self.pool, chain.hops(span), input_ids=input_ids,
+                                     hidden_states=hidden, attention_mask=mask,
+                                     pool_output=False, timeout=deadline.remaining())
+
+        try:
+            out = await self._on_chains(request.model, work)
+        except _ForwardedInvalid as exc:
+            raise InvalidArgument(str(exc)) from None
+        response = inference_pb2.ForwardResponse(
+            hidden_states=out, span=common_pb2.Span(start=span.start, end=span.end),
+            input_ids=ids_list)
+        if mask is not None:
+            response.attention_mask.CopyFrom(mask)
+        return response
+
+    # -- ListModels -------------------------------------------------------------------------
+
+    async def ListModels(self, request: inference_pb2.ListModelsRequest,
+                         context: aio.ServicerContext) -> inference_pb2.ListModelsResponse:
+        table = self.pool.table
+        response = inference_pb2.ListModelsResponse()
+        for model in table.models():
+            members = table.by_model[model]
+            healthy_chains = table.chains(model)
+            newest = healthy_chains[0] if healthy_chains else None
+            status = inference_pb2.ModelStatus(
+                name=model, num_layers=members[0].num_layers, kind=members[0].kind.value,
+                version=(newest or members[0]).version,
+                fingerprint=newest.fingerprint if newest else members[0].fingerprint,
+                healthy=bool(healthy_chains))
+            for chain in table.all_chains(model):
+                entry = status.chains.add(healthy=all(a in table.healthy
+                                                      for a in chain.addresses))
+                for worker in chain.workers:
+                    entry.stages.add(address=worker.address, healthy=worker.address in
+                                     table.healthy, outstanding=self.pool.load.get(
+                                         worker.address, 0),
+                                     span=common_pb2.Span(start=worker.span.start,
+                                                          end=worker.span.end))
+            response.models.append(status)
+        return response
+
+
+class RegistryService(worker_pb2_grpc.RegistryServicer):
+    """Workers announce themselves here and renew by heartbeat."""
+
+    def __init__(self, pool: WorkerPool, heartbeat_s: float) -> None:
+        self.pool = pool
+        self.heartbeat_s = heartbeat_s
+
+    async def Register(self, request: worker_pb2.RegisterRequest,
+                       context: aio.ServicerContext) -> worker_pb2.RegisterResponse:
+        info = request.worker
+        if not info.address or not info.model or info.span.end <= info.span.start:
+            raise InvalidArgument("a registration needs address, model and a non-empty span")
+        try:
+            ModelKind(info.kind)
+        except ValueError:
+            raise InvalidArgument(f"unknown model kind {info.kind!r}") from None
+        self.pool.register(info)
+        return worker_pb2.RegisterResponse(heartbeat_seconds=self.heartbeat_s)
+
+    async def Deregister(self, request: worker_pb2.DeregisterRequest,
+                         context: aio.ServicerContext) -> worker_pb2.DeregisterResponse:
+        self.pool.deregister(request.address)
+        return worker_pb2.DeregisterResponse()

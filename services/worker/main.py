@@ -1,0 +1,156 @@
+"""`tessera worker`: load a span, warm it up, serve it, register with routers, drain on SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+
+import grpc
+import torch
+from grpc import aio
+
+from services.common.repository import fingerprint, model_spec, version_of
+from services.common.server import CHANNEL_OPTIONS, serve
+from services.common.settings import WorkerSettings
+from services.common.types import ModelKind, Span, WorkerDescriptor
+from services.pb.tessera.v1 import worker_pb2, worker_pb2_grpc
+from services.worker.service import WorkerLimits, WorkerService
+from services.worker.stage import StageModel
+
+log = logging.getLogger("tessera.worker")
+SERVICE_NAME = "tessera.v1.Worker"
+
+
+def build_service(settings: WorkerSettings, address: str) -> WorkerService:
+    """Loads the model span named by settings and wraps it in a servicer (blocking)."""
+    from pathlib import Path
+
+    spec = model_spec(Path(settings.repository), settings.model)
+    span = Span.parse(settings.layers, spec.num_layers) if settings.layers else \
+        Span(0, spec.num_layers)
+    digest = fingerprint(spec.path)
+    stage = StageModel(spec, span)
+    descriptor = WorkerDescriptor(
+        address=address, model=spec.name, version=version_of(spec.path, digest),
+        fingerprint=digest, span=span, num_layers=spec.num_layers, kind=spec.kind,
+        capacity=settings.max_sessions if spec.kind is ModelKind.CAUSAL_LM
+        else settings.max_outstanding, hidden_size=spec.hidden_size)
+    limits = WorkerLimits(max_outstanding=settings.max_outstanding,
+                          max_sessions=settings.max_sessions,
+                          max_kv_bytes=settings.max_kv_mb * 1024 * 1024,
+                          session_idle_s=settings.session_idle_s)
+    service = WorkerService(stage, descriptor, limits)
+    warm_up(stage)
+    return service
+
+
+def warm_up(stage: StageModel) -> None:
+    """One small pass so the first request does not pay for lazy initialisation."""
+    ids = torch.ones(1, 4, dtype=torch.int64)
+    hidden = torch.zeros(1, 4, stage.spec.hidden_size, dtype=stage.dtype)
+    out = stage.forward(input_ids=ids if stage.is_first else None,
+                        hidden_states=None if stage.is_first else hidden)
+    if stage.is_last and stage.lm_head is not None:
+        stage.logits(out[:, -1, :])
+
+
+async def _register_loop(service: WorkerService, routers: list[str], interval: float,
+                         stop: asyncio.Event) -> None:
+    channels = {r: aio.insecure_channel(r, options=CHANNEL_OPTIONS) for r in routers}
+    warned: set[str] = set()
+    try:
+        while not stop.is_set():
+            for router, channel in channels.items():
+                try:
+                    await worker_pb2_grpc.RegistryStub(channel).Register(
+                        worker_pb2.RegisterRequest(worker=service.info()), timeout=2.0)
+                    warned.discard(router)
+                except grpc.RpcError as exc:
+                    if router not in warned:
+                        log.warning("cannot register with router %s: %s", router, exc.code())
+                        warned.add(router)
+            try:
+                await asyncio.wait_for(stop.wait(), timeout=interval)
+            except TimeoutError:
+                pass
+        for router, channel in channels.items():
+            try:
+                await worker_pb2_grpc.RegistryStub(channel).Deregister(
+                    worker_pb2.DeregisterRequest(address=service.descriptor.address), timeout=2.0)
+            except grpc.RpcError:
+                pass
+    finally:
+        for channel in channels.values():
+            await channel.close()
+
+
+async def run_worker(settings: WorkerSettings, *, ready: asyncio.Event | None = None,
+                     stop: asyncio.Event | None = None) -> int:
+    """Serves until SIGINT/SIGTERM (or `stop`), then drains and exits 0."""
+    if settings.threads:
+        torch.set_num_threads(settings.threads)
+    stop = stop or asyncio.Event()
+    holder: dict[str, WorkerService] = {}
+
+    def add(server: aio.Server) -> None:
+        worker_pb2_grpc.add_WorkerServicer_to_server(_Late(holder), server)
+
+    served = await serve([add], [SERVICE_NAME], host=settings.host, port=settings.port,
+                         tracer_name="tessera.worker")
+    address = settings.advertise or f"{settings.host}:{served.port}"
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        try:
+            loop.add_signal_handler(sig, stop.set)
+        except (NotImplementedError, RuntimeError):
+            pass
+    try:
+        service = await asyncio.to_thread(build_service, settings, address)
+        holder["service"] = service
+        await served.set_status("", True)
+        await served.set_status(SERVICE_NAME, True)
+        log.info("worker ready: %s %s layers %s on %s", service.descriptor.model,
+                 service.descriptor.version, service.descriptor.span, address)
+        print(f"tessera worker ready: {settings.model} layers {service.descriptor.span} "
+              f"on {address}", flush=True)
+        if ready is not None:
+            ready.set()
+        registration = asyncio.create_task(
+            _register_loop(service, settings.routers, settings.heartbeat_s, stop))
+        await stop.wait()
+        # Drain: say NOT_SERVING, refuse new work, let what is in flight finish, deregister.
+        service.draining = True
+        await served.health.enter_graceful_shutdown()
+        await registration
+        deadline = loop.time() + settings.drain_s
+        while (service.outstanding or len(service.sessions)) and loop.time() < deadline:
+            await asyncio.sleep(0.05)
+        service.shutdown()
+        return 0
+    finally:
+        await served.server.stop(grace=1.0)
+
+
+class _Late(worker_pb2_grpc.WorkerServicer):
+    """Answers UNAVAILABLE until the model is loaded, then delegates to the real servicer."""
+
+    def __init__(self, holder: dict[str, WorkerService]) -> None:
+        self._holder = holder
+
+    def _service(self) -> WorkerService:
+        from services.common.errors import Unavailable
+
+        service = self._holder.get("service")
+        if service is None:
+            raise Unavailable("worker is still loading its model")
+        return service
+
+    async def Info(self, request, context):  # type: ignore[no-untyped-def]
+        return await self._service().Info(request, context)
+
+    async def Forward(self, request, context):  # type: ignore[no-untyped-def]
+        return await self._service().Forward(request, context)
+
+    def Session(self, request_iterator, context):  # type: ignore[no-untyped-def]
+        return self._service().Session(request_iterator, context)

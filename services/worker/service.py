@@ -1,0 +1,256 @@
+"""The Worker servicer: wire messages -> StageModel calls on one model thread -> wire messages."""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import torch
+import torch.nn.functional as F
+from grpc import aio
+from opentelemetry import trace
+
+from services.common.errors import DeadlineExceeded, InvalidArgument, ResourceExhausted
+from services.common.types import ModelKind, SamplingParams, Span, WorkerDescriptor
+from services.pb.tessera.v1 import common_pb2, worker_pb2, worker_pb2_grpc
+from services.worker.sampling import make_generator, sample
+from services.worker.sessions import Session, SessionTable
+from services.worker.stage import StageModel
+from services.worker.tensors import FLOAT_WIRE, from_torch, to_torch
+
+log = logging.getLogger(__name__)
+tracer = trace.get_tracer("tessera.worker")
+T = TypeVar("T")
+
+MAX_TOKENS_PER_CALL = 128 * 1024
+
+
+@dataclass(frozen=True)
+class WorkerLimits:
+    max_outstanding: int = 64          # requests in flight or queued before RESOURCE_EXHAUSTED
+    max_sessions: int = 64             # live generation sessions
+    max_kv_bytes: int = 2 * 1024**3    # bytes of KV cache over all sessions
+    session_idle_s: float = 60.0       # a session with no step for this long is ended
+
+
+def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean over real tokens, then L2 normalisation, as sentence-transformers does."""
+    weights = mask.unsqueeze(-1).to(hidden.dtype)
+    summed = (hidden * weights).sum(dim=1)
+    counts = weights.sum(dim=1).clamp(min=1e-9)
+    return F.normalize(summed / counts, p=2, dim=1)
+
+
+class WorkerService(worker_pb2_grpc.WorkerServicer):
+    """Serves one span of one model version. Model work runs on a single dedicated thread."""
+
+    def __init__(self, stage: StageModel, descriptor: WorkerDescriptor,
+                 limits: WorkerLimits = WorkerLimits()) -> None:
+        self.stage = stage
+        self.descriptor = descriptor
+        self.limits = limits
+        self.sessions = SessionTable(limits.max_sessions, limits.max_kv_bytes)
+        self.outstanding = 0
+        self.draining = False
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="model")
+        self._vocab = int(stage.vocab_size)
+
+    # -- plumbing ---------------------------------------------------------------------------
+
+    async def _run(self, fn: Callable[..., T], *args: Any) -> T:
+        """Runs fn on the model thread, carrying the trace context along."""
+        ctx = contextvars.copy_context()
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, ctx.run, fn, *args)
+
+    def _admit(self) -> None:
+        if self.draining:
+            raise ResourceExhausted("worker is draining and takes no new work")
+        if self.outstanding >= self.limits.max_outstanding:
+            raise ResourceExhausted(
+                f"worker queue is full ({self.outstanding} requests, max_outstanding)")
+        self.outstanding += 1
+
+    def info(self) -> worker_pb2.WorkerInfo:
+        d = self.descriptor
+        return worker_pb2.WorkerInfo(
+            model=d.model, version=d.version, fingerprint=d.fingerprint,
+            span=common_pb2.Span(start=d.span.start, end=d.span.end), num_layers=d.num_layers,
+            kind=d.kind.value, capacity=d.capacity, outstanding=self.outstanding,
+            live_sessions=len(self.sessions), hidden_size=d.hidden_size, address=d.address)
+
+    def _sub_span(self, span: common_pb2.Span | None) -> Span:
+        if span is None or (span.start == 0 and span.end == 0):
+            return self.stage.span
+        try:
+            sub = Span(span.start, span.end)
+        except ValueError as exc:
+            raise InvalidArgument(str(exc)) from None
+        if not self.stage.span.contains(sub):
+            raise InvalidArgument(f"layers {sub} are outside this worker's span {self.stage.span}")
+        return sub
+
+    def _input_ids(self, tensor: common_pb2.Tensor, name: str) -> torch.Tensor:
+        ids = to_torch(tensor, name, ndim=2, dtypes=("int64", "int32")).to(torch.int64)
+        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self._vocab):
+            raise InvalidArgument(f"{name}: token ids must be in [0, {self._vocab})")
+        return ids
+
+    def _hidden(self, tensor: common_pb2.Tensor, name: str) -> torch.Tensor:
+        hidden = to_torch(tensor, name, ndim=3, dtypes=FLOAT_WIRE)
+        if hidden.shape[-1] != self.descriptor.hidden_size:
+            raise InvalidArgument(f"{name}: last dimension must be the hidden size "
+                                  f"{self.descriptor.hidden_size}, got {hidden.shape[-1]}")
+        return hidden.to(self.stage.dtype)
+
+    def _check_length(self, batch: int, length: int) -> None:
+        if length == 0 or batch == 0:
+            raise InvalidArgument("inputs are empty")
+        if length > self.stage.spec.max_positions:
+            raise InvalidArgument(f"{length} tokens is over the model's "
+                                  f"{self.stage.spec.max_positions} positions")
+        if batch * length > MAX_TOKENS_PER_CALL:
+            raise InvalidArgument(f"{batch}x{length} tokens is over {MAX_TOKENS_PER_CALL} per call")
+
+    # -- stateless forward ------------------------------------------------------------------
+
+    async def Info(self, request: worker_pb2.InfoRequest,
+                   context: aio.ServicerContext) -> worker_pb2.WorkerInfo:
+        return self.info()
+
+    async def Forward(self, request: worker_pb2.StageForwardRequest,
+                      context: aio.ServicerContext) -> worker_pb2.StageForwardResponse:
+        self._admit()
+        try:
+            sub = self._sub_span(request.span if request.HasField("span") else None)
+            if sub.start == 0:
+                if not request.HasField("input_ids"):
+                    raise InvalidArgument("layer 0 needs input_ids")
+                inputs = {"input_ids": self._input_ids(request.input_ids, "input_ids")}
+            else:
+                if not request.HasField("hidden_states"):
+                    raise InvalidArgument(f"layer {sub.start} needs hidden_states")
+                inputs = {"hidden_states": self._hidden(request.hidden_states, "hidden_states")}
+            first = next(iter(inputs.values()))
+            batch, length = int(first.shape[0]), int(first.shape[1])
+            self._check_length(batch, length)
+            mask = None
+            if request.HasField("attention_mask"):
+                mask = to_torch(request.attention_mask, "attention_mask", ndim=2,
+                                dtypes=("int64", "int32", "bool")).to(torch.int64)
+                if tuple(mask.shape) != (batch, length):
+                    raise InvalidArgument(f"attention_mask shape {list(mask.shape)} does not "
+                                          f"match inputs [{batch}, {length}]")
+                if mask.numel() and (int(mask.min()) < 0 or int(mask.max()) > 1):
+                    raise InvalidArgument("attention_mask values must be 0 or 1")
+            pool = request.pool
+            if pool and sub.end != self.descriptor.num_layers:
+                raise InvalidArgument("pooling needs the last layer in the range")
+            wire = request.hidden_dtype or "float32"
+            if wire not in FLOAT_WIRE:
+                raise InvalidArgument(f"hidden_dtype must be one of {', '.join(FLOAT_WIRE)}")
+            queued = time.perf_counter()
+
+            def compute() -> torch.Tensor:
+                with tracer.start_as_current_span("stage.forward") as span:
+                    span.set_attribute("tessera.span", str(sub))
+                    span.set_attribute("tessera.batch", batch)
+                    span.set_attribute("tessera.queue_ms", (time.perf_counter() - queued) * 1e3)
+                    hidden = self.stage.forward(attention_mask=mask, sub=sub, **inputs)
+                    if pool:
+                        full = mask if mask is not None else torch.ones(batch, length)
+                        hidden = mean_pool(hidden, full)
+                    return hidden
+
+            hidden = await self._run(compute)
+            return worker_pb2.StageForwardResponse(hidden_states=from_torch(hidden, wire))
+        finally:
+            self.outstanding -= 1
+
+    # -- generation sessions ----------------------------------------------------------------
+
+    async def Session(self, request_iterator: AsyncIterator[worker_pb2.StepRequest],
+                      context: aio.ServicerContext) -> AsyncIterator[worker_pb2.StepResponse]:
+        if self.descriptor.kind is not ModelKind.CAUSAL_LM:
+            raise InvalidArgument(f"model {self.descriptor.model} is not a causal LM")
+        session: Session | None = None
+        iterator = aiter(request_iterator)
+        try:
+            while True:
+                try:
+                    request = await asyncio.wait_for(anext(iterator),
+                                                     timeout=self.limits.session_idle_s)
+                except StopAsyncIteration:
+                    return
+                except TimeoutError:
+                    raise DeadlineExceeded(
+                        f"session idle for {self.limits.session_idle_s:.0f} s; ended") from None
+                if request.end:
+                    return
+                if session is None:
+                    if self.draining:
+                        raise ResourceExhausted("worker is draining and takes no new sessions")
+                    session = self._open_session(request)
+                self.sessions.check_memory()
+                self._admit()
+                try:
+                    response = await self._run(self._step, session, request)
+                finally:
+                    self.outstanding -= 1
+                session.last_used = time.monotonic()
+                yield response
+        finally:
+            if session is not None:
+                self.sessions.close(session.session_id)
+
+    def _open_session(self, request: worker_pb2.StepRequest) -> Session:
+        s = request.sampling
+        params = SamplingParams(temperature=s.temperature, top_k=s.top_k,
+                                top_p=s.top_p if s.top_p > 0 else 1.0,
+                                seed=s.seed if s.HasField("seed") else None)
+        if params.temperature < 0 or params.top_k < 0 or not 0 < params.top_p <= 1:
+            raise InvalidArgument("sampling parameters out of range")
+        session = Session(request.session_id or f"anon-{id(request)}", self.stage.new_cache(),
+                          params, make_generator(params))
+        self.sessions.open(session)
+        return session
+
+    def _step(self, session: Session, request: worker_pb2.StepRequest) -> worker_pb2.StepResponse:
+        with tracer.start_as_current_span("stage.step") as span:
+            span.set_attribute("tessera.span", str(self.stage.span))
+            if self.stage.is_first:
+                if not request.HasField("input_ids"):
+                    raise InvalidArgument("the first stage needs input_ids")
+                ids = self._input_ids(request.input_ids, "input_ids")
+                self._check_length(int(ids.shape[0]), session.cached_tokens() + int(ids.shape[1]))
+                if ids.shape[0] != 1:
+                    raise InvalidArgument("a session step carries one sequence")
+                hidden = self.stage.forward(input_ids=ids, cache=session.cache)
+            else:
+                if not request.HasField("hidden_states"):
+                    raise InvalidArgument("a later stage needs hidden_states")
+                states = self._hidden(request.hidden_states, "hidden_states")
+                if states.shape[0] != 1:
+                    raise InvalidArgument("a session step carries one sequence")
+                self._check_length(1, session.cached_tokens() + int(states.shape[1]))
+                hidden = self.stage.forward(hidden_states=states, cache=session.cache)
+            span.set_attribute("tessera.tokens", int(hidden.shape[1]))
+            cached = session.cached_tokens()
+            if self.stage.is_last:
+                logits = self.stage.logits(hidden[:, -1, :])[0]
+                token = sample(logits, session.sampling, session.generator)
+                return worker_pb2.StepResponse(token_id=token, cached_tokens=cached)
+            wire = request.hidden_dtype or "float32"
+            if wire not in FLOAT_WIRE:
+                raise InvalidArgument(f"hidden_dtype must be one of {', '.join(FLOAT_WIRE)}")
+            return worker_pb2.StepResponse(hidden_states=from_torch(hidden, wire),
+                                           cached_tokens=cached)
+
+    def shutdown(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)

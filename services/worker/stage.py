@@ -1,0 +1,213 @@
+"""StageModel: the layers [start, end) of a Hugging Face model, run through transformers' own code.
+
+A stage keeps transformers' model classes and calls their own forward, so splitting changes no
+arithmetic: for a span [s, e) it keeps layers s..e-1 (re-indexed 0..e-s-1 so KV caches index
+them), replaces the input embeddings with a pass-through when s > 0 (hidden states arrive as
+`inputs_embeds`), and the final norm with an identity when e < num_layers.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, DynamicCache
+
+from services.common.repository import ModelSpec
+from services.common.types import ModelKind, Span
+
+
+class _PassThroughEmbeddings(nn.Module):
+    """Stands in for BERT-style embeddings on stages that receive hidden states."""
+
+    def forward(self, inputs_embeds: torch.Tensor | None = None, **_: Any) -> torch.Tensor:
+        assert inputs_embeds is not None
+        return inputs_embeds
+
+
+class _ZeroPositions(nn.Module):
+    """Stands in for GPT-2's position table on later stages: adding 0.0 is exact."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.dim = dim
+
+    def forward(self, position_ids: torch.Tensor) -> torch.Tensor:
+        return torch.zeros(*position_ids.shape, self.dim)
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """Where one architecture keeps its parts, as attribute paths on its base model."""
+
+    layers: str
+    final_norm: str | None
+    embeddings: str
+    position_table: str | None = None
+
+
+_LAYOUTS = {
+    "llama": _Layout(layers="layers", final_norm="norm", embeddings="embed_tokens"),
+    "gpt2": _Layout(layers="h", final_norm="ln_f", embeddings="wte", position_table="wpe"),
+    "bert": _Layout(layers="encoder.layer", final_norm=None, embeddings="embeddings"),
+    "roberta": _Layout(layers="encoder.layer", final_norm=None, embeddings="embeddings"),
+}
+
+
+def _get(module: nn.Module, path: str) -> Any:
+    for part in path.split("."):
+        module = getattr(module, part)
+    return module
+
+
+def _set(module: nn.Module, path: str, value: nn.Module) -> None:
+    *parents, leaf = path.split(".")
+    for part in parents:
+        module = getattr(module, part)
+    setattr(module, leaf, value)
+
+
+def _shallow_module_copy(module: nn.Module) -> nn.Module:
+    clone = copy.copy(module)
+    clone._modules = dict(module._modules)  # type: ignore[assignment]
+    return clone
+
+
+def _replace(root: nn.Module, path: str, value: nn.Module) -> None:
+    """Sets root.<path> = value, copying the modules along the path so the original keeps its own."""
+    *parents, leaf = path.split(".")
+    module = root
+    for part in parents:
+        child = _shallow_module_copy(getattr(module, part))
+        setattr(module, part, child)
+        module = child
+    setattr(module, leaf, value)
+
+
+class StageModel:
+    """Runs the span [start, end) of a model: embeddings if start == 0, head if end == L."""
+
+    def __init__(self, spec: ModelSpec, span: Span, *, dtype: torch.dtype = torch.float32,
+                 attn_implementation: str | None = None) -> None:
+        if span.end > spec.num_layers:
+            raise ValueError(f"span {span} is outside the {spec.num_layers} layers of {spec.name}")
+        self.spec = spec
+        self.span = span
+        self.dtype = dtype
+        self.layout = _LAYOUTS[spec.model_type]
+        kwargs: dict[str, Any] = {"dtype": dtype}
+        if attn_implementation:
+            kwargs["attn_implementation"] = attn_implementation
+        if spec.kind is ModelKind.CAUSAL_LM:
+            full = AutoModelForCausalLM.from_pretrained(spec.path, **kwargs)
+            self.lm_head: nn.Module | None = full.get_output_embeddings()
+            base = full.base_model
+        else:
+            full = AutoModel.from_pretrained(spec.path, add_pooling_layer=False, **kwargs) \
+                if spec.model_type in ("bert", "roberta") else AutoModel.from_pretrained(spec.path)
+            self.lm_head = None
+            base = full
+        base.eval()
+        all_layers = _get(base, self.layout.layers)
+        self._layers: list[nn.Module] = [all_layers[i] for i in range(span.start, span.end)]
+        # The layers outside the span are dropped; the layers kept are re-indexed from 0 so a
+        # per-stage KV cache holds exactly this stage's layers.
+        _set(base, self.layout.layers, nn.ModuleList(self._layers))
+        for index, layer in enumerate(self._layers):
+            for sub in layer.modules():
+                if hasattr(sub, "layer_idx"):
+                    sub.layer_idx = index
+        self._base = base
+        self._final_norm = _get(base, self.layout.final_norm) if self.layout.final_norm else None
+        self.vocab_size = int(getattr(base.config, "vocab_size", 0))
+        self._views: dict[Span, nn.Module] = {}
+        self.main = self.view(span)
+        del full
+
+    @property
+    def is_first(self) -> bool:
+        return self.span.start == 0
+
+    @property
+    def is_last(self) -> bool:
+        return self.span.end == self.spec.num_layers
+
+    def view(self, sub: Span) -> nn.Module:
+        """A base model that runs only layers sub ⊆ span, sharing this stage's weights."""
+        if sub in self._views:
+            return self._views[sub]
+        if not self.span.contains(sub):
+            raise ValueError(f"{sub} is not inside this stage's span {self.span}")
+        view = _shallow_module_copy(self._base)
+        first, last = sub.start - self.span.start, sub.end - self.span.start
+        layers = nn.ModuleList(self._layers[first:last])
+        _replace(view, self.layout.layers, layers)
+        config = copy.deepcopy(self._base.config)
+        config.num_hidden_layers = len(sub)
+        if getattr(config, "layer_types", None):
+            config.layer_types = list(config.layer_types[sub.start:sub.end])
+        view.config = config
+        if sub.start > 0:
+            if self.layout.position_table:
+                _replace(view, self.layout.position_table, _ZeroPositions(self.spec.hidden_size))
+            if self.spec.kind is ModelKind.ENCODER:
+                _replace(view, self.layout.embeddings, _PassThroughEmbeddings())
+        if sub.end < self.spec.num_layers and self.layout.final_norm:
+            _replace(view, self.layout.final_norm, nn.Identity())
+        self._views[sub] = view
+        return view
+
+    def new_cache(self) -> DynamicCache:
+        return DynamicCache(config=self.main.config)
+
+    @torch.inference_mode()
+    def forward(self, *, input_ids: torch.Tensor | None = None,
+                hidden_states: torch.Tensor | None = None,
+                attention_mask: torch.Tensor | None = None,
+                sub: Span | None = None,
+                cache: DynamicCache | None = None) -> torch.Tensor:
+        """Runs layers `sub` (default: the whole span) and returns the hidden states after them.
+
+        The first layer takes input_ids; any other takes hidden_states. With a cache, the step
+        continues a session: positions follow on from the tokens already cached.
+        """
+        sub = sub or self.span
+        view = self.main if sub == self.span else self.view(sub)
+        if sub.start == 0:
+            if input_ids is None:
+                raise ValueError("the first layer needs input_ids")
+            kwargs: dict[str, Any] = {"input_ids": input_ids}
+        else:
+            if hidden_states is None:
+                raise ValueError(f"layer {sub.start} needs hidden_states")
+            kwargs = {"inputs_embeds": hidden_states}
+        if cache is not None:
+            kwargs["cache"] = cache
+            kwargs["use_cache"] = True
+            if attention_mask is not None:
+                # A session's mask covers the cached tokens too.
+                past = cache.get_seq_length()
+                kwargs["attention_mask"] = torch.cat(
+                    [torch.ones(attention_mask.shape[0], past, dtype=attention_mask.dtype),
+                     attention_mask], dim=1) if past else attention_mask
+        elif attention_mask is not None:
+            kwargs["attention_mask"] = attention_mask
+        if self.spec.kind is ModelKind.CAUSAL_LM and cache is None:
+            kwargs["use_cache"] = False
+        out = view(**kwargs)
+        return out.last_hidden_state
+
+    @torch.inference_mode()
+    def logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """Next-token logits from the last stage's (already normed) hidden states."""
+        if self.lm_head is None or not self.is_last:
+            raise ValueError("only the last stage of a causal LM has a head")
+        return self.lm_head(hidden_states).float()
+
+
+def load_config(path: Path) -> Any:
+    return AutoConfig.from_pretrained(path)
