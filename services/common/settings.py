@@ -50,6 +50,7 @@ class RouterSettings:
     max_new_tokens: int = 1024          # the largest max_new_tokens accepted
     default_max_new_tokens: int = 64
     max_embed_inputs: int = 256         # texts per Embed request
+    embed_segment_size: int = 32        # texts per segment scattered over the replicas
     max_input_chars: int = 100_000      # characters per text
     max_outstanding: int = 256          # requests in flight before RESOURCE_EXHAUSTED
     request_timeout_s: float = 120.0    # deadline when the client sets none

@@ -65,6 +65,15 @@ class ModelFrontend:
                                  max_length=self.max_length)
         return encoded["input_ids"], encoded["attention_mask"]
 
+    def encode_texts(self, texts: Sequence[str]) -> list[list[int]]:
+        """Token ids per text, truncated at the model's length, unpadded."""
+        return list(self.tokenizer(list(texts), truncation=True,
+                                   max_length=self.max_length)["input_ids"])
+
+    @property
+    def pad_id(self) -> int:
+        return int(self.tokenizer.pad_token_id or 0)
+
     def decode(self, ids: Sequence[int]) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=True)
 

@@ -129,13 +129,15 @@ class RoutingTable:
         return chains
 
     def route(self, model: str, load: Mapping[str, int], *,
-              exclude: frozenset[str] = frozenset()) -> Chain:
+              exclude: frozenset[str] = frozenset(), fingerprint: str | None = None) -> Chain:
         """The healthy chain with the least outstanding work (random among equals).
 
+        `fingerprint` pins the model version (a resumed generation must not change weights).
         Raises MissingSpanError naming the uncovered layers when no chain is left.
         """
         candidates = [c for c in self.chains(model)
-                      if not exclude.intersection(c.addresses)]
+                      if not exclude.intersection(c.addresses)
+                      and (fingerprint is None or c.fingerprint == fingerprint)]
         if not candidates:
             members = [w for w in self.by_model.get(model, ())
                        if w.address in self.healthy and w.address not in exclude]

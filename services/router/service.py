@@ -206,35 +206,49 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
         assembler = TextAssembler(frontend, stop)
         finish = "length"
         sent_ids = 0
+        excluded: set[str] = set()
         with tracer.start_as_current_span("generate", attributes={
-                "tessera.model": model, "tessera.route": chain.describe(),
-                "tessera.prompt_tokens": len(prompt_ids)}):
-            async with ChainSession(self.pool, chain, sampling, deadline.remaining()) as session:
-                feed = prompt_ids
-                for _ in range(max_new):
-                    deadline.remaining()
-                    try:
-                        token = await session.step(feed)
-                    except HopFailed as failure:
+                "tessera.model": model, "tessera.prompt_tokens": len(prompt_ids)}) as span:
+            while True:
+                span.add_event("route", {"tessera.route": chain.describe()})
+                try:
+                    async with ChainSession(self.pool, chain, sampling,
+                                            deadline.remaining()) as session:
+                        # After a fault the new chain re-runs the prefill over the prompt and
+                        # the tokens already generated, then continues where the old one stopped.
+                        feed = prompt_ids + assembler.token_ids
+                        while len(assembler.token_ids) < max_new:
+                            deadline.remaining()
+                            try:
+                                token = await session.step(feed)
+                            except _ForwardedInvalid as exc:
+                                raise ServiceError(
+                                    f"a worker rejected the router's step: {exc}") from None
+                            feed = [token]
+                            if token in frontend.eos_token_ids:
+                                assembler.token_ids.append(token)
+                                finish = "eos"
+                                break
+                            assembler.add(token)
+                            if assembler.stopped:
+                                finish = "stop"
+                                break
+                            piece = assembler.take(final=False)
+                            new_ids = assembler.token_ids[sent_ids:]
+                            sent_ids = len(assembler.token_ids)
+                            yield inference_pb2.GenerateChunk(
+                                text=piece, token_ids=new_ids, prompt_tokens=len(prompt_ids),
+                                generated_tokens=len(assembler.token_ids))
+                    break
+                except HopFailed as failure:
+                    excluded.add(failure.address)
+                    log.warning("generation on %s failed after %d tokens: %s; resuming",
+                                chain.describe(), len(assembler.token_ids), failure)
+                    if len(excluded) > RETRY_BUDGET:
                         raise Unavailable(f"model {model!r}: {failure}") from None
-                    except _ForwardedInvalid as exc:
-                        raise ServiceError(f"a worker rejected the router's step: {exc}") \
-                            from None
-                    feed = [token]
-                    if token in frontend.eos_token_ids:
-                        assembler.token_ids.append(token)
-                        finish = "eos"
-                        break
-                    assembler.add(token)
-                    if assembler.stopped:
-                        finish = "stop"
-                        break
-                    piece = assembler.take(final=False)
-                    new_ids = assembler.token_ids[sent_ids:]
-                    sent_ids = len(assembler.token_ids)
-                    yield inference_pb2.GenerateChunk(
-                        text=piece, token_ids=new_ids, prompt_tokens=len(prompt_ids),
-                        generated_tokens=len(assembler.token_ids))
+                    chain = self.pool.table.route(model, self.pool.load,
+                                                  exclude=frozenset(excluded),
+                                                  fingerprint=chain.fingerprint)
         piece = assembler.take(final=True)
         yield inference_pb2.GenerateChunk(
             text=piece, token_ids=assembler.token_ids[sent_ids:], finish_reason=finish,
@@ -311,9 +325,37 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
         missing = [i for i, v in enumerate(vectors) if v is None]
         if missing:
             unique = list(dict.fromkeys(texts[i] for i in missing))
-            ids, mask = frontend.encode_batch(unique)
-            ids_pb = from_numpy(np.asarray(ids, dtype=np.int64))
-            mask_pb = from_numpy(np.asarray(mask, dtype=np.int64))
+            computed = await self._embed_segments(request.model, frontend, unique, deadline)
+            fresh: dict[str, bytes] = {}
+            for i in missing:
+                vectors[i] = computed[texts[i]]
+                fresh[keys[i]] = encode_vector(computed[texts[i]])
+            self.cache.set_many(fresh)
+        dim = int(vectors[0].shape[0]) if vectors[0] is not None else 0
+        return inference_pb2.EmbedResponse(
+            embeddings=[inference_pb2.Embedding(values=v.tolist()) for v in vectors
+                        if v is not None],
+            dim=dim, cached_inputs=len(texts) - len(missing), cached=not missing)
+
+    async def _embed_segments(self, model: str, frontend: ModelFrontend, texts: list[str],
+                              deadline: Deadline) -> dict[str, np.ndarray]:
+        """Scatters texts in segments over the chains and gathers one vector per text.
+
+        Texts are sorted by length first so each segment pads to a similar length.
+        """
+        ids = frontend.encode_texts(texts)
+        order = sorted(range(len(texts)), key=lambda i: len(ids[i]))
+        size = max(1, self.settings.embed_segment_size)
+        segments = [order[i:i + size] for i in range(0, len(order), size)]
+
+        async def run(segment: list[int]) -> np.ndarray:
+            width = max(len(ids[i]) for i in segment)
+            batch = np.full((len(segment), width), frontend.pad_id, dtype=np.int64)
+            mask = np.zeros((len(segment), width), dtype=np.int64)
+            for row, i in enumerate(segment):
+                batch[row, :len(ids[i])] = ids[i]
+                mask[row, :len(ids[i])] = 1
+            ids_pb, mask_pb = from_numpy(batch), from_numpy(mask)
 
             async def work(chain: Chain) -> common_pb2.Tensor:
                 return await run_forward(self.pool, chain.hops(), input_ids=ids_pb,
@@ -321,22 +363,20 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
                                          pool_output=True, timeout=deadline.remaining())
 
             try:
-                pooled = await self._on_chains(request.model, work)
+                pooled = await self._on_chains(model, work)
             except _ForwardedInvalid as exc:
                 raise ServiceError(f"a worker rejected the router's batch: {exc}") from None
-            validate(pooled, "pooled", ndim=2, dtypes=("float32",))
-            matrix = np.frombuffer(pooled.data, dtype="<f4").reshape(tuple(pooled.shape))
-            by_text = {text: matrix[row] for row, text in enumerate(unique)}
-            fresh: dict[str, bytes] = {}
-            for i in missing:
-                vectors[i] = by_text[texts[i]]
-                fresh[keys[i]] = encode_vector(by_text[texts[i]])
-            self.cache.set_many(fresh)
-        dim = int(vectors[0].shape[0]) if vectors[0] is not None else 0
-        return inference_pb2.EmbedResponse(
-            embeddings=[inference_pb2.Embedding(values=v.tolist()) for v in vectors
-                        if v is not None],
-            dim=dim, cached_inputs=len(texts) - len(missing), cached=not missing)
+            shape = validate(pooled, "pooled", ndim=2, dtypes=("float32",))
+            if shape[0] != len(segment):
+                raise ServiceError(f"a worker returned {shape[0]} vectors for {len(segment)}")
+            return np.frombuffer(pooled.data, dtype="<f4").reshape(shape)
+
+        results = await asyncio.gather(*(run(segment) for segment in segments))
+        vectors: dict[str, np.ndarray] = {}
+        for segment, matrix in zip(segments, results):
+            for row, i in enumerate(segment):
+                vectors[texts[i]] = matrix[row]
+        return vectors
 
     # -- Forward ----------------------------------------------------------------------------
 

@@ -20,10 +20,16 @@ def make_generator(params: SamplingParams) -> torch.Generator | None:
 
 
 def sample(logits: torch.Tensor, params: SamplingParams,
-           generator: torch.Generator | None) -> int:
-    """Picks one token id from a 1-D logits vector (greedy, temperature, top-k, top-p)."""
+           generator: torch.Generator | None, position: int | None = None) -> int:
+    """Picks one token id from a 1-D logits vector (greedy, temperature, top-k, top-p).
+
+    With a seed and a position, the draw depends only on (seed, position): a generation resumed
+    on another chain after a fault draws exactly the tokens it would have drawn.
+    """
     if params.greedy:
         return int(torch.argmax(logits).item())
+    if generator is not None and params.seed is not None and position is not None:
+        generator.manual_seed((params.seed * 1_000_003 + position) % (2**63))
     scores = logits.float() / params.temperature
     if params.top_k > 0 and params.top_k < scores.numel():
         kth = torch.topk(scores, params.top_k).values[-1]

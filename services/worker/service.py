@@ -16,7 +16,12 @@ import torch.nn.functional as F
 from grpc import aio
 from opentelemetry import trace
 
-from services.common.errors import DeadlineExceeded, InvalidArgument, ResourceExhausted
+from services.common.errors import (
+    DeadlineExceeded,
+    InvalidArgument,
+    ResourceExhausted,
+    Unavailable,
+)
 from services.common.types import ModelKind, SamplingParams, Span, WorkerDescriptor
 from services.pb.tessera.v1 import common_pb2, worker_pb2, worker_pb2_grpc
 from services.worker.sampling import make_generator, sample
@@ -69,9 +74,10 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._executor, ctx.run, fn, *args)
 
-    def _admit(self) -> None:
-        if self.draining:
-            raise ResourceExhausted("worker is draining and takes no new work")
+    def _admit(self, *, new_work: bool = True) -> None:
+        """Counts a request in; refuses new work while draining (UNAVAILABLE: try elsewhere)."""
+        if new_work and self.draining:
+            raise Unavailable("worker is draining and takes no new work")
         if self.outstanding >= self.limits.max_outstanding:
             raise ResourceExhausted(
                 f"worker queue is full ({self.outstanding} requests, max_outstanding)")
@@ -195,10 +201,10 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
                     return
                 if session is None:
                     if self.draining:
-                        raise ResourceExhausted("worker is draining and takes no new sessions")
+                        raise Unavailable("worker is draining and takes no new sessions")
                     session = self._open_session(request)
                 self.sessions.check_memory()
-                self._admit()
+                self._admit(new_work=False)
                 try:
                     response = await self._run(self._step, session, request)
                 finally:
@@ -244,7 +250,7 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
             cached = session.cached_tokens()
             if self.stage.is_last:
                 logits = self.stage.logits(hidden[:, -1, :])[0]
-                token = sample(logits, session.sampling, session.generator)
+                token = sample(logits, session.sampling, session.generator, position=cached)
                 return worker_pb2.StepResponse(token_id=token, cached_tokens=cached)
             wire = request.hidden_dtype or "float32"
             if wire not in FLOAT_WIRE:
