@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -13,9 +14,49 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from services.cache.launcher import MemcachedNode, is_local_address, split_address
+from services.cache.launcher import _served_pid as served_pid  # the launcher's own probe
 from services.common.settings import MeshSettings, load_mesh_file
 
 READY_TIMEOUT_S = 300.0
+
+
+class MeshError(RuntimeError):
+    """A mesh that cannot start, with a message for the operator (no traceback)."""
+
+
+def _probe_host(host: str) -> str:
+    """Where to knock to reach a server bound to ``host`` (wildcards are reached on loopback)."""
+    return {"": "127.0.0.1", "0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
+
+
+def _port_answers(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+def _local_cache_node(address: str) -> MemcachedNode | None:
+    """Starts memcached on a local address; None when one already answers there.
+
+    Installing Debian's memcached package starts a system memcached on 127.0.0.1:11211, the
+    default address: reusing it beats failing, and it is not ours to stop.
+    """
+    host, port = split_address(address)
+    probe = _probe_host(host)
+    pid = served_pid(probe, port)
+    if pid is not None:
+        print(f"tessera up: reusing the memcached already running on {address} (pid {pid}); "
+              f"it is left running on exit", flush=True)
+        return None
+    if _port_answers(probe, port):
+        raise MeshError(f"tessera up: cache node {address} is taken by a process that is not "
+                        f"memcached; free the port or name another node under cache.nodes")
+    try:
+        return MemcachedNode().start(host=host, port=port)
+    except RuntimeError as exc:
+        raise MeshError(f"tessera up: cannot start memcached on {address}: {exc}") from exc
 
 
 def _wait_serving(address: str, service: str, deadline: float,
@@ -68,10 +109,9 @@ def run_mesh(config: str | None, *, repository: str) -> int:
     try:
         for address in mesh.cache_nodes:
             if is_local_address(address):
-                host, port = split_address(address)
-                node = MemcachedNode()
-                node.start(host=host, port=port)
-                nodes.append(node)
+                node = _local_cache_node(address)
+                if node is not None:
+                    nodes.append(node)
         for command in _commands(mesh, repository):
             procs.append(subprocess.Popen(command, cwd=Path.cwd()))
         deadline = time.monotonic() + READY_TIMEOUT_S
@@ -93,6 +133,9 @@ def run_mesh(config: str | None, *, repository: str) -> int:
                           f"stopping the mesh", file=sys.stderr, flush=True)
                     return 1
             time.sleep(0.5)
+    except MeshError as exc:
+        print(exc, file=sys.stderr, flush=True)
+        return 1
     except KeyboardInterrupt:
         return 0
     finally:

@@ -32,6 +32,8 @@ class WorkerSettings:
     max_sessions: int = 64              # live generation sessions
     max_kv_mb: int = 2048               # MiB of KV cache over all sessions
     session_idle_s: float = 60.0        # seconds before an idle session is ended
+    max_batch: int = 32                 # rows (texts or sessions) per forward pass
+    max_wait_ms: float = 1.0            # milliseconds to wait for more work before a batch runs
     drain_s: float = 10.0               # seconds to finish work on SIGTERM
     threads: int = 0                    # torch intra-op threads; 0 = torch's default
 

@@ -39,7 +39,9 @@ def build_service(settings: WorkerSettings, address: str) -> WorkerService:
     limits = WorkerLimits(max_outstanding=settings.max_outstanding,
                           max_sessions=settings.max_sessions,
                           max_kv_bytes=settings.max_kv_mb * 1024 * 1024,
-                          session_idle_s=settings.session_idle_s)
+                          session_idle_s=settings.session_idle_s,
+                          max_batch=settings.max_batch,
+                          max_wait_s=settings.max_wait_ms / 1000)
     service = WorkerService(stage, descriptor, limits)
     warm_up(stage)
     return service

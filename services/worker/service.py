@@ -24,6 +24,13 @@ from services.common.errors import (
 )
 from services.common.types import ModelKind, SamplingParams, Span, WorkerDescriptor
 from services.pb.tessera.v1 import common_pb2, worker_pb2, worker_pb2_grpc
+from services.worker.batch import (
+    ForwardItem,
+    StepItem,
+    batched_decode,
+    group_forward_items,
+    run_forward_group,
+)
 from services.worker.sampling import make_generator, sample
 from services.worker.sessions import Session, SessionTable
 from services.worker.stage import StageModel
@@ -42,6 +49,8 @@ class WorkerLimits:
     max_sessions: int = 64             # live generation sessions
     max_kv_bytes: int = 2 * 1024**3    # bytes of KV cache over all sessions
     session_idle_s: float = 60.0       # a session with no step for this long is ended
+    max_batch: int = 32                # rows (texts or sessions) in one forward pass
+    max_wait_s: float = 0.001          # wait this long for more work before a batch runs
 
 
 def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -64,6 +73,9 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         self.outstanding = 0
         self.draining = False
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="model")
+        self._queue: list[Any] = []
+        self._wake = asyncio.Event()
+        self._scheduler: asyncio.Task[None] | None = None
         self._vocab = int(stage.vocab_size)
 
     # -- plumbing ---------------------------------------------------------------------------
@@ -161,20 +173,16 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
             wire = request.hidden_dtype or "float32"
             if wire not in FLOAT_WIRE:
                 raise InvalidArgument(f"hidden_dtype must be one of {', '.join(FLOAT_WIRE)}")
-            queued = time.perf_counter()
-
-            def compute() -> torch.Tensor:
-                with tracer.start_as_current_span("stage.forward") as span:
-                    span.set_attribute("tessera.span", str(sub))
-                    span.set_attribute("tessera.batch", batch)
-                    span.set_attribute("tessera.queue_ms", (time.perf_counter() - queued) * 1e3)
-                    hidden = self.stage.forward(attention_mask=mask, sub=sub, **inputs)
-                    if pool:
-                        full = mask if mask is not None else torch.ones(batch, length)
-                        hidden = mean_pool(hidden, full)
-                    return hidden
-
-            hidden = await self._run(compute)
+            item = ForwardItem(sub=sub, input_ids=inputs.get("input_ids"),
+                               hidden=inputs.get("hidden_states"), mask=mask, pool=pool,
+                               future=asyncio.get_running_loop().create_future())
+            with tracer.start_as_current_span("stage.forward") as span:
+                span.set_attribute("tessera.span", str(sub))
+                span.set_attribute("tessera.rows", batch)
+                hidden = await self._submit(item)
+                span.set_attribute("tessera.batch_rows", item.batch_rows)
+                span.set_attribute("tessera.queue_ms", item.queue_ms)
+                span.set_attribute("tessera.compute_ms", item.compute_ms)
             return worker_pb2.StageForwardResponse(hidden_states=from_torch(hidden, wire))
         finally:
             self.outstanding -= 1
@@ -206,7 +214,7 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
                 self.sessions.check_memory()
                 self._admit(new_work=False)
                 try:
-                    response = await self._run(self._step, session, request)
+                    response = await self._step(session, request)
                 finally:
                     self.outstanding -= 1
                 session.last_used = time.monotonic()
@@ -227,36 +235,108 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         self.sessions.open(session)
         return session
 
-    def _step(self, session: Session, request: worker_pb2.StepRequest) -> worker_pb2.StepResponse:
+    async def _step(self, session: Session,
+                    request: worker_pb2.StepRequest) -> worker_pb2.StepResponse:
+        """Validates one step on the loop thread, then queues it for the next batch."""
+        if self.stage.is_first:
+            if not request.HasField("input_ids"):
+                raise InvalidArgument("the first stage needs input_ids")
+            tokens = self._input_ids(request.input_ids, "input_ids")
+        else:
+            if not request.HasField("hidden_states"):
+                raise InvalidArgument("a later stage needs hidden_states")
+            tokens = self._hidden(request.hidden_states, "hidden_states")
+        if tokens.shape[0] != 1:
+            raise InvalidArgument("a session step carries one sequence")
+        self._check_length(1, session.cached_tokens() + int(tokens.shape[1]))
+        wire = request.hidden_dtype or "float32"
+        if wire not in FLOAT_WIRE:
+            raise InvalidArgument(f"hidden_dtype must be one of {', '.join(FLOAT_WIRE)}")
+        item = StepItem(session=session, tokens=tokens, wire=wire,
+                        future=asyncio.get_running_loop().create_future())
         with tracer.start_as_current_span("stage.step") as span:
             span.set_attribute("tessera.span", str(self.stage.span))
-            if self.stage.is_first:
-                if not request.HasField("input_ids"):
-                    raise InvalidArgument("the first stage needs input_ids")
-                ids = self._input_ids(request.input_ids, "input_ids")
-                self._check_length(int(ids.shape[0]), session.cached_tokens() + int(ids.shape[1]))
-                if ids.shape[0] != 1:
-                    raise InvalidArgument("a session step carries one sequence")
-                hidden = self.stage.forward(input_ids=ids, cache=session.cache)
-            else:
-                if not request.HasField("hidden_states"):
-                    raise InvalidArgument("a later stage needs hidden_states")
-                states = self._hidden(request.hidden_states, "hidden_states")
-                if states.shape[0] != 1:
-                    raise InvalidArgument("a session step carries one sequence")
-                self._check_length(1, session.cached_tokens() + int(states.shape[1]))
-                hidden = self.stage.forward(hidden_states=states, cache=session.cache)
-            span.set_attribute("tessera.tokens", int(hidden.shape[1]))
-            cached = session.cached_tokens()
-            if self.stage.is_last:
-                logits = self.stage.logits(hidden[:, -1, :])[0]
-                token = sample(logits, session.sampling, session.generator, position=cached)
-                return worker_pb2.StepResponse(token_id=token, cached_tokens=cached)
-            wire = request.hidden_dtype or "float32"
-            if wire not in FLOAT_WIRE:
-                raise InvalidArgument(f"hidden_dtype must be one of {', '.join(FLOAT_WIRE)}")
-            return worker_pb2.StepResponse(hidden_states=from_torch(hidden, wire),
-                                           cached_tokens=cached)
+            span.set_attribute("tessera.tokens", int(tokens.shape[1]))
+            response = await self._submit(item)
+            span.set_attribute("tessera.batch_rows", item.batch_rows)
+            span.set_attribute("tessera.queue_ms", item.queue_ms)
+            span.set_attribute("tessera.compute_ms", item.compute_ms)
+        return response
+
+    # -- the batch loop ---------------------------------------------------------------------
+
+    async def _submit(self, item: Any) -> Any:
+        self._queue.append(item)
+        self._wake.set()
+        if self._scheduler is None or self._scheduler.done():
+            self._scheduler = asyncio.create_task(self._schedule())
+        return await item.future
+
+    async def _schedule(self) -> None:
+        """Takes everything queued, groups it into batches, runs them on the model thread."""
+        while True:
+            if not self._queue:
+                self._wake.clear()
+                await self._wake.wait()
+            if self.limits.max_wait_s > 0 and len(self._queue) < self.limits.max_batch:
+                await asyncio.sleep(self.limits.max_wait_s)
+            items = [i for i in self._queue if not i.future.done()]
+            self._queue.clear()
+            steps = [i for i in items if isinstance(i, StepItem)]
+            forwards = [i for i in items if isinstance(i, ForwardItem)]
+            decodes = [i for i in steps if i.tokens.shape[1] == 1]
+            groups: list[list[Any]] = [decodes[i:i + self.limits.max_batch]
+                                       for i in range(0, len(decodes), self.limits.max_batch)]
+            groups += [[i] for i in steps if i.tokens.shape[1] != 1]
+            groups += group_forward_items(forwards, self.limits.max_batch, MAX_TOKENS_PER_CALL)
+            for group in groups:
+                started = time.perf_counter()
+                try:
+                    if isinstance(group[0], StepItem):
+                        results = await self._run(self._execute_steps, group)
+                    else:
+                        results = await self._run(run_forward_group, self.stage, group,
+                                                  mean_pool)
+                except Exception as exc:  # noqa: BLE001 - handed to every waiting handler
+                    for item in group:
+                        if not item.future.done():
+                            item.future.set_exception(exc)
+                    continue
+                finished = time.perf_counter()
+                rows = sum(getattr(i, "rows", 1) for i in group)
+                for item, result in zip(group, results):
+                    item.queue_ms = (started - item.enqueued) * 1e3
+                    item.compute_ms = (finished - started) * 1e3
+                    item.batch_rows = rows
+                    if not item.future.done():
+                        item.future.set_result(result)
+
+    def _execute_steps(self, group: list[StepItem]) -> list[worker_pb2.StepResponse]:
+        """One forward for a group of session steps (on the model thread)."""
+        if len(group) == 1:
+            item = group[0]
+            kwargs = ({"input_ids": item.tokens} if self.stage.is_first
+                      else {"hidden_states": item.tokens})
+            hidden = self.stage.forward(cache=item.session.cache, **kwargs)
+        else:
+            hidden, grown = batched_decode(self.stage, [i.session.cache for i in group],
+                                           [i.tokens for i in group])
+            for item, cache in zip(group, grown):
+                item.session.cache = cache
+        responses = []
+        if self.stage.is_last:
+            logits = self.stage.logits(hidden[:, -1, :])
+            for row, item in enumerate(group):
+                cached = item.session.cached_tokens()
+                token = sample(logits[row], item.session.sampling, item.session.generator,
+                               position=cached)
+                responses.append(worker_pb2.StepResponse(token_id=token, cached_tokens=cached))
+            return responses
+        for row, item in enumerate(group):
+            responses.append(worker_pb2.StepResponse(
+                hidden_states=from_torch(hidden[row:row + 1], item.wire),
+                cached_tokens=item.session.cached_tokens()))
+        return responses
 
     def shutdown(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)

@@ -169,7 +169,8 @@ class StageModel:
                 hidden_states: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None,
                 sub: Span | None = None,
-                cache: DynamicCache | None = None) -> torch.Tensor:
+                cache: DynamicCache | None = None,
+                position_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Runs layers `sub` (default: the whole span) and returns the hidden states after them.
 
         The first layer takes input_ids; any other takes hidden_states. With a cache, the step
@@ -185,10 +186,15 @@ class StageModel:
             if hidden_states is None:
                 raise ValueError(f"layer {sub.start} needs hidden_states")
             kwargs = {"inputs_embeds": hidden_states}
+        if position_ids is not None:
+            # A batched step: the caller's mask already covers the cached tokens (left padding).
+            kwargs["position_ids"] = position_ids
         if cache is not None:
             kwargs["cache"] = cache
             kwargs["use_cache"] = True
-            if attention_mask is not None:
+            if position_ids is not None:
+                kwargs["attention_mask"] = attention_mask
+            elif attention_mask is not None:
                 # A session's mask covers the cached tokens too.
                 past = cache.get_seq_length()
                 kwargs["attention_mask"] = torch.cat(

@@ -56,6 +56,18 @@ def mesh(real_repo: Path, cache_node: MemcachedNode) -> Iterator[Mesh]:
         yield m
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread() -> Iterator[None]:
+    """The references run in this process next to four servers on a small machine: more than
+    one intra-op thread here makes OpenMP spin against them (20 tokens took 20+ s, not 1 s)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
 @pytest.fixture(scope="module")
 def llm_tokenizer(real_repo: Path) -> PreTrainedTokenizerBase:
     return AutoTokenizer.from_pretrained(real_repo / LLM)
