@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
 import os
 import sys
 
@@ -17,10 +16,10 @@ from services.common.settings import (
 )
 
 
-def _setup_logging(level: str) -> None:
-    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        stream=sys.stderr)
+def _setup_logging(service: str, level: str) -> None:
+    from services.common.logs import setup_logging
+
+    setup_logging(f"tessera-{service}", level)
     # transformers' load reports and progress bars are noise in a server log.
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
@@ -33,7 +32,8 @@ def _cmd_router(args: argparse.Namespace) -> int:
 
     settings = apply_env(RouterSettings(), "TESSERA_ROUTER_")
     apply(settings, {"host": args.host, "port": args.port, "repository": args.repository,
-                     "workers": args.workers, "cache_nodes": args.cache}, "flags")
+                     "workers": args.workers, "cache_nodes": args.cache,
+                     "metrics_port": args.metrics_port}, "flags")
     setup_tracing("tessera-router")
     try:
         return asyncio.run(run_router(settings))
@@ -48,7 +48,8 @@ def _cmd_worker(args: argparse.Namespace) -> int:
     settings = apply_env(WorkerSettings(), "TESSERA_WORKER_")
     apply(settings, {"model": args.model, "layers": args.layers, "host": args.host,
                      "port": args.port, "routers": args.router, "repository": args.repository,
-                     "advertise": args.advertise, "threads": args.threads}, "flags")
+                     "advertise": args.advertise, "threads": args.threads,
+                     "metrics_port": args.metrics_port}, "flags")
     if not settings.model:
         raise SystemExit("tessera worker: --model is required")
     setup_tracing(f"tessera-worker-{settings.model}")
@@ -74,6 +75,23 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_certs(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from services.common.security import make_dev_certs
+
+    paths = make_dev_certs(Path(args.out), [h for h in args.hosts.split(",") if h])
+    for name, path in paths.items():
+        print(f"{name}: {path}")
+    return 0
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from services.bench.run import main as run_bench
+
+    return run_bench(args)
+
+
 def _cmd_up(args: argparse.Namespace) -> int:
     from services.mesh import run_mesh
 
@@ -96,6 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     router.add_argument("--repository")
     router.add_argument("--workers", help="static worker addresses, comma-separated")
     router.add_argument("--cache", help="memcached nodes host:port, comma-separated")
+    router.add_argument("--metrics-port", type=int, help="Prometheus port (-1 off, 0 any)")
     router.set_defaults(func=_cmd_router)
 
     worker = sub.add_parser("worker", help="start one worker (a stage or a replica)")
@@ -107,7 +126,14 @@ def main(argv: list[str] | None = None) -> int:
     worker.add_argument("--advertise", help="host:port the router should dial")
     worker.add_argument("--repository")
     worker.add_argument("--threads", type=int, help="torch threads")
+    worker.add_argument("--metrics-port", type=int, help="Prometheus port (-1 off, 0 any)")
     worker.set_defaults(func=_cmd_worker)
+
+    certs = sub.add_parser("certs", help="make a local CA and server/client certs for dev")
+    certs.add_argument("--out", default="certs")
+    certs.add_argument("--hosts", default="localhost,127.0.0.1",
+                       help="names and IPs the server certificate is valid for")
+    certs.set_defaults(func=_cmd_certs)
 
     cache = sub.add_parser("cache", help="start local memcached nodes")
     cache.add_argument("nodes", nargs="*", help="host:port per node (default 127.0.0.1:11211)")
@@ -117,8 +143,22 @@ def main(argv: list[str] | None = None) -> int:
     prepare.add_argument("--repository", default=default_repository())
     prepare.set_defaults(func=_cmd_prepare)
 
+    bench = sub.add_parser("bench", help="start a local mesh and measure it against the "
+                                          "in-process limit (table + JSON)")
+    bench.add_argument("--seconds", type=float, help="seconds per line (default 8; quick 1.5)")
+    bench.add_argument("--quick", action="store_true", help="a short smoke run (~2 minutes)")
+    bench.add_argument("--threads", type=int,
+                       help="torch threads for workers and the in-process limit "
+                            "(default: torch's default)")
+    bench.add_argument("--max-new-tokens", type=int, help="tokens per generation (default 32)")
+    bench.add_argument("--out", help="JSON path (default bench-results/bench-<timestamp>.json)")
+    bench.add_argument("--only", action="append", choices=["floor", "embed", "generate"],
+                       help="run only these phases (repeatable)")
+    bench.add_argument("--repository", default=default_repository())
+    bench.set_defaults(func=_cmd_bench)
+
     args = parser.parse_args(argv)
-    _setup_logging(args.log_level)
+    _setup_logging(args.command, args.log_level)
     return int(args.func(args) or 0)
 
 

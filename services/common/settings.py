@@ -36,6 +36,14 @@ class WorkerSettings:
     max_wait_ms: float = 1.0            # milliseconds to wait for more work before a batch runs
     drain_s: float = 10.0               # seconds to finish work on SIGTERM
     threads: int = 0                    # torch intra-op threads; 0 = torch's default
+    metrics_port: int = -1              # Prometheus /metrics port; -1 = off, 0 = any free port
+    tls_cert: str = ""                  # server certificate (PEM); empty = plaintext
+    tls_key: str = ""
+    tls_client_ca: str = ""             # CA of accepted client certs: mutual TLS with routers
+    router_ca: str = ""                 # CA to verify routers when registering (TLS routers)
+    client_cert: str = ""               # this worker's client certificate for routers
+    client_key: str = ""
+    router_token: str = ""              # bearer token for routers that require one
 
 
 @dataclass
@@ -57,6 +65,18 @@ class RouterSettings:
     max_outstanding: int = 256          # requests in flight before RESOURCE_EXHAUSTED
     request_timeout_s: float = 120.0    # deadline when the client sets none
     drain_s: float = 10.0
+    max_message_mb: int = 64            # largest gRPC message accepted or sent, MiB
+    max_streams_per_connection: int = 64  # concurrent GenerateStream calls per client connection
+    hidden_dtype: str = "float32"       # dtype of hidden states between stages
+    metrics_port: int = -1              # Prometheus /metrics port; -1 = off, 0 = any free port
+    tls_cert: str = ""                  # public port certificate (PEM); empty = plaintext
+    tls_key: str = ""
+    tls_client_ca: str = ""             # CA of client certs required on the public port
+    worker_ca: str = ""                 # CA that signed the workers' certificates (mTLS)
+    client_cert: str = ""               # the router's client certificate for workers
+    client_key: str = ""
+    auth_tokens: list[str] = field(default_factory=list)  # accepted bearer tokens
+    auth_token_file: str = ""           # file of bearer tokens, one per line, reloaded
 
 
 @dataclass

@@ -9,6 +9,13 @@ from pathlib import Path
 
 
 from services.cache.store import CacheStore
+from services.common.metrics import start_metrics_server
+from services.common.security import (
+    AuthInterceptor,
+    TokenSet,
+    channel_credentials,
+    server_credentials,
+)
 from services.common.server import serve
 from services.common.settings import RouterSettings
 from services.pb.tessera.v1 import inference_pb2_grpc, worker_pb2_grpc
@@ -26,8 +33,13 @@ async def run_router(settings: RouterSettings, *, ready: asyncio.Event | None = 
                      stop: asyncio.Event | None = None, port_out: list[int] | None = None) -> int:
     """Serves until SIGINT/SIGTERM (or `stop`), then drains and exits 0."""
     stop = stop or asyncio.Event()
+    max_message = settings.max_message_mb * 1024 * 1024
     pool = WorkerPool(list(settings.workers), probe_interval_s=settings.health_interval_s,
-                      ttl_s=settings.worker_ttl_s)
+                      ttl_s=settings.worker_ttl_s,
+                      credentials=channel_credentials(settings.worker_ca or None,
+                                                      settings.client_cert or None,
+                                                      settings.client_key or None),
+                      max_message_bytes=max_message)
     cache = CacheStore(settings.cache_nodes, timeout_s=settings.cache_timeout_s,
                        tracer=__import__("opentelemetry.trace", fromlist=["get_tracer"])
                        .get_tracer("tessera.cache"))
@@ -38,7 +50,17 @@ async def run_router(settings: RouterSettings, *, ready: asyncio.Event | None = 
         [lambda s: inference_pb2_grpc.add_InferenceServicer_to_server(inference, s),
          lambda s: worker_pb2_grpc.add_RegistryServicer_to_server(registry, s)],
         [SERVICE_NAME, REGISTRY_NAME], host=settings.host, port=settings.port,
-        tracer_name="tessera.router")
+        tracer_name="tessera.router",
+        credentials=server_credentials(settings.tls_cert or None, settings.tls_key or None,
+                                       settings.tls_client_ca or None, require_client_cert=True),
+        interceptors=[AuthInterceptor(TokenSet(settings.auth_tokens,
+                                               settings.auth_token_file or None),
+                                      ["/tessera.v1.Inference/", "/tessera.v1.Registry/",
+                                       "/inference.GRPCInferenceService/"])],
+        max_message_bytes=max_message)
+    if settings.metrics_port >= 0:
+        metrics_port = start_metrics_server(settings.metrics_port, settings.host)
+        print(f"tessera router metrics on {settings.host}:{metrics_port}", flush=True)
     health_names: set[str] = set()
     pending: list[asyncio.Task[None]] = []
 

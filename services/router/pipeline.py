@@ -108,12 +108,13 @@ class ChainSession:
     """One generation in flight on a chain: one Session stream per stage, driven step by step."""
 
     def __init__(self, pool: WorkerPool, chain: Chain, sampling: SamplingParams,
-                 timeout: float) -> None:
+                 timeout: float, hidden_dtype: str = "float32") -> None:
         self.pool = pool
         self.chain = chain
         self.session_id = uuid.uuid4().hex
         self.sampling = sampling
         self.timeout = timeout
+        self.hidden_dtype = hidden_dtype
         self._calls: list[tuple[str, aio.StreamStreamCall]] = []
         self._first = True
 
@@ -144,7 +145,8 @@ class ChainSession:
         hidden: common_pb2.Tensor | None = None
         response = None
         for index, (address, call) in enumerate(self._calls):
-            request = worker_pb2.StepRequest(session_id=self.session_id)
+            request = worker_pb2.StepRequest(session_id=self.session_id,
+                                             hidden_dtype=self.hidden_dtype)
             if index == 0:
                 request.input_ids.CopyFrom(ids_tensor([list(token_ids)]))
             else:

@@ -12,6 +12,7 @@ import grpc
 from grpc import aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from services.common.security import open_channel
 from services.common.server import CHANNEL_OPTIONS
 from services.common.types import ModelKind, Span, WorkerDescriptor
 from services.pb.tessera.v1 import worker_pb2, worker_pb2_grpc
@@ -41,9 +42,14 @@ class WorkerPool:
     """Knows every worker (static or registered), probes their health, holds one channel each."""
 
     def __init__(self, static: list[str], *, probe_interval_s: float = 1.0,
-                 ttl_s: float = 6.0) -> None:
+                 ttl_s: float = 6.0, credentials: grpc.ChannelCredentials | None = None,
+                 max_message_bytes: int = 64 * 1024 * 1024) -> None:
         self.probe_interval_s = probe_interval_s
         self.ttl_s = ttl_s
+        self._credentials = credentials
+        self._options = [(k, v) for k, v in CHANNEL_OPTIONS if "message_length" not in k] + [
+            ("grpc.max_send_message_length", max_message_bytes),
+            ("grpc.max_receive_message_length", max_message_bytes)]
         self._members: dict[str, _Member] = {a: _Member(a, static=True) for a in static}
         self._channels: dict[str, aio.Channel] = {}
         self._stubs: dict[str, worker_pb2_grpc.WorkerStub] = {}
@@ -58,7 +64,7 @@ class WorkerPool:
     def stub(self, address: str) -> worker_pb2_grpc.WorkerStub:
         stub = self._stubs.get(address)
         if stub is None:
-            channel = aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+            channel = open_channel(address, self._credentials, self._options)
             self._channels[address] = channel
             stub = self._stubs[address] = worker_pb2_grpc.WorkerStub(channel)
         return stub

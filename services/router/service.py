@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TypeVar
 
@@ -25,6 +26,12 @@ from services.common.errors import (
     ResourceExhausted,
     ServiceError,
     Unavailable,
+)
+from services.common.metrics import (
+    CACHE_REQUESTS,
+    GENERATED_TOKENS,
+    INTER_TOKEN_SECONDS,
+    TIME_TO_FIRST_TOKEN,
 )
 from services.common.settings import RouterSettings
 from services.common.tensors import from_numpy, validate
@@ -76,6 +83,7 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
         self.cache = cache
         self.outstanding = 0
         self.draining = False
+        self._streams: dict[str, int] = {}   # open GenerateStream calls per client connection
 
     # -- shared steps -----------------------------------------------------------------------
 
@@ -103,6 +111,23 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
             raise InvalidArgument(f"model {model!r} is a {frontend.kind.value} model and "
                                   f"does not serve {what}")
         return frontend
+
+    def _cache_get(self, tier: str, key: str) -> bytes | None:
+        errors = self.cache.stats.errors
+        value = self.cache.get(key)
+        failed = self.cache.stats.errors > errors
+        CACHE_REQUESTS.labels(tier, "error" if failed else
+                              "hit" if value is not None else "miss").inc()
+        return value
+
+    def _cache_get_many(self, tier: str, keys: list[str]) -> dict[str, bytes]:
+        errors = self.cache.stats.errors
+        found = self.cache.get_many(keys)
+        if self.cache.stats.errors > errors:
+            CACHE_REQUESTS.labels(tier, "error").inc()
+        CACHE_REQUESTS.labels(tier, "hit").inc(len(found))
+        CACHE_REQUESTS.labels(tier, "miss").inc(len(keys) - len(found))
+        return found
 
     async def _on_chains(self, model: str, work: Callable[[Chain], Awaitable[T]]) -> T:
         """Runs idempotent work on the least-loaded chain, moving on after transport failures."""
@@ -180,6 +205,7 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
                         context: aio.ServicerContext
                         ) -> AsyncIterator[inference_pb2.GenerateChunk]:
         """The one generation path; Generate gathers it, GenerateStream forwards it."""
+        started = time.perf_counter()
         deadline = Deadline(context, self.settings.request_timeout_s)
         frontend, prompt_ids, max_new, sampling, stop = self._generate_inputs(request)
         model = request.model
@@ -190,7 +216,7 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
                 "max_new_tokens": max_new, "temperature": sampling.temperature,
                 "top_k": sampling.top_k, "top_p": sampling.top_p, "seed": sampling.seed,
                 "stop": stop})
-            hit = self.cache.get(key)
+            hit = self._cache_get("generate", key)
             if hit is not None:
                 cached = inference_pb2.GenerateResponse()
                 try:
@@ -204,6 +230,7 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
                         generated_tokens=cached.generated_tokens, cached=True)
                     return
         assembler = TextAssembler(frontend, stop)
+        last_token_at: float | None = None
         finish = "length"
         sent_ids = 0
         excluded: set[str] = set()
@@ -212,8 +239,8 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
             while True:
                 span.add_event("route", {"tessera.route": chain.describe()})
                 try:
-                    async with ChainSession(self.pool, chain, sampling,
-                                            deadline.remaining()) as session:
+                    async with ChainSession(self.pool, chain, sampling, deadline.remaining(),
+                                            self.settings.hidden_dtype) as session:
                         # After a fault the new chain re-runs the prefill over the prompt and
                         # the tokens already generated, then continues where the old one stopped.
                         feed = prompt_ids + assembler.token_ids
@@ -225,6 +252,13 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
                                 raise ServiceError(
                                     f"a worker rejected the router's step: {exc}") from None
                             feed = [token]
+                            now = time.perf_counter()
+                            if last_token_at is None:
+                                TIME_TO_FIRST_TOKEN.labels(model).observe(now - started)
+                            else:
+                                INTER_TOKEN_SECONDS.labels(model).observe(now - last_token_at)
+                            last_token_at = now
+                            GENERATED_TOKENS.labels(model).inc()
                             if token in frontend.eos_token_ids:
                                 assembler.token_ids.append(token)
                                 finish = "eos"
@@ -280,13 +314,22 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
     async def GenerateStream(self, request: inference_pb2.GenerateRequest,
                              context: aio.ServicerContext
                              ) -> AsyncIterator[inference_pb2.GenerateChunk]:
+        peer = context.peer() or ""
+        limit = self.settings.max_streams_per_connection
+        if self._streams.get(peer, 0) >= limit:
+            raise ResourceExhausted(f"this connection already has {limit} streams open "
+                                    f"(max_streams_per_connection)")
         self._admit()
+        self._streams[peer] = self._streams.get(peer, 0) + 1
         try:
             async for chunk in self._generate(request, context):
                 if chunk.text or chunk.finish_reason or chunk.token_ids:
                     yield chunk
         finally:
             self.outstanding -= 1
+            self._streams[peer] -= 1
+            if not self._streams[peer]:
+                del self._streams[peer]
 
     # -- Embed ------------------------------------------------------------------------------
 
@@ -317,7 +360,7 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
                                       f"characters (max_input_chars)")
         chain = self.pool.table.route(request.model, self.pool.load)
         keys = [embed_key(request.model, chain.fingerprint, t) for t in texts]
-        found = self.cache.get_many(list(dict.fromkeys(keys)))
+        found = self._cache_get_many("embed", list(dict.fromkeys(keys)))
         vectors: list[np.ndarray | None] = []
         for key in keys:
             raw = found.get(key)
@@ -360,7 +403,8 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
             async def work(chain: Chain) -> common_pb2.Tensor:
                 return await run_forward(self.pool, chain.hops(), input_ids=ids_pb,
                                          hidden_states=None, attention_mask=mask_pb,
-                                         pool_output=True, timeout=deadline.remaining())
+                                         pool_output=True, timeout=deadline.remaining(),
+                                         hidden_dtype=self.settings.hidden_dtype)
 
             try:
                 pooled = await self._on_chains(model, work)

@@ -11,6 +11,8 @@ import torch
 from grpc import aio
 
 from services.common.repository import fingerprint, model_spec, version_of
+from services.common.metrics import start_metrics_server
+from services.common.security import channel_credentials, open_channel, server_credentials
 from services.common.server import CHANNEL_OPTIONS, serve
 from services.common.settings import WorkerSettings
 from services.common.types import ModelKind, Span, WorkerDescriptor
@@ -57,16 +59,22 @@ def warm_up(stage: StageModel) -> None:
         stage.logits(out[:, -1, :])
 
 
-async def _register_loop(service: WorkerService, routers: list[str], interval: float,
+async def _register_loop(service: WorkerService, settings: WorkerSettings,
                          stop: asyncio.Event) -> None:
-    channels = {r: aio.insecure_channel(r, options=CHANNEL_OPTIONS) for r in routers}
+    routers, interval = settings.routers, settings.heartbeat_s
+    credentials = channel_credentials(settings.router_ca or None, settings.client_cert or None,
+                                      settings.client_key or None)
+    metadata = [("authorization", f"Bearer {settings.router_token}")] \
+        if settings.router_token else []
+    channels = {r: open_channel(r, credentials, CHANNEL_OPTIONS) for r in routers}
     warned: set[str] = set()
     try:
         while not stop.is_set():
             for router, channel in channels.items():
                 try:
                     await worker_pb2_grpc.RegistryStub(channel).Register(
-                        worker_pb2.RegisterRequest(worker=service.info()), timeout=2.0)
+                        worker_pb2.RegisterRequest(worker=service.info()), timeout=2.0,
+                        metadata=metadata)
                     warned.discard(router)
                 except grpc.RpcError as exc:
                     if router not in warned:
@@ -79,7 +87,8 @@ async def _register_loop(service: WorkerService, routers: list[str], interval: f
         for router, channel in channels.items():
             try:
                 await worker_pb2_grpc.RegistryStub(channel).Deregister(
-                    worker_pb2.DeregisterRequest(address=service.descriptor.address), timeout=2.0)
+                    worker_pb2.DeregisterRequest(address=service.descriptor.address), timeout=2.0,
+                    metadata=metadata)
             except grpc.RpcError:
                 pass
     finally:
@@ -98,8 +107,13 @@ async def run_worker(settings: WorkerSettings, *, ready: asyncio.Event | None = 
     def add(server: aio.Server) -> None:
         worker_pb2_grpc.add_WorkerServicer_to_server(_Late(holder), server)
 
+    credentials = server_credentials(settings.tls_cert or None, settings.tls_key or None,
+                                     settings.tls_client_ca or None, require_client_cert=True)
     served = await serve([add], [SERVICE_NAME], host=settings.host, port=settings.port,
-                         tracer_name="tessera.worker")
+                         tracer_name="tessera.worker", credentials=credentials)
+    if settings.metrics_port >= 0:
+        metrics_port = start_metrics_server(settings.metrics_port, settings.host)
+        print(f"tessera worker metrics on {settings.host}:{metrics_port}", flush=True)
     address = settings.advertise or f"{settings.host}:{served.port}"
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -119,7 +133,7 @@ async def run_worker(settings: WorkerSettings, *, ready: asyncio.Event | None = 
         if ready is not None:
             ready.set()
         registration = asyncio.create_task(
-            _register_loop(service, settings.routers, settings.heartbeat_s, stop))
+            _register_loop(service, settings, stop))
         await stop.wait()
         # Drain: say NOT_SERVING, refuse new work, let what is in flight finish, deregister.
         service.draining = True

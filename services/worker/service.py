@@ -22,6 +22,7 @@ from services.common.errors import (
     ResourceExhausted,
     Unavailable,
 )
+from services.common.metrics import BATCH_ROWS, KV_CACHE_BYTES, LIVE_SESSIONS, QUEUE_DEPTH
 from services.common.types import ModelKind, SamplingParams, Span, WorkerDescriptor
 from services.pb.tessera.v1 import common_pb2, worker_pb2, worker_pb2_grpc
 from services.worker.batch import (
@@ -76,6 +77,8 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         self._queue: list[Any] = []
         self._wake = asyncio.Event()
         self._scheduler: asyncio.Task[None] | None = None
+        self._labels = (descriptor.model, str(descriptor.span))
+        self._queue_gauge = QUEUE_DEPTH.labels(*self._labels)
         self._vocab = int(stage.vocab_size)
 
     # -- plumbing ---------------------------------------------------------------------------
@@ -222,6 +225,8 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         finally:
             if session is not None:
                 self.sessions.close(session.session_id)
+                LIVE_SESSIONS.labels(*self._labels).set(len(self.sessions))
+                KV_CACHE_BYTES.labels(*self._labels).set(self.sessions.kv_bytes())
 
     def _open_session(self, request: worker_pb2.StepRequest) -> Session:
         s = request.sampling
@@ -282,6 +287,7 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
                 await asyncio.sleep(self.limits.max_wait_s)
             items = [i for i in self._queue if not i.future.done()]
             self._queue.clear()
+            self._queue_gauge.set(len(items))
             steps = [i for i in items if isinstance(i, StepItem)]
             forwards = [i for i in items if isinstance(i, ForwardItem)]
             decodes = [i for i in steps if i.tokens.shape[1] == 1]
@@ -304,12 +310,18 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
                     continue
                 finished = time.perf_counter()
                 rows = sum(getattr(i, "rows", 1) for i in group)
+                kind = "step" if isinstance(group[0], StepItem) else "forward"
+                BATCH_ROWS.labels(*self._labels, kind).observe(rows)
                 for item, result in zip(group, results):
                     item.queue_ms = (started - item.enqueued) * 1e3
                     item.compute_ms = (finished - started) * 1e3
                     item.batch_rows = rows
                     if not item.future.done():
                         item.future.set_result(result)
+            self._queue_gauge.set(len(self._queue))
+            if steps:
+                LIVE_SESSIONS.labels(*self._labels).set(len(self.sessions))
+                KV_CACHE_BYTES.labels(*self._labels).set(self.sessions.kv_bytes())
 
     def _execute_steps(self, group: list[StepItem]) -> list[worker_pb2.StepResponse]:
         """One forward for a group of session steps (on the model thread)."""

@@ -29,8 +29,9 @@ CHATS = [
     [("system", "You are a terse assistant."), ("user", "Name three colours.")],
 ]
 LONG_TEXT = " ".join(f"token{i} and some filler words" for i in range(120))  # > 256 tokens
-TEXTS = ["hello", "The cat sat on the mat.", "Paris is the capital and largest city of France, "
-         "with an estimated population of two million residents.", LONG_TEXT, "¿Qué tal? 日本語"]
+TEXTS = ["hello", "The cat sat on the mat.",
+         "Paris is the capital and largest city of France, with two million residents.",
+         LONG_TEXT, "¿Qué tal? 日本語"]
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,181 @@
+"""Transport security (TLS, mutual TLS) and bearer-token authentication.
+
+Paths come from settings; nothing here reads the environment. A server with a certificate but
+no client CA speaks TLS; with a client CA it also asks for and verifies client certificates
+(mutual TLS). Tokens are compared in constant time and never logged.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import os
+import subprocess
+import threading
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import grpc
+from grpc import aio
+
+log = logging.getLogger(__name__)
+
+
+def _read(path: str | None) -> bytes | None:
+    return Path(path).read_bytes() if path else None
+
+
+def server_credentials(cert: str | None, key: str | None, client_ca: str | None = None,
+                       require_client_cert: bool = False) -> grpc.ServerCredentials | None:
+    """TLS credentials for a server, or None for plaintext (when no certificate is set)."""
+    if not cert and not key:
+        if client_ca:
+            raise ValueError("a client CA needs a server certificate and key too")
+        return None
+    if not (cert and key):
+        raise ValueError("TLS needs both a certificate and a key")
+    return grpc.ssl_server_credentials(
+        [(_read(key), _read(cert))], root_certificates=_read(client_ca),
+        require_client_auth=bool(client_ca) and require_client_cert)
+
+
+def channel_credentials(ca: str | None, cert: str | None = None,
+                        key: str | None = None) -> grpc.ChannelCredentials | None:
+    """Credentials for dialing a TLS server (with a client certificate for mutual TLS)."""
+    if not ca and not cert:
+        return None
+    if bool(cert) != bool(key):
+        raise ValueError("a client certificate needs its key (and the other way round)")
+    return grpc.ssl_channel_credentials(root_certificates=_read(ca), private_key=_read(key),
+                                        certificate_chain=_read(cert))
+
+
+def open_channel(address: str, credentials: grpc.ChannelCredentials | None,
+                 options: Sequence[tuple[str, Any]]) -> aio.Channel:
+    if credentials is None:
+        return aio.insecure_channel(address, options=list(options))
+    return aio.secure_channel(address, credentials, options=list(options))
+
+
+class TokenSet:
+    """Accepted bearer tokens: a static list plus a file (one per line), re-read when it changes."""
+
+    def __init__(self, tokens: Sequence[str] = (), path: str | None = None) -> None:
+        self._static = frozenset(t for t in tokens if t)
+        self._path = Path(path) if path else None
+        self._from_file: frozenset[str] = frozenset()
+        self._mtime: float | None = None
+        self._checked = 0.0
+        self._lock = threading.Lock()
+        self._reload()
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self._static) or self._path is not None
+
+    def _reload(self) -> None:
+        if self._path is None:
+            return
+        try:
+            mtime = self._path.stat().st_mtime
+        except OSError:
+            log.warning("token file %s is unreadable; accepting only static tokens", self._path)
+            self._from_file, self._mtime = frozenset(), None
+            return
+        if mtime != self._mtime:
+            lines = self._path.read_text().splitlines()
+            self._from_file = frozenset(t.strip() for t in lines
+                                        if t.strip() and not t.startswith("#"))
+            self._mtime = mtime
+            log.info("loaded %d tokens from %s", len(self._from_file), self._path)
+
+    def accepts(self, token: str) -> bool:
+        now = time.monotonic()
+        if self._path is not None and now - self._checked > 1.0:
+            with self._lock:
+                self._checked = now
+                self._reload()
+        candidates = self._static | self._from_file
+        # Compare against every token so timing does not tell how close a guess was.
+        matched = False
+        for candidate in candidates:
+            matched |= hmac.compare_digest(candidate.encode(), token.encode())
+        return matched
+
+
+class AuthInterceptor(aio.ServerInterceptor):
+    """Checks `authorization: Bearer <token>` on protected services; probes stay open."""
+
+    def __init__(self, tokens: TokenSet, protected_prefixes: Sequence[str]) -> None:
+        self._tokens = tokens
+        self._prefixes = tuple(protected_prefixes)
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        method = handler_call_details.method
+        if not self._tokens.enabled or not method.startswith(self._prefixes):
+            return await continuation(handler_call_details)
+        header = ""
+        for key, value in handler_call_details.invocation_metadata or ():
+            if key == "authorization" and isinstance(value, str):
+                header = value
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() == "bearer" and token and self._tokens.accepts(token.strip()):
+            return await continuation(handler_call_details)
+        message = ("missing bearer token: send metadata 'authorization: Bearer <token>'"
+                   if not header else "invalid bearer token")
+        handler = await continuation(handler_call_details)
+        return _deny(handler, message)
+
+
+def _deny(handler: grpc.RpcMethodHandler | None, message: str) -> grpc.RpcMethodHandler:
+    async def abort(request: Any, context: aio.ServicerContext) -> Any:
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+
+    async def abort_stream(request: Any, context: aio.ServicerContext) -> Any:
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+        yield  # pragma: no cover - makes this an async generator
+
+    deserializer = handler.request_deserializer if handler else None
+    serializer = handler.response_serializer if handler else None
+    if handler is not None and handler.unary_stream:
+        return grpc.unary_stream_rpc_method_handler(abort_stream, deserializer, serializer)
+    if handler is not None and handler.stream_stream:
+        return grpc.stream_stream_rpc_method_handler(abort_stream, None, serializer)
+    if handler is not None and handler.stream_unary:
+        return grpc.stream_unary_rpc_method_handler(abort, None, serializer)
+    return grpc.unary_unary_rpc_method_handler(abort, deserializer, serializer)
+
+
+def make_dev_certs(folder: Path, hosts: Sequence[str] = ("localhost", "127.0.0.1")) -> dict[str, Path]:
+    """A local CA plus server and client certificates for development, made with openssl."""
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = {name: folder / name for name in
+             ("ca.pem", "ca.key", "server.pem", "server.key", "client.pem", "client.key")}
+
+    def run(*args: str) -> None:
+        subprocess.run(["openssl", *args], check=True, capture_output=True)
+
+    run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "365",
+        "-keyout", str(paths["ca.key"]), "-out", str(paths["ca.pem"]), "-subj", "/CN=tessera-dev-ca")
+    san = ",".join(f"IP:{h}" if h.replace(".", "").isdigit() or ":" in h else f"DNS:{h}"
+                   for h in hosts)
+    for role, usage in (("server", "serverAuth"), ("client", "clientAuth")):
+        csr = folder / f"{role}.csr"
+        ext = folder / f"{role}.ext"
+        ext.write_text(f"subjectAltName={san}\nextendedKeyUsage={usage}\n")
+        run("req", "-newkey", "rsa:2048", "-nodes", "-keyout", str(paths[f"{role}.key"]),
+            "-out", str(csr), "-subj", f"/CN=tessera-{role}")
+        run("x509", "-req", "-in", str(csr), "-CA", str(paths["ca.pem"]), "-CAkey",
+            str(paths["ca.key"]), "-CAcreateserial", "-days", "365", "-out",
+            str(paths[f"{role}.pem"]), "-extfile", str(ext))
+        csr.unlink()
+        ext.unlink()
+    for key in ("ca.key", "server.key", "client.key"):
+        os.chmod(paths[key], 0o600)
+    return paths

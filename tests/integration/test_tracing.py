@@ -1,0 +1,342 @@
+"""One client request is one trace: router -> cache -> each stage, parented across servers.
+
+Everything runs in one event loop in this process (real gRPC servers on 127.0.0.1:0, real
+sockets, a real memcached), exporting to an InMemorySpanExporter. The trace context still has
+to cross each hop through gRPC metadata: every server handler runs in its own task and starts
+from an empty context, so only what the caller injected can parent its spans.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc import aio
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from opentelemetry import trace
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import SpanKind
+
+from services.cache.launcher import MemcachedNode
+from services.common.settings import RouterSettings, WorkerSettings
+from services.pb.tessera.v1 import inference_pb2, inference_pb2_grpc
+from services.router.main import run_router
+from services.worker.main import run_worker
+
+START_TIMEOUT_S = 120.0
+GENERATE = "tessera.v1.Inference/Generate"
+EMBED = "tessera.v1.Inference/Embed"
+SESSION = "tessera.v1.Worker/Session"
+FORWARD = "tessera.v1.Worker/Forward"
+# Background RPCs (worker heartbeats, probes) are their own traces, not part of a request.
+BACKGROUND = ("tessera.v1.Registry/", "tessera.v1.Worker/Info")
+
+
+def _install_exporter() -> InMemorySpanExporter:
+    """Adds an in-memory exporter to the process's SDK provider (set once per process)."""
+    exporter = InMemorySpanExporter()
+    provider = trace.get_tracer_provider()
+    if not isinstance(provider, TracerProvider):
+        trace.set_tracer_provider(TracerProvider())  # a no-op with a warning if already set
+        provider = trace.get_tracer_provider()
+    if not isinstance(provider, TracerProvider):
+        pytest.skip("another non-SDK tracer provider is installed in this process")
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    return exporter
+
+
+@pytest.fixture(scope="module")
+def exporter() -> InMemorySpanExporter:
+    return _install_exporter()
+
+
+# -- the in-process mesh ---------------------------------------------------------------------
+
+@dataclass
+class _Service:
+    name: str
+    task: asyncio.Task[int]
+    stop: asyncio.Event
+
+
+@contextlib.asynccontextmanager
+async def _mesh(repository: Path, cache_address: str
+                ) -> AsyncIterator[tuple[str, list[_Service]]]:
+    """A router, tiny-llama as stages 0:2 and 2:4, and a tiny-bert replica, all in this loop."""
+    services: list[_Service] = []
+
+    async def start(name: str, coro_factory, ready: asyncio.Event, stop: asyncio.Event) -> None:  # type: ignore[no-untyped-def]
+        task = asyncio.create_task(coro_factory(), name=name)
+        services.append(_Service(name, task, stop))
+        waiter = asyncio.create_task(ready.wait())
+        done, _ = await asyncio.wait({task, waiter}, timeout=START_TIMEOUT_S,
+                                     return_when=asyncio.FIRST_COMPLETED)
+        if waiter not in done:
+            waiter.cancel()
+            if task.done():
+                task.result()  # raises what the service died of
+            raise TimeoutError(f"{name} did not start in {START_TIMEOUT_S:.0f} s")
+
+    try:
+        ready, stop, port_out = asyncio.Event(), asyncio.Event(), []
+        settings = RouterSettings(port=0, cache_nodes=[cache_address],
+                                  repository=str(repository), health_interval_s=0.5,
+                                  drain_s=2.0)
+        await start("router", lambda: run_router(settings, ready=ready, stop=stop,
+                                                 port_out=port_out), ready, stop)
+        router = f"127.0.0.1:{port_out[0]}"
+        for model, layers in (("tiny-llama", "0:2"), ("tiny-llama", "2:4"), ("tiny-bert", None)):
+            w_ready, w_stop = asyncio.Event(), asyncio.Event()
+            w_settings = WorkerSettings(model=model, layers=layers, port=0, routers=[router],
+                                        repository=str(repository), heartbeat_s=1.0,
+                                        drain_s=2.0)
+            await start(f"worker {model} {layers or 'replica'}",
+                        lambda s=w_settings, r=w_ready, st=w_stop: run_worker(s, ready=r, stop=st),
+                        w_ready, w_stop)
+        yield router, services
+    finally:
+        # Workers first (they deregister from the router), then the router.
+        for group in (services[1:], services[:1]):
+            for service in group:
+                service.stop.set()
+            results = await asyncio.wait_for(
+                asyncio.gather(*(s.task for s in group), return_exceptions=True), timeout=30)
+            for service, result in zip(group, results, strict=True):
+                assert result == 0, f"{service.name} ended with {result!r}"
+
+
+async def _wait_served(channel: aio.Channel, models: Iterable[str]) -> None:
+    health = health_pb2_grpc.HealthStub(channel)
+    stub = inference_pb2_grpc.InferenceStub(channel)
+    deadline = time.monotonic() + START_TIMEOUT_S
+    pending = set(models)
+    while pending and time.monotonic() < deadline:
+        for model in list(pending):
+            try:
+                reply = await health.Check(health_pb2.HealthCheckRequest(service=model),
+                                           timeout=1.0)
+            except grpc.RpcError:
+                continue
+            if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                listed = await stub.ListModels(inference_pb2.ListModelsRequest(), timeout=2.0)
+                if any(m.name == model and m.healthy for m in listed.models):
+                    pending.discard(model)
+        await asyncio.sleep(0.1)
+    assert not pending, f"not served in time: {sorted(pending)}"
+
+
+# -- span helpers ----------------------------------------------------------------------------
+
+def _request_spans(spans: Sequence[ReadableSpan]) -> list[ReadableSpan]:
+    return [s for s in spans if not s.name.startswith(BACKGROUND)]
+
+
+def _scope(span: ReadableSpan) -> str:
+    return span.instrumentation_scope.name if span.instrumentation_scope else ""
+
+
+def _parent_id(span: ReadableSpan) -> int | None:
+    return span.parent.span_id if span.parent is not None else None
+
+
+def _children(spans: Iterable[ReadableSpan], parent: ReadableSpan, name: str
+              ) -> list[ReadableSpan]:
+    return [s for s in spans if s.name == name and _parent_id(s) == parent.context.span_id]
+
+
+def _ancestors(span: ReadableSpan, by_id: dict[int, ReadableSpan]) -> list[ReadableSpan]:
+    chain = []
+    parent = _parent_id(span)
+    while parent is not None and parent in by_id:
+        chain.append(by_id[parent])
+        parent = _parent_id(by_id[parent])
+    return chain
+
+
+async def _collect(exporter: InMemorySpanExporter, ready, timeout: float = 10.0  # type: ignore[no-untyped-def]
+                   ) -> list[ReadableSpan]:
+    """Waits until ready(spans) holds: server spans of streams end after the client is done."""
+    deadline = time.monotonic() + timeout
+    while True:
+        spans = _request_spans(exporter.get_finished_spans())
+        if ready(spans) or time.monotonic() > deadline:
+            return spans
+        await asyncio.sleep(0.05)
+
+
+def _describe(spans: Iterable[ReadableSpan]) -> str:
+    return "\n".join(f"  {s.name} [{_scope(s)}] trace={s.context.trace_id:032x} "
+                     f"id={s.context.span_id:016x} parent="
+                     f"{_parent_id(s) and format(_parent_id(s), '016x')} {dict(s.attributes or {})}"
+                     for s in spans)
+
+
+# -- the checks ------------------------------------------------------------------------------
+
+def _check_generate_trace(spans: list[ReadableSpan], generated: int) -> None:
+    roots = [s for s in spans if s.name == GENERATE]
+    assert len(roots) == 1, _describe(spans)
+    root = roots[0]
+    trace_id = root.context.trace_id
+    context = "\n" + _describe(spans)
+    # Every span exported for this request belongs to its one trace.
+    assert {s.context.trace_id for s in spans} == {trace_id}, context
+    by_id = {s.context.span_id: s for s in spans}
+    assert len(by_id) == len(spans)
+    # The router's server span is the root.
+    assert root.kind is SpanKind.SERVER and _scope(root) == "tessera.router", context
+    assert root.parent is None or root.parent.span_id not in by_id, context
+    # Every other span hangs off the root, directly or not.
+    for span in spans:
+        if span is not root:
+            assert root in _ancestors(span, by_id), f"{span.name} is not under the root{context}"
+    generate = _children(spans, root, "generate")
+    assert len(generate) == 1, context
+    assert generate[0].attributes["tessera.model"] == "tiny-llama"
+    assert generate[0].attributes["tessera.route"].count("=>") == 1
+    # The cache lookup and store of this deterministic request, inside the trace.
+    for name in ("cache.get", "cache.set"):
+        found = [s for s in spans if s.name == name]
+        assert len(found) == 1, f"{name}{context}"
+        assert _scope(found[0]) == "tessera.cache"
+        assert root in _ancestors(found[0], by_id), context
+    # One Session server span per stage, each a child of a router-side span.
+    router_ids = {s.context.span_id for s in spans if _scope(s) == "tessera.router"}
+    sessions = [s for s in spans if s.name == SESSION]
+    assert len(sessions) == 2, context
+    stages_seen = set()
+    for server in sessions:
+        assert server.kind is SpanKind.SERVER and _scope(server) == "tessera.worker", context
+        assert _parent_id(server) in router_ids, f"Session span not parented by router{context}"
+        assert _parent_id(server) == generate[0].context.span_id, context
+        steps = _children(spans, server, "stage.step")
+        # One step per generated token, each on the model thread under its server span.
+        assert len(steps) == generated, f"stage.step spans not under {SESSION}{context}"
+        stage_spans = {s.attributes["tessera.span"] for s in steps}
+        assert len(stage_spans) == 1, context
+        stages_seen |= stage_spans
+    assert stages_seen == {"0:2", "2:4"}, context
+    # Nothing in the trace is left unparented except the root.
+    assert [s for s in spans if s.parent is None or s.parent.span_id not in by_id] == [root]
+    # Spans nest in time too: children start after their parents.
+    for span in spans:
+        for parent in _ancestors(span, by_id)[:1]:
+            assert parent.start_time <= span.start_time, context
+
+
+def _check_embed_trace(spans: list[ReadableSpan], *, cached: bool) -> None:
+    context = "\n" + _describe(spans)
+    roots = [s for s in spans if s.name == EMBED]
+    assert len(roots) == 1, context
+    root = roots[0]
+    assert {s.context.trace_id for s in spans} == {root.context.trace_id}, context
+    by_id = {s.context.span_id: s for s in spans}
+    assert [s for s in spans if s.parent is None or s.parent.span_id not in by_id] == [root]
+    gets = _children(spans, root, "cache.get_many")
+    assert len(gets) == 1, context
+    forwards = [s for s in spans if s.name == FORWARD]
+    if cached:
+        assert forwards == [] and not [s for s in spans if s.name == "cache.set_many"], context
+        return
+    sets = _children(spans, root, "cache.set_many")
+    assert len(sets) == 1, context
+    assert len(forwards) == 1, context
+    server = forwards[0]
+    assert server.kind is SpanKind.SERVER and _scope(server) == "tessera.worker"
+    parent = by_id.get(_parent_id(server))  # type: ignore[arg-type]
+    assert parent is not None and _scope(parent) == "tessera.router", context
+    assert root in _ancestors(server, by_id), context
+    computes = _children(spans, server, "stage.forward")
+    assert len(computes) == 1, f"stage.forward not under {FORWARD}{context}"
+    assert computes[0].attributes["tessera.span"] == "0:4"
+
+
+# -- the test --------------------------------------------------------------------------------
+
+def test_one_request_is_one_trace(exporter: InMemorySpanExporter, tiny_repo: Path,
+                                  memcached: MemcachedNode) -> None:
+    async def main() -> None:
+        async with _mesh(tiny_repo, memcached.address) as (router, _services):
+            async with aio.insecure_channel(router) as channel:
+                await _wait_served(channel, ["tiny-llama", "tiny-bert"])
+                stub = inference_pb2_grpc.InferenceStub(channel)
+
+                exporter.clear()
+                reply = await stub.Generate(inference_pb2.GenerateRequest(
+                    model="tiny-llama", prompt="the cat sat on", max_new_tokens=3,
+                    temperature=0.0), timeout=60)
+                assert not reply.cached and 1 <= len(reply.token_ids) <= 3
+                generated = len(reply.token_ids)
+                spans = await _collect(exporter, lambda ss: sum(
+                    s.name == "stage.step" for s in ss) >= 2 * generated and sum(
+                    s.name == SESSION for s in ss) >= 2)
+                _check_generate_trace(spans, generated)
+
+                # The same request again is a cache hit: one trace, no stage work.
+                exporter.clear()
+                again = await stub.Generate(inference_pb2.GenerateRequest(
+                    model="tiny-llama", prompt="the cat sat on", max_new_tokens=3,
+                    temperature=0.0), timeout=60)
+                assert again.cached and list(again.token_ids) == list(reply.token_ids)
+                spans = await _collect(exporter, lambda ss: any(s.name == GENERATE for s in ss))
+                assert {s.name for s in spans} == {GENERATE, "cache.get"}, _describe(spans)
+                assert len({s.context.trace_id for s in spans}) == 1
+
+                exporter.clear()
+                texts = ["the cat sat on the mat", "hello world"]
+                embedded = await stub.Embed(inference_pb2.EmbedRequest(
+                    model="tiny-bert", inputs=texts), timeout=60)
+                assert len(embedded.embeddings) == 2 and not embedded.cached
+                spans = await _collect(exporter, lambda ss: any(
+                    s.name == EMBED for s in ss) and any(s.name == "stage.forward" for s in ss))
+                _check_embed_trace(spans, cached=False)
+
+                exporter.clear()
+                embedded = await stub.Embed(inference_pb2.EmbedRequest(
+                    model="tiny-bert", inputs=texts), timeout=60)
+                assert embedded.cached
+                spans = await _collect(exporter, lambda ss: any(s.name == EMBED for s in ss))
+                _check_embed_trace(spans, cached=True)
+
+    asyncio.run(main())
+
+
+def test_separate_requests_are_separate_traces(exporter: InMemorySpanExporter,
+                                               tiny_repo: Path,
+                                               memcached: MemcachedNode) -> None:
+    """Two concurrent requests never share a trace or parent each other's spans."""
+    async def main() -> None:
+        async with _mesh(tiny_repo, memcached.address) as (router, _services):
+            async with aio.insecure_channel(router) as channel:
+                await _wait_served(channel, ["tiny-llama"])
+                stub = inference_pb2_grpc.InferenceStub(channel)
+                exporter.clear()
+                replies = await asyncio.gather(*(stub.Generate(inference_pb2.GenerateRequest(
+                    model="tiny-llama", prompt=prompt, max_new_tokens=3), timeout=60)
+                    for prompt in ("hello world", "what is the capital of france ?")))
+                total = sum(len(r.token_ids) for r in replies)
+                spans = await _collect(exporter, lambda ss: sum(
+                    s.name == "stage.step" for s in ss) >= 2 * total and sum(
+                    s.name == SESSION for s in ss) >= 4)
+                roots = [s for s in spans if s.name == GENERATE]
+                assert len(roots) == 2
+                assert roots[0].context.trace_id != roots[1].context.trace_id
+                for root, reply in zip(sorted(roots, key=lambda s: s.start_time),
+                                       [None, None], strict=True):
+                    del reply
+                    own = [s for s in spans if s.context.trace_id == root.context.trace_id]
+                    steps = [s for s in own if s.name == "stage.step"]
+                    sessions = [s for s in own if s.name == SESSION]
+                    assert len(sessions) == 2, _describe(own)
+                    assert len(steps) % 2 == 0 and steps, _describe(own)
+                assert {s.context.trace_id for s in spans} == {r.context.trace_id for r in roots}
+
+    asyncio.run(main())
