@@ -416,3 +416,17 @@ def test_sampling_follows_the_distribution() -> None:
     draws = _draws(logits, SamplingParams(temperature=1.0, seed=0), 2000)
     assert set(draws) == {3, 7}
     assert abs(draws.count(3) / len(draws) - 0.8) < 0.04
+
+
+def test_seeded_draw_depends_only_on_seed_and_position() -> None:
+    """A generation resumed elsewhere (fresh generator) draws what it would have drawn."""
+    logits = torch.zeros(1000)
+    params = SamplingParams(temperature=1.0, seed=42)
+    generator = make_generator(params)
+    in_order = [sample(logits, params, generator, position=p) for p in range(20)]
+    resumed = [sample(logits, params, make_generator(params), position=p) for p in range(10, 20)]
+    assert resumed == in_order[10:]
+    assert len(set(in_order)) > 10  # positions do not all draw the same token
+    other = SamplingParams(temperature=1.0, seed=43)
+    assert [sample(logits, other, make_generator(other), position=p)
+            for p in range(20)] != in_order
