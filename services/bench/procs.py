@@ -17,6 +17,7 @@ import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import IO
 
 READY = re.compile(r"tessera (?:router|worker|bench echo) ready.* on (\S+)")
 ROOT = Path(__file__).resolve().parents[2]
@@ -29,8 +30,10 @@ class ChildFailed(RuntimeError):
 class Child:
     """One `python -m ...` child whose ready line names the address it listens on."""
 
-    def __init__(self, name: str, argv: Sequence[str], env: dict[str, str]) -> None:
+    def __init__(self, name: str, argv: Sequence[str], env: dict[str, str],
+                 log_path: Path | None = None) -> None:
         self.name = name
+        self.log_path = log_path
         self.argv = list(argv)
         self.env = env
         self.address = ""
@@ -47,13 +50,24 @@ class Child:
 
     def _pump(self) -> None:
         assert self.popen is not None and self.popen.stdout is not None
-        for line in self.popen.stdout:
-            self.lines.append(line.rstrip("\n"))
-            if not self._ready.is_set():
-                match = READY.search(line)
-                if match:
-                    self.address = match.group(1)
-                    self._ready.set()
+        log = self.log_path.open("w") if self.log_path is not None else None
+        try:
+            for line in self.popen.stdout:
+                self._line(line, log)
+        finally:
+            if log is not None:
+                log.close()
+
+    def _line(self, line: str, log: IO[str] | None) -> None:
+        if log is not None:
+            log.write(line)
+            log.flush()
+        self.lines.append(line.rstrip("\n"))
+        if not self._ready.is_set():
+            match = READY.search(line)
+            if match:
+                self.address = match.group(1)
+                self._ready.set()
 
     def wait_ready(self, deadline: float) -> Child:
         assert self.popen is not None
@@ -99,8 +113,10 @@ def service_env(repository: str, extra: dict[str, str] | None = None) -> dict[st
 class Fleet:
     """Every child of one bench run; stops them in reverse start order."""
 
-    def __init__(self, repository: str, log_level: str = "warning") -> None:
+    def __init__(self, repository: str, log_level: str = "warning",
+                 log_dir: Path | None = None) -> None:
         self.repository = repository
+        self.log_dir = log_dir
         self.log_level = log_level
         self.env = service_env(repository)
         self.children: list[Child] = []
@@ -113,7 +129,7 @@ class Fleet:
                 "--repository", self.repository]
         if cache:
             args += ["--cache", ",".join(cache)]
-        return self._add(Child(name, self._cli(*args), self.env))
+        return self._add(Child(name, self._cli(*args), self.env, self._log(name)))
 
     def worker(self, name: str, model: str, routers: Sequence[str], *, layers: str | None = None,
                threads: int | None = None) -> Child:
@@ -123,10 +139,16 @@ class Fleet:
             args += ["--layers", layers]
         if threads:
             args += ["--threads", str(threads)]
-        return self._add(Child(name, self._cli(*args), self.env))
+        return self._add(Child(name, self._cli(*args), self.env, self._log(name)))
 
     def echo(self, name: str = "echo") -> Child:
-        return self._add(Child(name, ["-m", "services.bench.echo"], self.env))
+        return self._add(Child(name, ["-m", "services.bench.echo"], self.env, self._log(name)))
+
+    def _log(self, name: str) -> Path | None:
+        if self.log_dir is None:
+            return None
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        return self.log_dir / f"{name}.log"
 
     def _add(self, child: Child) -> Child:
         self.children.append(child.start())

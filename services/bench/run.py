@@ -376,8 +376,9 @@ async def measure(options: Options, fleet: Fleet, mesh: Mesh) -> Bench:
     bench = Bench(options, fleet)
     channels: list[aio.Channel] = []
 
-    def channel(child: Child) -> aio.Channel:
-        ch = aio.insecure_channel(child.address, options=CHANNEL_OPTIONS)
+    def channel(child: Child, keepalive: bool = True) -> aio.Channel:
+        # The bare echo server keeps gRPC's default ping policy: no keepalive towards it.
+        ch = aio.insecure_channel(child.address, options=CHANNEL_OPTIONS if keepalive else ())
         channels.append(ch)
         return ch
 
@@ -394,7 +395,9 @@ async def measure(options: Options, fleet: Fleet, mesh: Mesh) -> Bench:
         _say(f"mesh ready: routers plain {mesh.plain.address}, cache {mesh.cache.address}"
              + (f", chain {mesh.chain.address}" if mesh.chain else ""))
         if "floor" in options.phases:
-            await bench.floor(channel(mesh.echo), plain)
+            echo = channel(mesh.echo, keepalive=False)
+            await bench.floor(echo, plain)
+            await echo.close()
         if "embed" in options.phases and mesh.encoder is not None:
             await bench.embed(plain, cached, channel(mesh.encoder))
         if "generate" in options.phases and mesh.replica is not None:
@@ -438,11 +441,12 @@ def run(options: Options) -> int:
         raise KeyboardInterrupt
 
     previous = signal.signal(signal.SIGTERM, on_sigterm)
-    fleet = Fleet(options.repository)
+    fleet = Fleet(options.repository, log_dir=options.out.with_name(options.out.stem + "-logs"))
     node: MemcachedNode | None = None
     try:
         _say(f"tessera bench: {options.cores} cores, torch threads {options.threads}, "
-             f"{options.seconds:g} s per line{' (quick)' if options.quick else ''}")
+             f"{options.seconds:g} s per line{' (quick)' if options.quick else ''}; "
+             f"service logs in {fleet.log_dir}")
         node = MemcachedNode().start(port=free_port())
         mesh = start_mesh(fleet, options, node.address)
         _say("starting workers (model loads take a while on a small machine)...")

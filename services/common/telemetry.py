@@ -21,7 +21,10 @@ _UNTRACED_PREFIXES = ("/grpc.health.v1.", "/grpc.reflection.")
 
 
 def setup_tracing(service_name: str, environ: Mapping[str, str] | None = None) -> None:
-    """Installs a tracer provider when OTEL_TRACES_EXPORTER asks for one (console or otlp).
+    """Installs a tracer provider when OTEL_TRACES_EXPORTER asks for one (console, otlp, file).
+
+    `file` is Tessera's own: JSON lines appended to TESSERA_TRACE_FILE (see
+    services.tracing.fileexport), which `tessera trace FILE` renders as a waterfall.
 
     With no exporter configured, the API's no-op provider stays and tracing costs nothing.
     """
@@ -43,8 +46,16 @@ def setup_tracing(service_name: str, environ: Mapping[str, str] | None = None) -
             from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
 
             provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
+        elif name == "file":
+            from services.tracing.fileexport import JsonLinesSpanExporter
+
+            path = env.get("TESSERA_TRACE_FILE", "")
+            if not path:
+                raise ValueError("OTEL_TRACES_EXPORTER=file needs TESSERA_TRACE_FILE=/path")
+            provider.add_span_processor(BatchSpanProcessor(JsonLinesSpanExporter(path)))
         else:
-            raise ValueError(f"OTEL_TRACES_EXPORTER={name!r} is not supported (console, otlp)")
+            raise ValueError(
+                f"OTEL_TRACES_EXPORTER={name!r} is not supported (console, otlp, file)")
     trace.set_tracer_provider(provider)
 
 
