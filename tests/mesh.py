@@ -13,7 +13,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -168,3 +168,94 @@ class Mesh:
             proc.stop()
         if self.router is not None:
             self.router.stop()
+
+
+# -- helpers for TLS, auth and metrics tests (added for the production-surface tests) ----------
+
+_METRICS_LINE = re.compile(r"tessera (router|worker) metrics on (\S+)")
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float, what: str,
+               interval: float = 0.1) -> None:
+    """Polls predicate until it is true; TimeoutError naming `what` after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if predicate():
+            return
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{what}: not true after {timeout:.0f} s")
+        time.sleep(interval)
+
+
+def secure_channel(address: str, ca: Path | None, cert: Path | None = None,
+                   key: Path | None = None) -> grpc.Channel:
+    """A TLS channel trusting `ca` (None: the system roots), with a client certificate if given."""
+    credentials = grpc.ssl_channel_credentials(
+        root_certificates=ca.read_bytes() if ca else None,
+        private_key=key.read_bytes() if key else None,
+        certificate_chain=cert.read_bytes() if cert else None)
+    return grpc.secure_channel(address, credentials)
+
+
+def wait_model_on(channel: grpc.Channel, model: str, *, timeout: float = START_TIMEOUT_S,
+                  metadata: Sequence[tuple[str, str]] | None = None,
+                  procs: Sequence[Proc] = ()) -> None:
+    """Mesh.wait_model for any channel (TLS, tokens): SERVING and one healthy chain listed."""
+    health = health_pb2_grpc.HealthStub(channel)
+    stub = inference_pb2_grpc.InferenceStub(channel)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            reply = health.Check(health_pb2.HealthCheckRequest(service=model), timeout=1.0)
+            if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                listed = stub.ListModels(inference_pb2.ListModelsRequest(), timeout=2,
+                                         metadata=metadata)
+                if any(m.name == model and any(c.healthy for c in m.chains)
+                       for m in listed.models):
+                    return
+        except grpc.RpcError:
+            pass
+        time.sleep(0.2)
+    logs = "\n".join(p.output()[-3000:] for p in procs)
+    raise TimeoutError(f"model {model} not served in time\n{logs}")
+
+
+def metrics_address(proc: Proc, timeout: float = 30.0) -> str:
+    """The host:port a service printed as `tessera <service> metrics on HOST:PORT`."""
+    found: list[str] = []
+
+    def printed() -> bool:
+        for line in list(proc.lines):
+            match = _METRICS_LINE.search(line)
+            if match:
+                found.append(match.group(2))
+                return True
+        return False
+
+    wait_until(printed, timeout, f"{proc.args[:3]} printing its metrics address")
+    return found[0]
+
+
+@dataclass(frozen=True)
+class Sample:
+    name: str
+    labels: dict[str, str]
+    value: float
+
+
+def scrape(address: str, timeout: float = 5.0) -> list[Sample]:
+    """Every sample of http://address/metrics, parsed with prometheus_client's parser."""
+    from urllib.request import urlopen
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urlopen(f"http://{address}/metrics", timeout=timeout) as reply:
+        text = reply.read().decode()
+    return [Sample(s.name, dict(s.labels), float(s.value))
+            for family in text_string_to_metric_families(text) for s in family.samples]
+
+
+def metric(samples: Sequence[Sample], name: str, **labels: str) -> float:
+    """The sum of the samples called `name` whose labels include `labels` (0 when none)."""
+    return sum(s.value for s in samples
+               if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()))

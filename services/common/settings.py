@@ -100,6 +100,9 @@ workers:
 
 def _coerce(value: Any, kind: Any) -> Any:
     text = str(kind)
+    if text.startswith("str") and not isinstance(value, str):
+        # YAML reads an unquoted 15:30 as the base-60 number 930.
+        raise ValueError(f"expected a string, got {value!r}; quote it in YAML")
     if isinstance(value, str) and "list" in text:
         return [v.strip() for v in value.split(",") if v.strip()]
     if text in ("int", "<class 'int'>"):
@@ -142,6 +145,8 @@ def load_mesh(text: str, source: str = "mesh file") -> MeshSettings:
         raise ValueError(f"{source}: unknown sections {sorted(unknown)}")
     apply(mesh.router, data.get("router") or {}, f"{source} router")
     cache = data.get("cache") or {}
+    if set(cache) - {"nodes"}:
+        raise ValueError(f"{source} cache: unknown settings {sorted(set(cache) - {'nodes'})}")
     if "nodes" in cache:
         mesh.cache_nodes = [str(n) for n in cache["nodes"] or []]
     for index, entry in enumerate(data.get("workers") or []):

@@ -22,11 +22,12 @@ class TextAssembler:
     def add(self, token_id: int) -> None:
         self.token_ids.append(token_id)
         self.text = self.frontend.decode(self.token_ids)
-        for stop in self.stop:
-            at = self.text.find(stop, max(0, self.emitted - len(stop)))
-            if at != -1:
-                self.text = self.text[:at]
-                self.stopped = True
+        # Cut once, at the earliest stop string, whatever order the stops were given in.
+        cuts = [at for stop in self.stop
+                if (at := self.text.find(stop, max(0, self.emitted - len(stop)))) != -1]
+        if cuts:
+            self.text = self.text[:min(cuts)]
+            self.stopped = True
 
     def take(self, final: bool) -> str:
         """The text that is safe to hand out now (all of it when final)."""

@@ -20,6 +20,7 @@ from services.common.server import serve
 from services.common.settings import RouterSettings
 from services.pb.tessera.v1 import inference_pb2_grpc, worker_pb2_grpc
 from services.router.frontends import Frontends
+from services.router.kserve import KSERVE_NAME, KServeService
 from services.router.pool import WorkerPool
 from services.router.routing import RoutingTable
 from services.router.service import InferenceService, RegistryService
@@ -48,8 +49,9 @@ async def run_router(settings: RouterSettings, *, ready: asyncio.Event | None = 
     registry = RegistryService(pool, heartbeat_s=max(settings.worker_ttl_s / 3, 0.5))
     served = await serve(
         [lambda s: inference_pb2_grpc.add_InferenceServicer_to_server(inference, s),
-         lambda s: worker_pb2_grpc.add_RegistryServicer_to_server(registry, s)],
-        [SERVICE_NAME, REGISTRY_NAME], host=settings.host, port=settings.port,
+         lambda s: worker_pb2_grpc.add_RegistryServicer_to_server(registry, s),
+         KServeService(inference).add_to_server],
+        [SERVICE_NAME, REGISTRY_NAME, KSERVE_NAME], host=settings.host, port=settings.port,
         tracer_name="tessera.router",
         credentials=server_credentials(settings.tls_cert or None, settings.tls_key or None,
                                        settings.tls_client_ca or None, require_client_cert=True),
@@ -83,6 +85,7 @@ async def run_router(settings: RouterSettings, *, ready: asyncio.Event | None = 
         await served.set_status("", True)
         await served.set_status(SERVICE_NAME, True)
         await served.set_status(REGISTRY_NAME, True)
+        await served.set_status(KSERVE_NAME, True)
         if port_out is not None:
             port_out.append(served.port)
         print(f"tessera router ready on {settings.host}:{served.port}", flush=True)

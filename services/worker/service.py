@@ -274,7 +274,8 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         self._queue.append(item)
         self._wake.set()
         if self._scheduler is None or self._scheduler.done():
-            self._scheduler = asyncio.create_task(self._schedule())
+            # A fresh context: the loop must not keep the first request's trace forever.
+            self._scheduler = asyncio.create_task(self._schedule(), context=contextvars.Context())
         return await item.future
 
     async def _schedule(self) -> None:

@@ -98,9 +98,7 @@ def _write_mesh(path: Path, router_port: int, cache_nodes: Sequence[str],
 
 
 def _assert_stops_cleanly(up: Up, sig: int, children: list[psutil.Process]) -> None:
-    started = time.monotonic()
     assert up.stop(sig) == 0, up.output()
-    print(f"stopped by {sig!r} in {time.monotonic() - started:.1f} s")
     up._pump.join(timeout=5)
     assert "tessera mesh stopped" in up.output()
     _, alive = psutil.wait_procs(children, timeout=5)

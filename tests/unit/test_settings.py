@@ -117,15 +117,12 @@ def test_unknown_keys_are_rejected(text: str, names: list[str]) -> None:
         assert name in message
 
 
-@pytest.mark.xfail(strict=True, reason="settings.load_mesh ignores unknown keys under cache:")
 def test_unknown_cache_keys_are_rejected() -> None:
     # A typo such as `node:` silently leaves the default node in place.
     with pytest.raises(ValueError, match="node"):
         load_mesh("cache: {node: ['10.0.0.9:11211']}\n")
 
 
-@pytest.mark.xfail(strict=True, reason="YAML 1.1 reads unquoted 15:30 as the base-60 int 930; "
-                                       "settings accept it as layers")
 def test_unquoted_layers_are_not_read_as_base_60() -> None:
     try:
         mesh = load_mesh("workers: [{model: m, layers: 15:30}]\n")
