@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import os
 import signal
 import socket
 import subprocess
@@ -13,8 +15,7 @@ from types import FrameType
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from services.cache.launcher import MemcachedNode, is_local_address, split_address
-from services.cache.launcher import _served_pid as served_pid  # the launcher's own probe
+from services.cache.launcher import MemcachedNode, is_local_address, served_pid, split_address
 from services.common.settings import MeshSettings, load_mesh_file
 
 READY_TIMEOUT_S = 300.0
@@ -66,8 +67,8 @@ def _wait_serving(address: str, service: str, deadline: float,
         while time.monotonic() < deadline:
             for proc in procs:
                 if proc.poll() is not None:
-                    raise RuntimeError(f"{' '.join(map(str, proc.args))} exited with "
-                                       f"{proc.returncode}")
+                    raise MeshError(f"tessera up: {' '.join(map(str, proc.args[2:5]))} exited "
+                                    f"with {proc.returncode} before the mesh was ready")
             try:
                 reply = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=1.0)
                 if reply.status == health_pb2.HealthCheckResponse.SERVING:
@@ -75,22 +76,40 @@ def _wait_serving(address: str, service: str, deadline: float,
             except grpc.RpcError:
                 pass
             time.sleep(0.2)
-    raise TimeoutError(f"{address} did not report SERVING for {service!r} in time")
+    raise MeshError(f"tessera up: {address} did not report SERVING for {service!r} in time")
 
 
-def _commands(mesh: MeshSettings, repository: str) -> list[list[str]]:
+def _env_overrides(settings: object, prefix: str, skip: set[str]) -> dict[str, str]:
+    """Settings from the mesh file that differ from the defaults, as TESSERA_* variables."""
+    defaults = type(settings)()
+    env: dict[str, str] = {}
+    for f in dataclasses.fields(settings):  # type: ignore[arg-type]
+        value = getattr(settings, f.name)
+        if f.name in skip or value == getattr(defaults, f.name):
+            continue
+        env[f"{prefix}{f.name.upper()}"] = (",".join(map(str, value)) if isinstance(value, list)
+                                            else str(value))
+    return env
+
+
+def _commands(mesh: MeshSettings, repository: str) -> list[tuple[list[str], dict[str, str]]]:
+    """One (argv, extra environment) per service: flags for the contract, env for the rest."""
     router = mesh.router
     router_address = f"127.0.0.1:{router.port}"
     python = [sys.executable, "-m", "services.cli"]
-    commands = [[*python, "router", "--host", router.host, "--port", str(router.port),
-                 "--repository", repository, "--cache", ",".join(mesh.cache_nodes)]]
+    commands = [([*python, "router", "--host", router.host, "--port", str(router.port),
+                  "--repository", repository, "--cache", ",".join(mesh.cache_nodes)],
+                 _env_overrides(router, "TESSERA_ROUTER_",
+                                {"host", "port", "repository", "cache_nodes"}))]
     for worker in mesh.workers:
         command = [*python, "worker", "--model", worker.model, "--host", worker.host,
                    "--port", str(worker.port), "--router", router_address,
                    "--repository", repository]
         if worker.layers:
             command += ["--layers", worker.layers]
-        commands.append(command)
+        commands.append((command, _env_overrides(
+            worker, "TESSERA_WORKER_",
+            {"model", "layers", "host", "port", "routers", "repository"})))
     return commands
 
 
@@ -112,12 +131,13 @@ def run_mesh(config: str | None, *, repository: str) -> int:
                 node = _local_cache_node(address)
                 if node is not None:
                     nodes.append(node)
-        for command in _commands(mesh, repository):
-            procs.append(subprocess.Popen(command, cwd=Path.cwd()))
+        for command, env in _commands(mesh, repository):
+            procs.append(subprocess.Popen(command, cwd=Path.cwd(), env={**os.environ, **env}))
         deadline = time.monotonic() + READY_TIMEOUT_S
         router_address = f"127.0.0.1:{mesh.router.port}"
         for model in dict.fromkeys(w.model for w in mesh.workers):
             _wait_serving(router_address, model, deadline, procs)
+        _wait_serving(router_address, "", deadline, procs)
         causal = next((w.model for w in mesh.workers if "smollm" in w.model), None)
         print("\ntessera mesh ready: router on " + router_address, flush=True)
         if causal:

@@ -147,7 +147,7 @@ class MemcachedNode:
                     f"{self._read_stderr() or '(no output)'}"
                 )
             # Matching the pid proves we reached our process, not another one on the same port.
-            if _served_pid(probe_host, self._port) == self._process.pid:
+            if served_pid(probe_host, self._port) == self._process.pid:
                 return
             time.sleep(0.02)
         raise RuntimeError(
@@ -162,13 +162,16 @@ class MemcachedNode:
         return self._stderr.read().decode(errors="replace").strip()
 
 
-def _served_pid(host: str, port: int) -> int | None:
+def served_pid(host: str, port: int) -> int | None:
     """The pid reported by the memcached answering on host:port, None if none answers."""
     try:
         with socket.create_connection((host, port), timeout=0.5) as sock:
             sock.sendall(b"stats\r\n")
             reply = b""
+            deadline = time.monotonic() + 2.0
             while not reply.endswith(b"END\r\n"):
+                if time.monotonic() > deadline or len(reply) > 1 << 20:
+                    return None
                 chunk = sock.recv(65536)
                 if not chunk:
                     return None

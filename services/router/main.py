@@ -7,7 +7,6 @@ import logging
 import signal
 from pathlib import Path
 
-
 from services.cache.store import CacheStore
 from services.common.metrics import start_metrics_server
 from services.common.security import (

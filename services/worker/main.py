@@ -10,8 +10,8 @@ import grpc
 import torch
 from grpc import aio
 
-from services.common.repository import fingerprint, model_spec, version_of
 from services.common.metrics import start_metrics_server
+from services.common.repository import fingerprint, model_spec, version_of
 from services.common.security import channel_credentials, open_channel, server_credentials
 from services.common.server import CHANNEL_OPTIONS, serve
 from services.common.settings import WorkerSettings

@@ -1,0 +1,260 @@
+"""The Python SDK (services.client) against a live tiny mesh: typed results equal to the raw
+stubs, streaming, deadlines, retries on UNAVAILABLE through the service config, TLS + token."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+from collections.abc import Iterator
+from concurrent import futures
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+
+from services.client import (
+    AsyncClient,
+    ChatMessage,
+    ChunkResult,
+    Client,
+    EmbedResult,
+    GenerateResult,
+    TesseraError,
+)
+from services.common.security import make_dev_certs
+from services.pb.tessera.v1 import inference_pb2, inference_pb2_grpc
+from tests.mesh import Mesh
+
+pytestmark = pytest.mark.timeout(300)
+
+TEXTS = ["the cat sat on the mat", "hello", "paris is the capital of france"]
+
+
+@pytest.fixture(scope="module")
+def mesh(tiny_repo: Path) -> Iterator[Mesh]:
+    """Router + tiny-llama as [0,2) [2,4) + tiny-bert as a replica; no cache tier."""
+    with Mesh(tiny_repo) as m:
+        m.start_router()
+        for model, layers in [("tiny-llama", "0:2"), ("tiny-llama", "2:4"), ("tiny-bert", None)]:
+            m.start_worker(model, layers, wait=False)
+        for proc in m.workers:
+            proc.wait_ready()
+        m.wait_model("tiny-llama")
+        m.wait_model("tiny-bert")
+        yield m
+
+
+@pytest.fixture
+def client(mesh: Mesh) -> Iterator[Client]:
+    with Client(mesh.address, timeout=60) as c:
+        yield c
+
+
+def test_generate_returns_the_stubs_answer_typed(mesh: Mesh, client: Client) -> None:
+    got = client.generate("tiny-llama", "the cat sat", max_new_tokens=8)
+    want = mesh.stub().Generate(inference_pb2.GenerateRequest(
+        model="tiny-llama", prompt="the cat sat", max_new_tokens=8), timeout=60)
+    assert isinstance(got, GenerateResult)
+    assert (got.text, got.token_ids, got.finish_reason) == (
+        want.text, tuple(want.token_ids), want.finish_reason)
+    assert got.prompt_tokens == want.prompt_tokens and got.generated_tokens == len(got.token_ids)
+    sampled = client.generate("tiny-llama", "hello world", max_new_tokens=6, temperature=0.9,
+                              top_k=20, top_p=0.95, seed=11)
+    again = client.generate("tiny-llama", "hello world", max_new_tokens=6, temperature=0.9,
+                            top_k=20, top_p=0.95, seed=11)
+    assert sampled.token_ids == again.token_ids
+    chat = client.generate("tiny-llama", messages=[ChatMessage("user", "hello"),
+                                                   ("assistant", "world"),
+                                                   {"role": "user", "content": "the cat"}],
+                           max_new_tokens=3)
+    assert chat.prompt_tokens > 3 and chat.generated_tokens >= 1
+    with pytest.raises(ValueError):
+        client.generate("tiny-llama")
+
+
+def test_stream_yields_chunks_that_add_up(client: Client) -> None:
+    whole = client.generate("tiny-llama", "hello world", max_new_tokens=10, temperature=0.8,
+                            seed=7)
+    chunks = list(client.stream("tiny-llama", "hello world", max_new_tokens=10,
+                                temperature=0.8, seed=7))
+    assert chunks and all(isinstance(c, ChunkResult) for c in chunks)
+    assert "".join(c.text for c in chunks) == whole.text
+    assert tuple(t for c in chunks for t in c.token_ids) == whole.token_ids
+    assert chunks[-1].last and chunks[-1].finish_reason == whole.finish_reason
+    assert not any(c.last for c in chunks[:-1])
+    # Leaving the loop early cancels the call; the client keeps working.
+    for _ in client.stream("tiny-llama", "the dog", max_new_tokens=20):
+        break
+    assert client.generate("tiny-llama", "hi", max_new_tokens=1).generated_tokens == 1
+
+
+def test_embed_equals_the_stub(mesh: Mesh, client: Client) -> None:
+    got = client.embed("tiny-bert", TEXTS)
+    want = mesh.stub().Embed(inference_pb2.EmbedRequest(model="tiny-bert", inputs=TEXTS),
+                             timeout=60)
+    assert isinstance(got, EmbedResult) and got.dim == want.dim == 32
+    matrix = got.numpy()
+    assert matrix.shape == (3, 32) and matrix.dtype == np.float32
+    np.testing.assert_array_equal(matrix, np.array([e.values for e in want.embeddings],
+                                                   dtype=np.float32))
+    np.testing.assert_allclose(np.linalg.norm(matrix, axis=1), 1.0, atol=1e-5)
+    assert client.embed("tiny-bert", "hello").numpy().shape == (1, 32)
+
+
+def test_forward_in_two_ranges_equals_one(client: Client) -> None:
+    first = client.forward("tiny-llama", text="the cat sat", start=0, end=2)
+    assert (first.start, first.end) == (0, 2) and first.input_ids
+    assert first.hidden_states.shape[:2] == (1, len(first.input_ids))
+    rest = client.forward("tiny-llama", hidden_states=first.hidden_states, start=2,
+                          attention_mask=first.attention_mask)
+    whole = client.forward("tiny-llama", text="the cat sat")
+    assert (rest.start, rest.end) == (2, 4)
+    np.testing.assert_allclose(rest.hidden_states, whole.hidden_states, atol=1e-5, rtol=0)
+
+
+def test_list_models_and_ready(client: Client) -> None:
+    models = {m.name: m for m in client.list_models()}
+    llama, bert = models["tiny-llama"], models["tiny-bert"]
+    assert llama.kind == "causal-lm" and bert.kind == "encoder"
+    assert llama.healthy and llama.num_layers == 4 and len(llama.fingerprint) == 64
+    assert [[(s.start, s.end) for s in c.stages] for c in llama.chains] == [[(0, 2), (2, 4)]]
+    assert all(s.healthy for s in llama.chains[0].stages)
+    assert client.ready() and client.ready("tiny-llama") and not client.ready("no-such-model")
+
+
+def test_errors_are_typed_and_deadlines_apply(client: Client) -> None:
+    with pytest.raises(TesseraError) as caught:
+        client.generate("no-such-model", "hi")
+    assert caught.value.code() is grpc.StatusCode.NOT_FOUND
+    assert isinstance(caught.value, grpc.RpcError) and "no-such-model" in caught.value.details()
+    with pytest.raises(TesseraError) as caught:
+        client.embed("tiny-bert", [])
+    assert caught.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+    with pytest.raises(TesseraError) as caught:
+        client.generate("tiny-llama", "the cat sat on the mat", max_new_tokens=200,
+                        timeout=0.001)
+    assert caught.value.code() is grpc.StatusCode.DEADLINE_EXCEEDED
+    with pytest.raises(TesseraError) as caught:
+        list(client.stream("tiny-llama", "the cat", max_new_tokens=200, timeout=0.001))
+    assert caught.value.code() is grpc.StatusCode.DEADLINE_EXCEEDED
+    # The client-wide default applies when a call names no timeout.
+    with Client(client.address, timeout=0.001) as hurried:
+        with pytest.raises(TesseraError) as caught:
+            hurried.embed("tiny-bert", TEXTS)
+        assert caught.value.code() is grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+def test_async_client(mesh: Mesh, client: Client) -> None:
+    async def run() -> None:
+        async with AsyncClient(mesh.address, timeout=60) as aclient:
+            got, embedded, models = await asyncio.gather(
+                aclient.generate("tiny-llama", "the cat sat", max_new_tokens=8),
+                aclient.embed("tiny-bert", TEXTS), aclient.list_models())
+            assert got == client.generate("tiny-llama", "the cat sat", max_new_tokens=8)
+            np.testing.assert_array_equal(embedded.numpy(), client.embed("tiny-bert",
+                                                                         TEXTS).numpy())
+            assert {m.name for m in models} >= {"tiny-llama", "tiny-bert"}
+            chunks = [c async for c in aclient.stream("tiny-llama", "the cat sat",
+                                                      max_new_tokens=8)]
+            assert "".join(c.text for c in chunks) == got.text and chunks[-1].last
+            forward = await aclient.forward("tiny-llama", text="hello world", end=1)
+            assert forward.hidden_states.shape[:2] == (1, len(forward.input_ids))
+            assert await aclient.ready("tiny-bert")
+            with pytest.raises(TesseraError) as caught:
+                await aclient.generate("tiny-llama", "the cat", max_new_tokens=200,
+                                       timeout=0.001)
+            assert caught.value.code() is grpc.StatusCode.DEADLINE_EXCEEDED
+            with pytest.raises(TesseraError) as caught:
+                async for _ in aclient.stream("nope", "hi"):
+                    pass
+            assert caught.value.code() is grpc.StatusCode.NOT_FOUND
+
+    asyncio.run(run())
+
+
+# -- retries -----------------------------------------------------------------------------------
+
+def test_service_config_retries_unavailable() -> None:
+    client = Client("127.0.0.1:1", retries=3)
+    options = dict(client.options)
+    client.close()
+    assert options["grpc.enable_retries"] == 1
+    config = json.loads(options["grpc.service_config"])
+    method = config["methodConfig"][0]
+    assert {"service": "tessera.v1.Inference"} in method["name"]
+    assert method["retryPolicy"]["retryableStatusCodes"] == ["UNAVAILABLE"]
+    assert method["retryPolicy"]["maxAttempts"] == 4
+    with pytest.raises(ValueError):
+        Client("127.0.0.1:1", retries=5)
+
+
+class _Flaky(inference_pb2_grpc.InferenceServicer):
+    """Answers UNAVAILABLE `failures` times, then an empty model list."""
+
+    def __init__(self, failures: int) -> None:
+        self.failures = failures
+        self.calls = 0
+        self.lock = threading.Lock()
+
+    def ListModels(self, request: inference_pb2.ListModelsRequest,
+                   context: grpc.ServicerContext) -> inference_pb2.ListModelsResponse:
+        with self.lock:
+            self.calls += 1
+            failing = self.calls <= self.failures
+        if failing:
+            context.abort(grpc.StatusCode.UNAVAILABLE, "warming up")
+        return inference_pb2.ListModelsResponse()
+
+
+def test_unavailable_is_retried_by_grpc() -> None:
+    flaky = _Flaky(failures=2)
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    inference_pb2_grpc.add_InferenceServicer_to_server(flaky, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        with Client(f"127.0.0.1:{port}", retries=3, timeout=20) as retrying:
+            assert retrying.list_models() == ()
+        assert flaky.calls == 3
+        flaky.calls, flaky.failures = 0, 1
+        with Client(f"127.0.0.1:{port}", retries=0, timeout=20) as once:
+            with pytest.raises(TesseraError) as caught:
+                once.list_models()
+        assert caught.value.code() is grpc.StatusCode.UNAVAILABLE and flaky.calls == 1
+    finally:
+        server.stop(grace=None)
+
+
+# -- TLS and tokens ----------------------------------------------------------------------------
+
+def test_mutual_tls_and_bearer_token(tiny_repo: Path, tmp_path: Path) -> None:
+    certs = make_dev_certs(tmp_path / "certs")
+    env = {"TESSERA_ROUTER_TLS_CERT": str(certs["server.pem"]),
+           "TESSERA_ROUTER_TLS_KEY": str(certs["server.key"]),
+           "TESSERA_ROUTER_TLS_CLIENT_CA": str(certs["ca.pem"]),
+           "TESSERA_ROUTER_AUTH_TOKENS": "sdk-secret"}
+    with Mesh(tiny_repo, env=env) as m:
+        m.start_router()
+        address = f"localhost:{m.router.port}" if m.router else ""
+        tls = {"ca": certs["ca.pem"], "cert": certs["client.pem"], "key": certs["client.key"]}
+        with Client(address, token="sdk-secret", timeout=20, **tls) as secure:
+            assert secure.list_models() == ()
+            assert secure.ready()
+        with Client(address, token="wrong", timeout=20, **tls) as wrong:
+            with pytest.raises(TesseraError) as caught:
+                wrong.list_models()
+            assert caught.value.code() is grpc.StatusCode.UNAUTHENTICATED
+        with Client(address, token="sdk-secret", timeout=5, retries=0) as plaintext:
+            with pytest.raises(TesseraError) as caught:
+                plaintext.list_models()
+            assert caught.value.code() is grpc.StatusCode.UNAVAILABLE
+
+        async def run() -> None:
+            async with AsyncClient(address, token="sdk-secret", timeout=20, **tls) as aclient:
+                assert await aclient.list_models() == ()
+
+        asyncio.run(run())
+    with pytest.raises(ValueError):
+        Client("localhost:1", cert=certs["client.pem"])
