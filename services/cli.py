@@ -75,6 +75,12 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_trace(args: argparse.Namespace) -> int:
+    from services.tracing.waterfall import main as waterfall
+
+    return waterfall(list(args.rest))
+
+
 def _cmd_certs(args: argparse.Namespace) -> int:
     from pathlib import Path
 
@@ -129,6 +135,11 @@ def main(argv: list[str] | None = None) -> int:
     worker.add_argument("--metrics-port", type=int, help="Prometheus port (-1 off, 0 any)")
     worker.set_defaults(func=_cmd_worker)
 
+    trace_view = sub.add_parser("trace", help="draw one request's trace as a waterfall",
+                                add_help=False)
+    trace_view.add_argument("rest", nargs=argparse.REMAINDER)
+    trace_view.set_defaults(func=_cmd_trace)
+
     certs = sub.add_parser("certs", help="make a local CA and server/client certs for dev")
     certs.add_argument("--out", default="certs")
     certs.add_argument("--hosts", default="localhost,127.0.0.1",
@@ -154,6 +165,9 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--out", help="JSON path (default bench-results/bench-<timestamp>.json)")
     bench.add_argument("--only", action="append", choices=["floor", "embed", "generate"],
                        help="run only these phases (repeatable)")
+    bench.add_argument("--omp-wait-policy", choices=["inherit", "active", "passive"],
+                       help="OMP_WAIT_POLICY for workers and the in-process limit "
+                            "(default: passive)")
     bench.add_argument("--repository", default=default_repository())
     bench.set_defaults(func=_cmd_bench)
 

@@ -2,7 +2,10 @@
 
 - Embed: `AutoModel` (no pooler) on pre-tokenized, right-padded batches, then mean pooling and
   L2 normalisation, as the worker does; tokenizing happens before the clock starts (the direct
-  path gets pre-tokenized ids too), so the limit is the model's own batched throughput.
+  path gets pre-tokenized ids too), so the limit is the model's own batched throughput. One text
+  per request: batches of 32 texts of similar length (sorted, as sentence-transformers' encode()
+  batches), the best a batcher could do with these texts. Sixteen texts per request: each batch
+  is exactly one request's 16 texts, padded to its longest, as the router sends them.
 - Generate: `model.generate` (greedy) on a left-padded batch of N prompts at once; tokens count
   up to and including the first end-of-sequence token, as the router counts them. The time to
   first token is when the first step's logits reach a logits processor.
@@ -12,6 +15,7 @@ Both run with the worker's torch thread count (`torch.set_num_threads`).
 
 from __future__ import annotations
 
+import random
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -63,12 +67,9 @@ class EmbedLimit:
         hidden = self.model(input_ids=ids, attention_mask=mask).last_hidden_state
         return _mean_pool(hidden, mask)
 
-    def measure(self, token_rows: Sequence[Sequence[int]], *, batch: int, pad_id: int,
-                seconds: float, min_calls: int = 3) -> Outcome:
-        """Batched calls of `batch` rows, cycling through token_rows, for `seconds`."""
-        batches = [right_pad([token_rows[(b * batch + i) % len(token_rows)]
-                              for i in range(batch)], pad_id)
-                   for b in range(max(1, len(token_rows) // batch))]
+    def measure(self, batches: Sequence[tuple[torch.Tensor, torch.Tensor]], *, seconds: float,
+                min_calls: int = 3) -> Outcome:
+        """Batched calls, cycling through `batches` (ids, mask), for `seconds`."""
         self.embed(*batches[0])   # warm-up
         outcome = Outcome()
         started = time.perf_counter()
@@ -82,6 +83,23 @@ class EmbedLimit:
             call += 1
         outcome.wall_s = time.perf_counter() - started
         return outcome
+
+
+def length_sorted_batches(token_rows: Sequence[Sequence[int]], batch: int, pad_id: int,
+                          seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Batches of similar length, as sentence-transformers' encode() makes them; the batches
+    are then shuffled so any prefix of them has the pool's mix of lengths."""
+    order = sorted(range(len(token_rows)), key=lambda i: len(token_rows[i]))
+    batches = [right_pad([token_rows[i] for i in order[b:b + batch]], pad_id)
+               for b in range(0, len(order) - batch + 1, batch)]
+    random.Random(seed).shuffle(batches)
+    return batches
+
+
+def grouped_batches(token_rows: Sequence[Sequence[int]], groups: Sequence[Sequence[int]],
+                    pad_id: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """One batch per group of row indices (the exact texts of one multi-text request)."""
+    return [right_pad([token_rows[i] for i in group], pad_id) for group in groups]
 
 
 class _FirstStep(LogitsProcessor):

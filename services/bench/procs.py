@@ -114,11 +114,11 @@ class Fleet:
     """Every child of one bench run; stops them in reverse start order."""
 
     def __init__(self, repository: str, log_level: str = "warning",
-                 log_dir: Path | None = None) -> None:
+                 log_dir: Path | None = None, env: dict[str, str] | None = None) -> None:
         self.repository = repository
         self.log_dir = log_dir
         self.log_level = log_level
-        self.env = service_env(repository)
+        self.env = service_env(repository, env)
         self.children: list[Child] = []
 
     def _cli(self, *args: str) -> list[str]:

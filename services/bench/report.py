@@ -205,7 +205,13 @@ def _at_most(name: str, measured: float | None, bound: float | None, unit: str =
 
 
 def router_overhead_ms(rows: Sequence[Row]) -> float | None:
-    """Router Embed p50 minus direct-to-worker p50, one text per request at concurrency 1."""
+    """Router Embed p50 minus direct-to-worker p50, one text per request at concurrency 1.
+
+    The measured overhead row (interleaved calls) when there is one, else the c=1 lines.
+    """
+    measured = find(rows, FLOOR, OVERHEAD, 1)
+    if measured is not None:
+        return measured.p50_ms
     router = find(rows, EMBED_1, ROUTER, 1)
     direct = find(rows, EMBED_1, DIRECT, 1)
     if router is None or direct is None:

@@ -72,6 +72,7 @@ class Options:
     out: Path
     quick: bool
     phases: tuple[str, ...]
+    omp_wait_policy: str = "passive"
     embed_concurrency: tuple[int, ...] = (1, 16, 64)
     embed16_concurrency: int = 8
     streams: tuple[int, ...] = (1, 4, 16)
@@ -87,7 +88,24 @@ class Options:
             return os.cpu_count() or 1
 
 
+def omp_env(options: Options) -> dict[str, str]:
+    """OMP_WAIT_POLICY for the workers; this process sets the same before torch loads."""
+    if options.omp_wait_policy == "inherit":
+        return {}
+    return {"OMP_WAIT_POLICY": options.omp_wait_policy.upper()}
+
+
 def options_from_args(args: argparse.Namespace) -> Options:
+    # PASSIVE by default: the bench puts its load generator, routers, workers and the in-process
+    # limit on one small machine, where spinning OpenMP threads starve each other (a 32-token
+    # generate took 72 s instead of 4 s with 2 threads on a busy 2-core box).
+    policy = getattr(args, "omp_wait_policy", None) or "passive"
+    if policy != "inherit":
+        # libgomp reads this when torch loads: the in-process limit must spin (or not) as the
+        # workers do.
+        if "torch" in sys.modules:
+            raise SystemExit("tessera bench: --omp-wait-policy must be set before torch loads")
+        os.environ["OMP_WAIT_POLICY"] = policy.upper()
     import torch
 
     quick = bool(args.quick)
@@ -98,7 +116,7 @@ def options_from_args(args: argparse.Namespace) -> Options:
     options = Options(seconds=seconds, threads=args.threads or torch.get_num_threads(),
                       max_new_tokens=args.max_new_tokens or (16 if quick else 32),
                       repository=str(Path(args.repository).resolve()), out=out, quick=quick,
-                      phases=phases)
+                      phases=phases, omp_wait_policy=policy)
     if quick:
         options.text_pool, options.hit_pool, options.prompt_pool = 2048, 256, 256
     return options
@@ -244,8 +262,39 @@ class Bench:
 
     # -- embed ------------------------------------------------------------------------------
 
-    async def embed(self, plain: aio.Channel, cached: aio.Channel, worker: aio.Channel) -> None:
-        from services.bench.limits import EmbedLimit
+    async def overhead(self, direct: load.Call, router: load.Call, bare: load.Call) -> None:
+        """Router overhead at concurrency 1, measured interleaved so machine noise hits both.
+
+        One round = one direct Forward, one router Embed (different texts), one bare round trip.
+        """
+        latencies: dict[str, list[float]] = {"direct": [], "router": [], "bare": []}
+        calls = (("direct", direct), ("router", router), ("bare", bare))
+        errors = 0
+        started = time.perf_counter()
+        rounds = 0
+        while rounds < 100 or time.perf_counter() - started < self.options.seconds:
+            for name, call in calls:
+                sent = time.perf_counter()
+                try:
+                    await call(self._take(1))
+                except (aio.AioRpcError, load.BadResponse):
+                    errors += 1
+                    continue
+                latencies[name].append(time.perf_counter() - sent)
+            rounds += 1
+        p50 = {k: report.percentile(v, 50) * 1e3 for k, v in latencies.items()}
+        overhead = p50["router"] - p50["direct"]
+        self.add(Row(scenario=FLOOR, path=report.OVERHEAD, concurrency=1, requests=rounds,
+                     wall_s=time.perf_counter() - started, req_s=float("nan"),
+                     items_s=float("nan"), unit="calls", p50_ms=overhead,
+                     p99_ms=float("nan"), errors=errors,
+                     note=f"{rounds} interleaved rounds: router Embed p50 {p50['router']:.2f} - "
+                          f"direct Forward p50 {p50['direct']:.2f} ms (bare p50 "
+                          f"{p50['bare']:.2f} ms in the same rounds)"))
+
+    async def embed(self, plain: aio.Channel, cached: aio.Channel, worker: aio.Channel,
+                    echo: aio.Channel) -> None:
+        from services.bench.limits import EmbedLimit, grouped_batches, length_sorted_batches
         from services.router.frontends import ModelFrontend
 
         o = self.options
@@ -288,10 +337,10 @@ class Bench:
         _say(f"embed {ENCODER}: {len(pool)} distinct texts, {min(tokens)}-{max(tokens)} tokens "
              f"(mean {sum(tokens) / len(tokens):.1f}); torch threads {o.threads}")
         self.add(self._row(EMBED_1, f"{LIMIT} (batch 32)", None,
-                           limit.measure(ids, batch=32, pad_id=frontend.pad_id,
+                           limit.measure(length_sorted_batches(ids, 32, frontend.pad_id),
                                          seconds=o.seconds),
                            unit="texts", items_per_request=1, group=EMBED_1, is_limit=True,
-                           note="reqs = batched calls"))
+                           note="reqs = batched calls of 32 length-sorted texts"))
         for path, call in ((DIRECT, load.forward_call(worker, direct_x1)),
                            (ROUTER, load.embed_call(plain, router_x1)),
                            (CACHE, load.embed_call(cached, hits_x1, expect_cached=True))):
@@ -300,12 +349,15 @@ class Bench:
                                      items_per_request=1, group=EMBED_1,
                                      min_requests=100 if c == 1 else 0)
 
+        await self.overhead(load.forward_call(worker, direct_x1),
+                            load.embed_call(plain, router_x1), load.health_call(echo))
+
         c = o.embed16_concurrency
         self.add(self._row(EMBED_16, f"{LIMIT} (batch 16)", None,
-                           limit.measure(ids, batch=16, pad_id=frontend.pad_id,
+                           limit.measure(grouped_batches(ids, groups, frontend.pad_id),
                                          seconds=o.seconds),
                            unit="texts", items_per_request=16, group=EMBED_16, is_limit=True,
-                           note="reqs = batched calls"))
+                           note="reqs = batched calls, one per request's 16 texts"))
         for path, call in ((DIRECT, load.forward_call(worker, direct_x16)),
                            (ROUTER, load.embed_call(plain, router_x16)),
                            (CACHE, load.embed_call(cached, hits_x16, expect_cached=True))):
@@ -369,11 +421,11 @@ class Bench:
         del limit
 
 
-async def measure(options: Options, fleet: Fleet, mesh: Mesh) -> Bench:
+async def measure(bench: Bench, mesh: Mesh) -> None:
     import torch
 
+    options, fleet = bench.options, bench.fleet
     torch.set_num_threads(options.threads)   # the in-process limits run as the workers do
-    bench = Bench(options, fleet)
     channels: list[aio.Channel] = []
 
     def channel(child: Child, keepalive: bool = True) -> aio.Channel:
@@ -394,18 +446,16 @@ async def measure(options: Options, fleet: Fleet, mesh: Mesh) -> Bench:
             await wait_model(chain, LLM, fleet)
         _say(f"mesh ready: routers plain {mesh.plain.address}, cache {mesh.cache.address}"
              + (f", chain {mesh.chain.address}" if mesh.chain else ""))
+        echo = channel(mesh.echo, keepalive=False)
         if "floor" in options.phases:
-            echo = channel(mesh.echo, keepalive=False)
             await bench.floor(echo, plain)
-            await echo.close()
         if "embed" in options.phases and mesh.encoder is not None:
-            await bench.embed(plain, cached, channel(mesh.encoder))
+            await bench.embed(plain, cached, channel(mesh.encoder), echo)
         if "generate" in options.phases and mesh.replica is not None:
             await bench.generate(plain, chain, cached)
     finally:
         for ch in channels:
             await ch.close()
-    return bench
 
 
 def _order(rows: Sequence[Row]) -> list[Row]:
@@ -424,6 +474,7 @@ def _meta(options: Options, started: datetime, elapsed: float) -> dict[str, Any]
         "host": platform.node(), "cores": options.cores, "torch_threads": options.threads,
         "seconds_per_line": options.seconds, "quick": options.quick,
         "max_new_tokens": options.max_new_tokens, "phases": list(options.phases),
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "(unset: libgomp default)"),
         "models": {"embed": ENCODER, "generate": LLM},
         "versions": {"python": platform.python_version(), "torch": torch.__version__,
                      "transformers": transformers.__version__, "grpc": grpc.__version__},
@@ -441,20 +492,26 @@ def run(options: Options) -> int:
         raise KeyboardInterrupt
 
     previous = signal.signal(signal.SIGTERM, on_sigterm)
-    fleet = Fleet(options.repository, log_dir=options.out.with_name(options.out.stem + "-logs"))
+    fleet = Fleet(options.repository, log_dir=options.out.with_name(options.out.stem + "-logs"),
+                  env=omp_env(options))
+    bench = Bench(options, fleet)
     node: MemcachedNode | None = None
+    aborted = ""
     try:
         _say(f"tessera bench: {options.cores} cores, torch threads {options.threads}, "
+             f"OMP_WAIT_POLICY {os.environ.get('OMP_WAIT_POLICY', 'unset')}, "
              f"{options.seconds:g} s per line{' (quick)' if options.quick else ''}; "
              f"service logs in {fleet.log_dir}")
         node = MemcachedNode().start(port=free_port())
         mesh = start_mesh(fleet, options, node.address)
         _say("starting workers (model loads take a while on a small machine)...")
         wait_workers(mesh)
-        bench = asyncio.run(measure(options, fleet, mesh))
+        asyncio.run(measure(bench, mesh))
     except ChildFailed as exc:
+        aborted = str(exc)
         print(f"tessera bench: {exc}", file=sys.stderr, flush=True)
-        return 1
+        if not bench.rows:
+            return 1
     except KeyboardInterrupt:
         print("tessera bench: interrupted", file=sys.stderr, flush=True)
         return 130
@@ -469,9 +526,10 @@ def run(options: Options) -> int:
             signal.signal(signal.SIGTERM, previous)
 
     rows = _order(bench.rows)
-    overhead = report.overhead_row(rows)
-    if overhead is not None:
-        rows.append(overhead)
+    if report.find(rows, FLOOR, report.OVERHEAD) is None:
+        overhead = report.overhead_row(rows)
+        if overhead is not None:
+            rows.append(overhead)
     report.apply_ratios(rows)
     targets = report.evaluate_targets(rows)
     print()
@@ -485,10 +543,14 @@ def run(options: Options) -> int:
     print(report.format_targets(targets))
     meta = _meta(options, started, time.monotonic() - t0)
     meta["load_generator_cpu_share"] = share
+    if aborted:
+        meta["aborted"] = aborted.splitlines()[0]
+        print(f"\nINCOMPLETE: the run stopped early: {meta['aborted']} "
+              f"(logs in {fleet.log_dir})")
     path = report.write_json(options.out, report.to_document(rows, meta, targets))
     print(f"\nwrote {path}")
     errors = sum(r.errors for r in rows)
-    return 1 if errors else 0
+    return 1 if errors or aborted else 0
 
 
 def main(args: argparse.Namespace) -> int:

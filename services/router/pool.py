@@ -20,6 +20,9 @@ from services.router.routing import RoutingTable
 
 log = logging.getLogger(__name__)
 
+PROBE_TIMEOUT_S = 2.0
+SLOW_PROBES_TO_FAIL = 3
+
 
 def descriptor_from_info(info: worker_pb2.WorkerInfo, address: str) -> WorkerDescriptor:
     return WorkerDescriptor(
@@ -120,19 +123,22 @@ class WorkerPool:
 
     # -- probing ----------------------------------------------------------------------------
 
-    async def _probe(self, member: _Member) -> bool:
+    async def _probe(self, member: _Member) -> bool | None:
+        """True: serving. False: down or not serving. None: no answer in time (a busy worker)."""
         stub = self.stub(member.address)
         channel = self._channels[member.address]
         try:
             check = await health_pb2_grpc.HealthStub(channel).Check(
-                health_pb2.HealthCheckRequest(service=""), timeout=1.0)
+                health_pb2.HealthCheckRequest(service=""), timeout=PROBE_TIMEOUT_S)
             if check.status != health_pb2.HealthCheckResponse.SERVING:
                 return False
             if member.descriptor is None or member.static:
-                info = await stub.Info(worker_pb2.InfoRequest(), timeout=1.0)
+                info = await stub.Info(worker_pb2.InfoRequest(), timeout=PROBE_TIMEOUT_S)
                 member.descriptor = descriptor_from_info(info, member.address)
             return True
-        except grpc.RpcError:
+        except grpc.RpcError as error:
+            if error.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+                return None
             return False
 
     async def probe_all(self) -> None:
@@ -144,8 +150,14 @@ class WorkerPool:
         before = [(m.address, m.healthy, m.descriptor) for m in members]
         results = await asyncio.gather(*(self._probe(m) for m in members))
         for member, ok in zip(members, results):
-            member.healthy = ok
-            member.failures = 0 if ok else member.failures + 1
+            if ok is None:
+                # A slow answer is not a dead worker: only several in a row take it out.
+                member.failures += 1
+                if member.failures >= SLOW_PROBES_TO_FAIL:
+                    member.healthy = False
+            else:
+                member.healthy = ok
+                member.failures = 0 if ok else member.failures + 1
         after = [(m.address, m.healthy, m.descriptor) for m in members]
         if before != after or len(members) != len(self.table.workers):
             self._publish()

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from concurrent import futures
@@ -25,7 +27,7 @@ from services.client import (
 )
 from services.common.security import make_dev_certs
 from services.pb.tessera.v1 import inference_pb2, inference_pb2_grpc
-from tests.mesh import Mesh
+from tests.mesh import ROOT, Mesh
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -172,6 +174,21 @@ def test_async_client(mesh: Mesh, client: Client) -> None:
             assert caught.value.code() is grpc.StatusCode.NOT_FOUND
 
     asyncio.run(run())
+
+
+def test_python_examples_run(mesh: Mesh) -> None:
+    examples = ROOT / "examples" / "python"
+    done = subprocess.run([sys.executable, str(examples / "generate.py"), mesh.address,
+                           "--model", "tiny-llama", "--embed-model", "tiny-bert",
+                           "--prompt", "the cat sat"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "tiny-llama (causal-lm, 4 layers" in done.stdout
+    assert "embed:    2 vectors of 32" in done.stdout and "errors:   NOT_FOUND" in done.stdout
+    done = subprocess.run([sys.executable, str(examples / "async_stream.py"), mesh.address,
+                           "--model", "tiny-llama"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert len(done.stdout.splitlines()) == 3
 
 
 # -- retries -----------------------------------------------------------------------------------

@@ -169,6 +169,7 @@ class Load:
 def mesh_of(repo: Path, workers: list[tuple[str, str | None]], *, chains: dict[str, int],
             env: dict[str, str] | None = None, cache_nodes: list[str] = ()) -> Iterator[Mesh]:
     """A router and workers (started in parallel), ready with `chains` healthy chains each."""
+    env = {"PYTHONFAULTHANDLER": "1", **(env or {})}  # a crashed service leaves a traceback
     with Mesh(repo, env=env, cache_nodes=cache_nodes) as mesh:
         mesh.start_router()
         for model, layers in workers:
@@ -186,6 +187,11 @@ def mesh_of(repo: Path, workers: list[tuple[str, str | None]], *, chains: dict[s
                     print(f"---- {' '.join(proc.args[:5])} (exit {proc.popen.poll()})")
                     print("\n".join(proc.lines[-60:]))
             raise
+        finally:
+            # Drain every worker at once; Mesh.close() then reaps them and stops the router.
+            for proc in mesh.workers:
+                if proc.popen.poll() is None:
+                    proc.popen.send_signal(signal.SIGTERM)
 
 
 def embed_call(mesh: Mesh, texts_per_request: int = 4, salt: str = ""
@@ -498,14 +504,14 @@ def test_deadline_shorter_than_the_work_frees_sessions(capped: Mesh) -> None:
         stub.Generate(request, timeout=0.3)
     assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED, describe(caught.value)
     assert time.monotonic() - start < 1.5
-    wait_until(lambda: _live_sessions(capped) == [0, 0], 3, "sessions freed after the deadline")
+    wait_until(lambda: _live_sessions(capped) == [0, 0], 5, "sessions freed after the deadline")
 
     # A client that cancels a stream frees the sessions too.
     stream = stub.GenerateStream(request, timeout=60)
     next(stream)
     assert sum(_live_sessions(capped)) > 0
     stream.cancel()
-    wait_until(lambda: _live_sessions(capped) == [0, 0], 3, "sessions freed after a cancel")
+    wait_until(lambda: _live_sessions(capped) == [0, 0], 5, "sessions freed after a cancel")
     # The work finished well within its budget when undisturbed; the chain still serves.
     assert stub.Generate(request, timeout=30).generated_tokens == 250
 

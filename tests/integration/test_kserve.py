@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from services.pb.tessera.v1 import inference_pb2
+from services.client import Client
 from tests.mesh import ROOT, Mesh
 
 pytestmark = pytest.mark.timeout(300)
@@ -90,8 +90,8 @@ def test_health_and_metadata(mesh: Mesh) -> None:
     assert got["live"] and got["ready"] and got["llama_ready"] and got["bert_ready"]
     assert not got["unknown_ready"] and not got["wrong_version_ready"]
     assert got["server"]["name"] == "tessera" and got["server"]["version"]
-    listed = {m.name: m for m in mesh.stub().ListModels(inference_pb2.ListModelsRequest(),
-                                                        timeout=10).models}
+    with Client(mesh.address) as client:
+        listed = {m.name: m for m in client.list_models()}
     llama, bert = got["llama"], got["bert"]
     assert llama["versions"] == [listed["tiny-llama"].version]
     assert llama["platform"] == "tessera/causal-lm" and bert["platform"] == "tessera/encoder"
@@ -118,12 +118,10 @@ def test_infer_causal_equals_generate(mesh: Mesh) -> None:
                              top_p=0.95, top_k=20, seed=5),
         }
     """)
-    stub = mesh.stub()
-    greedy = stub.Generate(inference_pb2.GenerateRequest(
-        model="tiny-llama", prompt="the cat sat", max_new_tokens=8), timeout=60)
-    sampled = stub.Generate(inference_pb2.GenerateRequest(
-        model="tiny-llama", prompt="hello world", max_new_tokens=6, temperature=0.9, top_p=0.95,
-        top_k=20, seed=5), timeout=60)
+    with Client(mesh.address) as client:   # the references, retried if a probe blips
+        greedy = client.generate("tiny-llama", "the cat sat", max_new_tokens=8)
+        sampled = client.generate("tiny-llama", "hello world", max_new_tokens=6,
+                                  temperature=0.9, top_p=0.95, top_k=20, seed=5)
     assert got["greedy"]["text"] == [greedy.text] and got["greedy"]["shape"] == [1]
     assert got["greedy"]["id"] == "req-1"
     params = got["greedy"]["parameters"]
@@ -139,11 +137,10 @@ def test_infer_encoder_equals_embed(mesh: Mesh) -> None:
         matrix = reply.as_numpy("embeddings")
         result = {{"dtype": str(matrix.dtype), "values": matrix.tolist()}}
     """)
-    want = mesh.stub().Embed(inference_pb2.EmbedRequest(model="tiny-bert", inputs=TEXTS),
-                             timeout=60)
+    with Client(mesh.address) as client:
+        want = client.embed("tiny-bert", TEXTS)
     assert got["dtype"] == "float32"
-    np.testing.assert_array_equal(np.array(got["values"], dtype=np.float32),
-                                  np.array([e.values for e in want.embeddings], dtype=np.float32))
+    np.testing.assert_array_equal(np.array(got["values"], dtype=np.float32), want.numpy())
 
 
 def test_bad_requests_get_their_status(mesh: Mesh) -> None:
@@ -202,14 +199,11 @@ def test_real_models(real_repo: Path) -> None:
                        "text": reply.as_numpy("text")[0].decode(),
                        "embeddings": embedded.as_numpy("embeddings").tolist()}}
         """)
-        stub = m.stub()
-        generated = stub.Generate(inference_pb2.GenerateRequest(
-            model=llm, prompt=prompt, max_new_tokens=4), timeout=120)
-        embedded = stub.Embed(inference_pb2.EmbedRequest(model=encoder, inputs=texts),
-                              timeout=120)
+        with Client(m.address, timeout=120) as client:
+            generated = client.generate(llm, prompt, max_new_tokens=4)
+            embedded = client.embed(encoder, texts)
     assert got["ready"] == [True, True]
     assert got["text"] == generated.text and "Paris" in got["text"]
     matrix = np.array(got["embeddings"], dtype=np.float32)
     assert matrix.shape == (2, 384)
-    np.testing.assert_array_equal(matrix, np.array([e.values for e in embedded.embeddings],
-                                                   dtype=np.float32))
+    np.testing.assert_array_equal(matrix, embedded.numpy())

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from google.protobuf import descriptor_pb2
 
-from services.pb.tessera.v1 import inference_pb2
+from services.client import Client
 from tests.mesh import ROOT, Mesh
 
 pytestmark = pytest.mark.timeout(300)
@@ -80,9 +80,9 @@ def test_node_example_calls_the_router(npm_install: subprocess.Popen[str], mesh:
     done = _node(*args)
     assert done.returncode == 0, done.stdout + done.stderr
     got = json.loads(done.stdout)
-    stub = mesh.stub()
-    want = stub.Generate(inference_pb2.GenerateRequest(
-        model="tiny-llama", prompt="the cat sat", max_new_tokens=8), timeout=60)
+    with Client(mesh.address) as client:   # the references, retried if a probe blips
+        want = client.generate("tiny-llama", "the cat sat", max_new_tokens=8)
+        embedded = client.embed("tiny-bert", TEXTS)
     assert got["address"] == mesh.address
     assert got["generate"]["text"] == want.text
     assert got["generate"]["token_ids"] == list(want.token_ids)
@@ -90,12 +90,9 @@ def test_node_example_calls_the_router(npm_install: subprocess.Popen[str], mesh:
     assert got["generate"]["generated_tokens"] == want.generated_tokens
     assert got["stream"]["text"] == want.text and got["stream"]["chunks"] >= 1
     assert got["stream"]["finish_reason"] == want.finish_reason
-    embedded = stub.Embed(inference_pb2.EmbedRequest(model="tiny-bert", inputs=TEXTS),
-                          timeout=60)
     assert got["embed"]["dim"] == embedded.dim == 32
     np.testing.assert_array_equal(np.array(got["embed"]["embeddings"], dtype=np.float32),
-                                  np.array([e.values for e in embedded.embeddings],
-                                           dtype=np.float32))
+                                  embedded.numpy())
     # A gRPC error comes back as its status name on stderr with exit status 1.
     failed = _node(mesh.address, "--model", "no-such-model", "--embed-model", "tiny-bert")
     assert failed.returncode == 1
