@@ -21,6 +21,7 @@ from typing import IO
 
 READY = re.compile(r"tessera (?:router|worker|bench echo) ready.* on (\S+)")
 ROOT = Path(__file__).resolve().parents[2]
+_CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
 
 class ChildFailed(RuntimeError):
@@ -83,6 +84,17 @@ class Child:
     def alive(self) -> bool:
         return self.popen is not None and self.popen.poll() is None
 
+    def cpu_seconds(self) -> float | None:
+        """User + system CPU time of the process so far (Linux /proc), None if unknown."""
+        if self.popen is None:
+            return None
+        try:
+            stat = Path(f"/proc/{self.popen.pid}/stat").read_text()
+        except OSError:
+            return None
+        fields = stat.rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / _CLK_TCK
+
     def tail(self, lines: int = 30) -> str:
         return "\n".join(list(self.lines)[-lines:])
 
@@ -105,7 +117,9 @@ def service_env(repository: str, extra: dict[str, str] | None = None) -> dict[st
     env = dict(os.environ)
     env.update({"TESSERA_MODEL_REPOSITORY": repository, "PYTHONUNBUFFERED": "1",
                 "TRANSFORMERS_VERBOSITY": "error", "HF_HUB_OFFLINE": "1",
-                "HF_HUB_DISABLE_PROGRESS_BARS": "1"})
+                "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+                # A crash (SIGSEGV) in a service leaves its Python stack in the service log.
+                "PYTHONFAULTHANDLER": "1"})
     env.update(extra or {})
     return env
 
@@ -159,6 +173,15 @@ class Fleet:
             if not child.alive:
                 code = child.popen.returncode if child.popen else None
                 raise ChildFailed(f"{child.name} exited with {code}:\n{child.tail()}")
+
+    def cpu_snapshot(self) -> dict[str, float]:
+        """CPU seconds so far of every child, by name."""
+        snapshot = {}
+        for child in self.children:
+            seconds = child.cpu_seconds()
+            if seconds is not None:
+                snapshot[child.name] = seconds
+        return snapshot
 
     def stop_all(self, timeout: float = 15.0) -> None:
         for child in reversed(self.children):

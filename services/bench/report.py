@@ -78,6 +78,7 @@ class Row:
     ratio: float | None = None        # items_s / the group's limit items_s
     note: str = ""
     error_kinds: dict[str, int] = field(default_factory=dict)
+    service_cpu_ms: dict[str, float] = field(default_factory=dict)   # per request, by process
 
     @property
     def key(self) -> tuple[str, str, int | None]:
@@ -103,6 +104,18 @@ def make_row(scenario: str, path: str, concurrency: int | None, *, latencies_s: 
         ttft_p50_ms=percentile(ttfts_s, 50) * 1e3 if ttfts_s else None,
         errors=errors, cpu_share=cpu_share, group=group, is_limit=is_limit, note=note,
         error_kinds=dict(error_kinds or {}))
+
+
+def cpu_per_request_ms(before: dict[str, float], after: dict[str, float], requests: int,
+                       min_ms: float = 0.05) -> dict[str, float]:
+    """CPU milliseconds per request of each process between two snapshots, busiest first;
+    processes under min_ms per request (idle ones) are left out."""
+    if requests <= 0:
+        return {}
+    spent = {name: (after[name] - before[name]) * 1e3 / requests
+             for name in after if name in before}
+    return {name: round(ms, 3) for name, ms in sorted(spent.items(), key=lambda kv: -kv[1])
+            if ms >= min_ms}
 
 
 def apply_ratios(rows: Iterable[Row]) -> None:

@@ -212,7 +212,8 @@ class Bench:
         errors = f" ERRORS {row.errors} {row.error_kinds}" if row.errors else ""
         _say(f"  {row.scenario:10s} {row.path:26s} c={conc!s:3s} {row.requests:6d} reqs "
              f"{row.items_s:9.1f} {row.unit}/s  p50 {row.p50_ms:8.2f} ms  "
-             f"p99 {row.p99_ms:8.2f} ms{ttft}{cpu}{errors}")
+             f"p99 {row.p99_ms:8.2f} ms{ttft}{cpu}{errors}"
+             + (f"  [{row.note}]" if row.note else ""))
         return row
 
     async def grpc_line(self, scenario: str, path: str, call: load.Call, *, concurrency: int,
@@ -224,16 +225,24 @@ class Bench:
         if warm:
             await closed_loop(call, concurrency=min(concurrency, warm), seconds=0,
                               min_requests=warm, start_index=self._take(warm))
+        before = self.fleet.cpu_snapshot()
         outcome = await closed_loop(
             call, concurrency=concurrency, seconds=self.options.seconds if seconds is None
             else seconds, min_requests=max(min_requests, concurrency),
             start_index=self._take(0))
+        cpu = report.cpu_per_request_ms(before, self.fleet.cpu_snapshot(),
+                                        len(outcome.latencies_s))
         self._next_index += len(outcome.latencies_s) + outcome.errors
         self.grpc_cpu_s += outcome.cpu_s
         self.grpc_wall_s += outcome.wall_s
-        return self.add(self._row(scenario, path, concurrency, outcome, unit=unit,
-                                  items_per_request=items_per_request, group=group,
-                                  cpu_share=outcome.cpu_share(self.options.cores), note=note))
+        if cpu:
+            shown = ", ".join(f"{name} {ms:.2f}" for name, ms in list(cpu.items())[:3])
+            note = f"cpu ms/req: {shown}" + (f"; {note}" if note else "")
+        row = self._row(scenario, path, concurrency, outcome, unit=unit,
+                        items_per_request=items_per_request, group=group,
+                        cpu_share=outcome.cpu_share(self.options.cores), note=note)
+        row.service_cpu_ms = cpu
+        return self.add(row)
 
     def _take(self, count: int) -> int:
         start = self._next_index

@@ -165,6 +165,23 @@ class Load:
         assert self.ok == self.sent, summary
 
 
+def print_logs(mesh: Mesh) -> None:
+    """Prints the services' own logs; pytest shows them with a failure."""
+    for proc in [mesh.router, *mesh.workers]:
+        if proc is not None:
+            print(f"---- {' '.join(proc.args[:5])} (exit {proc.popen.poll()})")
+            print("\n".join(proc.lines[-60:]))
+
+
+@contextmanager
+def logs_on_failure(mesh: Mesh) -> Iterator[None]:
+    try:
+        yield
+    except BaseException:
+        print_logs(mesh)
+        raise
+
+
 @contextmanager
 def mesh_of(repo: Path, workers: list[tuple[str, str | None]], *, chains: dict[str, int],
             env: dict[str, str] | None = None, cache_nodes: list[str] = ()) -> Iterator[Mesh]:
@@ -179,14 +196,8 @@ def mesh_of(repo: Path, workers: list[tuple[str, str | None]], *, chains: dict[s
         for model, count in chains.items():
             mesh.wait_model(model, chains=count)
         try:
-            yield mesh
-        except BaseException:
-            # The services' own logs are what explain a failure; pytest shows them on failure.
-            for proc in [mesh.router, *mesh.workers]:
-                if proc is not None:
-                    print(f"---- {' '.join(proc.args[:5])} (exit {proc.popen.poll()})")
-                    print("\n".join(proc.lines[-60:]))
-            raise
+            with logs_on_failure(mesh):
+                yield mesh
         finally:
             # Drain every worker at once; Mesh.close() then reaps them and stops the router.
             for proc in mesh.workers:
@@ -442,11 +453,19 @@ def test_membership_join_leave_and_expiry(tiny_repo: Path) -> None:
 # -- 6, 7, 8 share one small causal-LM chain whose router takes 4 requests at once ------------
 
 @pytest.fixture(scope="module")
-def capped(tiny_repo: Path) -> Iterator[Mesh]:
+def capped_mesh(tiny_repo: Path) -> Iterator[Mesh]:
     env = {"TESSERA_ROUTER_MAX_OUTSTANDING": "4"}
     with mesh_of(tiny_repo, [("tiny-llama", "0:2"), ("tiny-llama", "2:4")],
                  chains={"tiny-llama": 1}, env=env) as mesh:
         yield mesh
+
+
+@pytest.fixture
+def capped(capped_mesh: Mesh, request: pytest.FixtureRequest) -> Iterator[Mesh]:
+    failed_before = request.session.testsfailed
+    yield capped_mesh
+    if request.session.testsfailed > failed_before:
+        print_logs(capped_mesh)
 
 
 async def _burst(address: str, count: int, max_new: int) -> list[tuple[str, float, str]]:

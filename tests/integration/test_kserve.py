@@ -10,6 +10,7 @@ in-process) cannot share one protobuf descriptor pool ("duplicate symbol").
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -207,3 +208,19 @@ def test_real_models(real_repo: Path) -> None:
     matrix = np.array(got["embeddings"], dtype=np.float32)
     assert matrix.shape == (2, 384)
     np.testing.assert_array_equal(matrix, embedded.numpy())
+
+
+def test_grpcurl_sees_the_service_with_no_protos(mesh: Mesh) -> None:
+    grpcurl = shutil.which("grpcurl") or str(Path(sys.executable).parent / "grpcurl")
+    listed = subprocess.run([grpcurl, "-plaintext", mesh.address, "list"],
+                            capture_output=True, text=True, timeout=60)
+    assert "inference.GRPCInferenceService" in listed.stdout.split(), listed.stderr
+    described = subprocess.run([grpcurl, "-plaintext", mesh.address, "describe",
+                                "inference.GRPCInferenceService"],
+                               capture_output=True, text=True, timeout=60)
+    assert "rpc ModelInfer (" in described.stdout, described.stderr
+    health = subprocess.run([grpcurl, "-plaintext", "-d",
+                             '{"service": "inference.GRPCInferenceService"}', mesh.address,
+                             "grpc.health.v1.Health/Check"],
+                            capture_output=True, text=True, timeout=60)
+    assert json.loads(health.stdout)["status"] == "SERVING", health.stderr

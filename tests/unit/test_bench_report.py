@@ -197,3 +197,18 @@ def test_workload_texts_are_distinct_and_varied() -> None:
 def test_workload_prompts_are_distinct() -> None:
     prompts = workload.prompts(500, seed=3)
     assert len(set(prompts)) == 500
+
+
+def test_cpu_per_request() -> None:
+    before = {"router": 10.0, "worker": 20.0, "idle": 5.0}
+    after = {"router": 10.5, "worker": 24.0, "idle": 5.0001, "new": 1.0}
+    assert report.cpu_per_request_ms(before, after, 100) == {"worker": 40.0, "router": 5.0}
+    assert report.cpu_per_request_ms(before, after, 0) == {}
+
+
+def test_measured_overhead_row_wins_over_the_c1_lines() -> None:
+    rows = _full_rows()
+    assert report.router_overhead_ms(rows) == pytest.approx(0.4)
+    rows.append(_row(FLOOR, OVERHEAD, 1, items_s=math.nan, p50_ms=0.25))
+    assert report.router_overhead_ms(rows) == pytest.approx(0.25)
+    assert report.evaluate_targets(rows)[4].measured == pytest.approx(0.25)
