@@ -1,0 +1,32 @@
+"""The Grafana dashboard only charts metrics the services actually export."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+from prometheus_client import REGISTRY
+
+import services.common.metrics  # noqa: F401 - registers the metrics
+
+DASHBOARD = Path(__file__).resolve().parents[2] / "deploy/grafana/tessera-dashboard.json"
+
+
+def test_every_dashboard_metric_is_exported() -> None:
+    exported = set()
+    for family in REGISTRY.collect():
+        for sample in family.samples:
+            exported.add(sample.name)
+        exported.add(family.name)
+    dashboard = json.loads(DASHBOARD.read_text())
+    used = set()
+    for panel in dashboard["panels"]:
+        for target in panel["targets"]:
+            used.update(re.findall(r"tessera_[a-z_]+", target["expr"]))
+    assert used, "the dashboard charts nothing"
+    missing = {name for name in used
+               if name not in exported and name.removesuffix("_bucket") + "" not in exported
+               and not any(e.startswith(name.removesuffix("_bucket")) for e in exported)}
+    assert not missing, f"dashboard uses metrics nobody exports: {sorted(missing)}"
+    assert len(dashboard["panels"]) >= 10
