@@ -203,6 +203,21 @@ class Bench:
         self.grpc_cpu_s = 0.0
         self.grpc_wall_s = 0.0
         self._next_index = 0
+        self.mesh: Mesh | None = None
+        self.crashed: dict[str, int | None] = {}
+
+    def _dead(self, needs: Sequence[Child]) -> str:
+        """Which needed services have exited (noted once in self.crashed), '' if none."""
+        dead = []
+        for child in needs:
+            if not child.alive:
+                code = child.popen.returncode if child.popen is not None else None
+                if child.name not in self.crashed:
+                    self.crashed[child.name] = code
+                    _say(f"  !! {child.name} exited with {code}; its log: "
+                         f"{child.log_path or '(none)'}")
+                dead.append(f"{child.name} exited ({code})")
+        return ", ".join(dead)
 
     def add(self, row: Row) -> Row:
         self.rows.append(row)
@@ -219,8 +234,13 @@ class Bench:
     async def grpc_line(self, scenario: str, path: str, call: load.Call, *, concurrency: int,
                         unit: str, items_per_request: float, group: str | None,
                         warmup: int | None = None, seconds: float | None = None,
-                        min_requests: int = 0, note: str = "") -> Row:
-        self.fleet.check_alive()
+                        min_requests: int = 0, note: str = "",
+                        needs: Sequence[Child] = ()) -> Row:
+        dead = self._dead(needs)
+        if dead:   # a line whose services died is reported as skipped, the run goes on
+            return self.add(self._row(scenario, path, concurrency, Outcome(), unit=unit,
+                                      items_per_request=items_per_request, group=group,
+                                      note=f"skipped: {dead}"))
         warm = concurrency if warmup is None else warmup
         if warm:
             await closed_loop(call, concurrency=min(concurrency, warm), seconds=0,
@@ -238,6 +258,9 @@ class Bench:
         if cpu:
             shown = ", ".join(f"{name} {ms:.2f}" for name, ms in list(cpu.items())[:3])
             note = f"cpu ms/req: {shown}" + (f"; {note}" if note else "")
+        dead = self._dead(needs)
+        if dead:
+            note = f"DIED during the line: {dead}; {note}"
         row = self._row(scenario, path, concurrency, outcome, unit=unit,
                         items_per_request=items_per_request, group=group,
                         cpu_share=outcome.cpu_share(self.options.cores), note=note)
@@ -263,11 +286,13 @@ class Bench:
 
     async def floor(self, echo: aio.Channel, router: aio.Channel) -> None:
         _say("floor: bare grpc.aio unary round trips at concurrency 1")
-        for path, channel, note in ((BARE, echo, "health Check on a bare grpc.aio server"),
-                                    (ROUTER_HEALTH, router, "health Check on the router")):
+        assert self.mesh is not None
+        for path, channel, note, needs in (
+                (BARE, echo, "health Check on a bare grpc.aio server", [self.mesh.echo]),
+                (ROUTER_HEALTH, router, "health Check on the router", [self.mesh.plain])):
             await self.grpc_line(FLOOR, path, load.health_call(channel), concurrency=1,
                                  unit="calls", items_per_request=1, group=None, warmup=50,
-                                 min_requests=200, note=note)
+                                 min_requests=200, note=note, needs=needs)
 
     # -- embed ------------------------------------------------------------------------------
 
@@ -276,6 +301,9 @@ class Bench:
 
         One round = one direct Forward, one router Embed (different texts), one bare round trip.
         """
+        assert self.mesh is not None and self.mesh.encoder is not None
+        if self._dead([self.mesh.echo, self.mesh.plain, self.mesh.encoder]):
+            return
         latencies: dict[str, list[float]] = {"direct": [], "router": [], "bare": []}
         calls = (("direct", direct), ("router", router), ("bare", bare))
         errors = 0
@@ -350,13 +378,16 @@ class Bench:
                                          seconds=o.seconds),
                            unit="texts", items_per_request=1, group=EMBED_1, is_limit=True,
                            note="reqs = batched calls of 32 length-sorted texts"))
+        assert self.mesh is not None and self.mesh.encoder is not None
+        m = self.mesh
+        needs = {DIRECT: [m.encoder], ROUTER: [m.plain, m.encoder], CACHE: [m.cache, m.encoder]}
         for path, call in ((DIRECT, load.forward_call(worker, direct_x1)),
                            (ROUTER, load.embed_call(plain, router_x1)),
                            (CACHE, load.embed_call(cached, hits_x1, expect_cached=True))):
             for c in o.embed_concurrency:
                 await self.grpc_line(EMBED_1, path, call, concurrency=c, unit="texts",
                                      items_per_request=1, group=EMBED_1,
-                                     min_requests=100 if c == 1 else 0)
+                                     min_requests=100 if c == 1 else 0, needs=needs[path])
 
         await self.overhead(load.forward_call(worker, direct_x1),
                             load.embed_call(plain, router_x1), load.health_call(echo))
@@ -371,7 +402,7 @@ class Bench:
                            (ROUTER, load.embed_call(plain, router_x16)),
                            (CACHE, load.embed_call(cached, hits_x16, expect_cached=True))):
             await self.grpc_line(EMBED_16, path, call, concurrency=c, unit="texts",
-                                 items_per_request=16, group=EMBED_16)
+                                 items_per_request=16, group=EMBED_16, needs=needs[path])
         del limit
 
     # -- generate ---------------------------------------------------------------------------
@@ -412,13 +443,18 @@ class Bench:
                                unit="tokens", items_per_request=o.max_new_tokens,
                                group=f"{GENERATE} c{n}", is_limit=True,
                                note=f"one generate() on {n} prompts"))
+        assert self.mesh is not None and self.mesh.replica is not None \
+            and self.mesh.chain is not None
+        m = self.mesh
+        needs = {ROUTER: [m.plain, m.replica], CHAIN: [m.chain, *m.stages],
+                 CACHE: [m.cache, m.replica]}
         for path, channel in ((ROUTER, replica), (CHAIN, chain)):
             call = load.generate_stream_call(channel, requests)
             for n in o.streams:
                 await self.grpc_line(GENERATE, path, call, concurrency=n, unit="tokens",
                                      items_per_request=o.max_new_tokens,
                                      group=f"{GENERATE} c{n}", warmup=0, seconds=gen_seconds,
-                                     min_requests=n * min_calls)
+                                     min_requests=n * min_calls, needs=needs[path])
         # The cache hit: one miss fills the key, then the same request again and again.
         fill = await closed_loop(load.generate_stream_call(cached, [hit]), concurrency=1,
                                  seconds=0, min_requests=1)
@@ -426,7 +462,8 @@ class Bench:
         await self.grpc_line(GENERATE, CACHE, load.generate_stream_call(
             cached, [hit], expect_cached=True), concurrency=1, unit="tokens",
             items_per_request=o.max_new_tokens, group=f"{GENERATE} c1", warmup=20,
-            min_requests=100, note=f"same request repeated; its miss took {miss_ms:.0f} ms")
+            min_requests=100, note=f"same request repeated; its miss took {miss_ms:.0f} ms",
+            needs=needs[CACHE])
         del limit
 
 
@@ -434,6 +471,7 @@ async def measure(bench: Bench, mesh: Mesh) -> None:
     import torch
 
     options, fleet = bench.options, bench.fleet
+    bench.mesh = mesh
     torch.set_num_threads(options.threads)   # the in-process limits run as the workers do
     channels: list[aio.Channel] = []
 
@@ -552,6 +590,10 @@ def run(options: Options) -> int:
     print(report.format_targets(targets))
     meta = _meta(options, started, time.monotonic() - t0)
     meta["load_generator_cpu_share"] = share
+    if bench.crashed:
+        meta["crashed"] = bench.crashed
+        print(f"\nINCOMPLETE: services exited during the run: {bench.crashed} "
+              f"(logs in {fleet.log_dir})")
     if aborted:
         meta["aborted"] = aborted.splitlines()[0]
         print(f"\nINCOMPLETE: the run stopped early: {meta['aborted']} "
@@ -559,7 +601,7 @@ def run(options: Options) -> int:
     path = report.write_json(options.out, report.to_document(rows, meta, targets))
     print(f"\nwrote {path}")
     errors = sum(r.errors for r in rows)
-    return 1 if errors or aborted else 0
+    return 1 if errors or aborted or bench.crashed else 0
 
 
 def main(args: argparse.Namespace) -> int:

@@ -79,15 +79,19 @@ class AsyncClient:
                                          top_k, top_p, seed, stop)
         return _wire.generate_result(await self._call("Generate", request, timeout))
 
-    async def stream(self, model: str, prompt: str | None = None, *,
-                     messages: Messages | None = None, max_new_tokens: int | None = None,
-                     temperature: float | None = None, top_k: int | None = None,
-                     top_p: float | None = None, seed: int | None = None,
-                     stop: str | Sequence[str] = (), timeout: float | None = DEFAULT
-                     ) -> AsyncIterator[ChunkResult]:
+    def stream(self, model: str, prompt: str | None = None, *,
+               messages: Messages | None = None, max_new_tokens: int | None = None,
+               temperature: float | None = None, top_k: int | None = None,
+               top_p: float | None = None, seed: int | None = None,
+               stop: str | Sequence[str] = (), timeout: float | None = DEFAULT
+               ) -> AsyncIterator[ChunkResult]:
         """Generates a completion chunk by chunk; leaving the loop early cancels the call."""
         request = _wire.generate_request(model, prompt, messages, max_new_tokens, temperature,
                                          top_k, top_p, seed, stop)
+        return self._stream(request, timeout)
+
+    async def _stream(self, request: inference_pb2.GenerateRequest,
+                      timeout: float | None) -> AsyncIterator[ChunkResult]:
         call = self._stub.GenerateStream(request, timeout=self._deadline(timeout),
                                          metadata=self._metadata)
         try:

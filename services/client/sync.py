@@ -91,6 +91,10 @@ class Client:
         """Generates a completion chunk by chunk; stopping the iteration cancels the call."""
         request = _wire.generate_request(model, prompt, messages, max_new_tokens, temperature,
                                          top_k, top_p, seed, stop)
+        return self._stream(request, timeout)
+
+    def _stream(self, request: inference_pb2.GenerateRequest,
+                timeout: float | None) -> Iterator[ChunkResult]:
         call = self._stub.GenerateStream(request, timeout=self._deadline(timeout),
                                          metadata=self._metadata)
         try:

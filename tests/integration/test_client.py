@@ -74,6 +74,8 @@ def test_generate_returns_the_stubs_answer_typed(mesh: Mesh, client: Client) -> 
     assert chat.prompt_tokens > 3 and chat.generated_tokens >= 1
     with pytest.raises(ValueError):
         client.generate("tiny-llama")
+    with pytest.raises(ValueError):   # checked when called, not on first iteration
+        client.stream("tiny-llama", "hi", messages=[("user", "hi")])
 
 
 def test_stream_yields_chunks_that_add_up(client: Client) -> None:
@@ -86,10 +88,6 @@ def test_stream_yields_chunks_that_add_up(client: Client) -> None:
     assert tuple(t for c in chunks for t in c.token_ids) == whole.token_ids
     assert chunks[-1].last and chunks[-1].finish_reason == whole.finish_reason
     assert not any(c.last for c in chunks[:-1])
-    # Leaving the loop early cancels the call; the client keeps working.
-    for _ in client.stream("tiny-llama", "the dog", max_new_tokens=20):
-        break
-    assert client.generate("tiny-llama", "hi", max_new_tokens=1).generated_tokens == 1
 
 
 def test_embed_equals_the_stub(mesh: Mesh, client: Client) -> None:
@@ -189,6 +187,14 @@ def test_python_examples_run(mesh: Mesh) -> None:
                            "--model", "tiny-llama"], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stdout + done.stderr
     assert len(done.stdout.splitlines()) == 3
+
+
+def test_leaving_a_stream_early_cancels_it(mesh: Mesh, client: Client) -> None:
+    """Last of the mesh tests: it cancels a generation in flight on the workers."""
+    for _ in client.stream("tiny-llama", "the dog", max_new_tokens=20):
+        break
+    assert client.generate("tiny-llama", "hi", max_new_tokens=1).generated_tokens == 1
+    assert all(w.popen.poll() is None for w in mesh.workers), "a worker died"
 
 
 # -- retries -----------------------------------------------------------------------------------

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -184,7 +185,8 @@ def logs_on_failure(mesh: Mesh) -> Iterator[None]:
 
 @contextmanager
 def mesh_of(repo: Path, workers: list[tuple[str, str | None]], *, chains: dict[str, int],
-            env: dict[str, str] | None = None, cache_nodes: list[str] = ()) -> Iterator[Mesh]:
+            env: dict[str, str] | None = None, cache_nodes: Sequence[str] = ()
+            ) -> Iterator[Mesh]:
     """A router and workers (started in parallel), ready with `chains` healthy chains each."""
     env = {"PYTHONFAULTHANDLER": "1", **(env or {})}  # a crashed service leaves a traceback
     with Mesh(repo, env=env, cache_nodes=cache_nodes) as mesh:
@@ -237,6 +239,8 @@ def test_kill_one_of_two_replicas_under_embed_load(tiny_repo: Path) -> None:
             load.wait_ok(120)
         load.check()
         assert victim.popen.returncode == -signal.SIGKILL
+        # The kill hit live traffic: some request failed on the victim and was retried.
+        assert any("failed" in line and victim.address in line for line in mesh.router.lines)
         survivor = mesh.workers[1].address
         view = stages_of(mesh, "tiny-bert")
         assert view[survivor].healthy
@@ -302,8 +306,10 @@ def test_kill_stage_mid_stream_resumes_on_the_other_chain(tiny_repo: Path) -> No
         got, finish, victim = _stream_with_kill(mesh, greedy, first_stage)
         assert victim.popen.returncode == -signal.SIGKILL
         assert (got, finish) == (want, "length")
-        resumed = [line for line in mesh.router.lines if "resuming" in line]
-        assert resumed, "the router did not report a resumed generation"
+        # The router resumed it mid-stream: after some tokens, before the last.
+        resumed = [int(m.group(1)) for line in mesh.router.lines
+                   if (m := re.search(r"failed after (\d+) tokens.*resuming", line))]
+        assert len(resumed) == 1 and 0 < resumed[0] < 48, resumed
 
         got_seeded, _, second = _stream_with_kill(mesh, seeded, first_stage)
         assert second is not victim
@@ -390,9 +396,9 @@ def test_memcached_restart_under_load(tiny_repo: Path) -> None:
                     embed(thread, index)
 
             with Load(call, threads=4, max_requests=600) as load:
-                load.wait_ok(20)
+                load.wait_ok(12)
                 node.stop()
-                load.wait_ok(30)
+                load.wait_ok(20)
                 time.sleep(0.5)
                 node.start(port=port)
 
@@ -404,7 +410,7 @@ def test_memcached_restart_under_load(tiny_repo: Path) -> None:
                            "embedding cache hits after the restart", interval=0.2)
                 wait_until(lambda: hit_again(fixed_generate, stub.Generate), 15,
                            "generation cache hits after the restart", interval=0.2)
-                load.wait_ok(20)
+                load.wait_ok(10)
             load.check()
     finally:
         node.stop()
@@ -413,7 +419,8 @@ def test_memcached_restart_under_load(tiny_repo: Path) -> None:
 # -- 5. live membership: join, leave, expire ------------------------------------------------
 
 def test_membership_join_leave_and_expiry(tiny_repo: Path) -> None:
-    env = {"TESSERA_ROUTER_WORKER_TTL_S": "2"}
+    # Registrations expire 2 s after their last renewal; workers renew every 0.5 s.
+    env = {"TESSERA_ROUTER_WORKER_TTL_S": "2", "TESSERA_WORKER_HEARTBEAT_S": "0.5"}
     with mesh_of(tiny_repo, [("tiny-bert", None)], chains={"tiny-bert": 1}, env=env) as mesh:
         original = mesh.workers[0]
         late = mesh.start_worker("tiny-bert")
@@ -442,11 +449,10 @@ def test_membership_join_leave_and_expiry(tiny_repo: Path) -> None:
         with Load(embed_call(mesh, salt="k "), threads=4, max_requests=400) as load:
             load.wait_ok(10)
             original.kill()
-            took = wait_until(lambda: original.address not in stages_of(mesh, "tiny-bert"), 8,
-                              "the killed worker to expire from ListModels", interval=0.1)
+            wait_until(lambda: original.address not in stages_of(mesh, "tiny-bert"), 8,
+                       "the killed worker to expire from ListModels", interval=0.1)
             load.wait_ok(20)
         load.check()
-        assert took > 0.5  # it went by expiry, not by a deregistration it could not send
         assert list(stages_of(mesh, "tiny-bert")) == [late.address]
 
 
@@ -502,8 +508,11 @@ def test_burst_above_capacity_is_refused_quickly(capped: Mesh) -> None:
         [o for o in outcomes if o[0] not in ("OK", "RESOURCE_EXHAUSTED")][:5]
     assert codes.count("OK") >= 3 * 4
     assert len(refused) >= 3 * 32
-    assert max(elapsed for elapsed, _ in refused) < 2.0
     assert all("capacity" in details for _, details in refused)
+    slowest = max(elapsed for elapsed, _ in refused)
+    print(f"router RSS {before} -> {after} KiB over {len(outcomes)} requests, "
+          f"{codes.count('OK')} OK, {len(refused)} refused in <= {slowest:.3f} s")
+    assert slowest < 2.0
     assert after - before < 100 * 1024, f"router RSS grew {before} -> {after} KiB"
     # The router serves normally after the burst.
     assert stub.Generate(inference_pb2.GenerateRequest(

@@ -138,11 +138,28 @@ def _roots(spans: list[ReceivedSpan]) -> list[ReceivedSpan]:
     return [s for s in spans if not s.parent_id or s.parent_id not in ids]
 
 
-def _complete(spans: list[ReceivedSpan], generated: int) -> bool:
-    """Everything one request makes: its root, cache get and set, two sessions, every step."""
+def _complete(spans: list[ReceivedSpan]) -> int | None:
+    """Tokens generated, once everything one request makes is in: its root, cache get and set,
+    a session on each stage and the same number of steps on each (None before that)."""
     names = [s.name for s in spans]
-    return (GENERATE in names and "cache.get" in names and "cache.set" in names
-            and names.count(SESSION) >= 2 and names.count("stage.step") >= 2 * generated)
+    sessions = [s.span_id for s in spans if s.name == SESSION]
+    if not (GENERATE in names and "cache.get" in names and "cache.set" in names
+            and len(sessions) == 2):
+        return None
+    steps = [sum(s.parent_id == session and s.name == "stage.step" for s in spans)
+             for session in sessions]
+    return steps[0] if steps[0] == steps[1] else None
+
+
+def _logs(mesh: Mesh) -> str:
+    """What each process said (heartbeats left out), and whether it is still running."""
+    out = []
+    for proc in [mesh.router, *mesh.workers]:
+        if proc is not None:
+            lines = [line for line in proc.lines if "Registry/" not in line]
+            out.append(f"--- {' '.join(proc.args[:5])} (exit {proc.popen.poll()})\n"
+                       + "\n".join(lines[-30:]))
+    return "\n".join(out)
 
 
 def _describe(spans: list[ReceivedSpan]) -> str:
@@ -169,16 +186,15 @@ def test_otlp_receiver_gets_one_connected_trace_per_request(
         deadline = time.monotonic() + WAIT_S
         while True:
             traces = _by_trace(collector.snapshot())
-            requests = [t for t in traces.values() if any(
-                s.name == GENERATE and not s.parent_id for s in t)]
-            done = len(requests) >= 2 and all(
-                any(_complete(t, len(r.token_ids)) for t in requests) for r in replies)
+            generated = sorted(_complete(t) or 0 for t in traces.values()
+                               if any(s.name == GENERATE for s in t))
+            done = generated == sorted(len(r.token_ids) for r in replies)
             if done or time.monotonic() > deadline:
                 break
             time.sleep(0.1)
         spans = collector.snapshot()
         assert collector.exports > 0, "the receiver was never called"
-        context = "\n" + _describe(spans)
+        context = "\n" + _describe(spans) + "\n" + _logs(mesh)
 
         # Exactly one trace per request; every other trace is background or the test's probes,
         # so no request span was cut off into a trace of its own.
