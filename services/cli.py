@@ -20,6 +20,8 @@ def _setup_logging(service: str, level: str) -> None:
     from services.common.logs import setup_logging
 
     setup_logging(f"tessera-{service}", level)
+    # Several workers share the cores; spinning OpenMP threads would steal them from each other.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     # transformers' load reports and progress bars are noise in a server log.
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")

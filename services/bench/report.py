@@ -207,8 +207,11 @@ def _at_least(name: str, measured: float | None, bound: float, unit: str = "") -
 
 
 def _at_most(name: str, measured: float | None, bound: float | None, unit: str = "") -> Target:
-    if measured is None or bound is None or math.isnan(measured) or math.isnan(bound):
-        return Target(name, measured, "<= ?", None, "not measured")
+    known_bound = bound is not None and not math.isnan(bound)
+    if measured is None or math.isnan(measured) or not known_bound:
+        wanted = f"<= {bound:.3f}{unit}" if known_bound else "<= ?"
+        return Target(name, None if measured is None or math.isnan(measured) else measured,
+                      wanted, None, "not measured")
     ok = measured <= bound
     detail = ""
     if not ok:

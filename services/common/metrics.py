@@ -6,6 +6,7 @@ bytes) in the name, `_total` on counters.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -71,9 +72,14 @@ class ObserveInterceptor(aio.ServerInterceptor):
             return handler
         service, rpc = _split(method)
 
-        def finish(model: str, started: float, context: aio.ServicerContext,
+        def finish(model: str, started: float, context: aio.ServicerContext, peer: str,
                    error: BaseException | None) -> None:
-            code = context.code()
+            # Only plain attributes of the context are read here: once a call is cancelled,
+            # methods that reach into the C call (peer(), time_remaining()) may touch freed memory.
+            if isinstance(error, asyncio.CancelledError):
+                code = grpc.StatusCode.CANCELLED
+            else:
+                code = context.code()
             if code is None:
                 code = grpc.StatusCode.CANCELLED if error is not None else grpc.StatusCode.OK
             if isinstance(error, Exception) and not isinstance(error, aio.AbortError) \
@@ -90,7 +96,7 @@ class ObserveInterceptor(aio.ServerInterceptor):
                 "duration_ms": round(elapsed * 1e3, 3),
                 "trace_id": format(span_context.trace_id, "032x") if span_context.is_valid
                 else None,
-                "peer": context.peer()}})
+                "peer": peer}})
 
         if handler.unary_unary:
             inner_uu = handler.unary_unary
@@ -98,6 +104,7 @@ class ObserveInterceptor(aio.ServerInterceptor):
             async def unary_unary(request: Any, context: aio.ServicerContext) -> Any:
                 IN_FLIGHT.labels(service).inc()
                 started = time.perf_counter()
+                peer = context.peer()
                 error: BaseException | None = None
                 try:
                     return await inner_uu(request, context)
@@ -105,7 +112,7 @@ class ObserveInterceptor(aio.ServerInterceptor):
                     error = exc
                     raise
                 finally:
-                    finish(str(getattr(request, "model", "")), started, context, error)
+                    finish(str(getattr(request, "model", "")), started, context, peer, error)
 
             return grpc.unary_unary_rpc_method_handler(
                 unary_unary, handler.request_deserializer, handler.response_serializer)
@@ -115,6 +122,7 @@ class ObserveInterceptor(aio.ServerInterceptor):
             async def unary_stream(request: Any, context: aio.ServicerContext) -> Any:
                 IN_FLIGHT.labels(service).inc()
                 started = time.perf_counter()
+                peer = context.peer()
                 error: BaseException | None = None
                 try:
                     async for item in inner_us(request, context):
@@ -123,7 +131,7 @@ class ObserveInterceptor(aio.ServerInterceptor):
                     error = exc
                     raise
                 finally:
-                    finish(str(getattr(request, "model", "")), started, context, error)
+                    finish(str(getattr(request, "model", "")), started, context, peer, error)
 
             return grpc.unary_stream_rpc_method_handler(
                 unary_stream, handler.request_deserializer, handler.response_serializer)
@@ -133,6 +141,7 @@ class ObserveInterceptor(aio.ServerInterceptor):
             async def stream_stream(request_iterator: Any, context: aio.ServicerContext) -> Any:
                 IN_FLIGHT.labels(service).inc()
                 started = time.perf_counter()
+                peer = context.peer()
                 error: BaseException | None = None
                 try:
                     async for item in inner_ss(request_iterator, context):
@@ -141,7 +150,7 @@ class ObserveInterceptor(aio.ServerInterceptor):
                     error = exc
                     raise
                 finally:
-                    finish("", started, context, error)
+                    finish("", started, context, peer, error)
 
             return grpc.stream_stream_rpc_method_handler(
                 stream_stream, handler.request_deserializer, handler.response_serializer)

@@ -105,7 +105,7 @@ class ServerTracingInterceptor(aio.ServerInterceptor):
                 record_exception=False, set_status_on_exception=False)
 
         def mark(span: trace.Span, context: aio.ServicerContext) -> None:
-            code = context.code()
+            code = context.code()  # a plain attribute: safe after cancellation
             if code is not None and code != grpc.StatusCode.OK:
                 span.set_attribute("rpc.grpc.status_code", code.value[0])
                 span.set_status(Status(StatusCode.ERROR, str(context.details() or "")))

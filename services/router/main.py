@@ -65,11 +65,24 @@ async def run_router(settings: RouterSettings, *, ready: asyncio.Event | None = 
     health_names: set[str] = set()
     pending: list[asyncio.Task[None]] = []
 
-    def publish_health(table: RoutingTable) -> None:
+    health_lock = asyncio.Lock()
+
+    def publish_health(_: RoutingTable) -> None:
         async def update() -> None:
-            for model in set(table.models()) | health_names:
-                health_names.add(model)
-                await served.set_status(model, bool(table.chains(model)))
+            # Serialised, and always from the newest table: an older update finishing late
+            # must not overwrite a newer answer.
+            async with health_lock:
+                for model in set(pool.table.models()) - health_names:
+                    # Load the tokenizer now, not on the model's first request.
+                    try:
+                        await asyncio.to_thread(frontends.get, model)
+                    except Exception:  # noqa: BLE001 - the request path reports it properly
+                        log.warning("cannot load the frontend of %s", model, exc_info=True)
+                    health_names.add(model)
+                table = pool.table
+                for model in health_names:
+                    await served.set_status(model, bool(table.chains(model)))
+        pending[:] = [task for task in pending if not task.done()]
         pending.append(asyncio.ensure_future(update()))
 
     pool.on_change(publish_health)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -18,6 +19,8 @@ from services.router.pool import WorkerPool
 from services.router.routing import Chain
 
 tracer = trace.get_tracer("tessera.router")
+
+CLOSE_TIMEOUT_S = 2.0  # a finished session's streams get this long to close cleanly
 
 # Codes after which the same work may be tried on another chain.
 RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED,
@@ -125,15 +128,24 @@ class ChainSession:
             self.pool.load[worker.address] = self.pool.load.get(worker.address, 0) + 1
         return self
 
-    async def __aexit__(self, *exc: object) -> None:
-        for address, call in self._calls:
+    async def __aexit__(self, exc_type: object, *exc: object) -> None:
+        """Ends every stage's stream: half-close and wait for OK normally, cancel on errors."""
+        calls, self._calls = self._calls, []
+        for address, _ in calls:
             self.pool.load[address] -= 1
-            try:
+        if exc_type is None:
+            async def close(call: aio.StreamStreamCall) -> None:
                 await call.done_writing()
-            except Exception:  # noqa: BLE001 - the stream may be broken already
+                await call.code()
+
+            try:
+                await asyncio.wait_for(asyncio.gather(*(close(c) for _, c in calls)),
+                                       timeout=CLOSE_TIMEOUT_S)
+                return
+            except (aio.AioRpcError, aio.UsageError, TimeoutError):
                 pass
+        for _, call in calls:
             call.cancel()
-        self._calls.clear()
 
     async def step(self, token_ids: Sequence[int]) -> int:
         """Feeds new tokens through every stage; returns the token the last stage sampled."""
@@ -158,8 +170,10 @@ class ChainSession:
                 response = await call.read()
             except aio.AioRpcError as error:
                 raise translate(error, address, self.pool) from None
-            except aio.UsageError as error:
-                raise HopFailed(address, str(error)) from None
+            except (aio.UsageError, asyncio.InvalidStateError) as error:
+                # The stream already ended (the worker died or closed it): try elsewhere.
+                self.pool.mark_failed(address)
+                raise HopFailed(address, str(error) or "stream already finished") from None
             if response is aio.EOF:
                 code = await call.code()
                 details = await call.details()

@@ -211,7 +211,7 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
         model = request.model
         chain = self.pool.table.route(model, self.pool.load)
         key = None
-        if sampling.deterministic:
+        if sampling.deterministic and self.cache.enabled:
             key = generate_key(model, chain.fingerprint, prompt_ids, {
                 "max_new_tokens": max_new, "temperature": sampling.temperature,
                 "top_k": sampling.top_k, "top_p": sampling.top_p, "seed": sampling.seed,
@@ -359,8 +359,11 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
                 raise InvalidArgument(f"inputs[{index}] is over {limits.max_input_chars} "
                                       f"characters (max_input_chars)")
         chain = self.pool.table.route(request.model, self.pool.load)
-        keys = [embed_key(request.model, chain.fingerprint, t) for t in texts]
-        found = self._cache_get_many("embed", list(dict.fromkeys(keys)))
+        if self.cache.enabled:
+            keys = [embed_key(request.model, chain.fingerprint, t) for t in texts]
+            found = self._cache_get_many("embed", list(dict.fromkeys(keys)))
+        else:
+            keys, found = list(texts), {}
         vectors: list[np.ndarray | None] = []
         for key in keys:
             raw = found.get(key)
@@ -369,11 +372,10 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
         if missing:
             unique = list(dict.fromkeys(texts[i] for i in missing))
             computed = await self._embed_segments(request.model, frontend, unique, deadline)
-            fresh: dict[str, bytes] = {}
             for i in missing:
                 vectors[i] = computed[texts[i]]
-                fresh[keys[i]] = encode_vector(computed[texts[i]])
-            self.cache.set_many(fresh)
+            if self.cache.enabled:
+                self.cache.set_many({keys[i]: encode_vector(computed[texts[i]]) for i in missing})
         dim = int(vectors[0].shape[0]) if vectors[0] is not None else 0
         return inference_pb2.EmbedResponse(
             embeddings=[inference_pb2.Embedding(values=v.tolist()) for v in vectors

@@ -189,12 +189,20 @@ def test_otlp_receiver_gets_one_connected_trace_per_request(
             generated = sorted(_complete(t) or 0 for t in traces.values()
                                if any(s.name == GENERATE for s in t))
             done = generated == sorted(len(r.token_ids) for r in replies)
-            if done or time.monotonic() > deadline:
+            died = any(p.popen.poll() is not None for p in mesh.workers)
+            if done or died or time.monotonic() > deadline:
                 break
             time.sleep(0.1)
+        time.sleep(0.5)  # stray spans of other traces, if any, arrive too
         spans = collector.snapshot()
         assert collector.exports > 0, "the receiver was never called"
         context = "\n" + _describe(spans) + "\n" + _logs(mesh)
+        # A process that died took its unexported spans with it: say so first.
+        for proc in [mesh.router, *mesh.workers]:
+            assert proc is not None and proc.popen.poll() is None, \
+                f"{' '.join(proc.args[:5])} died (exit {proc.popen.poll()}){context}"
+        assert generated == sorted(len(r.token_ids) for r in replies), \
+            f"request traces incomplete after {WAIT_S:.0f} s: {generated}{context}"
 
         # Exactly one trace per request; every other trace is background or the test's probes,
         # so no request span was cut off into a trace of its own.
@@ -211,7 +219,7 @@ def test_otlp_receiver_gets_one_connected_trace_per_request(
         assert len(requests) == 2, context
 
         all_processes = set()
-        for trace_id, trace in requests.items():
+        for trace in requests.values():
             by_id = {s.span_id: s for s in trace}
             assert len(by_id) == len(trace), f"duplicate span ids{context}"
             [root] = _roots(trace)
@@ -223,6 +231,7 @@ def test_otlp_receiver_gets_one_connected_trace_per_request(
             for span in trace:
                 if span is not root:
                     assert span.parent_id in by_id, f"{span.name} has no parent here{context}"
+            assert _complete(trace) in {len(r.token_ids) for r in replies}, context
             names = [s.name for s in trace]
             assert names.count("cache.get") == 1 and names.count("cache.set") == 1, context
             # Three processes: the router and both stage workers.

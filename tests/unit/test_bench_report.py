@@ -212,3 +212,12 @@ def test_measured_overhead_row_wins_over_the_c1_lines() -> None:
     rows.append(_row(FLOOR, OVERHEAD, 1, items_s=math.nan, p50_ms=0.25))
     assert report.router_overhead_ms(rows) == pytest.approx(0.25)
     assert report.evaluate_targets(rows)[4].measured == pytest.approx(0.25)
+
+
+def test_a_skipped_line_is_not_measured_rather_than_nan() -> None:
+    rows = [r for r in _full_rows() if r.path != CACHE]
+    rows.append(make_row(GENERATE, CACHE, 1, latencies_s=[], items=0, wall_s=0.0,
+                         unit="tokens", note="skipped: worker exited (-11)"))
+    target = next(t for t in report.evaluate_targets(rows) if t.name.startswith("generate cache"))
+    assert target.ok is None and target.measured is None and target.wanted == "<= 0.750 ms"
+    assert "nan" not in report.format_targets([target])
