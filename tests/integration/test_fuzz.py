@@ -12,7 +12,6 @@ import json
 import math
 import re
 import threading
-import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -31,7 +30,6 @@ from services.cache.launcher import MemcachedNode, free_port
 from services.pb.tessera.v1 import (
     common_pb2,
     inference_pb2,
-    inference_pb2_grpc,
     worker_pb2,
     worker_pb2_grpc,
 )
@@ -506,8 +504,10 @@ def test_fuzz_sampling_extremes_are_served(target: Target) -> None:
                                                 top_k=top_k, top_p=top_p, stop=stop)
         if seed is not None:
             request.seed = seed
-        for where, method in (("Generate", stub.Generate),
-                              ("GenerateStream", lambda r, **kw: list(stub.GenerateStream(r, **kw)))):
+        def stream(r: object, **kw: Any) -> list[Any]:
+            return list(stub.GenerateStream(r, **kw))
+
+        for where, method in (("Generate", stub.Generate), ("GenerateStream", stream)):
             try:
                 method(request, timeout=CALL_TIMEOUT)
                 found.check(where, S.OK, None, request)
@@ -550,9 +550,13 @@ def test_odd_model_names_are_not_found(target: Target, rpc: str) -> None:
 
 # -- the worker service ------------------------------------------------------------------------
 
+def _worker_channels(target: Target) -> dict[str, grpc.Channel]:
+    return {name: target.channel(getattr(target, name)) for name in ("llama0", "llama1", "bert")}
+
+
 def test_fuzz_worker_forward(target: Target) -> None:
     found = Findings()
-    channels = {name: target.channel(getattr(target, name)) for name in ("llama0", "llama1", "bert")}
+    channels = _worker_channels(target)
 
     @settings(FUZZ, max_examples=600)
     @given(which=st.sampled_from(sorted(channels)), request=stage_forward_requests())
@@ -574,7 +578,7 @@ def test_fuzz_worker_forward(target: Target) -> None:
 
 def test_fuzz_worker_session(target: Target) -> None:
     found = Findings()
-    channels = {name: target.channel(getattr(target, name)) for name in ("llama0", "llama1", "bert")}
+    channels = _worker_channels(target)
 
     @settings(FUZZ, max_examples=400)
     @given(which=st.sampled_from(["llama0", "llama1", "llama1", "bert"]), steps=step_requests(),
@@ -606,7 +610,7 @@ def test_fuzz_raw_bytes(target: Target) -> None:
     nesting, lying length prefixes. Undecodable requests must be refused with a code the
     contract allows (INVALID_ARGUMENT), never UNKNOWN or INTERNAL."""
     found = Findings()
-    channels = {name: target.channel(getattr(target, name)) for name in ("llama0", "llama1", "bert")}
+    channels = _worker_channels(target)
     channels["router"] = target.mesh.channel()
 
     @settings(FUZZ, max_examples=800)
