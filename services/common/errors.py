@@ -68,6 +68,31 @@ async def _abort_for(exc: BaseException, context: aio.ServicerContext, method: s
     await context.abort(grpc.StatusCode.INTERNAL, f"internal error in {method}; see server logs")
 
 
+_UNDECODABLE = object()
+_UNDECODABLE_MESSAGE = "request is not a valid protobuf message (bad wire format or invalid UTF-8)"
+
+
+def _safe(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    """A deserializer that hands the handler a marker instead of failing inside gRPC (UNKNOWN)."""
+    if deserializer is None:
+        return None
+
+    def deserialize(data: bytes) -> Any:
+        try:
+            return deserializer(data)
+        except Exception:  # noqa: BLE001 - any decoding failure is the client's bad input
+            return _UNDECODABLE
+
+    return deserialize
+
+
+async def _checked(request_iterator: Any) -> Any:
+    async for request in request_iterator:
+        if request is _UNDECODABLE:
+            raise InvalidArgument(_UNDECODABLE_MESSAGE)
+        yield request
+
+
 class ErrorInterceptor(aio.ServerInterceptor):
     """Maps ServiceError to its status; anything unexpected to INTERNAL with a logged traceback."""
 
@@ -85,6 +110,8 @@ class ErrorInterceptor(aio.ServerInterceptor):
 
             async def unary_unary(request: Any, context: aio.ServicerContext) -> Any:
                 try:
+                    if request is _UNDECODABLE:
+                        raise InvalidArgument(_UNDECODABLE_MESSAGE)
                     return await inner_uu(request, context)
                 except (aio.AbortError, aio.UsageError):
                     raise
@@ -92,12 +119,14 @@ class ErrorInterceptor(aio.ServerInterceptor):
                     await _abort_for(exc, context, method)
 
             return grpc.unary_unary_rpc_method_handler(
-                unary_unary, handler.request_deserializer, handler.response_serializer)
+                unary_unary, _safe(handler.request_deserializer), handler.response_serializer)
         if handler.unary_stream:
             inner_us = handler.unary_stream
 
             async def unary_stream(request: Any, context: aio.ServicerContext) -> Any:
                 try:
+                    if request is _UNDECODABLE:
+                        raise InvalidArgument(_UNDECODABLE_MESSAGE)
                     async for item in inner_us(request, context):
                         yield item
                 except (aio.AbortError, aio.UsageError):
@@ -106,13 +135,13 @@ class ErrorInterceptor(aio.ServerInterceptor):
                     await _abort_for(exc, context, method)
 
             return grpc.unary_stream_rpc_method_handler(
-                unary_stream, handler.request_deserializer, handler.response_serializer)
+                unary_stream, _safe(handler.request_deserializer), handler.response_serializer)
         if handler.stream_stream:
             inner_ss = handler.stream_stream
 
             async def stream_stream(request_iterator: Any, context: aio.ServicerContext) -> Any:
                 try:
-                    async for item in inner_ss(request_iterator, context):
+                    async for item in inner_ss(_checked(request_iterator), context):
                         yield item
                 except (aio.AbortError, aio.UsageError):
                     raise
@@ -120,5 +149,5 @@ class ErrorInterceptor(aio.ServerInterceptor):
                     await _abort_for(exc, context, method)
 
             return grpc.stream_stream_rpc_method_handler(
-                stream_stream, handler.request_deserializer, handler.response_serializer)
+                stream_stream, _safe(handler.request_deserializer), handler.response_serializer)
         return handler

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import threading
 from collections.abc import Sequence
 from pathlib import Path
@@ -78,6 +79,9 @@ class ModelFrontend:
         return self.tokenizer.decode(list(ids), skip_special_tokens=True)
 
 
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+
+
 class Frontends:
     """Loads each model's frontend from the repository on first use."""
 
@@ -90,9 +94,12 @@ class Frontends:
         frontend = self._frontends.get(model)
         if frontend is not None:
             return frontend
+        if not _NAME.fullmatch(model):
+            raise NotFound(f"unknown model {model[:200]!r}")
         with self._lock:
             if model not in self._frontends:
-                if not model or "/" in model or model.startswith("."):
-                    raise NotFound(f"unknown model {model!r}")
-                self._frontends[model] = ModelFrontend(model_spec(self.repository, model))
+                try:
+                    self._frontends[model] = ModelFrontend(model_spec(self.repository, model))
+                except OSError:
+                    raise NotFound(f"unknown model {model!r}") from None
             return self._frontends[model]

@@ -56,6 +56,7 @@ T = TypeVar("T")
 ROLES = frozenset({"system", "user", "assistant", "tool"})
 MAX_STOP_STRINGS = 16
 MAX_STOP_CHARS = 256
+MAX_LAYERS = 4096
 RETRY_BUDGET = 2  # extra chains tried after a transport failure
 
 
@@ -172,7 +173,7 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
         if not prompt_ids:
             raise InvalidArgument("prompt encodes to no tokens")
         max_new = (request.max_new_tokens if request.HasField("max_new_tokens")
-                   else limits.default_max_new_tokens)
+                   else min(limits.default_max_new_tokens, limits.max_new_tokens))
         if not 1 <= max_new <= limits.max_new_tokens:
             raise InvalidArgument(f"max_new_tokens must be in [1, {limits.max_new_tokens}], "
                                   f"got {max_new}")
@@ -535,8 +536,14 @@ class RegistryService(worker_pb2_grpc.RegistryServicer):
     async def Register(self, request: worker_pb2.RegisterRequest,
                        context: aio.ServicerContext) -> worker_pb2.RegisterResponse:
         info = request.worker
-        if not info.address or not info.model or info.span.end <= info.span.start:
-            raise InvalidArgument("a registration needs address, model and a non-empty span")
+        if not info.address or not info.model or len(info.model) > 128:
+            raise InvalidArgument("a registration needs an address and a model name")
+        if not 0 < info.num_layers <= MAX_LAYERS or not 0 <= info.span.start < info.span.end \
+                <= info.num_layers:
+            raise InvalidArgument(f"span [{info.span.start}, {info.span.end}) must lie inside "
+                                  f"[0, num_layers] with 0 < num_layers <= {MAX_LAYERS}")
+        if info.hidden_size <= 0:
+            raise InvalidArgument("hidden_size must be positive")
         try:
             ModelKind(info.kind)
         except ValueError:

@@ -30,7 +30,9 @@ def sample(logits: torch.Tensor, params: SamplingParams,
         return int(torch.argmax(logits).item())
     if generator is not None and params.seed is not None and position is not None:
         generator.manual_seed((params.seed * 1_000_003 + position) % (2**63))
-    scores = logits.float() / params.temperature
+    # Shift before dividing: a tiny temperature must give -inf, never inf - inf = NaN.
+    logits = logits.float()
+    scores = (logits - logits.max()) / params.temperature
     if params.top_k > 0 and params.top_k < scores.numel():
         kth = torch.topk(scores, params.top_k).values[-1]
         scores = scores.masked_fill(scores < kth, float("-inf"))

@@ -6,6 +6,7 @@ import asyncio
 import contextvars
 import logging
 import time
+import uuid
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -235,7 +236,8 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
                                 seed=s.seed if s.HasField("seed") else None)
         if params.temperature < 0 or params.top_k < 0 or not 0 < params.top_p <= 1:
             raise InvalidArgument("sampling parameters out of range")
-        session = Session(request.session_id or f"anon-{id(request)}", self.stage.new_cache(),
+        # The table key is ours: a client reusing an id must not slip past max_sessions.
+        session = Session(f"{request.session_id[:64]}#{uuid.uuid4().hex}", self.stage.new_cache(),
                           params, make_generator(params))
         self.sessions.open(session)
         return session
