@@ -407,12 +407,13 @@ def _glyphs_for(stream: TextIO, ascii_only: bool) -> Glyphs:
     return UNICODE
 
 
-def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(
-        prog="tessera trace",
-        description="Draw one trace from a span file as a waterfall (router, cache, stages, "
-                    "queueing vs compute). Write the file with OTEL_TRACES_EXPORTER=file "
-                    "TESSERA_TRACE_FILE=PATH (console-exporter output and OTLP/JSON work too).")
+DESCRIPTION = ("Draw one trace from a span file as a waterfall (router, cache, stages, "
+               "queueing vs compute). Write the file with OTEL_TRACES_EXPORTER=file "
+               "TESSERA_TRACE_FILE=PATH (console-exporter output and OTLP/JSON work too).")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The options of `tessera trace`, for a parser of its own or a CLI subcommand."""
     parser.add_argument("file", help="the exported span file")
     parser.add_argument("--trace-id", help="the trace to draw (a unique prefix will do); "
                         "default: the most recent request")
@@ -420,7 +421,11 @@ def main(argv: list[str]) -> int:
                         help="output width in columns (default: the terminal's)")
     parser.add_argument("--list", action="store_true", help="list the traces in the file")
     parser.add_argument("--ascii", action="store_true", help="draw with ASCII only")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def run(args: argparse.Namespace) -> int:
+    """`tessera trace` with parsed arguments (see add_arguments)."""
     try:
         spans = read_spans(args.file)
     except OSError as exc:
@@ -438,6 +443,12 @@ def main(argv: list[str]) -> int:
     width = args.width or shutil.get_terminal_size((120, 24)).columns
     sys.stdout.write(render(traces[chosen], width, _glyphs_for(sys.stdout, args.ascii)))
     return 0
+
+
+def main(argv: list[str]) -> int:
+    parser = add_arguments(argparse.ArgumentParser(prog="tessera trace",
+                                                   description=DESCRIPTION))
+    return run(parser.parse_args(argv))
 
 
 if __name__ == "__main__":

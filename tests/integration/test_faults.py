@@ -183,6 +183,19 @@ def logs_on_failure(mesh: Mesh) -> Iterator[None]:
         raise
 
 
+def _diagnose_router(mesh: Mesh) -> None:
+    """Prints what the router shows and where its threads are (faulthandler on SIGABRT)."""
+    assert mesh.router is not None
+    try:
+        print(mesh.stub().ListModels(inference_pb2.ListModelsRequest(), timeout=5))
+    except grpc.RpcError as error:
+        print("ListModels:", describe(error))
+    os.kill(mesh.router.popen.pid, signal.SIGABRT)
+    time.sleep(2)
+    print("---- router (not access lines)")
+    print("\n".join(line for line in mesh.router.lines if '"msg": "request"' not in line))
+
+
 @contextmanager
 def mesh_of(repo: Path, workers: list[tuple[str, str | None]], *, chains: dict[str, int],
             env: dict[str, str] | None = None, cache_nodes: Sequence[str] = ()
@@ -195,8 +208,12 @@ def mesh_of(repo: Path, workers: list[tuple[str, str | None]], *, chains: dict[s
             mesh.start_worker(model, layers, wait=False)
         for proc in mesh.workers:
             proc.wait_ready()
-        for model, count in chains.items():
-            mesh.wait_model(model, chains=count)
+        try:
+            for model, count in chains.items():
+                mesh.wait_model(model, chains=count)
+        except TimeoutError:
+            _diagnose_router(mesh)
+            raise
         try:
             with logs_on_failure(mesh):
                 yield mesh
