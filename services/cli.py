@@ -54,7 +54,7 @@ def _cmd_worker(args: argparse.Namespace) -> int:
                      "metrics_port": args.metrics_port}, "flags")
     if not settings.model:
         raise SystemExit("tessera worker: --model is required")
-    setup_tracing(f"tessera-worker-{settings.model}")
+    setup_tracing(f"tessera-worker-{settings.model}-{settings.layers or 'replica'}")
     try:
         return asyncio.run(run_worker(settings))
     finally:
@@ -78,9 +78,9 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
 
 
 def _cmd_trace(args: argparse.Namespace) -> int:
-    from services.tracing.waterfall import main as waterfall
+    from services.tracing.waterfall import run
 
-    return waterfall(list(args.rest))
+    return run(args)
 
 
 def _cmd_certs(args: argparse.Namespace) -> int:
@@ -137,9 +137,10 @@ def main(argv: list[str] | None = None) -> int:
     worker.add_argument("--metrics-port", type=int, help="Prometheus port (-1 off, 0 any)")
     worker.set_defaults(func=_cmd_worker)
 
-    trace_view = sub.add_parser("trace", help="draw one request's trace as a waterfall",
-                                add_help=False)
-    trace_view.add_argument("rest", nargs=argparse.REMAINDER)
+    trace_view = sub.add_parser("trace", help="draw one request's trace as a waterfall")
+    from services.tracing.waterfall import add_arguments as add_trace_arguments
+
+    add_trace_arguments(trace_view)
     trace_view.set_defaults(func=_cmd_trace)
 
     certs = sub.add_parser("certs", help="make a local CA and server/client certs for dev")
