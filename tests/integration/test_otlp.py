@@ -238,7 +238,8 @@ def test_otlp_receiver_gets_one_connected_trace_per_request(
             processes = {s.process for s in trace}
             assert len(processes) == 3, f"{processes}{context}"
             assert {s.service for s in trace} == {"tessera-router",
-                                                  "tessera-worker-tiny-llama"}, context
+                                                  "tessera-worker-tiny-llama-0:2",
+                                                  "tessera-worker-tiny-llama-2:4"}, context
             all_processes |= processes
             # Stage spans hang under worker server spans, in the worker's own process.
             sessions = [s for s in trace if s.name == SESSION]
@@ -291,7 +292,7 @@ def test_file_export_renders_as_a_waterfall(tiny_repo: Path, memcached: Memcache
         steps = [row for row in rows if f"stage.step [{layers}]" in row]
         assert len(steps) == len(reply.token_ids), out
         for row in steps:
-            assert row.startswith("tessera-worker-tiny-llama"), row
+            assert row.startswith(f"tessera-worker-tiny-llama-{layers}"), row
             assert split.search(row), row  # the queue/compute column
             bar = row.rsplit("|", 2)[1]
             assert bar.strip() and set(bar.strip()) <= {"░", "█", "▒"}, row
