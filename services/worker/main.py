@@ -70,18 +70,22 @@ async def _register_loop(service: WorkerService, settings: WorkerSettings,
     warned: set[str] = set()
     try:
         while not stop.is_set():
+            wait = interval
             for router, channel in channels.items():
                 try:
-                    await worker_pb2_grpc.RegistryStub(channel).Register(
+                    reply = await worker_pb2_grpc.RegistryStub(channel).Register(
                         worker_pb2.RegisterRequest(worker=service.info()), timeout=2.0,
                         metadata=metadata)
+                    # The router says how often it needs renewals to keep us registered.
+                    if reply.heartbeat_seconds > 0:
+                        wait = min(wait, reply.heartbeat_seconds)
                     warned.discard(router)
                 except grpc.RpcError as exc:
                     if router not in warned:
                         log.warning("cannot register with router %s: %s", router, exc.code())
                         warned.add(router)
             try:
-                await asyncio.wait_for(stop.wait(), timeout=interval)
+                await asyncio.wait_for(stop.wait(), timeout=wait)
             except TimeoutError:
                 pass
         for router, channel in channels.items():
