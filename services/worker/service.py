@@ -293,10 +293,14 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
             self._queue_gauge.set(len(items))
             steps = [i for i in items if isinstance(i, StepItem)]
             forwards = [i for i in items if isinstance(i, ForwardItem)]
-            decodes = [i for i in steps if i.tokens.shape[1] == 1]
+            # A decode step adds one token to a session that already has a cache; a first step
+            # (a prefill, even of a one-token prompt) has no cache to pad and runs on its own.
+            decodes = [i for i in steps
+                       if i.tokens.shape[1] == 1 and i.session.cached_tokens() > 0]
+            prefills = [i for i in steps if not any(i is d for d in decodes)]
             groups: list[list[Any]] = [decodes[i:i + self.limits.max_batch]
                                        for i in range(0, len(decodes), self.limits.max_batch)]
-            groups += [[i] for i in steps if i.tokens.shape[1] != 1]
+            groups += [[i] for i in prefills]
             groups += group_forward_items(forwards, self.limits.max_batch, MAX_TOKENS_PER_CALL)
             for group in groups:
                 started = time.perf_counter()

@@ -18,7 +18,8 @@ from services.common.types import Span
 from services.worker.stage import StageModel
 from tests.mesh import Mesh
 
-PROMPTS = ["the cat sat on the mat", "hello", "what is the capital of france ?",
+# "hello" and "it" are one-token prompts: their first step must not join a decode batch.
+PROMPTS = ["the cat sat on the mat", "hello", "what is the capital of france ?", "it",
            "the dog", "paris is", "hello world and the cat", "a b c d e f g", "it is"]
 
 
