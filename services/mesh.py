@@ -124,7 +124,9 @@ def run_mesh(config: str | None, *, repository: str) -> int:
         stopping = True
         raise KeyboardInterrupt
 
+    # Both explicitly: a shell that starts us in the background leaves SIGINT ignored.
     signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
     try:
         for address in mesh.cache_nodes:
             if is_local_address(address):

@@ -91,7 +91,9 @@ class ObserveInterceptor(aio.ServerInterceptor):
             REQUEST_SECONDS.labels(service, rpc, model).observe(elapsed)
             IN_FLIGHT.labels(service).dec()
             span_context = trace.get_current_span().get_span_context()
-            access_log.info("request", extra={"fields": {
+            # Heartbeats every few seconds would drown the request lines.
+            level = logging.DEBUG if service == "tessera.v1.Registry" else logging.INFO
+            access_log.log(level, "request", extra={"fields": {
                 "rpc": method, "model": model, "code": name,
                 "duration_ms": round(elapsed * 1e3, 3),
                 "trace_id": format(span_context.trace_id, "032x") if span_context.is_valid
