@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
-from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, DynamicCache
+from transformers import AutoModel, AutoModelForCausalLM, DynamicCache
 
 from services.common.repository import ModelSpec
 from services.common.types import ModelKind, Span
@@ -214,6 +213,3 @@ class StageModel:
             raise ValueError("only the last stage of a causal LM has a head")
         return self.lm_head(hidden_states).float()
 
-
-def load_config(path: Path) -> Any:
-    return AutoConfig.from_pretrained(path)
