@@ -33,9 +33,18 @@ def _cmd_router(args: argparse.Namespace) -> int:
     from services.router.main import run_router
 
     settings = apply_env(RouterSettings(), "TESSERA_ROUTER_")
-    apply(settings, {"host": args.host, "port": args.port, "repository": args.repository,
-                     "workers": args.workers, "cache_nodes": args.cache,
-                     "metrics_port": args.metrics_port}, "flags")
+    apply(
+        settings,
+        {
+            "host": args.host,
+            "port": args.port,
+            "repository": args.repository,
+            "workers": args.workers,
+            "cache_nodes": args.cache,
+            "metrics_port": args.metrics_port,
+        },
+        "flags",
+    )
     setup_tracing("tessera-router")
     try:
         return asyncio.run(run_router(settings))
@@ -48,10 +57,21 @@ def _cmd_worker(args: argparse.Namespace) -> int:
     from services.worker.main import run_worker
 
     settings = apply_env(WorkerSettings(), "TESSERA_WORKER_")
-    apply(settings, {"model": args.model, "layers": args.layers, "host": args.host,
-                     "port": args.port, "routers": args.router, "repository": args.repository,
-                     "advertise": args.advertise, "threads": args.threads,
-                     "metrics_port": args.metrics_port}, "flags")
+    apply(
+        settings,
+        {
+            "model": args.model,
+            "layers": args.layers,
+            "host": args.host,
+            "port": args.port,
+            "routers": args.router,
+            "repository": args.repository,
+            "advertise": args.advertise,
+            "threads": args.threads,
+            "metrics_port": args.metrics_port,
+        },
+        "flags",
+    )
     if not settings.model:
         raise SystemExit("tessera worker: --model is required")
     setup_tracing(f"tessera-worker-{settings.model}-{settings.layers or 'replica'}")
@@ -145,8 +165,11 @@ def main(argv: list[str] | None = None) -> int:
 
     certs = sub.add_parser("certs", help="make a local CA and server/client certs for dev")
     certs.add_argument("--out", default="certs")
-    certs.add_argument("--hosts", default="localhost,127.0.0.1",
-                       help="names and IPs the server certificate is valid for")
+    certs.add_argument(
+        "--hosts",
+        default="localhost,127.0.0.1",
+        help="names and IPs the server certificate is valid for",
+    )
     certs.set_defaults(func=_cmd_certs)
 
     cache = sub.add_parser("cache", help="start local memcached nodes")
@@ -157,20 +180,30 @@ def main(argv: list[str] | None = None) -> int:
     prepare.add_argument("--repository", default=default_repository())
     prepare.set_defaults(func=_cmd_prepare)
 
-    bench = sub.add_parser("bench", help="start a local mesh and measure it against the "
-                                          "in-process limit (table + JSON)")
+    bench = sub.add_parser(
+        "bench",
+        help="start a local mesh and measure it against the in-process limit (table + JSON)",
+    )
     bench.add_argument("--seconds", type=float, help="seconds per line (default 8; quick 1.5)")
     bench.add_argument("--quick", action="store_true", help="a short smoke run (~2 minutes)")
-    bench.add_argument("--threads", type=int,
-                       help="torch threads for workers and the in-process limit "
-                            "(default: torch's default)")
+    bench.add_argument(
+        "--threads",
+        type=int,
+        help="torch threads for workers and the in-process limit (default: torch's default)",
+    )
     bench.add_argument("--max-new-tokens", type=int, help="tokens per generation (default 32)")
     bench.add_argument("--out", help="JSON path (default bench-results/bench-<timestamp>.json)")
-    bench.add_argument("--only", action="append", choices=["floor", "embed", "generate"],
-                       help="run only these phases (repeatable)")
-    bench.add_argument("--omp-wait-policy", choices=["inherit", "active", "passive"],
-                       help="OMP_WAIT_POLICY for workers and the in-process limit "
-                            "(default: passive)")
+    bench.add_argument(
+        "--only",
+        action="append",
+        choices=["floor", "embed", "generate"],
+        help="run only these phases (repeatable)",
+    )
+    bench.add_argument(
+        "--omp-wait-policy",
+        choices=["inherit", "active", "passive"],
+        help="OMP_WAIT_POLICY for workers and the in-process limit (default: passive)",
+    )
     bench.add_argument("--repository", default=default_repository())
     bench.set_defaults(func=_cmd_bench)
 

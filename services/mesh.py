@@ -48,27 +48,35 @@ def _local_cache_node(address: str) -> MemcachedNode | None:
     probe = _probe_host(host)
     pid = served_pid(probe, port)
     if pid is not None:
-        print(f"tessera up: reusing the memcached already running on {address} (pid {pid}); "
-              f"it is left running on exit", flush=True)
+        print(
+            f"tessera up: reusing the memcached already running on {address} (pid {pid}); "
+            f"it is left running on exit",
+            flush=True,
+        )
         return None
     if _port_answers(probe, port):
-        raise MeshError(f"tessera up: cache node {address} is taken by a process that is not "
-                        f"memcached; free the port or name another node under cache.nodes")
+        raise MeshError(
+            f"tessera up: cache node {address} is taken by a process that is not "
+            f"memcached; free the port or name another node under cache.nodes"
+        )
     try:
         return MemcachedNode().start(host=host, port=port)
     except RuntimeError as exc:
         raise MeshError(f"tessera up: cannot start memcached on {address}: {exc}") from exc
 
 
-def _wait_serving(address: str, service: str, deadline: float,
-                  procs: list[subprocess.Popen[bytes]]) -> None:
+def _wait_serving(
+    address: str, service: str, deadline: float, procs: list[subprocess.Popen[bytes]]
+) -> None:
     with grpc.insecure_channel(address) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         while time.monotonic() < deadline:
             for proc in procs:
                 if proc.poll() is not None:
-                    raise MeshError(f"tessera up: {' '.join(map(str, proc.args[2:5]))} exited "
-                                    f"with {proc.returncode} before the mesh was ready")
+                    raise MeshError(
+                        f"tessera up: {' '.join(map(str, proc.args[2:5]))} exited "
+                        f"with {proc.returncode} before the mesh was ready"
+                    )
             try:
                 reply = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=1.0)
                 if reply.status == health_pb2.HealthCheckResponse.SERVING:
@@ -87,8 +95,9 @@ def _env_overrides(settings: object, prefix: str, skip: set[str]) -> dict[str, s
         value = getattr(settings, f.name)
         if f.name in skip or value == getattr(defaults, f.name):
             continue
-        env[f"{prefix}{f.name.upper()}"] = (",".join(map(str, value)) if isinstance(value, list)
-                                            else str(value))
+        env[f"{prefix}{f.name.upper()}"] = (
+            ",".join(map(str, value)) if isinstance(value, list) else str(value)
+        )
     return env
 
 
@@ -97,19 +106,52 @@ def _commands(mesh: MeshSettings, repository: str) -> list[tuple[list[str], dict
     router = mesh.router
     router_address = f"127.0.0.1:{router.port}"
     python = [sys.executable, "-m", "services.cli"]
-    commands = [([*python, "router", "--host", router.host, "--port", str(router.port),
-                  "--repository", repository, "--cache", ",".join(mesh.cache_nodes)],
-                 _env_overrides(router, "TESSERA_ROUTER_",
-                                {"host", "port", "repository", "cache_nodes"}))]
+    commands = [
+        (
+            [
+                *python,
+                "router",
+                "--host",
+                router.host,
+                "--port",
+                str(router.port),
+                "--repository",
+                repository,
+                "--cache",
+                ",".join(mesh.cache_nodes),
+            ],
+            _env_overrides(
+                router, "TESSERA_ROUTER_", {"host", "port", "repository", "cache_nodes"}
+            ),
+        )
+    ]
     for worker in mesh.workers:
-        command = [*python, "worker", "--model", worker.model, "--host", worker.host,
-                   "--port", str(worker.port), "--router", router_address,
-                   "--repository", repository]
+        command = [
+            *python,
+            "worker",
+            "--model",
+            worker.model,
+            "--host",
+            worker.host,
+            "--port",
+            str(worker.port),
+            "--router",
+            router_address,
+            "--repository",
+            repository,
+        ]
         if worker.layers:
             command += ["--layers", worker.layers]
-        commands.append((command, _env_overrides(
-            worker, "TESSERA_WORKER_",
-            {"model", "layers", "host", "port", "routers", "repository"})))
+        commands.append(
+            (
+                command,
+                _env_overrides(
+                    worker,
+                    "TESSERA_WORKER_",
+                    {"model", "layers", "host", "port", "routers", "repository"},
+                ),
+            )
+        )
     return commands
 
 
@@ -143,16 +185,25 @@ def run_mesh(config: str | None, *, repository: str) -> int:
         causal = next((w.model for w in mesh.workers if "smollm" in w.model), None)
         print("\ntessera mesh ready: router on " + router_address, flush=True)
         if causal:
-            print("try:\n  .venv/bin/grpcurl -plaintext -d '{\"model\":\"" + causal +
-                  "\",\"messages\":[{\"role\":\"user\",\"content\":\"What is the capital of "
-                  "France?\"}],\"max_new_tokens\":24}' " + router_address +
-                  " tessera.v1.Inference/Generate", flush=True)
+            print(
+                'try:\n  .venv/bin/grpcurl -plaintext -d \'{"model":"'
+                + causal
+                + '","messages":[{"role":"user","content":"What is the capital of '
+                'France?"}],"max_new_tokens":24}\' '
+                + router_address
+                + " tessera.v1.Inference/Generate",
+                flush=True,
+            )
         print("Ctrl-C stops every process.", flush=True)
         while True:
             for proc in procs:
                 if proc.poll() is not None:
-                    print(f"tessera up: {proc.args[3]} exited with {proc.returncode}; "
-                          f"stopping the mesh", file=sys.stderr, flush=True)
+                    print(
+                        f"tessera up: {proc.args[3]} exited with {proc.returncode}; "
+                        f"stopping the mesh",
+                        file=sys.stderr,
+                        flush=True,
+                    )
                     return 1
             time.sleep(0.5)
     except MeshError as exc:

@@ -40,8 +40,13 @@ class Proc:
 
     def start(self) -> Proc:
         self.popen = subprocess.Popen(
-            [sys.executable, "-m", "services.cli", *self.args], cwd=ROOT, env=self.env,
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            [sys.executable, "-m", "services.cli", *self.args],
+            cwd=ROOT,
+            env=self.env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
         threading.Thread(target=self._pump, daemon=True).start()
         return self
 
@@ -58,7 +63,9 @@ class Proc:
         deadline = time.monotonic() + timeout
         while not self._ready.wait(0.1):
             if self.popen.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"{self.args[:3]} did not start:\n" + "\n".join(self.lines[-40:]))
+                raise RuntimeError(
+                    f"{self.args[:3]} did not start:\n" + "\n".join(self.lines[-40:])
+                )
         return self
 
     @property
@@ -84,9 +91,15 @@ class Proc:
 
 def service_env(repository: Path, extra: dict[str, str] | None = None) -> dict[str, str]:
     env = dict(os.environ)
-    env.update({"TESSERA_MODEL_REPOSITORY": str(repository), "PYTHONUNBUFFERED": "1",
-                "TRANSFORMERS_VERBOSITY": "error", "HF_HUB_OFFLINE": "1",
-                "OMP_NUM_THREADS": env.get("OMP_NUM_THREADS", "1")})
+    env.update(
+        {
+            "TESSERA_MODEL_REPOSITORY": str(repository),
+            "PYTHONUNBUFFERED": "1",
+            "TRANSFORMERS_VERBOSITY": "error",
+            "HF_HUB_OFFLINE": "1",
+            "OMP_NUM_THREADS": env.get("OMP_NUM_THREADS", "1"),
+        }
+    )
     env.update(extra or {})
     return env
 
@@ -94,8 +107,13 @@ def service_env(repository: Path, extra: dict[str, str] | None = None) -> dict[s
 class Mesh:
     """A router and workers as real processes. Use as a context manager."""
 
-    def __init__(self, repository: Path, *, cache_nodes: Sequence[str] = (),
-                 env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        repository: Path,
+        *,
+        cache_nodes: Sequence[str] = (),
+        env: dict[str, str] | None = None,
+    ) -> None:
         self.repository = repository
         self.cache_nodes = list(cache_nodes)
         self.env = service_env(repository, env)
@@ -116,11 +134,26 @@ class Mesh:
         self.router = Proc(args, self.env).start().wait_ready()
         return self.router
 
-    def start_worker(self, model: str, layers: str | None = None, *, wait: bool = True,
-                     env: dict[str, str] | None = None) -> Proc:
+    def start_worker(
+        self,
+        model: str,
+        layers: str | None = None,
+        *,
+        wait: bool = True,
+        env: dict[str, str] | None = None,
+    ) -> Proc:
         assert self.router is not None, "start the router first"
-        args = ["worker", "--model", model, "--port", "0", "--router", self.router.address,
-                "--repository", str(self.repository)]
+        args = [
+            "worker",
+            "--model",
+            model,
+            "--port",
+            "0",
+            "--router",
+            self.router.address,
+            "--repository",
+            str(self.repository),
+        ]
         if layers:
             args += ["--layers", layers]
         proc = Proc(args, {**self.env, **(env or {})}).start()
@@ -142,8 +175,7 @@ class Mesh:
     def stub(self) -> inference_pb2_grpc.InferenceStub:
         return inference_pb2_grpc.InferenceStub(self.channel())
 
-    def wait_model(self, model: str, timeout: float = START_TIMEOUT_S,
-                   chains: int = 1) -> None:
+    def wait_model(self, model: str, timeout: float = START_TIMEOUT_S, chains: int = 1) -> None:
         """Waits until the router reports SERVING for the model with at least `chains` chains."""
         health = health_pb2_grpc.HealthStub(self.channel())
         deadline = time.monotonic() + timeout
@@ -175,8 +207,9 @@ class Mesh:
 _METRICS_LINE = re.compile(r"tessera (router|worker) metrics on (\S+)")
 
 
-def wait_until(predicate: Callable[[], bool], timeout: float, what: str,
-               interval: float = 0.1) -> None:
+def wait_until(
+    predicate: Callable[[], bool], timeout: float, what: str, interval: float = 0.1
+) -> None:
     """Polls predicate until it is true; TimeoutError naming `what` after `timeout` seconds."""
     deadline = time.monotonic() + timeout
     while True:
@@ -187,19 +220,26 @@ def wait_until(predicate: Callable[[], bool], timeout: float, what: str,
         time.sleep(interval)
 
 
-def secure_channel(address: str, ca: Path | None, cert: Path | None = None,
-                   key: Path | None = None) -> grpc.Channel:
+def secure_channel(
+    address: str, ca: Path | None, cert: Path | None = None, key: Path | None = None
+) -> grpc.Channel:
     """A TLS channel trusting `ca` (None: the system roots), with a client certificate if given."""
     credentials = grpc.ssl_channel_credentials(
         root_certificates=ca.read_bytes() if ca else None,
         private_key=key.read_bytes() if key else None,
-        certificate_chain=cert.read_bytes() if cert else None)
+        certificate_chain=cert.read_bytes() if cert else None,
+    )
     return grpc.secure_channel(address, credentials)
 
 
-def wait_model_on(channel: grpc.Channel, model: str, *, timeout: float = START_TIMEOUT_S,
-                  metadata: Sequence[tuple[str, str]] | None = None,
-                  procs: Sequence[Proc] = ()) -> None:
+def wait_model_on(
+    channel: grpc.Channel,
+    model: str,
+    *,
+    timeout: float = START_TIMEOUT_S,
+    metadata: Sequence[tuple[str, str]] | None = None,
+    procs: Sequence[Proc] = (),
+) -> None:
     """Mesh.wait_model for any channel (TLS, tokens): SERVING and one healthy chain listed."""
     health = health_pb2_grpc.HealthStub(channel)
     stub = inference_pb2_grpc.InferenceStub(channel)
@@ -208,10 +248,10 @@ def wait_model_on(channel: grpc.Channel, model: str, *, timeout: float = START_T
         try:
             reply = health.Check(health_pb2.HealthCheckRequest(service=model), timeout=1.0)
             if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                listed = stub.ListModels(inference_pb2.ListModelsRequest(), timeout=2,
-                                         metadata=metadata)
-                if any(m.name == model and any(c.healthy for c in m.chains)
-                       for m in listed.models):
+                listed = stub.ListModels(
+                    inference_pb2.ListModelsRequest(), timeout=2, metadata=metadata
+                )
+                if any(m.name == model and any(c.healthy for c in m.chains) for m in listed.models):
                     return
         except grpc.RpcError:
             pass
@@ -251,11 +291,17 @@ def scrape(address: str, timeout: float = 5.0) -> list[Sample]:
 
     with urlopen(f"http://{address}/metrics", timeout=timeout) as reply:
         text = reply.read().decode()
-    return [Sample(s.name, dict(s.labels), float(s.value))
-            for family in text_string_to_metric_families(text) for s in family.samples]
+    return [
+        Sample(s.name, dict(s.labels), float(s.value))
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    ]
 
 
 def metric(samples: Sequence[Sample], name: str, **labels: str) -> float:
     """The sum of the samples called `name` whose labels include `labels` (0 when none)."""
-    return sum(s.value for s in samples
-               if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()))
+    return sum(
+        s.value
+        for s in samples
+        if s.name == name and all(s.labels.get(k) == v for k, v in labels.items())
+    )

@@ -1,6 +1,6 @@
 """The asyncio client: several generations streamed concurrently over one channel.
 
-    python examples/python/async_stream.py [ADDRESS] [--model NAME]
+python examples/python/async_stream.py [ADDRESS] [--model NAME]
 """
 
 from __future__ import annotations
@@ -17,8 +17,7 @@ async def run(address: str, model: str) -> None:
     async with AsyncClient(address, timeout=120) as client:
 
         async def one(prompt: str) -> str:
-            parts = [chunk.text async for chunk in client.stream(model, prompt,
-                                                                 max_new_tokens=24)]
+            parts = [chunk.text async for chunk in client.stream(model, prompt, max_new_tokens=24)]
             return prompt + "".join(parts)
 
         for text in await asyncio.gather(*(one(p) for p in PROMPTS)):

@@ -24,23 +24,29 @@ def main() -> int:
     # Deadline 60 s per call; UNAVAILABLE is retried by gRPC (service config retryPolicy).
     with Client(args.address, timeout=60, token=args.token) as client:
         for model in client.list_models():
-            print(f"{model.name} ({model.kind}, {model.num_layers} layers, version "
-                  f"{model.version}): {'healthy' if model.healthy else 'unhealthy'}")
+            print(
+                f"{model.name} ({model.kind}, {model.num_layers} layers, version "
+                f"{model.version}): {'healthy' if model.healthy else 'unhealthy'}"
+            )
 
         result = client.generate(args.model, args.prompt, max_new_tokens=16)
-        print(f"generate: {result.text!r} ({result.generated_tokens} tokens, "
-              f"{result.finish_reason})")
+        print(
+            f"generate: {result.text!r} ({result.generated_tokens} tokens, {result.finish_reason})"
+        )
 
         print("stream:   ", end="")
-        for chunk in client.stream(args.model, args.prompt, max_new_tokens=16,
-                                   temperature=0.7, seed=1):
+        for chunk in client.stream(
+            args.model, args.prompt, max_new_tokens=16, temperature=0.7, seed=1
+        ):
             print(chunk.text, end="", flush=True)
         print()
 
         embedded = client.embed(args.embed_model, ["hello world", "the cat sat on the mat"])
         vectors = embedded.numpy()
-        print(f"embed:    {vectors.shape[0]} vectors of {embedded.dim}, "
-              f"cosine {float(vectors[0] @ vectors[1]):.4f}")
+        print(
+            f"embed:    {vectors.shape[0]} vectors of {embedded.dim}, "
+            f"cosine {float(vectors[0] @ vectors[1]):.4f}"
+        )
 
         try:
             client.generate("no-such-model", "hi")

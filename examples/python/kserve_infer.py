@@ -34,8 +34,11 @@ def main() -> int:
     print("metadata:", client.get_model_metadata(args.model, as_json=True))
 
     # Causal models: BYTES "text" [1] in, BYTES "text" out; sampling as request parameters.
-    reply = client.infer(args.model, [text_input(["The capital of France is"])],
-                         parameters={"max_new_tokens": 16, "temperature": 0.0})
+    reply = client.infer(
+        args.model,
+        [text_input(["The capital of France is"])],
+        parameters={"max_new_tokens": 16, "temperature": 0.0},
+    )
     print("generated:", reply.as_numpy("text")[0].decode())
 
     # Encoder models: BYTES "text" [N] in, FP32 "embeddings" [N, dim] out.

@@ -43,8 +43,8 @@ def right_pad(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor,
     ids = torch.full((len(rows), width), pad_id, dtype=torch.int64)
     mask = torch.zeros((len(rows), width), dtype=torch.int64)
     for i, row in enumerate(rows):
-        ids[i, :len(row)] = torch.tensor(row, dtype=torch.int64)
-        mask[i, :len(row)] = 1
+        ids[i, : len(row)] = torch.tensor(row, dtype=torch.int64)
+        mask[i, : len(row)] = 1
     return ids, mask
 
 
@@ -53,8 +53,8 @@ def left_pad(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, 
     ids = torch.full((len(rows), width), pad_id, dtype=torch.int64)
     mask = torch.zeros((len(rows), width), dtype=torch.int64)
     for i, row in enumerate(rows):
-        ids[i, width - len(row):] = torch.tensor(row, dtype=torch.int64)
-        mask[i, width - len(row):] = 1
+        ids[i, width - len(row) :] = torch.tensor(row, dtype=torch.int64)
+        mask[i, width - len(row) :] = 1
     return ids, mask
 
 
@@ -67,10 +67,15 @@ class EmbedLimit:
         hidden = self.model(input_ids=ids, attention_mask=mask).last_hidden_state
         return _mean_pool(hidden, mask)
 
-    def measure(self, batches: Sequence[tuple[torch.Tensor, torch.Tensor]], *, seconds: float,
-                min_calls: int = 3) -> Outcome:
+    def measure(
+        self,
+        batches: Sequence[tuple[torch.Tensor, torch.Tensor]],
+        *,
+        seconds: float,
+        min_calls: int = 3,
+    ) -> Outcome:
         """Batched calls, cycling through `batches` (ids, mask), for `seconds`."""
-        self.embed(*batches[0])   # warm-up
+        self.embed(*batches[0])  # warm-up
         outcome = Outcome()
         started = time.perf_counter()
         call = 0
@@ -85,19 +90,23 @@ class EmbedLimit:
         return outcome
 
 
-def length_sorted_batches(token_rows: Sequence[Sequence[int]], batch: int, pad_id: int,
-                          seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def length_sorted_batches(
+    token_rows: Sequence[Sequence[int]], batch: int, pad_id: int, seed: int = 0
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Batches of similar length, as sentence-transformers' encode() makes them; the batches
     are then shuffled so any prefix of them has the pool's mix of lengths."""
     order = sorted(range(len(token_rows)), key=lambda i: len(token_rows[i]))
-    batches = [right_pad([token_rows[i] for i in order[b:b + batch]], pad_id)
-               for b in range(0, len(order) - batch + 1, batch)]
+    batches = [
+        right_pad([token_rows[i] for i in order[b : b + batch]], pad_id)
+        for b in range(0, len(order) - batch + 1, batch)
+    ]
     random.Random(seed).shuffle(batches)
     return batches
 
 
-def grouped_batches(token_rows: Sequence[Sequence[int]], groups: Sequence[Sequence[int]],
-                    pad_id: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def grouped_batches(
+    token_rows: Sequence[Sequence[int]], groups: Sequence[Sequence[int]], pad_id: int
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """One batch per group of row indices (the exact texts of one multi-text request)."""
     return [right_pad([token_rows[i] for i in group], pad_id) for group in groups]
 
@@ -108,8 +117,7 @@ class _FirstStep(LogitsProcessor):
     def __init__(self) -> None:
         self.at: float | None = None
 
-    def __call__(self, input_ids: torch.LongTensor,
-                 scores: torch.FloatTensor) -> torch.FloatTensor:
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         if self.at is None:
             self.at = time.perf_counter()
         return scores
@@ -134,24 +142,39 @@ class GenerateLimit:
         return total
 
     @torch.inference_mode()
-    def generate(self, prompt_rows: Sequence[Sequence[int]],
-                 max_new_tokens: int) -> tuple[int, float, float]:
+    def generate(
+        self, prompt_rows: Sequence[Sequence[int]], max_new_tokens: int
+    ) -> tuple[int, float, float]:
         """One batched greedy generate; returns (tokens, seconds, seconds to first token)."""
         ids, mask = left_pad(prompt_rows, self.pad_id)
         first = _FirstStep()
         sent = time.perf_counter()
         out = self.model.generate(
-            input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
-            do_sample=False, temperature=None, top_p=None, top_k=None,
-            pad_token_id=self.pad_id, logits_processor=LogitsProcessorList([first]))
+            input_ids=ids,
+            attention_mask=mask,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            temperature=None,
+            top_p=None,
+            top_k=None,
+            pad_token_id=self.pad_id,
+            logits_processor=LogitsProcessorList([first]),
+        )
         done = time.perf_counter()
-        tokens = self.count_tokens(out[:, ids.shape[1]:])
+        tokens = self.count_tokens(out[:, ids.shape[1] :])
         return tokens, done - sent, (first.at or done) - sent
 
-    def measure(self, prompt_rows: Sequence[Sequence[int]], *, batch: int, max_new_tokens: int,
-                seconds: float, min_calls: int = 2) -> Outcome:
+    def measure(
+        self,
+        prompt_rows: Sequence[Sequence[int]],
+        *,
+        batch: int,
+        max_new_tokens: int,
+        seconds: float,
+        min_calls: int = 2,
+    ) -> Outcome:
         """Batched generates of `batch` distinct prompts for `seconds` (at least min_calls)."""
-        self.generate(prompt_rows[:batch], 2)   # warm-up
+        self.generate(prompt_rows[:batch], 2)  # warm-up
         outcome = Outcome()
         started = time.perf_counter()
         call = 0

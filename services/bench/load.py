@@ -23,7 +23,7 @@ from services.pb.tessera.v1 import inference_pb2, inference_pb2_grpc, worker_pb2
 Call = Callable[[int], Awaitable[tuple[int, float | None]]]
 
 RPC_TIMEOUT_S = 300.0
-MAX_ERRORS = 200   # a line that keeps failing stops early rather than spinning
+MAX_ERRORS = 200  # a line that keeps failing stops early rather than spinning
 
 
 class BadResponse(Exception):
@@ -52,8 +52,15 @@ def _cpu_now() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-async def closed_loop(call: Call, *, concurrency: int, seconds: float, min_requests: int = 0,
-                      max_requests: int | None = None, start_index: int = 0) -> Outcome:
+async def closed_loop(
+    call: Call,
+    *,
+    concurrency: int,
+    seconds: float,
+    min_requests: int = 0,
+    max_requests: int | None = None,
+    start_index: int = 0,
+) -> Outcome:
     outcome = Outcome()
     counter = iter(range(start_index, start_index + 10**12))
     issued = 0
@@ -100,6 +107,7 @@ async def closed_loop(call: Call, *, concurrency: int, seconds: float, min_reque
 
 # -- calls ----------------------------------------------------------------------------------
 
+
 def health_call(channel: aio.Channel, service: str = "") -> Call:
     stub = health_pb2_grpc.HealthStub(channel)
     request = health_pb2.HealthCheckRequest(service=service)
@@ -113,8 +121,12 @@ def health_call(channel: aio.Channel, service: str = "") -> Call:
     return call
 
 
-def embed_call(channel: aio.Channel, requests: Sequence[inference_pb2.EmbedRequest], *,
-               expect_cached: bool = False) -> Call:
+def embed_call(
+    channel: aio.Channel,
+    requests: Sequence[inference_pb2.EmbedRequest],
+    *,
+    expect_cached: bool = False,
+) -> Call:
     """Router Embed; request i is requests[i % len]; checks the vector count (and cache hits)."""
     stub = inference_pb2_grpc.InferenceStub(channel)
 
@@ -130,8 +142,9 @@ def embed_call(channel: aio.Channel, requests: Sequence[inference_pb2.EmbedReque
     return call
 
 
-def forward_call(channel: aio.Channel,
-                 requests: Sequence[tuple[worker_pb2.StageForwardRequest, int]]) -> Call:
+def forward_call(
+    channel: aio.Channel, requests: Sequence[tuple[worker_pb2.StageForwardRequest, int]]
+) -> Call:
     """Worker Forward with pool=True, straight to the worker; requests are (message, rows)."""
     stub = worker_pb2_grpc.WorkerStub(channel)
 
@@ -146,9 +159,12 @@ def forward_call(channel: aio.Channel,
     return call
 
 
-def generate_stream_call(channel: aio.Channel,
-                         requests: Sequence[inference_pb2.GenerateRequest], *,
-                         expect_cached: bool = False) -> Call:
+def generate_stream_call(
+    channel: aio.Channel,
+    requests: Sequence[inference_pb2.GenerateRequest],
+    *,
+    expect_cached: bool = False,
+) -> Call:
     """Router GenerateStream; items are generated tokens; the first chunk with tokens is TTFT."""
     stub = inference_pb2_grpc.InferenceStub(channel)
 

@@ -31,8 +31,9 @@ class ChildFailed(RuntimeError):
 class Child:
     """One `python -m ...` child whose ready line names the address it listens on."""
 
-    def __init__(self, name: str, argv: Sequence[str], env: dict[str, str],
-                 log_path: Path | None = None) -> None:
+    def __init__(
+        self, name: str, argv: Sequence[str], env: dict[str, str], log_path: Path | None = None
+    ) -> None:
         self.name = name
         self.log_path = log_path
         self.argv = list(argv)
@@ -44,8 +45,14 @@ class Child:
 
     def start(self) -> Child:
         self.popen = subprocess.Popen(
-            [sys.executable, *self.argv], cwd=ROOT, env=self.env, stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            [sys.executable, *self.argv],
+            cwd=ROOT,
+            env=self.env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
         threading.Thread(target=self._pump, name=f"pump-{self.name}", daemon=True).start()
         return self
 
@@ -74,8 +81,9 @@ class Child:
         assert self.popen is not None
         while not self._ready.wait(0.1):
             if self.popen.poll() is not None:
-                raise ChildFailed(f"{self.name} exited with {self.popen.returncode}:\n"
-                                  + self.tail())
+                raise ChildFailed(
+                    f"{self.name} exited with {self.popen.returncode}:\n" + self.tail()
+                )
             if time.monotonic() > deadline:
                 raise ChildFailed(f"{self.name} was not ready in time:\n" + self.tail())
         return self
@@ -115,11 +123,17 @@ class Child:
 
 def service_env(repository: str, extra: dict[str, str] | None = None) -> dict[str, str]:
     env = dict(os.environ)
-    env.update({"TESSERA_MODEL_REPOSITORY": repository, "PYTHONUNBUFFERED": "1",
-                "TRANSFORMERS_VERBOSITY": "error", "HF_HUB_OFFLINE": "1",
-                "HF_HUB_DISABLE_PROGRESS_BARS": "1",
-                # A crash (SIGSEGV) in a service leaves its Python stack in the service log.
-                "PYTHONFAULTHANDLER": "1"})
+    env.update(
+        {
+            "TESSERA_MODEL_REPOSITORY": repository,
+            "PYTHONUNBUFFERED": "1",
+            "TRANSFORMERS_VERBOSITY": "error",
+            "HF_HUB_OFFLINE": "1",
+            "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+            # A crash (SIGSEGV) in a service leaves its Python stack in the service log.
+            "PYTHONFAULTHANDLER": "1",
+        }
+    )
     env.update(extra or {})
     return env
 
@@ -127,8 +141,13 @@ def service_env(repository: str, extra: dict[str, str] | None = None) -> dict[st
 class Fleet:
     """Every child of one bench run; stops them in reverse start order."""
 
-    def __init__(self, repository: str, log_level: str = "warning",
-                 log_dir: Path | None = None, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        repository: str,
+        log_level: str = "warning",
+        log_dir: Path | None = None,
+        env: dict[str, str] | None = None,
+    ) -> None:
         self.repository = repository
         self.log_dir = log_dir
         self.log_level = log_level
@@ -139,16 +158,33 @@ class Fleet:
         return ["-m", "services.cli", "--log-level", self.log_level, *args]
 
     def router(self, name: str, *, cache: Sequence[str] = ()) -> Child:
-        args = ["router", "--host", "127.0.0.1", "--port", "0",
-                "--repository", self.repository]
+        args = ["router", "--host", "127.0.0.1", "--port", "0", "--repository", self.repository]
         if cache:
             args += ["--cache", ",".join(cache)]
         return self._add(Child(name, self._cli(*args), self.env, self._log(name)))
 
-    def worker(self, name: str, model: str, routers: Sequence[str], *, layers: str | None = None,
-               threads: int | None = None) -> Child:
-        args = ["worker", "--model", model, "--host", "127.0.0.1", "--port", "0",
-                "--router", ",".join(routers), "--repository", self.repository]
+    def worker(
+        self,
+        name: str,
+        model: str,
+        routers: Sequence[str],
+        *,
+        layers: str | None = None,
+        threads: int | None = None,
+    ) -> Child:
+        args = [
+            "worker",
+            "--model",
+            model,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "0",
+            "--router",
+            ",".join(routers),
+            "--repository",
+            self.repository,
+        ]
         if layers:
             args += ["--layers", layers]
         if threads:

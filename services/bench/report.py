@@ -13,10 +13,10 @@ from pathlib import Path
 from typing import Any
 
 # Scenarios (the first column) and ratio groups.
-EMBED_1 = "embed x1"          # one text per request
-EMBED_16 = "embed x16"        # sixteen texts per request
-GENERATE = "generate"         # GenerateStream, greedy, fixed max_new_tokens
-FLOOR = "floor"               # bare round trips and the router's own overhead
+EMBED_1 = "embed x1"  # one text per request
+EMBED_16 = "embed x16"  # sixteen texts per request
+GENERATE = "generate"  # GenerateStream, greedy, fixed max_new_tokens
+FLOOR = "floor"  # bare round trips and the router's own overhead
 
 # Paths (the second column).
 LIMIT = "in-process limit"
@@ -62,34 +62,47 @@ class Row:
 
     scenario: str
     path: str
-    concurrency: int | None       # None: not a concurrency (a batched in-process call)
-    requests: int                 # completed requests (or batched calls for a limit)
+    concurrency: int | None  # None: not a concurrency (a batched in-process call)
+    requests: int  # completed requests (or batched calls for a limit)
     wall_s: float
-    req_s: float                  # requests per second (a limit: equivalent requests)
-    items_s: float                # texts/s (Embed) or tokens/s (Generate)
-    unit: str                     # "texts", "tokens" or "calls"
+    req_s: float  # requests per second (a limit: equivalent requests)
+    items_s: float  # texts/s (Embed) or tokens/s (Generate)
+    unit: str  # "texts", "tokens" or "calls"
     p50_ms: float
     p99_ms: float
     ttft_p50_ms: float | None = None
     errors: int = 0
-    cpu_share: float | None = None    # the load generator's CPU share over the line
-    group: str | None = None          # rows in a group are compared with its limit row
+    cpu_share: float | None = None  # the load generator's CPU share over the line
+    group: str | None = None  # rows in a group are compared with its limit row
     is_limit: bool = False
-    ratio: float | None = None        # items_s / the group's limit items_s
+    ratio: float | None = None  # items_s / the group's limit items_s
     note: str = ""
     error_kinds: dict[str, int] = field(default_factory=dict)
-    service_cpu_ms: dict[str, float] = field(default_factory=dict)   # per request, by process
+    service_cpu_ms: dict[str, float] = field(default_factory=dict)  # per request, by process
 
     @property
     def key(self) -> tuple[str, str, int | None]:
         return (self.scenario, self.path, self.concurrency)
 
 
-def make_row(scenario: str, path: str, concurrency: int | None, *, latencies_s: Sequence[float],
-             items: int, wall_s: float, unit: str, items_per_request: float = 1.0,
-             ttfts_s: Sequence[float] = (), errors: int = 0, cpu_share: float | None = None,
-             group: str | None = None, is_limit: bool = False, note: str = "",
-             error_kinds: dict[str, int] | None = None) -> Row:
+def make_row(
+    scenario: str,
+    path: str,
+    concurrency: int | None,
+    *,
+    latencies_s: Sequence[float],
+    items: int,
+    wall_s: float,
+    unit: str,
+    items_per_request: float = 1.0,
+    ttfts_s: Sequence[float] = (),
+    errors: int = 0,
+    cpu_share: float | None = None,
+    group: str | None = None,
+    is_limit: bool = False,
+    note: str = "",
+    error_kinds: dict[str, int] | None = None,
+) -> Row:
     """Summarises raw samples: latencies (one per request or call) in seconds, items done.
 
     req_s is items/s divided by items_per_request, so a batched in-process call reads as the
@@ -98,24 +111,41 @@ def make_row(scenario: str, path: str, concurrency: int | None, *, latencies_s: 
     items_s = items / wall_s if wall_s > 0 else math.nan
     req_s = items_s / items_per_request if items_per_request > 0 else math.nan
     return Row(
-        scenario=scenario, path=path, concurrency=concurrency, requests=len(latencies_s),
-        wall_s=wall_s, req_s=req_s, items_s=items_s, unit=unit,
-        p50_ms=percentile(latencies_s, 50) * 1e3, p99_ms=percentile(latencies_s, 99) * 1e3,
+        scenario=scenario,
+        path=path,
+        concurrency=concurrency,
+        requests=len(latencies_s),
+        wall_s=wall_s,
+        req_s=req_s,
+        items_s=items_s,
+        unit=unit,
+        p50_ms=percentile(latencies_s, 50) * 1e3,
+        p99_ms=percentile(latencies_s, 99) * 1e3,
         ttft_p50_ms=percentile(ttfts_s, 50) * 1e3 if ttfts_s else None,
-        errors=errors, cpu_share=cpu_share, group=group, is_limit=is_limit, note=note,
-        error_kinds=dict(error_kinds or {}))
+        errors=errors,
+        cpu_share=cpu_share,
+        group=group,
+        is_limit=is_limit,
+        note=note,
+        error_kinds=dict(error_kinds or {}),
+    )
 
 
-def cpu_per_request_ms(before: dict[str, float], after: dict[str, float], requests: int,
-                       min_ms: float = 0.05) -> dict[str, float]:
+def cpu_per_request_ms(
+    before: dict[str, float], after: dict[str, float], requests: int, min_ms: float = 0.05
+) -> dict[str, float]:
     """CPU milliseconds per request of each process between two snapshots, busiest first;
     processes under min_ms per request (idle ones) are left out."""
     if requests <= 0:
         return {}
-    spent = {name: (after[name] - before[name]) * 1e3 / requests
-             for name in after if name in before}
-    return {name: round(ms, 3) for name, ms in sorted(spent.items(), key=lambda kv: -kv[1])
-            if ms >= min_ms}
+    spent = {
+        name: (after[name] - before[name]) * 1e3 / requests for name in after if name in before
+    }
+    return {
+        name: round(ms, 3)
+        for name, ms in sorted(spent.items(), key=lambda kv: -kv[1])
+        if ms >= min_ms
+    }
 
 
 def apply_ratios(rows: Iterable[Row]) -> None:
@@ -127,12 +157,16 @@ def apply_ratios(rows: Iterable[Row]) -> None:
         row.ratio = ratio(row.items_s, limit.items_s) if limit is not None else None
 
 
-def find(rows: Iterable[Row], scenario: str, path: str,
-         concurrency: int | None = None) -> Row | None:
+def find(
+    rows: Iterable[Row], scenario: str, path: str, concurrency: int | None = None
+) -> Row | None:
     """The first row with this scenario and path (and concurrency, when given)."""
     for row in rows:
-        if row.scenario == scenario and row.path == path and (
-                concurrency is None or row.concurrency == concurrency):
+        if (
+            row.scenario == scenario
+            and row.path == path
+            and (concurrency is None or row.concurrency == concurrency)
+        ):
             return row
     return None
 
@@ -154,27 +188,50 @@ def _cells(row: Row) -> list[str]:
     if row.errors:
         note = f"{row.errors} errors {row.error_kinds}" + (f"; {note}" if note else "")
     return [
-        row.scenario, row.path, "-" if row.concurrency is None else str(row.concurrency),
-        str(row.requests), _num(row.req_s), items, _num(row.p50_ms, 2), _num(row.p99_ms, 2),
-        _num(row.ttft_p50_ms, 1), "-" if row.ratio is None else f"{row.ratio:.2f}",
-        "-" if row.cpu_share is None else f"{row.cpu_share * 100:.0f}%", note,
+        row.scenario,
+        row.path,
+        "-" if row.concurrency is None else str(row.concurrency),
+        str(row.requests),
+        _num(row.req_s),
+        items,
+        _num(row.p50_ms, 2),
+        _num(row.p99_ms, 2),
+        _num(row.ttft_p50_ms, 1),
+        "-" if row.ratio is None else f"{row.ratio:.2f}",
+        "-" if row.cpu_share is None else f"{row.cpu_share * 100:.0f}%",
+        note,
     ]
 
 
-HEADER = ["scenario", "path", "conc", "reqs", "req/s", "items/s", "p50 ms", "p99 ms",
-          "ttft p50", "vs limit", "gen cpu", "note"]
+HEADER = [
+    "scenario",
+    "path",
+    "conc",
+    "reqs",
+    "req/s",
+    "items/s",
+    "p50 ms",
+    "p99 ms",
+    "ttft p50",
+    "vs limit",
+    "gen cpu",
+    "note",
+]
 _RIGHT = {2, 3, 4, 5, 6, 7, 8, 9, 10}
 
 
 def format_table(rows: Sequence[Row]) -> str:
     """A plain-text table, one line per row, a blank line between scenarios."""
     body = [_cells(r) for r in rows]
-    widths = [max(len(HEADER[i]), *(len(c[i]) for c in body)) if body else len(HEADER[i])
-              for i in range(len(HEADER))]
+    widths = [
+        max(len(HEADER[i]), *(len(c[i]) for c in body)) if body else len(HEADER[i])
+        for i in range(len(HEADER))
+    ]
 
     def line(cells: Sequence[str]) -> str:
-        parts = [c.rjust(w) if i in _RIGHT else c.ljust(w)
-                 for i, (c, w) in enumerate(zip(cells, widths))]
+        parts = [
+            c.rjust(w) if i in _RIGHT else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths))
+        ]
         return "  ".join(parts).rstrip()
 
     out = [line(HEADER), line(["-" * w for w in widths])]
@@ -189,12 +246,13 @@ def format_table(rows: Sequence[Row]) -> str:
 
 # -- targets --------------------------------------------------------------------------------
 
+
 @dataclass
 class Target:
     name: str
     measured: float | None
-    wanted: str                 # e.g. ">= 0.85"
-    ok: bool | None             # None: not measured in this run
+    wanted: str  # e.g. ">= 0.85"
+    ok: bool | None  # None: not measured in this run
     detail: str = ""
 
 
@@ -210,13 +268,21 @@ def _at_most(name: str, measured: float | None, bound: float | None, unit: str =
     known_bound = bound is not None and not math.isnan(bound)
     if measured is None or math.isnan(measured) or not known_bound:
         wanted = f"<= {bound:.3f}{unit}" if known_bound else "<= ?"
-        return Target(name, None if measured is None or math.isnan(measured) else measured,
-                      wanted, None, "not measured")
+        return Target(
+            name,
+            None if measured is None or math.isnan(measured) else measured,
+            wanted,
+            None,
+            "not measured",
+        )
     ok = measured <= bound
     detail = ""
     if not ok:
-        detail = (f"over by {(measured / bound - 1) * 100:.0f}%" if bound > 0
-                  else f"over by {measured - bound:.3f}{unit}")
+        detail = (
+            f"over by {(measured / bound - 1) * 100:.0f}%"
+            if bound > 0
+            else f"over by {measured - bound:.3f}{unit}"
+        )
     return Target(name, measured, f"<= {bound:.3f}{unit}", ok, detail)
 
 
@@ -245,13 +311,24 @@ def overhead_row(rows: Sequence[Row]) -> Row | None:
     note = "router Embed p50 - direct Forward p50, 1 text, c=1"
     if versus is not None:
         note += f"; {versus:.2f} x bare round trip"
-    return Row(scenario=FLOOR, path=OVERHEAD, concurrency=1, requests=0, wall_s=0.0,
-               req_s=math.nan, items_s=math.nan, unit="calls", p50_ms=overhead,
-               p99_ms=math.nan, note=note)
+    return Row(
+        scenario=FLOOR,
+        path=OVERHEAD,
+        concurrency=1,
+        requests=0,
+        wall_s=0.0,
+        req_s=math.nan,
+        items_s=math.nan,
+        unit="calls",
+        p50_ms=overhead,
+        p99_ms=math.nan,
+        note=note,
+    )
 
 
 def evaluate_targets(rows: Sequence[Row]) -> list[Target]:
     """The issue's targets, checked against one run's rows."""
+
     def ratio_of(scenario: str, path: str, concurrency: int) -> float | None:
         row = find(rows, scenario, path, concurrency)
         return row.ratio if row is not None else None
@@ -266,16 +343,29 @@ def evaluate_targets(rows: Sequence[Row]) -> list[Target]:
     one, sixteen = find(rows, GENERATE, ROUTER, 1), find(rows, GENERATE, ROUTER, 16)
     scale = ratio(sixteen.items_s, one.items_s) if one and sixteen else None
     targets.append(_at_least("generate via router c=16 vs c=1 tok/s", scale, 5.0, "x"))
-    targets.append(_at_most("router overhead c=1 (ms) vs bare round trip",
-                            router_overhead_ms(rows), floor, " ms"))
+    targets.append(
+        _at_most(
+            "router overhead c=1 (ms) vs bare round trip", router_overhead_ms(rows), floor, " ms"
+        )
+    )
     hit = find(rows, GENERATE, CACHE)
     embed_hit = find(rows, EMBED_1, CACHE, 1)
-    targets.append(_at_most("generate cache hit p50 (ms) vs 1.5 x bare",
-                            hit.p50_ms if hit else None,
-                            1.5 * floor if floor is not None else None, " ms"))
-    targets.append(_at_most("embed cache hit c=1 p50 (ms) vs 1.5 x bare",
-                            embed_hit.p50_ms if embed_hit else None,
-                            1.5 * floor if floor is not None else None, " ms"))
+    targets.append(
+        _at_most(
+            "generate cache hit p50 (ms) vs 1.5 x bare",
+            hit.p50_ms if hit else None,
+            1.5 * floor if floor is not None else None,
+            " ms",
+        )
+    )
+    targets.append(
+        _at_most(
+            "embed cache hit c=1 p50 (ms) vs 1.5 x bare",
+            embed_hit.p50_ms if embed_hit else None,
+            1.5 * floor if floor is not None else None,
+            " ms",
+        )
+    )
     miss = find(rows, GENERATE, ROUTER, 1)
     speedup = ratio(miss.p50_ms, hit.p50_ms) if miss and hit else None
     targets.append(_at_least("generate cache hit speed-up vs miss p50", speedup, 20.0, "x"))
@@ -287,12 +377,15 @@ def format_targets(targets: Sequence[Target]) -> str:
     for t in targets:
         verdict = {True: "PASS", False: "MISS", None: "----"}[t.ok]
         measured = "-" if t.measured is None else f"{t.measured:.3f}"
-        lines.append(f"  [{verdict}] {t.name}: {measured} (want {t.wanted})"
-                     + (f" {t.detail}" if t.detail else ""))
+        lines.append(
+            f"  [{verdict}] {t.name}: {measured} (want {t.wanted})"
+            + (f" {t.detail}" if t.detail else "")
+        )
     return "\n".join(lines)
 
 
 # -- JSON -----------------------------------------------------------------------------------
+
 
 def _clean(value: Any) -> Any:
     """NaN and infinities are not JSON: they become null."""
@@ -305,16 +398,19 @@ def _clean(value: Any) -> Any:
     return value
 
 
-def to_document(rows: Sequence[Row], meta: dict[str, Any],
-                targets: Sequence[Target] = ()) -> dict[str, Any]:
+def to_document(
+    rows: Sequence[Row], meta: dict[str, Any], targets: Sequence[Target] = ()
+) -> dict[str, Any]:
     """The JSON document: schema, run metadata, one object per row, the target checks."""
-    return _clean({
-        "schema": SCHEMA,
-        "meta": dict(meta),
-        "rows": [asdict(r) for r in rows],
-        "router_overhead_ms": router_overhead_ms(rows),
-        "targets": [asdict(t) for t in targets],
-    })
+    return _clean(
+        {
+            "schema": SCHEMA,
+            "meta": dict(meta),
+            "rows": [asdict(r) for r in rows],
+            "router_overhead_ms": router_overhead_ms(rows),
+            "targets": [asdict(t) for t in targets],
+        }
+    )
 
 
 def write_json(path: Path, document: dict[str, Any]) -> Path:

@@ -110,13 +110,22 @@ def options_from_args(args: argparse.Namespace) -> Options:
 
     quick = bool(args.quick)
     seconds = args.seconds if args.seconds is not None else (1.5 if quick else 8.0)
-    out = Path(args.out) if args.out else Path(
-        "bench-results", f"bench-{datetime.now().strftime('%Y%m%d-%H%M%S')}.json")
+    out = (
+        Path(args.out)
+        if args.out
+        else Path("bench-results", f"bench-{datetime.now().strftime('%Y%m%d-%H%M%S')}.json")
+    )
     phases = tuple(args.only) if args.only else PHASES
-    options = Options(seconds=seconds, threads=args.threads or torch.get_num_threads(),
-                      max_new_tokens=args.max_new_tokens or (16 if quick else 32),
-                      repository=str(Path(args.repository).resolve()), out=out, quick=quick,
-                      phases=phases, omp_wait_policy=policy)
+    options = Options(
+        seconds=seconds,
+        threads=args.threads or torch.get_num_threads(),
+        max_new_tokens=args.max_new_tokens or (16 if quick else 32),
+        repository=str(Path(args.repository).resolve()),
+        out=out,
+        quick=quick,
+        phases=phases,
+        omp_wait_policy=policy,
+    )
     if quick:
         options.text_pool, options.hit_pool, options.prompt_pool = 2048, 256, 256
     return options
@@ -127,6 +136,7 @@ def _say(message: str) -> None:
 
 
 # -- the mesh -------------------------------------------------------------------------------
+
 
 @dataclass
 class Mesh:
@@ -151,17 +161,23 @@ def start_mesh(fleet: Fleet, options: Options, cache_address: str) -> Mesh:
         if child is not None:
             child.wait_ready(deadline)
     both = [plain.address, cache.address]
-    encoder = fleet.worker("worker-minilm", ENCODER, both, threads=options.threads) \
-        if want_embed else None
+    encoder = (
+        fleet.worker("worker-minilm", ENCODER, both, threads=options.threads)
+        if want_embed
+        else None
+    )
     replica = stages = None
     if want_generate:
         assert chain is not None
         layers = model_spec(Path(options.repository), LLM).num_layers
         half = layers // 2
         replica = fleet.worker("worker-smollm-replica", LLM, both, threads=options.threads)
-        stages = [fleet.worker(f"worker-smollm-{span}", LLM, [chain.address], layers=span,
-                               threads=options.threads)
-                  for span in (f"0:{half}", f"{half}:{layers}")]
+        stages = [
+            fleet.worker(
+                f"worker-smollm-{span}", LLM, [chain.address], layers=span, threads=options.threads
+            )
+            for span in (f"0:{half}", f"{half}:{layers}")
+        ]
     return Mesh(echo, plain, cache, chain, encoder, replica, stages or [])
 
 
@@ -172,8 +188,9 @@ def wait_workers(mesh: Mesh) -> None:
             child.wait_ready(deadline)
 
 
-async def wait_model(channel: aio.Channel, model: str, fleet: Fleet,
-                     timeout: float = START_TIMEOUT_S) -> None:
+async def wait_model(
+    channel: aio.Channel, model: str, fleet: Fleet, timeout: float = START_TIMEOUT_S
+) -> None:
     """Until the router reports SERVING for the model with a healthy chain."""
     health = health_pb2_grpc.HealthStub(channel)
     stub = inference_pb2_grpc.InferenceStub(channel)
@@ -184,8 +201,7 @@ async def wait_model(channel: aio.Channel, model: str, fleet: Fleet,
             reply = await health.Check(health_pb2.HealthCheckRequest(service=model), timeout=1.0)
             if reply.status == health_pb2.HealthCheckResponse.SERVING:
                 listed = await stub.ListModels(inference_pb2.ListModelsRequest(), timeout=2.0)
-                if any(m.name == model and any(c.healthy for c in m.chains)
-                       for m in listed.models):
+                if any(m.name == model and any(c.healthy for c in m.chains) for m in listed.models):
                     return
         except aio.AioRpcError:
             pass
@@ -194,6 +210,7 @@ async def wait_model(channel: aio.Channel, model: str, fleet: Fleet,
 
 
 # -- measuring ------------------------------------------------------------------------------
+
 
 class Bench:
     def __init__(self, options: Options, fleet: Fleet) -> None:
@@ -214,8 +231,10 @@ class Bench:
                 code = child.popen.returncode if child.popen is not None else None
                 if child.name not in self.crashed:
                     self.crashed[child.name] = code
-                    _say(f"  !! {child.name} exited with {code}; its log: "
-                         f"{child.log_path or '(none)'}")
+                    _say(
+                        f"  !! {child.name} exited with {code}; its log: "
+                        f"{child.log_path or '(none)'}"
+                    )
                 dead.append(f"{child.name} exited ({code})")
         return ", ".join(dead)
 
@@ -225,33 +244,61 @@ class Bench:
         ttft = f" ttft p50 {row.ttft_p50_ms:.1f} ms" if row.ttft_p50_ms is not None else ""
         cpu = f" gen cpu {row.cpu_share * 100:.0f}%" if row.cpu_share is not None else ""
         errors = f" ERRORS {row.errors} {row.error_kinds}" if row.errors else ""
-        _say(f"  {row.scenario:10s} {row.path:26s} c={conc!s:3s} {row.requests:6d} reqs "
-             f"{row.items_s:9.1f} {row.unit}/s  p50 {row.p50_ms:8.2f} ms  "
-             f"p99 {row.p99_ms:8.2f} ms{ttft}{cpu}{errors}"
-             + (f"  [{row.note}]" if row.note else ""))
+        _say(
+            f"  {row.scenario:10s} {row.path:26s} c={conc!s:3s} {row.requests:6d} reqs "
+            f"{row.items_s:9.1f} {row.unit}/s  p50 {row.p50_ms:8.2f} ms  "
+            f"p99 {row.p99_ms:8.2f} ms{ttft}{cpu}{errors}" + (f"  [{row.note}]" if row.note else "")
+        )
         return row
 
-    async def grpc_line(self, scenario: str, path: str, call: load.Call, *, concurrency: int,
-                        unit: str, items_per_request: float, group: str | None,
-                        warmup: int | None = None, seconds: float | None = None,
-                        min_requests: int = 0, note: str = "",
-                        needs: Sequence[Child] = ()) -> Row:
+    async def grpc_line(
+        self,
+        scenario: str,
+        path: str,
+        call: load.Call,
+        *,
+        concurrency: int,
+        unit: str,
+        items_per_request: float,
+        group: str | None,
+        warmup: int | None = None,
+        seconds: float | None = None,
+        min_requests: int = 0,
+        note: str = "",
+        needs: Sequence[Child] = (),
+    ) -> Row:
         dead = self._dead(needs)
-        if dead:   # a line whose services died is reported as skipped, the run goes on
-            return self.add(self._row(scenario, path, concurrency, Outcome(), unit=unit,
-                                      items_per_request=items_per_request, group=group,
-                                      note=f"skipped: {dead}"))
+        if dead:  # a line whose services died is reported as skipped, the run goes on
+            return self.add(
+                self._row(
+                    scenario,
+                    path,
+                    concurrency,
+                    Outcome(),
+                    unit=unit,
+                    items_per_request=items_per_request,
+                    group=group,
+                    note=f"skipped: {dead}",
+                )
+            )
         warm = concurrency if warmup is None else warmup
         if warm:
-            await closed_loop(call, concurrency=min(concurrency, warm), seconds=0,
-                              min_requests=warm, start_index=self._take(warm))
+            await closed_loop(
+                call,
+                concurrency=min(concurrency, warm),
+                seconds=0,
+                min_requests=warm,
+                start_index=self._take(warm),
+            )
         before = self.fleet.cpu_snapshot()
         outcome = await closed_loop(
-            call, concurrency=concurrency, seconds=self.options.seconds if seconds is None
-            else seconds, min_requests=max(min_requests, concurrency),
-            start_index=self._take(0))
-        cpu = report.cpu_per_request_ms(before, self.fleet.cpu_snapshot(),
-                                        len(outcome.latencies_s))
+            call,
+            concurrency=concurrency,
+            seconds=self.options.seconds if seconds is None else seconds,
+            min_requests=max(min_requests, concurrency),
+            start_index=self._take(0),
+        )
+        cpu = report.cpu_per_request_ms(before, self.fleet.cpu_snapshot(), len(outcome.latencies_s))
         self._next_index += len(outcome.latencies_s) + outcome.errors
         self.grpc_cpu_s += outcome.cpu_s
         self.grpc_wall_s += outcome.wall_s
@@ -261,9 +308,17 @@ class Bench:
         dead = self._dead(needs)
         if dead:
             note = f"DIED during the line: {dead}; {note}"
-        row = self._row(scenario, path, concurrency, outcome, unit=unit,
-                        items_per_request=items_per_request, group=group,
-                        cpu_share=outcome.cpu_share(self.options.cores), note=note)
+        row = self._row(
+            scenario,
+            path,
+            concurrency,
+            outcome,
+            unit=unit,
+            items_per_request=items_per_request,
+            group=group,
+            cpu_share=outcome.cpu_share(self.options.cores),
+            note=note,
+        )
         row.service_cpu_ms = cpu
         return self.add(row)
 
@@ -273,14 +328,36 @@ class Bench:
         return start
 
     @staticmethod
-    def _row(scenario: str, path: str, concurrency: int | None, outcome: Outcome, *, unit: str,
-             items_per_request: float, group: str | None, cpu_share: float | None = None,
-             is_limit: bool = False, note: str = "") -> Row:
+    def _row(
+        scenario: str,
+        path: str,
+        concurrency: int | None,
+        outcome: Outcome,
+        *,
+        unit: str,
+        items_per_request: float,
+        group: str | None,
+        cpu_share: float | None = None,
+        is_limit: bool = False,
+        note: str = "",
+    ) -> Row:
         return report.make_row(
-            scenario, path, concurrency, latencies_s=outcome.latencies_s, items=outcome.items,
-            wall_s=outcome.wall_s, unit=unit, items_per_request=items_per_request,
-            ttfts_s=outcome.ttfts_s, errors=outcome.errors, cpu_share=cpu_share, group=group,
-            is_limit=is_limit, note=note, error_kinds=dict(outcome.error_kinds))
+            scenario,
+            path,
+            concurrency,
+            latencies_s=outcome.latencies_s,
+            items=outcome.items,
+            wall_s=outcome.wall_s,
+            unit=unit,
+            items_per_request=items_per_request,
+            ttfts_s=outcome.ttfts_s,
+            errors=outcome.errors,
+            cpu_share=cpu_share,
+            group=group,
+            is_limit=is_limit,
+            note=note,
+            error_kinds=dict(outcome.error_kinds),
+        )
 
     # -- floor ------------------------------------------------------------------------------
 
@@ -288,11 +365,22 @@ class Bench:
         _say("floor: bare grpc.aio unary round trips at concurrency 1")
         assert self.mesh is not None
         for path, channel, note, needs in (
-                (BARE, echo, "health Check on a bare grpc.aio server", [self.mesh.echo]),
-                (ROUTER_HEALTH, router, "health Check on the router", [self.mesh.plain])):
-            await self.grpc_line(FLOOR, path, load.health_call(channel), concurrency=1,
-                                 unit="calls", items_per_request=1, group=None, warmup=50,
-                                 min_requests=200, note=note, needs=needs)
+            (BARE, echo, "health Check on a bare grpc.aio server", [self.mesh.echo]),
+            (ROUTER_HEALTH, router, "health Check on the router", [self.mesh.plain]),
+        ):
+            await self.grpc_line(
+                FLOOR,
+                path,
+                load.health_call(channel),
+                concurrency=1,
+                unit="calls",
+                items_per_request=1,
+                group=None,
+                warmup=50,
+                min_requests=200,
+                note=note,
+                needs=needs,
+            )
 
     # -- embed ------------------------------------------------------------------------------
 
@@ -321,16 +409,28 @@ class Bench:
             rounds += 1
         p50 = {k: report.percentile(v, 50) * 1e3 for k, v in latencies.items()}
         overhead = p50["router"] - p50["direct"]
-        self.add(Row(scenario=FLOOR, path=report.OVERHEAD, concurrency=1, requests=rounds,
-                     wall_s=time.perf_counter() - started, req_s=float("nan"),
-                     items_s=float("nan"), unit="calls", p50_ms=overhead,
-                     p99_ms=float("nan"), errors=errors,
-                     note=f"{rounds} interleaved rounds: router Embed p50 {p50['router']:.2f} - "
-                          f"direct Forward p50 {p50['direct']:.2f} ms (bare p50 "
-                          f"{p50['bare']:.2f} ms in the same rounds)"))
+        self.add(
+            Row(
+                scenario=FLOOR,
+                path=report.OVERHEAD,
+                concurrency=1,
+                requests=rounds,
+                wall_s=time.perf_counter() - started,
+                req_s=float("nan"),
+                items_s=float("nan"),
+                unit="calls",
+                p50_ms=overhead,
+                p99_ms=float("nan"),
+                errors=errors,
+                note=f"{rounds} interleaved rounds: router Embed p50 {p50['router']:.2f} - "
+                f"direct Forward p50 {p50['direct']:.2f} ms (bare p50 "
+                f"{p50['bare']:.2f} ms in the same rounds)",
+            )
+        )
 
-    async def embed(self, plain: aio.Channel, cached: aio.Channel, worker: aio.Channel,
-                    echo: aio.Channel) -> None:
+    async def embed(
+        self, plain: aio.Channel, cached: aio.Channel, worker: aio.Channel, echo: aio.Channel
+    ) -> None:
         from services.bench.limits import EmbedLimit, grouped_batches, length_sorted_batches
         from services.router.frontends import ModelFrontend
 
@@ -344,71 +444,132 @@ class Bench:
 
         # Requests, built before any clock starts.
         router_x1 = [inference_pb2.EmbedRequest(model=ENCODER, inputs=[t]) for t in pool]
-        direct_x1 = [(worker_pb2.StageForwardRequest(
-            input_ids=from_numpy(np.asarray([row], dtype=np.int64)), pool=True), 1)
-            for row in ids]
+        direct_x1 = [
+            (
+                worker_pb2.StageForwardRequest(
+                    input_ids=from_numpy(np.asarray([row], dtype=np.int64)), pool=True
+                ),
+                1,
+            )
+            for row in ids
+        ]
         hits_x1 = [inference_pb2.EmbedRequest(model=ENCODER, inputs=[t]) for t in hit_texts]
         groups = [list(range(i, i + 16)) for i in range(0, len(pool) - 15, 16)]
-        router_x16 = [inference_pb2.EmbedRequest(model=ENCODER, inputs=[pool[i] for i in g])
-                      for g in groups]
+        router_x16 = [
+            inference_pb2.EmbedRequest(model=ENCODER, inputs=[pool[i] for i in g]) for g in groups
+        ]
         direct_x16 = []
         for g in groups:
             width = max(len(ids[i]) for i in g)
             batch = np.full((16, width), frontend.pad_id, dtype=np.int64)
             mask = np.zeros((16, width), dtype=np.int64)
             for row, i in enumerate(g):
-                batch[row, :len(ids[i])] = ids[i]
-                mask[row, :len(ids[i])] = 1
-            direct_x16.append((worker_pb2.StageForwardRequest(
-                input_ids=from_numpy(batch), attention_mask=from_numpy(mask), pool=True), 16))
-        hits_x16 = [inference_pb2.EmbedRequest(model=ENCODER, inputs=hit_texts[i:i + 16])
-                    for i in range(0, len(hit_texts) - 15, 16)]
+                batch[row, : len(ids[i])] = ids[i]
+                mask[row, : len(ids[i])] = 1
+            direct_x16.append(
+                (
+                    worker_pb2.StageForwardRequest(
+                        input_ids=from_numpy(batch), attention_mask=from_numpy(mask), pool=True
+                    ),
+                    16,
+                )
+            )
+        hits_x16 = [
+            inference_pb2.EmbedRequest(model=ENCODER, inputs=hit_texts[i : i + 16])
+            for i in range(0, len(hit_texts) - 15, 16)
+        ]
 
         # Warm the cache router's keys (every hit text, 32 per request).
         warm_stub = inference_pb2_grpc.InferenceStub(cached)
-        await asyncio.gather(*(warm_stub.Embed(inference_pb2.EmbedRequest(
-            model=ENCODER, inputs=hit_texts[i:i + 32]), timeout=120)
-            for i in range(0, len(hit_texts), 32)))
+        await asyncio.gather(
+            *(
+                warm_stub.Embed(
+                    inference_pb2.EmbedRequest(model=ENCODER, inputs=hit_texts[i : i + 32]),
+                    timeout=120,
+                )
+                for i in range(0, len(hit_texts), 32)
+            )
+        )
 
         tokens = [len(r) for r in ids]
-        _say(f"embed {ENCODER}: {len(pool)} distinct texts, {min(tokens)}-{max(tokens)} tokens "
-             f"(mean {sum(tokens) / len(tokens):.1f}); torch threads {o.threads}")
-        self.add(self._row(EMBED_1, f"{LIMIT} (batch 32)", None,
-                           limit.measure(length_sorted_batches(ids, 32, frontend.pad_id),
-                                         seconds=o.seconds),
-                           unit="texts", items_per_request=1, group=EMBED_1, is_limit=True,
-                           note="reqs = batched calls of 32 length-sorted texts"))
+        _say(
+            f"embed {ENCODER}: {len(pool)} distinct texts, {min(tokens)}-{max(tokens)} tokens "
+            f"(mean {sum(tokens) / len(tokens):.1f}); torch threads {o.threads}"
+        )
+        self.add(
+            self._row(
+                EMBED_1,
+                f"{LIMIT} (batch 32)",
+                None,
+                limit.measure(length_sorted_batches(ids, 32, frontend.pad_id), seconds=o.seconds),
+                unit="texts",
+                items_per_request=1,
+                group=EMBED_1,
+                is_limit=True,
+                note="reqs = batched calls of 32 length-sorted texts",
+            )
+        )
         assert self.mesh is not None and self.mesh.encoder is not None
         m = self.mesh
         needs = {DIRECT: [m.encoder], ROUTER: [m.plain, m.encoder], CACHE: [m.cache, m.encoder]}
-        for path, call in ((DIRECT, load.forward_call(worker, direct_x1)),
-                           (ROUTER, load.embed_call(plain, router_x1)),
-                           (CACHE, load.embed_call(cached, hits_x1, expect_cached=True))):
+        for path, call in (
+            (DIRECT, load.forward_call(worker, direct_x1)),
+            (ROUTER, load.embed_call(plain, router_x1)),
+            (CACHE, load.embed_call(cached, hits_x1, expect_cached=True)),
+        ):
             for c in o.embed_concurrency:
-                await self.grpc_line(EMBED_1, path, call, concurrency=c, unit="texts",
-                                     items_per_request=1, group=EMBED_1,
-                                     min_requests=100 if c == 1 else 0, needs=needs[path])
+                await self.grpc_line(
+                    EMBED_1,
+                    path,
+                    call,
+                    concurrency=c,
+                    unit="texts",
+                    items_per_request=1,
+                    group=EMBED_1,
+                    min_requests=100 if c == 1 else 0,
+                    needs=needs[path],
+                )
 
-        await self.overhead(load.forward_call(worker, direct_x1),
-                            load.embed_call(plain, router_x1), load.health_call(echo))
+        await self.overhead(
+            load.forward_call(worker, direct_x1),
+            load.embed_call(plain, router_x1),
+            load.health_call(echo),
+        )
 
         c = o.embed16_concurrency
-        self.add(self._row(EMBED_16, f"{LIMIT} (batch 16)", None,
-                           limit.measure(grouped_batches(ids, groups, frontend.pad_id),
-                                         seconds=o.seconds),
-                           unit="texts", items_per_request=16, group=EMBED_16, is_limit=True,
-                           note="reqs = batched calls, one per request's 16 texts"))
-        for path, call in ((DIRECT, load.forward_call(worker, direct_x16)),
-                           (ROUTER, load.embed_call(plain, router_x16)),
-                           (CACHE, load.embed_call(cached, hits_x16, expect_cached=True))):
-            await self.grpc_line(EMBED_16, path, call, concurrency=c, unit="texts",
-                                 items_per_request=16, group=EMBED_16, needs=needs[path])
+        self.add(
+            self._row(
+                EMBED_16,
+                f"{LIMIT} (batch 16)",
+                None,
+                limit.measure(grouped_batches(ids, groups, frontend.pad_id), seconds=o.seconds),
+                unit="texts",
+                items_per_request=16,
+                group=EMBED_16,
+                is_limit=True,
+                note="reqs = batched calls, one per request's 16 texts",
+            )
+        )
+        for path, call in (
+            (DIRECT, load.forward_call(worker, direct_x16)),
+            (ROUTER, load.embed_call(plain, router_x16)),
+            (CACHE, load.embed_call(cached, hits_x16, expect_cached=True)),
+        ):
+            await self.grpc_line(
+                EMBED_16,
+                path,
+                call,
+                concurrency=c,
+                unit="texts",
+                items_per_request=16,
+                group=EMBED_16,
+                needs=needs[path],
+            )
         del limit
 
     # -- generate ---------------------------------------------------------------------------
 
-    async def generate(self, replica: aio.Channel, chain: aio.Channel,
-                       cached: aio.Channel) -> None:
+    async def generate(self, replica: aio.Channel, chain: aio.Channel, cached: aio.Channel) -> None:
         from services.bench.limits import GenerateLimit
         from services.router.frontends import ModelFrontend
 
@@ -421,49 +582,89 @@ class Bench:
 
         def request(text: str, max_new: int) -> inference_pb2.GenerateRequest:
             return inference_pb2.GenerateRequest(
-                model=LLM, messages=[inference_pb2.ChatMessage(role="user", content=text)],
-                max_new_tokens=max_new, temperature=0.0)
+                model=LLM,
+                messages=[inference_pb2.ChatMessage(role="user", content=text)],
+                max_new_tokens=max_new,
+                temperature=0.0,
+            )
 
         requests = [request(t, o.max_new_tokens) for t in texts]
         warm = [request(t, 2) for t in workload.prompts(32, seed=4, start=10**6)]
         hit = request("Write a long, detailed story about the bench itself.", o.max_new_tokens)
         lengths = [len(p) for p in prompt_ids]
-        _say(f"generate {LLM}: greedy, max_new_tokens {o.max_new_tokens}, prompts "
-             f"{min(lengths)}-{max(lengths)} tokens; torch threads {o.threads}")
-        for channel in (replica, chain):   # one short generation per chain, outside the clock
-            await closed_loop(load.generate_stream_call(channel, warm), concurrency=2,
-                              seconds=0, min_requests=4)
+        _say(
+            f"generate {LLM}: greedy, max_new_tokens {o.max_new_tokens}, prompts "
+            f"{min(lengths)}-{max(lengths)} tokens; torch threads {o.threads}"
+        )
+        for channel in (replica, chain):  # one short generation per chain, outside the clock
+            await closed_loop(
+                load.generate_stream_call(channel, warm), concurrency=2, seconds=0, min_requests=4
+            )
         gen_seconds = o.seconds
         min_calls = 1 if o.quick else 2
         for n in o.streams:
-            self.add(self._row(GENERATE, LIMIT, n,
-                               limit.measure(prompt_ids, batch=n,
-                                             max_new_tokens=o.max_new_tokens,
-                                             seconds=gen_seconds, min_calls=min_calls),
-                               unit="tokens", items_per_request=o.max_new_tokens,
-                               group=f"{GENERATE} c{n}", is_limit=True,
-                               note=f"one generate() on {n} prompts"))
-        assert self.mesh is not None and self.mesh.replica is not None \
-            and self.mesh.chain is not None
+            self.add(
+                self._row(
+                    GENERATE,
+                    LIMIT,
+                    n,
+                    limit.measure(
+                        prompt_ids,
+                        batch=n,
+                        max_new_tokens=o.max_new_tokens,
+                        seconds=gen_seconds,
+                        min_calls=min_calls,
+                    ),
+                    unit="tokens",
+                    items_per_request=o.max_new_tokens,
+                    group=f"{GENERATE} c{n}",
+                    is_limit=True,
+                    note=f"one generate() on {n} prompts",
+                )
+            )
+        assert (
+            self.mesh is not None and self.mesh.replica is not None and self.mesh.chain is not None
+        )
         m = self.mesh
-        needs = {ROUTER: [m.plain, m.replica], CHAIN: [m.chain, *m.stages],
-                 CACHE: [m.cache, m.replica]}
+        needs = {
+            ROUTER: [m.plain, m.replica],
+            CHAIN: [m.chain, *m.stages],
+            CACHE: [m.cache, m.replica],
+        }
         for path, channel in ((ROUTER, replica), (CHAIN, chain)):
             call = load.generate_stream_call(channel, requests)
             for n in o.streams:
-                await self.grpc_line(GENERATE, path, call, concurrency=n, unit="tokens",
-                                     items_per_request=o.max_new_tokens,
-                                     group=f"{GENERATE} c{n}", warmup=0, seconds=gen_seconds,
-                                     min_requests=n * min_calls, needs=needs[path])
+                await self.grpc_line(
+                    GENERATE,
+                    path,
+                    call,
+                    concurrency=n,
+                    unit="tokens",
+                    items_per_request=o.max_new_tokens,
+                    group=f"{GENERATE} c{n}",
+                    warmup=0,
+                    seconds=gen_seconds,
+                    min_requests=n * min_calls,
+                    needs=needs[path],
+                )
         # The cache hit: one miss fills the key, then the same request again and again.
-        fill = await closed_loop(load.generate_stream_call(cached, [hit]), concurrency=1,
-                                 seconds=0, min_requests=1)
+        fill = await closed_loop(
+            load.generate_stream_call(cached, [hit]), concurrency=1, seconds=0, min_requests=1
+        )
         miss_ms = fill.latencies_s[0] * 1e3 if fill.latencies_s else float("nan")
-        await self.grpc_line(GENERATE, CACHE, load.generate_stream_call(
-            cached, [hit], expect_cached=True), concurrency=1, unit="tokens",
-            items_per_request=o.max_new_tokens, group=f"{GENERATE} c1", warmup=20,
-            min_requests=100, note=f"same request repeated; its miss took {miss_ms:.0f} ms",
-            needs=needs[CACHE])
+        await self.grpc_line(
+            GENERATE,
+            CACHE,
+            load.generate_stream_call(cached, [hit], expect_cached=True),
+            concurrency=1,
+            unit="tokens",
+            items_per_request=o.max_new_tokens,
+            group=f"{GENERATE} c1",
+            warmup=20,
+            min_requests=100,
+            note=f"same request repeated; its miss took {miss_ms:.0f} ms",
+            needs=needs[CACHE],
+        )
         del limit
 
 
@@ -472,7 +673,7 @@ async def measure(bench: Bench, mesh: Mesh) -> None:
 
     options, fleet = bench.options, bench.fleet
     bench.mesh = mesh
-    torch.set_num_threads(options.threads)   # the in-process limits run as the workers do
+    torch.set_num_threads(options.threads)  # the in-process limits run as the workers do
     channels: list[aio.Channel] = []
 
     def channel(child: Child, keepalive: bool = True) -> aio.Channel:
@@ -491,8 +692,10 @@ async def measure(bench: Bench, mesh: Mesh) -> None:
             await wait_model(plain, LLM, fleet)
             await wait_model(cached, LLM, fleet)
             await wait_model(chain, LLM, fleet)
-        _say(f"mesh ready: routers plain {mesh.plain.address}, cache {mesh.cache.address}"
-             + (f", chain {mesh.chain.address}" if mesh.chain else ""))
+        _say(
+            f"mesh ready: routers plain {mesh.plain.address}, cache {mesh.cache.address}"
+            + (f", chain {mesh.chain.address}" if mesh.chain else "")
+        )
         echo = channel(mesh.echo, keepalive=False)
         if "floor" in options.phases:
             await bench.floor(echo, plain)
@@ -517,16 +720,25 @@ def _meta(options: Options, started: datetime, elapsed: float) -> dict[str, Any]
     import transformers
 
     return {
-        "started": started.isoformat(timespec="seconds"), "elapsed_s": round(elapsed, 1),
-        "host": platform.node(), "cores": options.cores, "torch_threads": options.threads,
-        "seconds_per_line": options.seconds, "quick": options.quick,
-        "max_new_tokens": options.max_new_tokens, "phases": list(options.phases),
+        "started": started.isoformat(timespec="seconds"),
+        "elapsed_s": round(elapsed, 1),
+        "host": platform.node(),
+        "cores": options.cores,
+        "torch_threads": options.threads,
+        "seconds_per_line": options.seconds,
+        "quick": options.quick,
+        "max_new_tokens": options.max_new_tokens,
+        "phases": list(options.phases),
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "(unset: libgomp default)"),
         "models": {"embed": ENCODER, "generate": LLM},
-        "versions": {"python": platform.python_version(), "torch": torch.__version__,
-                     "transformers": transformers.__version__, "grpc": grpc.__version__},
+        "versions": {
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "grpc": grpc.__version__,
+        },
         "layout": "routers: plain (no cache: replicas), cache (--cache: same replicas), "
-                  "chain (no cache: 2 stages); lines run one at a time",
+        "chain (no cache: 2 stages); lines run one at a time",
     }
 
 
@@ -539,16 +751,21 @@ def run(options: Options) -> int:
         raise KeyboardInterrupt
 
     previous = signal.signal(signal.SIGTERM, on_sigterm)
-    fleet = Fleet(options.repository, log_dir=options.out.with_name(options.out.stem + "-logs"),
-                  env=omp_env(options))
+    fleet = Fleet(
+        options.repository,
+        log_dir=options.out.with_name(options.out.stem + "-logs"),
+        env=omp_env(options),
+    )
     bench = Bench(options, fleet)
     node: MemcachedNode | None = None
     aborted = ""
     try:
-        _say(f"tessera bench: {options.cores} cores, torch threads {options.threads}, "
-             f"OMP_WAIT_POLICY {os.environ.get('OMP_WAIT_POLICY', 'unset')}, "
-             f"{options.seconds:g} s per line{' (quick)' if options.quick else ''}; "
-             f"service logs in {fleet.log_dir}")
+        _say(
+            f"tessera bench: {options.cores} cores, torch threads {options.threads}, "
+            f"OMP_WAIT_POLICY {os.environ.get('OMP_WAIT_POLICY', 'unset')}, "
+            f"{options.seconds:g} s per line{' (quick)' if options.quick else ''}; "
+            f"service logs in {fleet.log_dir}"
+        )
         node = MemcachedNode().start(port=free_port())
         mesh = start_mesh(fleet, options, node.address)
         _say("starting workers (model loads take a while on a small machine)...")
@@ -582,22 +799,28 @@ def run(options: Options) -> int:
     print()
     print(report.format_table(rows))
     print()
-    share = (bench.grpc_cpu_s / (bench.grpc_wall_s * options.cores)
-             if bench.grpc_wall_s > 0 else float("nan"))
-    print(f"load generator (this process, grpc.aio, one event loop): {share * 100:.0f}% of "
-          f"{options.cores} cores over all gRPC lines ({bench.grpc_cpu_s:.1f} CPU-s in "
-          f"{bench.grpc_wall_s:.1f} s)")
+    share = (
+        bench.grpc_cpu_s / (bench.grpc_wall_s * options.cores)
+        if bench.grpc_wall_s > 0
+        else float("nan")
+    )
+    print(
+        f"load generator (this process, grpc.aio, one event loop): {share * 100:.0f}% of "
+        f"{options.cores} cores over all gRPC lines ({bench.grpc_cpu_s:.1f} CPU-s in "
+        f"{bench.grpc_wall_s:.1f} s)"
+    )
     print(report.format_targets(targets))
     meta = _meta(options, started, time.monotonic() - t0)
     meta["load_generator_cpu_share"] = share
     if bench.crashed:
         meta["crashed"] = bench.crashed
-        print(f"\nINCOMPLETE: services exited during the run: {bench.crashed} "
-              f"(logs in {fleet.log_dir})")
+        print(
+            f"\nINCOMPLETE: services exited during the run: {bench.crashed} "
+            f"(logs in {fleet.log_dir})"
+        )
     if aborted:
         meta["aborted"] = aborted.splitlines()[0]
-        print(f"\nINCOMPLETE: the run stopped early: {meta['aborted']} "
-              f"(logs in {fleet.log_dir})")
+        print(f"\nINCOMPLETE: the run stopped early: {meta['aborted']} (logs in {fleet.log_dir})")
     path = report.write_json(options.out, report.to_document(rows, meta, targets))
     print(f"\nwrote {path}")
     errors = sum(r.errors for r in rows)

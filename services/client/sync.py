@@ -35,19 +35,30 @@ class Client:
             print(client.generate("smollm2-135m-instruct", "The capital of France is").text)
     """
 
-    def __init__(self, address: str = DEFAULT_ADDRESS, *,
-                 timeout: float | None = DEFAULT_TIMEOUT_S, retries: int = 3,
-                 tls: bool = False, ca: str | Path | None = None,
-                 cert: str | Path | None = None, key: str | Path | None = None,
-                 token: str | None = None, metadata: Sequence[tuple[str, str]] = (),
-                 load_balancing: str | None = None,
-                 options: Sequence[tuple[str, Any]] = ()) -> None:
+    def __init__(
+        self,
+        address: str = DEFAULT_ADDRESS,
+        *,
+        timeout: float | None = DEFAULT_TIMEOUT_S,
+        retries: int = 3,
+        tls: bool = False,
+        ca: str | Path | None = None,
+        cert: str | Path | None = None,
+        key: str | Path | None = None,
+        token: str | None = None,
+        metadata: Sequence[tuple[str, str]] = (),
+        load_balancing: str | None = None,
+        options: Sequence[tuple[str, Any]] = (),
+    ) -> None:
         self.address = address
         self.timeout = timeout
         self.options = _wire.channel_options(retries, load_balancing, options)
         creds = _wire.credentials(tls, ca, cert, key)
-        self._channel = (grpc.secure_channel(address, creds, options=self.options) if creds
-                         else grpc.insecure_channel(address, options=self.options))
+        self._channel = (
+            grpc.secure_channel(address, creds, options=self.options)
+            if creds
+            else grpc.insecure_channel(address, options=self.options)
+        )
         self._metadata = _wire.call_metadata(token, metadata)
         self._stub = inference_pb2_grpc.InferenceStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
@@ -66,37 +77,58 @@ class Client:
 
     def _call(self, method: str, request: Any, timeout: float | None) -> Any:
         try:
-            return getattr(self._stub, method)(request, timeout=self._deadline(timeout),
-                                               metadata=self._metadata)
+            return getattr(self._stub, method)(
+                request, timeout=self._deadline(timeout), metadata=self._metadata
+            )
         except grpc.RpcError as exc:
             raise _wire.error(exc, method) from None
 
-    def generate(self, model: str, prompt: str | None = None, *,
-                 messages: Messages | None = None, max_new_tokens: int | None = None,
-                 temperature: float | None = None, top_k: int | None = None,
-                 top_p: float | None = None, seed: int | None = None,
-                 stop: str | Sequence[str] = (), timeout: float | None = DEFAULT
-                 ) -> GenerateResult:
+    def generate(
+        self,
+        model: str,
+        prompt: str | None = None,
+        *,
+        messages: Messages | None = None,
+        max_new_tokens: int | None = None,
+        temperature: float | None = None,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        seed: int | None = None,
+        stop: str | Sequence[str] = (),
+        timeout: float | None = DEFAULT,
+    ) -> GenerateResult:
         """Generates a completion for a prompt or a chat (messages), returned whole."""
-        request = _wire.generate_request(model, prompt, messages, max_new_tokens, temperature,
-                                         top_k, top_p, seed, stop)
+        request = _wire.generate_request(
+            model, prompt, messages, max_new_tokens, temperature, top_k, top_p, seed, stop
+        )
         return _wire.generate_result(self._call("Generate", request, timeout))
 
-    def stream(self, model: str, prompt: str | None = None, *,
-               messages: Messages | None = None, max_new_tokens: int | None = None,
-               temperature: float | None = None, top_k: int | None = None,
-               top_p: float | None = None, seed: int | None = None,
-               stop: str | Sequence[str] = (), timeout: float | None = DEFAULT
-               ) -> Iterator[ChunkResult]:
+    def stream(
+        self,
+        model: str,
+        prompt: str | None = None,
+        *,
+        messages: Messages | None = None,
+        max_new_tokens: int | None = None,
+        temperature: float | None = None,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        seed: int | None = None,
+        stop: str | Sequence[str] = (),
+        timeout: float | None = DEFAULT,
+    ) -> Iterator[ChunkResult]:
         """Generates a completion chunk by chunk; stopping the iteration cancels the call."""
-        request = _wire.generate_request(model, prompt, messages, max_new_tokens, temperature,
-                                         top_k, top_p, seed, stop)
+        request = _wire.generate_request(
+            model, prompt, messages, max_new_tokens, temperature, top_k, top_p, seed, stop
+        )
         return self._stream(request, timeout)
 
-    def _stream(self, request: inference_pb2.GenerateRequest,
-                timeout: float | None) -> Iterator[ChunkResult]:
-        call = self._stub.GenerateStream(request, timeout=self._deadline(timeout),
-                                         metadata=self._metadata)
+    def _stream(
+        self, request: inference_pb2.GenerateRequest, timeout: float | None
+    ) -> Iterator[ChunkResult]:
+        call = self._stub.GenerateStream(
+            request, timeout=self._deadline(timeout), metadata=self._metadata
+        )
         try:
             for chunk in call:
                 yield _wire.chunk_result(chunk)
@@ -105,30 +137,41 @@ class Client:
         finally:
             call.cancel()
 
-    def embed(self, model: str, inputs: str | Sequence[str], *,
-              timeout: float | None = DEFAULT) -> EmbedResult:
+    def embed(
+        self, model: str, inputs: str | Sequence[str], *, timeout: float | None = DEFAULT
+    ) -> EmbedResult:
         """Embeds texts with an encoder model (mean pooling + L2 normalisation)."""
-        return _wire.embed_result(self._call("Embed", _wire.embed_request(model, inputs),
-                                             timeout))
+        return _wire.embed_result(self._call("Embed", _wire.embed_request(model, inputs), timeout))
 
-    def forward(self, model: str, *, text: str | None = None,
-                hidden_states: np.ndarray | None = None, start: int = 0,
-                end: int | None = None, attention_mask: np.ndarray | None = None,
-                timeout: float | None = DEFAULT) -> ForwardResult:
+    def forward(
+        self,
+        model: str,
+        *,
+        text: str | None = None,
+        hidden_states: np.ndarray | None = None,
+        start: int = 0,
+        end: int | None = None,
+        attention_mask: np.ndarray | None = None,
+        timeout: float | None = DEFAULT,
+    ) -> ForwardResult:
         """Runs layers [start, end) on text (start = 0) or hidden states (start > 0)."""
         request = _wire.forward_request(model, start, end, text, hidden_states, attention_mask)
         return _wire.forward_result(self._call("Forward", request, timeout))
 
     def list_models(self, *, timeout: float | None = DEFAULT) -> tuple[ModelInfo, ...]:
         """The models served, their versions, chains and health."""
-        return _wire.model_infos(self._call("ListModels", inference_pb2.ListModelsRequest(),
-                                            timeout))
+        return _wire.model_infos(
+            self._call("ListModels", inference_pb2.ListModelsRequest(), timeout)
+        )
 
     def ready(self, model: str = "", *, timeout: float | None = DEFAULT) -> bool:
         """grpc.health.v1: whether the router (or one model, by name) is SERVING."""
         try:
-            reply = self._health.Check(health_pb2.HealthCheckRequest(service=model),
-                                       timeout=self._deadline(timeout), metadata=self._metadata)
+            reply = self._health.Check(
+                health_pb2.HealthCheckRequest(service=model),
+                timeout=self._deadline(timeout),
+                metadata=self._metadata,
+            )
         except grpc.RpcError as exc:
             if exc.code() in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.UNAVAILABLE):
                 return False

@@ -29,17 +29,17 @@ class TesseraError(grpc.RpcError):
 
 @dataclass(frozen=True, slots=True)
 class ChatMessage:
-    role: str      # "system", "user", "assistant" or "tool"
+    role: str  # "system", "user", "assistant" or "tool"
     content: str
 
 
 @dataclass(frozen=True, slots=True)
 class GenerateResult:
     text: str
-    finish_reason: str             # "length", "eos" or "stop"
+    finish_reason: str  # "length", "eos" or "stop"
     prompt_tokens: int
     generated_tokens: int
-    cached: bool                   # served from the cache tier
+    cached: bool  # served from the cache tier
     token_ids: tuple[int, ...] = ()
 
 
@@ -49,9 +49,9 @@ class ChunkResult:
 
     text: str
     token_ids: tuple[int, ...]
-    finish_reason: str | None      # None until the last chunk
+    finish_reason: str | None  # None until the last chunk
     prompt_tokens: int
-    generated_tokens: int          # tokens generated so far
+    generated_tokens: int  # tokens generated so far
     cached: bool
 
     @property
@@ -61,24 +61,23 @@ class ChunkResult:
 
 @dataclass(frozen=True, slots=True)
 class EmbedResult:
-    embeddings: tuple[tuple[float, ...], ...]   # one vector per input, in input order
+    embeddings: tuple[tuple[float, ...], ...]  # one vector per input, in input order
     dim: int
-    cached_inputs: int             # inputs served from the cache tier
-    cached: bool                   # every input came from the cache tier
+    cached_inputs: int  # inputs served from the cache tier
+    cached: bool  # every input came from the cache tier
 
     def numpy(self) -> np.ndarray:
         """The embeddings as a float32 [N, dim] array."""
-        return np.asarray(self.embeddings, dtype=np.float32).reshape(len(self.embeddings),
-                                                                      self.dim)
+        return np.asarray(self.embeddings, dtype=np.float32).reshape(len(self.embeddings), self.dim)
 
 
 @dataclass(frozen=True, slots=True, eq=False)
 class ForwardResult:
-    hidden_states: np.ndarray      # [batch, seq, hidden] at the end of the layer range
+    hidden_states: np.ndarray  # [batch, seq, hidden] at the end of the layer range
     attention_mask: np.ndarray | None
     start: int
     end: int
-    input_ids: tuple[int, ...] = ()   # the token ids when the input was text
+    input_ids: tuple[int, ...] = ()  # the token ids when the input was text
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,7 +86,7 @@ class StageInfo:
     start: int
     end: int
     healthy: bool
-    outstanding: int               # requests in flight on this worker
+    outstanding: int  # requests in flight on this worker
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,6 +101,6 @@ class ModelInfo:
     version: str
     fingerprint: str
     num_layers: int
-    kind: str                      # "causal-lm" or "encoder"
-    healthy: bool                  # a full healthy chain exists
+    kind: str  # "causal-lm" or "encoder"
+    healthy: bool  # a full healthy chain exists
     chains: tuple[ChainInfo, ...] = field(default=())

@@ -61,8 +61,12 @@ async def _abort_for(exc: BaseException, context: aio.ServicerContext, method: s
         # A downstream call failed in a way the handler did not translate: keep its code when
         # it is one the client may act on, never pass INVALID_ARGUMENT (that would be our bug).
         code = exc.code()
-        if code in (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.RESOURCE_EXHAUSTED,
-                    grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED):
+        if code in (
+            grpc.StatusCode.DEADLINE_EXCEEDED,
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            grpc.StatusCode.UNAVAILABLE,
+            grpc.StatusCode.CANCELLED,
+        ):
             await context.abort(code, exc.details() or code.name)
     log.exception("unexpected error in %s", method)
     await context.abort(grpc.StatusCode.INTERNAL, f"internal error in {method}; see server logs")
@@ -119,7 +123,8 @@ class ErrorInterceptor(aio.ServerInterceptor):
                     await _abort_for(exc, context, method)
 
             return grpc.unary_unary_rpc_method_handler(
-                unary_unary, _safe(handler.request_deserializer), handler.response_serializer)
+                unary_unary, _safe(handler.request_deserializer), handler.response_serializer
+            )
         if handler.unary_stream:
             inner_us = handler.unary_stream
 
@@ -135,7 +140,8 @@ class ErrorInterceptor(aio.ServerInterceptor):
                     await _abort_for(exc, context, method)
 
             return grpc.unary_stream_rpc_method_handler(
-                unary_stream, _safe(handler.request_deserializer), handler.response_serializer)
+                unary_stream, _safe(handler.request_deserializer), handler.response_serializer
+            )
         if handler.stream_stream:
             inner_ss = handler.stream_stream
 
@@ -149,5 +155,6 @@ class ErrorInterceptor(aio.ServerInterceptor):
                     await _abort_for(exc, context, method)
 
             return grpc.stream_stream_rpc_method_handler(
-                stream_stream, _safe(handler.request_deserializer), handler.response_serializer)
+                stream_stream, _safe(handler.request_deserializer), handler.response_serializer
+            )
         return handler

@@ -18,8 +18,11 @@ class JsonFormatter(logging.Formatter):
         entry: dict[str, Any] = {
             "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
             + f".{int(record.msecs):03d}Z",
-            "level": record.levelname.lower(), "service": self.service,
-            "logger": record.name, "msg": record.getMessage()}
+            "level": record.levelname.lower(),
+            "service": self.service,
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
         entry.update(getattr(record, "fields", {}) or {})
         if record.exc_info:
             entry["exc"] = self.formatException(record.exc_info)

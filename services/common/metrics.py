@@ -17,31 +17,62 @@ from grpc import aio
 from opentelemetry import trace
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
-_LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
-                    5.0, 10.0, 30.0, 60.0)
+_LATENCY_BUCKETS = (
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+    60.0,
+)
 
-REQUESTS = Counter("tessera_requests_total", "RPCs handled, by outcome",
-                   ["service", "rpc", "model", "code"])
-REQUEST_SECONDS = Histogram("tessera_request_duration_seconds", "RPC latency",
-                            ["service", "rpc", "model"], buckets=_LATENCY_BUCKETS)
+REQUESTS = Counter(
+    "tessera_requests_total", "RPCs handled, by outcome", ["service", "rpc", "model", "code"]
+)
+REQUEST_SECONDS = Histogram(
+    "tessera_request_duration_seconds",
+    "RPC latency",
+    ["service", "rpc", "model"],
+    buckets=_LATENCY_BUCKETS,
+)
 IN_FLIGHT = Gauge("tessera_requests_in_flight", "RPCs being handled", ["service"])
-QUEUE_DEPTH = Gauge("tessera_worker_queue_depth", "work items waiting for the model thread",
-                    ["model", "span"])
-BATCH_ROWS = Histogram("tessera_worker_batch_rows", "rows per forward pass",
-                       ["model", "span", "kind"], buckets=(1, 2, 4, 8, 16, 32, 64, 128))
-LIVE_SESSIONS = Gauge("tessera_worker_live_sessions", "generation sessions held",
-                      ["model", "span"])
-KV_CACHE_BYTES = Gauge("tessera_worker_kv_cache_bytes", "bytes of KV cache held",
-                       ["model", "span"])
+QUEUE_DEPTH = Gauge(
+    "tessera_worker_queue_depth", "work items waiting for the model thread", ["model", "span"]
+)
+BATCH_ROWS = Histogram(
+    "tessera_worker_batch_rows",
+    "rows per forward pass",
+    ["model", "span", "kind"],
+    buckets=(1, 2, 4, 8, 16, 32, 64, 128),
+)
+LIVE_SESSIONS = Gauge("tessera_worker_live_sessions", "generation sessions held", ["model", "span"])
+KV_CACHE_BYTES = Gauge("tessera_worker_kv_cache_bytes", "bytes of KV cache held", ["model", "span"])
 GENERATED_TOKENS = Counter("tessera_generated_tokens_total", "tokens generated", ["model"])
-TIME_TO_FIRST_TOKEN = Histogram("tessera_time_to_first_token_seconds",
-                                "request start to first token", ["model"],
-                                buckets=_LATENCY_BUCKETS)
-INTER_TOKEN_SECONDS = Histogram("tessera_inter_token_latency_seconds",
-                                "time between consecutive tokens", ["model"],
-                                buckets=_LATENCY_BUCKETS)
-CACHE_REQUESTS = Counter("tessera_cache_requests_total", "cache lookups by tier and result",
-                         ["tier", "result"])
+TIME_TO_FIRST_TOKEN = Histogram(
+    "tessera_time_to_first_token_seconds",
+    "request start to first token",
+    ["model"],
+    buckets=_LATENCY_BUCKETS,
+)
+INTER_TOKEN_SECONDS = Histogram(
+    "tessera_inter_token_latency_seconds",
+    "time between consecutive tokens",
+    ["model"],
+    buckets=_LATENCY_BUCKETS,
+)
+CACHE_REQUESTS = Counter(
+    "tessera_cache_requests_total", "cache lookups by tier and result", ["tier", "result"]
+)
 
 _UNOBSERVED = ("/grpc.health.v1.", "/grpc.reflection.")
 access_log = logging.getLogger("tessera.access")
@@ -72,8 +103,13 @@ class ObserveInterceptor(aio.ServerInterceptor):
             return handler
         service, rpc = _split(method)
 
-        def finish(model: str, started: float, context: aio.ServicerContext, peer: str,
-                   error: BaseException | None) -> None:
+        def finish(
+            model: str,
+            started: float,
+            context: aio.ServicerContext,
+            peer: str,
+            error: BaseException | None,
+        ) -> None:
             # Only plain attributes of the context are read here: once a call is cancelled,
             # methods that reach into the C call (peer(), time_remaining()) may touch freed memory.
             if isinstance(error, asyncio.CancelledError):
@@ -82,8 +118,11 @@ class ObserveInterceptor(aio.ServerInterceptor):
                 code = context.code()
             if code is None:
                 code = grpc.StatusCode.CANCELLED if error is not None else grpc.StatusCode.OK
-            if isinstance(error, Exception) and not isinstance(error, aio.AbortError) \
-                    and code == grpc.StatusCode.OK:
+            if (
+                isinstance(error, Exception)
+                and not isinstance(error, aio.AbortError)
+                and code == grpc.StatusCode.OK
+            ):
                 code = grpc.StatusCode.INTERNAL
             name = code.name if isinstance(code, grpc.StatusCode) else str(code)
             elapsed = time.perf_counter() - started
@@ -93,12 +132,22 @@ class ObserveInterceptor(aio.ServerInterceptor):
             span_context = trace.get_current_span().get_span_context()
             # Heartbeats every few seconds would drown the request lines.
             level = logging.DEBUG if service == "tessera.v1.Registry" else logging.INFO
-            access_log.log(level, "request", extra={"fields": {
-                "rpc": method, "model": model, "code": name,
-                "duration_ms": round(elapsed * 1e3, 3),
-                "trace_id": format(span_context.trace_id, "032x") if span_context.is_valid
-                else None,
-                "peer": peer}})
+            access_log.log(
+                level,
+                "request",
+                extra={
+                    "fields": {
+                        "rpc": method,
+                        "model": model,
+                        "code": name,
+                        "duration_ms": round(elapsed * 1e3, 3),
+                        "trace_id": format(span_context.trace_id, "032x")
+                        if span_context.is_valid
+                        else None,
+                        "peer": peer,
+                    }
+                },
+            )
 
         if handler.unary_unary:
             inner_uu = handler.unary_unary
@@ -117,7 +166,8 @@ class ObserveInterceptor(aio.ServerInterceptor):
                     finish(str(getattr(request, "model", "")), started, context, peer, error)
 
             return grpc.unary_unary_rpc_method_handler(
-                unary_unary, handler.request_deserializer, handler.response_serializer)
+                unary_unary, handler.request_deserializer, handler.response_serializer
+            )
         if handler.unary_stream:
             inner_us = handler.unary_stream
 
@@ -136,7 +186,8 @@ class ObserveInterceptor(aio.ServerInterceptor):
                     finish(str(getattr(request, "model", "")), started, context, peer, error)
 
             return grpc.unary_stream_rpc_method_handler(
-                unary_stream, handler.request_deserializer, handler.response_serializer)
+                unary_stream, handler.request_deserializer, handler.response_serializer
+            )
         if handler.stream_stream:
             inner_ss = handler.stream_stream
 
@@ -155,5 +206,6 @@ class ObserveInterceptor(aio.ServerInterceptor):
                     finish("", started, context, peer, error)
 
             return grpc.stream_stream_rpc_method_handler(
-                stream_stream, handler.request_deserializer, handler.response_serializer)
+                stream_stream, handler.request_deserializer, handler.response_serializer
+            )
         return handler

@@ -44,8 +44,10 @@ def model_spec(repository: Path, name: str) -> ModelSpec:
     elif model_type in CAUSAL_TYPES:
         kind = ModelKind.CAUSAL_LM
     else:
-        raise ValueError(f"model {name!r}: architecture {model_type!r} is not supported "
-                         f"(supported: {', '.join(sorted(ENCODER_TYPES | CAUSAL_TYPES))})")
+        raise ValueError(
+            f"model {name!r}: architecture {model_type!r} is not supported "
+            f"(supported: {', '.join(sorted(ENCODER_TYPES | CAUSAL_TYPES))})"
+        )
     num_layers = int(config.get("num_hidden_layers", config.get("n_layer", 0)))
     hidden = int(config.get("hidden_size", config.get("n_embd", 0)))
     max_positions = int(config.get("max_position_embeddings", config.get("n_positions", 2048)))

@@ -27,8 +27,12 @@ def _read(path: str | None) -> bytes | None:
     return Path(path).read_bytes() if path else None
 
 
-def server_credentials(cert: str | None, key: str | None, client_ca: str | None = None,
-                       require_client_cert: bool = False) -> grpc.ServerCredentials | None:
+def server_credentials(
+    cert: str | None,
+    key: str | None,
+    client_ca: str | None = None,
+    require_client_cert: bool = False,
+) -> grpc.ServerCredentials | None:
     """TLS credentials for a server, or None for plaintext (when no certificate is set)."""
     if not cert and not key:
         if client_ca:
@@ -37,23 +41,28 @@ def server_credentials(cert: str | None, key: str | None, client_ca: str | None 
     if not (cert and key):
         raise ValueError("TLS needs both a certificate and a key")
     return grpc.ssl_server_credentials(
-        [(_read(key), _read(cert))], root_certificates=_read(client_ca),
-        require_client_auth=bool(client_ca) and require_client_cert)
+        [(_read(key), _read(cert))],
+        root_certificates=_read(client_ca),
+        require_client_auth=bool(client_ca) and require_client_cert,
+    )
 
 
-def channel_credentials(ca: str | None, cert: str | None = None,
-                        key: str | None = None) -> grpc.ChannelCredentials | None:
+def channel_credentials(
+    ca: str | None, cert: str | None = None, key: str | None = None
+) -> grpc.ChannelCredentials | None:
     """Credentials for dialing a TLS server (with a client certificate for mutual TLS)."""
     if not ca and not cert:
         return None
     if bool(cert) != bool(key):
         raise ValueError("a client certificate needs its key (and the other way round)")
-    return grpc.ssl_channel_credentials(root_certificates=_read(ca), private_key=_read(key),
-                                        certificate_chain=_read(cert))
+    return grpc.ssl_channel_credentials(
+        root_certificates=_read(ca), private_key=_read(key), certificate_chain=_read(cert)
+    )
 
 
-def open_channel(address: str, credentials: grpc.ChannelCredentials | None,
-                 options: Sequence[tuple[str, Any]]) -> aio.Channel:
+def open_channel(
+    address: str, credentials: grpc.ChannelCredentials | None, options: Sequence[tuple[str, Any]]
+) -> aio.Channel:
     if credentials is None:
         return aio.insecure_channel(address, options=list(options))
     return aio.secure_channel(address, credentials, options=list(options))
@@ -86,8 +95,9 @@ class TokenSet:
             return
         if mtime != self._mtime:
             lines = self._path.read_text().splitlines()
-            self._from_file = frozenset(t.strip() for t in lines
-                                        if t.strip() and not t.startswith("#"))
+            self._from_file = frozenset(
+                t.strip() for t in lines if t.strip() and not t.startswith("#")
+            )
             self._mtime = mtime
             log.info("loaded %d tokens from %s", len(self._from_file), self._path)
 
@@ -127,8 +137,11 @@ class AuthInterceptor(aio.ServerInterceptor):
         scheme, _, token = header.partition(" ")
         if scheme.lower() == "bearer" and token and self._tokens.accepts(token.strip()):
             return await continuation(handler_call_details)
-        message = ("missing bearer token: send metadata 'authorization: Bearer <token>'"
-                   if not header else "invalid bearer token")
+        message = (
+            "missing bearer token: send metadata 'authorization: Bearer <token>'"
+            if not header
+            else "invalid bearer token"
+        )
         handler = await continuation(handler_call_details)
         return _deny(handler, message)
 
@@ -152,28 +165,70 @@ def _deny(handler: grpc.RpcMethodHandler | None, message: str) -> grpc.RpcMethod
     return grpc.unary_unary_rpc_method_handler(abort, deserializer, serializer)
 
 
-def make_dev_certs(folder: Path, hosts: Sequence[str] = ("localhost", "127.0.0.1")) -> dict[str, Path]:
+def make_dev_certs(
+    folder: Path, hosts: Sequence[str] = ("localhost", "127.0.0.1")
+) -> dict[str, Path]:
     """A local CA plus server and client certificates for development, made with openssl."""
     folder.mkdir(parents=True, exist_ok=True)
-    paths = {name: folder / name for name in
-             ("ca.pem", "ca.key", "server.pem", "server.key", "client.pem", "client.key")}
+    paths = {
+        name: folder / name
+        for name in ("ca.pem", "ca.key", "server.pem", "server.key", "client.pem", "client.key")
+    }
 
     def run(*args: str) -> None:
         subprocess.run(["openssl", *args], check=True, capture_output=True)
 
-    run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "365",
-        "-keyout", str(paths["ca.key"]), "-out", str(paths["ca.pem"]), "-subj", "/CN=tessera-dev-ca")
-    san = ",".join(f"IP:{h}" if h.replace(".", "").isdigit() or ":" in h else f"DNS:{h}"
-                   for h in hosts)
+    run(
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-days",
+        "365",
+        "-keyout",
+        str(paths["ca.key"]),
+        "-out",
+        str(paths["ca.pem"]),
+        "-subj",
+        "/CN=tessera-dev-ca",
+    )
+    san = ",".join(
+        f"IP:{h}" if h.replace(".", "").isdigit() or ":" in h else f"DNS:{h}" for h in hosts
+    )
     for role, usage in (("server", "serverAuth"), ("client", "clientAuth")):
         csr = folder / f"{role}.csr"
         ext = folder / f"{role}.ext"
         ext.write_text(f"subjectAltName={san}\nextendedKeyUsage={usage}\n")
-        run("req", "-newkey", "rsa:2048", "-nodes", "-keyout", str(paths[f"{role}.key"]),
-            "-out", str(csr), "-subj", f"/CN=tessera-{role}")
-        run("x509", "-req", "-in", str(csr), "-CA", str(paths["ca.pem"]), "-CAkey",
-            str(paths["ca.key"]), "-CAcreateserial", "-days", "365", "-out",
-            str(paths[f"{role}.pem"]), "-extfile", str(ext))
+        run(
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            str(paths[f"{role}.key"]),
+            "-out",
+            str(csr),
+            "-subj",
+            f"/CN=tessera-{role}",
+        )
+        run(
+            "x509",
+            "-req",
+            "-in",
+            str(csr),
+            "-CA",
+            str(paths["ca.pem"]),
+            "-CAkey",
+            str(paths["ca.key"]),
+            "-CAcreateserial",
+            "-days",
+            "365",
+            "-out",
+            str(paths[f"{role}.pem"]),
+            "-extfile",
+            str(ext),
+        )
         csr.unlink()
         ext.unlink()
     for key in ("ca.key", "server.key", "client.key"):

@@ -44,8 +44,11 @@ class Served:
     port: int
 
     async def set_status(self, service: str, serving: bool) -> None:
-        status = (health_pb2.HealthCheckResponse.SERVING if serving
-                  else health_pb2.HealthCheckResponse.NOT_SERVING)
+        status = (
+            health_pb2.HealthCheckResponse.SERVING
+            if serving
+            else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
         await self.health.set(service, status)
 
 
@@ -64,11 +67,17 @@ async def serve(
     until told) and reflection. Port 0 picks a free port; the real one is in Served.port.
     """
     options = [(k, v) for k, v in SERVER_OPTIONS if "message_length" not in k]
-    options += [("grpc.max_send_message_length", max_message_bytes),
-                ("grpc.max_receive_message_length", max_message_bytes)]
+    options += [
+        ("grpc.max_send_message_length", max_message_bytes),
+        ("grpc.max_receive_message_length", max_message_bytes),
+    ]
     server = aio.server(
-        interceptors=[ServerTracingInterceptor(tracer_name), ObserveInterceptor(),
-                      *interceptors, ErrorInterceptor()],
+        interceptors=[
+            ServerTracingInterceptor(tracer_name),
+            ObserveInterceptor(),
+            *interceptors,
+            ErrorInterceptor(),
+        ],
         options=options,
     )
     for add in add_servicers:
@@ -78,8 +87,11 @@ async def serve(
     names = [*service_names, health.SERVICE_NAME, reflection.SERVICE_NAME]
     reflection.enable_server_reflection(names, server)
     address = f"{host}:{port}"
-    bound = (server.add_secure_port(address, credentials) if credentials is not None
-             else server.add_insecure_port(address))
+    bound = (
+        server.add_secure_port(address, credentials)
+        if credentials is not None
+        else server.add_insecure_port(address)
+    )
     if bound == 0:
         raise OSError(f"cannot bind {address}")
     await server.start()

@@ -21,29 +21,29 @@ def default_repository() -> str:
 @dataclass
 class WorkerSettings:
     model: str = ""
-    layers: str | None = None           # "START:END"; None = the whole model (a replica)
-    host: str = "127.0.0.1"             # interface to bind
+    layers: str | None = None  # "START:END"; None = the whole model (a replica)
+    host: str = "127.0.0.1"  # interface to bind
     port: int = 50061
-    advertise: str | None = None        # host:port the router dials; default host:port
+    advertise: str | None = None  # host:port the router dials; default host:port
     routers: list[str] = field(default_factory=list)  # routers to register with
     repository: str = field(default_factory=default_repository)
-    heartbeat_s: float = 2.0            # seconds between registrations
-    max_outstanding: int = 64           # requests in flight before RESOURCE_EXHAUSTED
-    max_sessions: int = 64              # live generation sessions
-    max_kv_mb: int = 2048               # MiB of KV cache over all sessions
-    session_idle_s: float = 60.0        # seconds before an idle session is ended
-    max_batch: int = 32                 # rows (texts or sessions) per forward pass
-    max_wait_ms: float = 1.0            # milliseconds to wait for more work before a batch runs
-    drain_s: float = 10.0               # seconds to finish work on SIGTERM
-    threads: int = 0                    # torch intra-op threads; 0 = torch's default
-    metrics_port: int = -1              # Prometheus /metrics port; -1 = off, 0 = any free port
-    tls_cert: str = ""                  # server certificate (PEM); empty = plaintext
+    heartbeat_s: float = 2.0  # seconds between registrations
+    max_outstanding: int = 64  # requests in flight before RESOURCE_EXHAUSTED
+    max_sessions: int = 64  # live generation sessions
+    max_kv_mb: int = 2048  # MiB of KV cache over all sessions
+    session_idle_s: float = 60.0  # seconds before an idle session is ended
+    max_batch: int = 32  # rows (texts or sessions) per forward pass
+    max_wait_ms: float = 1.0  # milliseconds to wait for more work before a batch runs
+    drain_s: float = 10.0  # seconds to finish work on SIGTERM
+    threads: int = 0  # torch intra-op threads; 0 = torch's default
+    metrics_port: int = -1  # Prometheus /metrics port; -1 = off, 0 = any free port
+    tls_cert: str = ""  # server certificate (PEM); empty = plaintext
     tls_key: str = ""
-    tls_client_ca: str = ""             # CA of accepted client certs: mutual TLS with routers
-    router_ca: str = ""                 # CA to verify routers when registering (TLS routers)
-    client_cert: str = ""               # this worker's client certificate for routers
+    tls_client_ca: str = ""  # CA of accepted client certs: mutual TLS with routers
+    router_ca: str = ""  # CA to verify routers when registering (TLS routers)
+    client_cert: str = ""  # this worker's client certificate for routers
     client_key: str = ""
-    router_token: str = ""              # bearer token for routers that require one
+    router_token: str = ""  # bearer token for routers that require one
 
 
 @dataclass
@@ -51,32 +51,32 @@ class RouterSettings:
     host: str = "127.0.0.1"
     port: int = 50051
     repository: str = field(default_factory=default_repository)
-    workers: list[str] = field(default_factory=list)   # static worker addresses
+    workers: list[str] = field(default_factory=list)  # static worker addresses
     cache_nodes: list[str] = field(default_factory=list)
-    cache_timeout_s: float = 0.1        # seconds per memcached call
-    health_interval_s: float = 1.0      # seconds between worker probes
-    worker_ttl_s: float = 6.0           # a registration not renewed this long expires
-    max_prompt_tokens: int = 4096       # longer prompts get INVALID_ARGUMENT
-    max_new_tokens: int = 1024          # the largest max_new_tokens accepted
+    cache_timeout_s: float = 0.1  # seconds per memcached call
+    health_interval_s: float = 1.0  # seconds between worker probes
+    worker_ttl_s: float = 6.0  # a registration not renewed this long expires
+    max_prompt_tokens: int = 4096  # longer prompts get INVALID_ARGUMENT
+    max_new_tokens: int = 1024  # the largest max_new_tokens accepted
     default_max_new_tokens: int = 64
-    max_embed_inputs: int = 256         # texts per Embed request
-    embed_segment_size: int = 32        # texts per segment scattered over the replicas
-    max_input_chars: int = 100_000      # characters per text
-    max_outstanding: int = 256          # requests in flight before RESOURCE_EXHAUSTED
-    request_timeout_s: float = 120.0    # deadline when the client sets none
+    max_embed_inputs: int = 256  # texts per Embed request
+    embed_segment_size: int = 32  # texts per segment scattered over the replicas
+    max_input_chars: int = 100_000  # characters per text
+    max_outstanding: int = 256  # requests in flight before RESOURCE_EXHAUSTED
+    request_timeout_s: float = 120.0  # deadline when the client sets none
     drain_s: float = 10.0
-    max_message_mb: int = 64            # largest gRPC message accepted or sent, MiB
+    max_message_mb: int = 64  # largest gRPC message accepted or sent, MiB
     max_streams_per_connection: int = 64  # concurrent GenerateStream calls per client connection
-    hidden_dtype: str = "float32"       # dtype of hidden states between stages
-    metrics_port: int = -1              # Prometheus /metrics port; -1 = off, 0 = any free port
-    tls_cert: str = ""                  # public port certificate (PEM); empty = plaintext
+    hidden_dtype: str = "float32"  # dtype of hidden states between stages
+    metrics_port: int = -1  # Prometheus /metrics port; -1 = off, 0 = any free port
+    tls_cert: str = ""  # public port certificate (PEM); empty = plaintext
     tls_key: str = ""
-    tls_client_ca: str = ""             # CA of client certs required on the public port
-    worker_ca: str = ""                 # CA that signed the workers' certificates (mTLS)
-    client_cert: str = ""               # the router's client certificate for workers
+    tls_client_ca: str = ""  # CA of client certs required on the public port
+    worker_ca: str = ""  # CA that signed the workers' certificates (mTLS)
+    client_cert: str = ""  # the router's client certificate for workers
     client_key: str = ""
     auth_tokens: list[str] = field(default_factory=list)  # accepted bearer tokens
-    auth_token_file: str = ""           # file of bearer tokens, one per line, reloaded
+    auth_token_file: str = ""  # file of bearer tokens, one per line, reloaded
 
 
 @dataclass

@@ -55,7 +55,8 @@ def setup_tracing(service_name: str, environ: Mapping[str, str] | None = None) -
             provider.add_span_processor(BatchSpanProcessor(JsonLinesSpanExporter(path)))
         else:
             raise ValueError(
-                f"OTEL_TRACES_EXPORTER={name!r} is not supported (console, otlp, file)")
+                f"OTEL_TRACES_EXPORTER={name!r} is not supported (console, otlp, file)"
+            )
     trace.set_tracer_provider(provider)
 
 
@@ -93,16 +94,21 @@ class ServerTracingInterceptor(aio.ServerInterceptor):
         if handler is None or not _traced(method):
             return handler
         tracer_name = self._tracer_name
-        metadata = {k: v for k, v in (handler_call_details.invocation_metadata or ())
-                    if isinstance(v, str)}
+        metadata = {
+            k: v for k, v in (handler_call_details.invocation_metadata or ()) if isinstance(v, str)
+        }
 
         def start_span() -> Any:
             parent = propagate.extract(metadata)
             tracer = trace.get_tracer(tracer_name)
             return tracer.start_as_current_span(
-                method.lstrip("/"), context=parent, kind=SpanKind.SERVER,
+                method.lstrip("/"),
+                context=parent,
+                kind=SpanKind.SERVER,
                 attributes={"rpc.system": "grpc", "rpc.method": method},
-                record_exception=False, set_status_on_exception=False)
+                record_exception=False,
+                set_status_on_exception=False,
+            )
 
         def mark(span: trace.Span, context: aio.ServicerContext) -> None:
             code = context.code()  # a plain attribute: safe after cancellation
@@ -121,7 +127,8 @@ class ServerTracingInterceptor(aio.ServerInterceptor):
                         mark(span, context)
 
             return grpc.unary_unary_rpc_method_handler(
-                unary_unary, handler.request_deserializer, handler.response_serializer)
+                unary_unary, handler.request_deserializer, handler.response_serializer
+            )
         if handler.unary_stream:
             inner_us = handler.unary_stream
 
@@ -134,7 +141,8 @@ class ServerTracingInterceptor(aio.ServerInterceptor):
                         mark(span, context)
 
             return grpc.unary_stream_rpc_method_handler(
-                unary_stream, handler.request_deserializer, handler.response_serializer)
+                unary_stream, handler.request_deserializer, handler.response_serializer
+            )
         if handler.stream_stream:
             inner_ss = handler.stream_stream
 
@@ -147,7 +155,8 @@ class ServerTracingInterceptor(aio.ServerInterceptor):
                         mark(span, context)
 
             return grpc.stream_stream_rpc_method_handler(
-                stream_stream, handler.request_deserializer, handler.response_serializer)
+                stream_stream, handler.request_deserializer, handler.response_serializer
+            )
         return handler
 
 

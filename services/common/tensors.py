@@ -14,24 +14,39 @@ assert sys.byteorder == "little", "tensor bytes are little-endian; big-endian ho
 
 # bfloat16 has no numpy dtype: it travels as raw 2-byte words and is decoded with torch.
 ITEMSIZE: dict[str, int] = {
-    "float32": 4, "float16": 2, "bfloat16": 2, "int64": 8, "int32": 4, "bool": 1,
+    "float32": 4,
+    "float16": 2,
+    "bfloat16": 2,
+    "int64": 8,
+    "int32": 4,
+    "bool": 1,
 }
 NUMPY_DTYPES: dict[str, np.dtype] = {
-    "float32": np.dtype("<f4"), "float16": np.dtype("<f2"), "int64": np.dtype("<i8"),
-    "int32": np.dtype("<i4"), "bool": np.dtype("bool"),
+    "float32": np.dtype("<f4"),
+    "float16": np.dtype("<f2"),
+    "int64": np.dtype("<i8"),
+    "int32": np.dtype("<i4"),
+    "bool": np.dtype("bool"),
 }
 MAX_TENSOR_BYTES = 256 * 1024 * 1024
 
 
-def validate(tensor: common_pb2.Tensor, name: str, *, ndim: int | None = None,
-             dtypes: tuple[str, ...] | None = None) -> tuple[int, ...]:
+def validate(
+    tensor: common_pb2.Tensor,
+    name: str,
+    *,
+    ndim: int | None = None,
+    dtypes: tuple[str, ...] | None = None,
+) -> tuple[int, ...]:
     """Checks that a Tensor is self-consistent; returns its shape. Raises InvalidArgument."""
     if tensor.dtype not in ITEMSIZE:
-        raise InvalidArgument(f"{name}: unsupported dtype {tensor.dtype!r}; "
-                              f"use one of {', '.join(ITEMSIZE)}")
+        raise InvalidArgument(
+            f"{name}: unsupported dtype {tensor.dtype!r}; use one of {', '.join(ITEMSIZE)}"
+        )
     if dtypes is not None and tensor.dtype not in dtypes:
-        raise InvalidArgument(f"{name}: dtype must be one of {', '.join(dtypes)}, "
-                              f"got {tensor.dtype}")
+        raise InvalidArgument(
+            f"{name}: dtype must be one of {', '.join(dtypes)}, got {tensor.dtype}"
+        )
     shape = tuple(int(d) for d in tensor.shape)
     if ndim is not None and len(shape) != ndim:
         raise InvalidArgument(f"{name}: expected {ndim} dimensions, got shape {list(shape)}")
@@ -41,8 +56,10 @@ def validate(tensor: common_pb2.Tensor, name: str, *, ndim: int | None = None,
     if expected > MAX_TENSOR_BYTES:
         raise InvalidArgument(f"{name}: {expected} bytes is over the {MAX_TENSOR_BYTES} limit")
     if len(tensor.data) != expected:
-        raise InvalidArgument(f"{name}: shape {list(shape)} of {tensor.dtype} needs "
-                              f"{expected} bytes, got {len(tensor.data)}")
+        raise InvalidArgument(
+            f"{name}: shape {list(shape)} of {tensor.dtype} needs "
+            f"{expected} bytes, got {len(tensor.data)}"
+        )
     return shape
 
 

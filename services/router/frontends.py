@@ -35,9 +35,10 @@ class ModelFrontend:
         self.max_length = spec.max_positions
         st_config = spec.path / "sentence_bert_config.json"
         if st_config.is_file():
-            self.max_length = min(self.max_length,
-                                  int(json.loads(st_config.read_text()).get("max_seq_length",
-                                                                            self.max_length)))
+            self.max_length = min(
+                self.max_length,
+                int(json.loads(st_config.read_text()).get("max_seq_length", self.max_length)),
+            )
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
 
@@ -57,19 +58,23 @@ class ModelFrontend:
             raise InvalidArgument(f"model {self.spec.name} has no chat template; send a prompt")
         text = self.tokenizer.apply_chat_template(
             [{"role": r, "content": c} for r, c in messages],
-            add_generation_prompt=True, tokenize=False)
+            add_generation_prompt=True,
+            tokenize=False,
+        )
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
     def encode_batch(self, texts: Sequence[str]) -> tuple[list[list[int]], list[list[int]]]:
         """Pads to the longest text and truncates at the model's length, as encoders expect."""
-        encoded = self.tokenizer(list(texts), padding=True, truncation=True,
-                                 max_length=self.max_length)
+        encoded = self.tokenizer(
+            list(texts), padding=True, truncation=True, max_length=self.max_length
+        )
         return encoded["input_ids"], encoded["attention_mask"]
 
     def encode_texts(self, texts: Sequence[str]) -> list[list[int]]:
         """Token ids per text, truncated at the model's length, unpadded."""
-        return list(self.tokenizer(list(texts), truncation=True,
-                                   max_length=self.max_length)["input_ids"])
+        return list(
+            self.tokenizer(list(texts), truncation=True, max_length=self.max_length)["input_ids"]
+        )
 
     @property
     def pad_id(self) -> int:

@@ -15,7 +15,7 @@ class TextAssembler:
     frontend: ModelFrontend
     stop: Sequence[str]
     token_ids: list[int] = field(default_factory=list)
-    emitted: int = 0              # characters of text handed out so far
+    emitted: int = 0  # characters of text handed out so far
     text: str = ""
     stopped: bool = False
 
@@ -23,10 +23,13 @@ class TextAssembler:
         self.token_ids.append(token_id)
         self.text = self.frontend.decode(self.token_ids)
         # Cut once, at the earliest stop string, whatever order the stops were given in.
-        cuts = [at for stop in self.stop
-                if (at := self.text.find(stop, max(0, self.emitted - len(stop)))) != -1]
+        cuts = [
+            at
+            for stop in self.stop
+            if (at := self.text.find(stop, max(0, self.emitted - len(stop)))) != -1
+        ]
         if cuts:
-            self.text = self.text[:min(cuts)]
+            self.text = self.text[: min(cuts)]
             self.stopped = True
 
     def take(self, final: bool) -> str:
@@ -38,6 +41,6 @@ class TextAssembler:
                 end -= 1
             if self.stop:
                 end = max(self.emitted, end - (max(len(s) for s in self.stop) - 1))
-        piece = self.text[self.emitted:end]
+        piece = self.text[self.emitted : end]
         self.emitted = end
         return piece

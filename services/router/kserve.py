@@ -38,8 +38,17 @@ INPUT = "text"
 TEXT_OUTPUT = "text"
 EMBEDDINGS_OUTPUT = "embeddings"
 # Request parameters that standard clients may send and that do not change Tessera's answer.
-PROTOCOL_PARAMETERS = frozenset({"priority", "timeout", "sequence_id", "sequence_start",
-                                 "sequence_end", "binary_data_output", "headers"})
+PROTOCOL_PARAMETERS = frozenset(
+    {
+        "priority",
+        "timeout",
+        "sequence_id",
+        "sequence_start",
+        "sequence_end",
+        "binary_data_output",
+        "headers",
+    }
+)
 INT_PARAMETERS = ("max_new_tokens", "top_k", "seed")
 FLOAT_PARAMETERS = ("temperature", "top_p")
 GENERATION_PARAMETERS = frozenset({*INT_PARAMETERS, *FLOAT_PARAMETERS, "stop"})
@@ -67,11 +76,12 @@ def deserialize_bytes(raw: bytes, count: int, name: str) -> list[bytes]:
         offset += 4
         if offset + size > len(raw):
             raise InvalidArgument(f"input {name!r}: BYTES element runs past the end of the data")
-        items.append(raw[offset:offset + size])
+        items.append(raw[offset : offset + size])
         offset += size
     if len(items) != count:
-        raise InvalidArgument(f"input {name!r}: shape holds {count} elements, the data "
-                              f"holds {len(items)}")
+        raise InvalidArgument(
+            f"input {name!r}: shape holds {count} elements, the data holds {len(items)}"
+        )
     return items
 
 
@@ -107,42 +117,50 @@ class KServeService(pb_grpc.GRPCInferenceServiceServicer):
 
     # -- health and metadata ----------------------------------------------------------------
 
-    async def ServerLive(self, request: pb.ServerLiveRequest,
-                         context: aio.ServicerContext) -> pb.ServerLiveResponse:
+    async def ServerLive(
+        self, request: pb.ServerLiveRequest, context: aio.ServicerContext
+    ) -> pb.ServerLiveResponse:
         return pb.ServerLiveResponse(live=True)
 
-    async def ServerReady(self, request: pb.ServerReadyRequest,
-                          context: aio.ServicerContext) -> pb.ServerReadyResponse:
+    async def ServerReady(
+        self, request: pb.ServerReadyRequest, context: aio.ServicerContext
+    ) -> pb.ServerReadyResponse:
         return pb.ServerReadyResponse(ready=not self.inference.draining)
 
-    async def ServerMetadata(self, request: pb.ServerMetadataRequest,
-                             context: aio.ServicerContext) -> pb.ServerMetadataResponse:
-        return pb.ServerMetadataResponse(name="tessera", version=_server_version(),
-                                         extensions=[])
+    async def ServerMetadata(
+        self, request: pb.ServerMetadataRequest, context: aio.ServicerContext
+    ) -> pb.ServerMetadataResponse:
+        return pb.ServerMetadataResponse(name="tessera", version=_server_version(), extensions=[])
 
     def _versions(self, model: str, healthy_only: bool) -> list[str]:
         table = self.inference.pool.table
         chains = table.chains(model) if healthy_only else table.all_chains(model)
         return list(dict.fromkeys(chain.version for chain in chains))
 
-    async def ModelReady(self, request: pb.ModelReadyRequest,
-                         context: aio.ServicerContext) -> pb.ModelReadyResponse:
+    async def ModelReady(
+        self, request: pb.ModelReadyRequest, context: aio.ServicerContext
+    ) -> pb.ModelReadyResponse:
         if not request.name:
             raise InvalidArgument("name is required")
         versions = self._versions(request.name, healthy_only=True)
-        ready = (not self.inference.draining and bool(versions)
-                 and (not request.version or request.version in versions))
+        ready = (
+            not self.inference.draining
+            and bool(versions)
+            and (not request.version or request.version in versions)
+        )
         return pb.ModelReadyResponse(ready=ready)
 
     def _model(self, name: str, version: str) -> ModelFrontend:
         frontend = self.inference._frontend(name)
         if version and version not in self._versions(name, healthy_only=False):
-            raise NotFound(f"model {name!r} has no version {version!r}; ModelMetadata lists "
-                           f"its versions")
+            raise NotFound(
+                f"model {name!r} has no version {version!r}; ModelMetadata lists its versions"
+            )
         return frontend
 
-    async def ModelMetadata(self, request: pb.ModelMetadataRequest,
-                            context: aio.ServicerContext) -> pb.ModelMetadataResponse:
+    async def ModelMetadata(
+        self, request: pb.ModelMetadataRequest, context: aio.ServicerContext
+    ) -> pb.ModelMetadataResponse:
         frontend = self._model(request.name, request.version)
         tensor = pb.ModelMetadataResponse.TensorMetadata
         if frontend.kind is ModelKind.CAUSAL_LM:
@@ -150,18 +168,27 @@ class KServeService(pb_grpc.GRPCInferenceServiceServicer):
             outputs = [tensor(name=TEXT_OUTPUT, datatype="BYTES", shape=[1])]
         else:
             inputs = [tensor(name=INPUT, datatype="BYTES", shape=[-1])]
-            outputs = [tensor(name=EMBEDDINGS_OUTPUT, datatype="FP32",
-                              shape=[-1, frontend.spec.hidden_size])]
+            outputs = [
+                tensor(
+                    name=EMBEDDINGS_OUTPUT, datatype="FP32", shape=[-1, frontend.spec.hidden_size]
+                )
+            ]
         return pb.ModelMetadataResponse(
-            name=request.name, versions=self._versions(request.name, healthy_only=False),
-            platform=f"tessera/{frontend.kind.value}", inputs=inputs, outputs=outputs)
+            name=request.name,
+            versions=self._versions(request.name, healthy_only=False),
+            platform=f"tessera/{frontend.kind.value}",
+            inputs=inputs,
+            outputs=outputs,
+        )
 
     # -- inference --------------------------------------------------------------------------
 
     def _texts(self, request: pb.ModelInferRequest) -> tuple[list[str], list[int]]:
         if len(request.inputs) != 1 or request.inputs[0].name != INPUT:
-            raise InvalidArgument(f"send exactly one input tensor named {INPUT!r} (BYTES); got "
-                                  f"{[t.name for t in request.inputs]}")
+            raise InvalidArgument(
+                f"send exactly one input tensor named {INPUT!r} (BYTES); got "
+                f"{[t.name for t in request.inputs]}"
+            )
         tensor = request.inputs[0]
         if tensor.datatype != "BYTES":
             raise InvalidArgument(f"input {INPUT!r} must be BYTES, got {tensor.datatype!r}")
@@ -178,8 +205,9 @@ class KServeService(pb_grpc.GRPCInferenceServiceServicer):
         else:
             items = list(tensor.contents.bytes_contents)
             if len(items) != count:
-                raise InvalidArgument(f"input {INPUT!r}: shape holds {count} elements, "
-                                      f"contents hold {len(items)}")
+                raise InvalidArgument(
+                    f"input {INPUT!r}: shape holds {count} elements, contents hold {len(items)}"
+                )
         try:
             return [item.decode("utf-8") for item in items], shape
         except UnicodeDecodeError:
@@ -188,34 +216,45 @@ class KServeService(pb_grpc.GRPCInferenceServiceServicer):
     def _check_outputs(self, request: pb.ModelInferRequest, name: str) -> None:
         for output in request.outputs:
             if output.name != name:
-                raise InvalidArgument(f"model {request.model_name!r} has one output, {name!r}; "
-                                      f"unknown output {output.name!r}")
+                raise InvalidArgument(
+                    f"model {request.model_name!r} has one output, {name!r}; "
+                    f"unknown output {output.name!r}"
+                )
 
     def _check_parameters(self, request: pb.ModelInferRequest, kind: ModelKind) -> None:
-        allowed = PROTOCOL_PARAMETERS | (GENERATION_PARAMETERS if kind is ModelKind.CAUSAL_LM
-                                         else frozenset())
+        allowed = PROTOCOL_PARAMETERS | (
+            GENERATION_PARAMETERS if kind is ModelKind.CAUSAL_LM else frozenset()
+        )
         for key in request.parameters:
             if key not in allowed:
                 ours = sorted(allowed - PROTOCOL_PARAMETERS)
-                raise InvalidArgument(f"unknown parameter {key!r} for a {kind.value} model"
-                                      + (f"; accepted: {', '.join(ours)}" if ours else ""))
+                raise InvalidArgument(
+                    f"unknown parameter {key!r} for a {kind.value} model"
+                    + (f"; accepted: {', '.join(ours)}" if ours else "")
+                )
 
-    async def ModelInfer(self, request: pb.ModelInferRequest,
-                         context: aio.ServicerContext) -> pb.ModelInferResponse:
+    async def ModelInfer(
+        self, request: pb.ModelInferRequest, context: aio.ServicerContext
+    ) -> pb.ModelInferResponse:
         frontend = self._model(request.model_name, request.model_version)
         self._check_parameters(request, frontend.kind)
         texts, shape = self._texts(request)
         response = pb.ModelInferResponse(
-            model_name=request.model_name, id=request.id,
-            model_version=request.model_version or next(
-                iter(self._versions(request.model_name, healthy_only=True)), ""))
+            model_name=request.model_name,
+            id=request.id,
+            model_version=request.model_version
+            or next(iter(self._versions(request.model_name, healthy_only=True)), ""),
+        )
         if frontend.kind is ModelKind.CAUSAL_LM:
             self._check_outputs(request, TEXT_OUTPUT)
             if len(texts) != 1:
-                raise InvalidArgument(f"a causal-lm model takes one prompt per request; input "
-                                      f"{INPUT!r} has shape {shape}")
-            generated = await self.inference.Generate(self._generate_request(request, texts[0]),
-                                                      context)
+                raise InvalidArgument(
+                    f"a causal-lm model takes one prompt per request; input "
+                    f"{INPUT!r} has shape {shape}"
+                )
+            generated = await self.inference.Generate(
+                self._generate_request(request, texts[0]), context
+            )
             response.outputs.add(name=TEXT_OUTPUT, datatype="BYTES", shape=shape or [1])
             response.raw_output_contents.append(serialize_bytes([generated.text.encode()]))
             response.parameters["finish_reason"].string_param = generated.finish_reason
@@ -225,19 +264,22 @@ class KServeService(pb_grpc.GRPCInferenceServiceServicer):
         else:
             self._check_outputs(request, EMBEDDINGS_OUTPUT)
             embedded = await self.inference.Embed(
-                inference_pb2.EmbedRequest(model=request.model_name, inputs=texts), context)
+                inference_pb2.EmbedRequest(model=request.model_name, inputs=texts), context
+            )
             matrix = np.asarray([e.values for e in embedded.embeddings], dtype="<f4")
             matrix = matrix.reshape(len(texts), embedded.dim)
-            response.outputs.add(name=EMBEDDINGS_OUTPUT, datatype="FP32",
-                                 shape=[len(texts), embedded.dim])
+            response.outputs.add(
+                name=EMBEDDINGS_OUTPUT, datatype="FP32", shape=[len(texts), embedded.dim]
+            )
             response.raw_output_contents.append(matrix.tobytes())
             response.parameters["cached_inputs"].int64_param = embedded.cached_inputs
             response.parameters["cached"].bool_param = embedded.cached
         return response
 
     @staticmethod
-    def _generate_request(request: pb.ModelInferRequest,
-                          prompt: str) -> inference_pb2.GenerateRequest:
+    def _generate_request(
+        request: pb.ModelInferRequest, prompt: str
+    ) -> inference_pb2.GenerateRequest:
         generate = inference_pb2.GenerateRequest(model=request.model_name, prompt=prompt)
         params = request.parameters
         for name in INT_PARAMETERS:
@@ -253,4 +295,3 @@ class KServeService(pb_grpc.GRPCInferenceServiceServicer):
         if "stop" in params:
             generate.stop.append(_str_param(params["stop"], "stop"))
         return generate
-

@@ -29,36 +29,63 @@ SERVICE_NAME = "tessera.v1.Inference"
 REGISTRY_NAME = "tessera.v1.Registry"
 
 
-async def run_router(settings: RouterSettings, *, ready: asyncio.Event | None = None,
-                     stop: asyncio.Event | None = None, port_out: list[int] | None = None) -> int:
+async def run_router(
+    settings: RouterSettings,
+    *,
+    ready: asyncio.Event | None = None,
+    stop: asyncio.Event | None = None,
+    port_out: list[int] | None = None,
+) -> int:
     """Serves until SIGINT/SIGTERM (or `stop`), then drains and exits 0."""
     stop = stop or asyncio.Event()
     max_message = settings.max_message_mb * 1024 * 1024
-    pool = WorkerPool(list(settings.workers), probe_interval_s=settings.health_interval_s,
-                      ttl_s=settings.worker_ttl_s,
-                      credentials=channel_credentials(settings.worker_ca or None,
-                                                      settings.client_cert or None,
-                                                      settings.client_key or None),
-                      max_message_bytes=max_message)
-    cache = CacheStore(settings.cache_nodes, timeout_s=settings.cache_timeout_s,
-                       tracer=__import__("opentelemetry.trace", fromlist=["get_tracer"])
-                       .get_tracer("tessera.cache"))
+    pool = WorkerPool(
+        list(settings.workers),
+        probe_interval_s=settings.health_interval_s,
+        ttl_s=settings.worker_ttl_s,
+        credentials=channel_credentials(
+            settings.worker_ca or None, settings.client_cert or None, settings.client_key or None
+        ),
+        max_message_bytes=max_message,
+    )
+    cache = CacheStore(
+        settings.cache_nodes,
+        timeout_s=settings.cache_timeout_s,
+        tracer=__import__("opentelemetry.trace", fromlist=["get_tracer"]).get_tracer(
+            "tessera.cache"
+        ),
+    )
     frontends = Frontends(Path(settings.repository))
     inference = InferenceService(settings, pool, frontends, cache)
     registry = RegistryService(pool, heartbeat_s=max(settings.worker_ttl_s / 3, 0.5))
     served = await serve(
-        [lambda s: inference_pb2_grpc.add_InferenceServicer_to_server(inference, s),
-         lambda s: worker_pb2_grpc.add_RegistryServicer_to_server(registry, s),
-         KServeService(inference).add_to_server],
-        [SERVICE_NAME, REGISTRY_NAME, KSERVE_NAME], host=settings.host, port=settings.port,
+        [
+            lambda s: inference_pb2_grpc.add_InferenceServicer_to_server(inference, s),
+            lambda s: worker_pb2_grpc.add_RegistryServicer_to_server(registry, s),
+            KServeService(inference).add_to_server,
+        ],
+        [SERVICE_NAME, REGISTRY_NAME, KSERVE_NAME],
+        host=settings.host,
+        port=settings.port,
         tracer_name="tessera.router",
-        credentials=server_credentials(settings.tls_cert or None, settings.tls_key or None,
-                                       settings.tls_client_ca or None, require_client_cert=True),
-        interceptors=[AuthInterceptor(TokenSet(settings.auth_tokens,
-                                               settings.auth_token_file or None),
-                                      ["/tessera.v1.Inference/", "/tessera.v1.Registry/",
-                                       "/inference.GRPCInferenceService/"])],
-        max_message_bytes=max_message)
+        credentials=server_credentials(
+            settings.tls_cert or None,
+            settings.tls_key or None,
+            settings.tls_client_ca or None,
+            require_client_cert=True,
+        ),
+        interceptors=[
+            AuthInterceptor(
+                TokenSet(settings.auth_tokens, settings.auth_token_file or None),
+                [
+                    "/tessera.v1.Inference/",
+                    "/tessera.v1.Registry/",
+                    "/inference.GRPCInferenceService/",
+                ],
+            )
+        ],
+        max_message_bytes=max_message,
+    )
     if settings.metrics_port >= 0:
         metrics_port = start_metrics_server(settings.metrics_port, settings.host)
         print(f"tessera router metrics on {settings.host}:{metrics_port}", flush=True)
@@ -82,6 +109,7 @@ async def run_router(settings: RouterSettings, *, ready: asyncio.Event | None = 
                 table = pool.table
                 for model in health_names:
                     await served.set_status(model, bool(table.chains(model)))
+
         pending[:] = [task for task in pending if not task.done()]
         pending.append(asyncio.ensure_future(update()))
 
@@ -116,5 +144,3 @@ async def run_router(settings: RouterSettings, *, ready: asyncio.Event | None = 
         cache.close()
         for task in pending:
             task.cancel()
-
-

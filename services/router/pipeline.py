@@ -23,8 +23,9 @@ tracer = trace.get_tracer("tessera.router")
 CLOSE_TIMEOUT_S = 2.0  # a finished session's streams get this long to close cleanly
 
 # Codes after which the same work may be tried on another chain.
-RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED,
-                       grpc.StatusCode.ABORTED})
+RETRYABLE = frozenset(
+    {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED, grpc.StatusCode.ABORTED}
+)
 
 
 class HopFailed(Exception):
@@ -73,19 +74,25 @@ def ids_tensor(rows: Sequence[Sequence[int]]) -> common_pb2.Tensor:
     return from_numpy(np.asarray(rows, dtype=np.int64).reshape(len(rows), -1))
 
 
-async def run_forward(pool: WorkerPool, hops: Sequence[Hop], *,
-                      input_ids: common_pb2.Tensor | None,
-                      hidden_states: common_pb2.Tensor | None,
-                      attention_mask: common_pb2.Tensor | None,
-                      pool_output: bool, timeout: float,
-                      hidden_dtype: str = "float32") -> common_pb2.Tensor:
+async def run_forward(
+    pool: WorkerPool,
+    hops: Sequence[Hop],
+    *,
+    input_ids: common_pb2.Tensor | None,
+    hidden_states: common_pb2.Tensor | None,
+    attention_mask: common_pb2.Tensor | None,
+    pool_output: bool,
+    timeout: float,
+    hidden_dtype: str = "float32",
+) -> common_pb2.Tensor:
     """Runs hops in order; the first takes input_ids or hidden_states, each next one the last's."""
     current = hidden_states
     for index, hop in enumerate(hops):
         request = worker_pb2.StageForwardRequest(
             span=common_pb2.Span(start=hop.span.start, end=hop.span.end),
             pool=pool_output and index == len(hops) - 1,
-            hidden_dtype=hidden_dtype)
+            hidden_dtype=hidden_dtype,
+        )
         if index == 0 and input_ids is not None:
             request.input_ids.CopyFrom(input_ids)
         else:
@@ -93,12 +100,17 @@ async def run_forward(pool: WorkerPool, hops: Sequence[Hop], *,
             request.hidden_states.CopyFrom(current)
         if attention_mask is not None:
             request.attention_mask.CopyFrom(attention_mask)
-        with _counted(pool, hop.address), tracer.start_as_current_span(
-                f"hop {hop.span}", attributes={"tessera.worker": hop.address,
-                                              "tessera.span": str(hop.span)}):
+        with (
+            _counted(pool, hop.address),
+            tracer.start_as_current_span(
+                f"hop {hop.span}",
+                attributes={"tessera.worker": hop.address, "tessera.span": str(hop.span)},
+            ),
+        ):
             try:
                 response = await pool.stub(hop.address).Forward(
-                    request, timeout=timeout, metadata=outgoing_metadata())
+                    request, timeout=timeout, metadata=outgoing_metadata()
+                )
             except aio.AioRpcError as error:
                 raise translate(error, hop.address, pool) from None
         current = response.hidden_states
@@ -109,8 +121,14 @@ async def run_forward(pool: WorkerPool, hops: Sequence[Hop], *,
 class ChainSession:
     """One generation in flight on a chain: one Session stream per stage, driven step by step."""
 
-    def __init__(self, pool: WorkerPool, chain: Chain, sampling: SamplingParams,
-                 timeout: float, hidden_dtype: str = "float32") -> None:
+    def __init__(
+        self,
+        pool: WorkerPool,
+        chain: Chain,
+        sampling: SamplingParams,
+        timeout: float,
+        hidden_dtype: str = "float32",
+    ) -> None:
         self.pool = pool
         self.chain = chain
         self.session_id = uuid.uuid4().hex
@@ -134,13 +152,15 @@ class ChainSession:
         for address, _ in calls:
             self.pool.load[address] -= 1
         if exc_type is None:
+
             async def close(call: aio.StreamStreamCall) -> None:
                 await call.done_writing()
                 await call.code()
 
             try:
-                await asyncio.wait_for(asyncio.gather(*(close(c) for _, c in calls)),
-                                       timeout=CLOSE_TIMEOUT_S)
+                await asyncio.wait_for(
+                    asyncio.gather(*(close(c) for _, c in calls)), timeout=CLOSE_TIMEOUT_S
+                )
                 return
             except (aio.AioRpcError, aio.UsageError, TimeoutError):
                 pass
@@ -156,8 +176,9 @@ class ChainSession:
         hidden: common_pb2.Tensor | None = None
         response = None
         for index, (address, call) in enumerate(self._calls):
-            request = worker_pb2.StepRequest(session_id=self.session_id,
-                                             hidden_dtype=self.hidden_dtype)
+            request = worker_pb2.StepRequest(
+                session_id=self.session_id, hidden_dtype=self.hidden_dtype
+            )
             if index == 0:
                 request.input_ids.CopyFrom(ids_tensor([list(token_ids)]))
             else:

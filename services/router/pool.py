@@ -1,4 +1,4 @@
-"""Worker membership, channels, health probes and load counters; publishes RoutingTable snapshots."""
+"""Worker membership, channels, health probes and load counters; publishes RoutingTables."""
 
 from __future__ import annotations
 
@@ -26,9 +26,16 @@ SLOW_PROBES_TO_FAIL = 3
 
 def descriptor_from_info(info: worker_pb2.WorkerInfo, address: str) -> WorkerDescriptor:
     return WorkerDescriptor(
-        address=address, model=info.model, version=info.version, fingerprint=info.fingerprint,
-        span=Span(info.span.start, info.span.end), num_layers=info.num_layers,
-        kind=ModelKind(info.kind), capacity=info.capacity, hidden_size=info.hidden_size)
+        address=address,
+        model=info.model,
+        version=info.version,
+        fingerprint=info.fingerprint,
+        span=Span(info.span.start, info.span.end),
+        num_layers=info.num_layers,
+        kind=ModelKind(info.kind),
+        capacity=info.capacity,
+        hidden_size=info.hidden_size,
+    )
 
 
 @dataclass
@@ -36,7 +43,7 @@ class _Member:
     address: str
     static: bool
     descriptor: WorkerDescriptor | None = None
-    expires: float = float("inf")        # registrations expire unless renewed
+    expires: float = float("inf")  # registrations expire unless renewed
     healthy: bool = False
     failures: int = 0
 
@@ -44,15 +51,22 @@ class _Member:
 class WorkerPool:
     """Knows every worker (static or registered), probes their health, holds one channel each."""
 
-    def __init__(self, static: list[str], *, probe_interval_s: float = 1.0,
-                 ttl_s: float = 6.0, credentials: grpc.ChannelCredentials | None = None,
-                 max_message_bytes: int = 64 * 1024 * 1024) -> None:
+    def __init__(
+        self,
+        static: list[str],
+        *,
+        probe_interval_s: float = 1.0,
+        ttl_s: float = 6.0,
+        credentials: grpc.ChannelCredentials | None = None,
+        max_message_bytes: int = 64 * 1024 * 1024,
+    ) -> None:
         self.probe_interval_s = probe_interval_s
         self.ttl_s = ttl_s
         self._credentials = credentials
         self._options = [(k, v) for k, v in CHANNEL_OPTIONS if "message_length" not in k] + [
             ("grpc.max_send_message_length", max_message_bytes),
-            ("grpc.max_receive_message_length", max_message_bytes)]
+            ("grpc.max_receive_message_length", max_message_bytes),
+        ]
         self._members: dict[str, _Member] = {a: _Member(a, static=True) for a in static}
         self._channels: dict[str, aio.Channel] = {}
         self._stubs: dict[str, worker_pb2_grpc.WorkerStub] = {}
@@ -82,8 +96,13 @@ class WorkerPool:
         member = self._members.get(address)
         if member is None:
             member = self._members[address] = _Member(address, static=False)
-            log.info("worker %s joined: %s layers %d:%d", address, info.model,
-                     info.span.start, info.span.end)
+            log.info(
+                "worker %s joined: %s layers %d:%d",
+                address,
+                info.model,
+                info.span.start,
+                info.span.end,
+            )
         descriptor = descriptor_from_info(info, address)
         if member.descriptor != descriptor:
             member.descriptor = descriptor
@@ -129,7 +148,8 @@ class WorkerPool:
         channel = self._channels[member.address]
         try:
             check = await health_pb2_grpc.HealthStub(channel).Check(
-                health_pb2.HealthCheckRequest(service=""), timeout=PROBE_TIMEOUT_S)
+                health_pb2.HealthCheckRequest(service=""), timeout=PROBE_TIMEOUT_S
+            )
             if check.status != health_pb2.HealthCheckResponse.SERVING:
                 return False
             if member.descriptor is None or member.static:

@@ -46,7 +46,9 @@ class Chain:
         return " => ".join(f"{w.span} via {w.address}" for w in self.workers)
 
 
-def _tilings(workers: list[WorkerDescriptor], num_layers: int) -> list[tuple[WorkerDescriptor, ...]]:
+def _tilings(
+    workers: list[WorkerDescriptor], num_layers: int
+) -> list[tuple[WorkerDescriptor, ...]]:
     by_start: dict[int, list[WorkerDescriptor]] = {}
     for worker in workers:
         by_start.setdefault(worker.span.start, []).append(worker)
@@ -128,21 +130,34 @@ class RoutingTable:
                 chains.append(Chain(model, digest, group[0].version, tiling))
         return chains
 
-    def route(self, model: str, load: Mapping[str, int], *,
-              exclude: frozenset[str] = frozenset(), fingerprint: str | None = None) -> Chain:
+    def route(
+        self,
+        model: str,
+        load: Mapping[str, int],
+        *,
+        exclude: frozenset[str] = frozenset(),
+        fingerprint: str | None = None,
+    ) -> Chain:
         """The healthy chain with the least outstanding work (random among equals).
 
         `fingerprint` pins the model version (a resumed generation must not change weights).
         Raises MissingSpanError naming the uncovered layers when no chain is left.
         """
-        candidates = [c for c in self.chains(model)
-                      if not exclude.intersection(c.addresses)
-                      and (fingerprint is None or c.fingerprint == fingerprint)]
+        candidates = [
+            c
+            for c in self.chains(model)
+            if not exclude.intersection(c.addresses)
+            and (fingerprint is None or c.fingerprint == fingerprint)
+        ]
         if not candidates:
-            members = [w for w in self.by_model.get(model, ())
-                       if w.address in self.healthy and w.address not in exclude]
+            members = [
+                w
+                for w in self.by_model.get(model, ())
+                if w.address in self.healthy and w.address not in exclude
+            ]
             num_layers = self.by_model[model][0].num_layers if model in self.by_model else 0
             raise MissingSpanError(model, _missing(members, num_layers) if num_layers else "all")
         best = min(sum(load.get(a, 0) for a in c.addresses) for c in candidates)
-        return random.choice([c for c in candidates
-                              if sum(load.get(a, 0) for a in c.addresses) == best])
+        return random.choice(
+            [c for c in candidates if sum(load.get(a, 0) for a in c.addresses) == best]
+        )

@@ -76,15 +76,16 @@ class Deadline:
 class InferenceService(inference_pb2_grpc.InferenceServicer):
     """Validates, caches, routes and drives requests for every model."""
 
-    def __init__(self, settings: RouterSettings, pool: WorkerPool, frontends: Frontends,
-                 cache: CacheStore) -> None:
+    def __init__(
+        self, settings: RouterSettings, pool: WorkerPool, frontends: Frontends, cache: CacheStore
+    ) -> None:
         self.settings = settings
         self.pool = pool
         self.frontends = frontends
         self.cache = cache
         self.outstanding = 0
         self.draining = False
-        self._streams: dict[str, int] = {}   # open GenerateStream calls per client connection
+        self._streams: dict[str, int] = {}  # open GenerateStream calls per client connection
 
     # -- shared steps -----------------------------------------------------------------------
 
@@ -92,8 +93,10 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
         if self.draining:
             raise Unavailable("router is shutting down")
         if self.outstanding >= self.settings.max_outstanding:
-            raise ResourceExhausted(f"router is at capacity ({self.settings.max_outstanding} "
-                                    f"requests in flight, max_outstanding)")
+            raise ResourceExhausted(
+                f"router is at capacity ({self.settings.max_outstanding} "
+                f"requests in flight, max_outstanding)"
+            )
         self.outstanding += 1
 
     def _frontend(self, model: str, kind: ModelKind | None = None) -> ModelFrontend:
@@ -103,22 +106,25 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
             try:
                 frontend = self.frontends.get(model)
             except NotFound:
-                raise NotFound(f"unknown model {model!r}; ListModels shows what is served") \
-                    from None
+                raise NotFound(
+                    f"unknown model {model!r}; ListModels shows what is served"
+                ) from None
         else:
             frontend = self.frontends.get(model)
         if kind is not None and frontend.kind is not kind:
             what = "generation" if kind is ModelKind.CAUSAL_LM else "embeddings"
-            raise InvalidArgument(f"model {model!r} is a {frontend.kind.value} model and "
-                                  f"does not serve {what}")
+            raise InvalidArgument(
+                f"model {model!r} is a {frontend.kind.value} model and does not serve {what}"
+            )
         return frontend
 
     def _cache_get(self, tier: str, key: str) -> bytes | None:
         errors = self.cache.stats.errors
         value = self.cache.get(key)
         failed = self.cache.stats.errors > errors
-        CACHE_REQUESTS.labels(tier, "error" if failed else
-                              "hit" if value is not None else "miss").inc()
+        CACHE_REQUESTS.labels(
+            tier, "error" if failed else "hit" if value is not None else "miss"
+        ).inc()
         return value
 
     def _cache_get_many(self, tier: str, keys: list[str]) -> dict[str, bytes]:
@@ -146,8 +152,9 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
 
     # -- Generate ---------------------------------------------------------------------------
 
-    def _generate_inputs(self, request: inference_pb2.GenerateRequest
-                         ) -> tuple[ModelFrontend, list[int], int, SamplingParams, list[str]]:
+    def _generate_inputs(
+        self, request: inference_pb2.GenerateRequest
+    ) -> tuple[ModelFrontend, list[int], int, SamplingParams, list[str]]:
         frontend = self._frontend(request.model, ModelKind.CAUSAL_LM)
         limits = self.settings
         if request.prompt and request.messages:
@@ -155,11 +162,15 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
         if request.messages:
             for index, message in enumerate(request.messages):
                 if message.role not in ROLES:
-                    raise InvalidArgument(f"messages[{index}].role must be one of "
-                                          f"{', '.join(sorted(ROLES))}, got {message.role!r}")
+                    raise InvalidArgument(
+                        f"messages[{index}].role must be one of "
+                        f"{', '.join(sorted(ROLES))}, got {message.role!r}"
+                    )
                 if len(message.content) > limits.max_input_chars:
-                    raise InvalidArgument(f"messages[{index}] is over {limits.max_input_chars} "
-                                          f"characters (max_input_chars)")
+                    raise InvalidArgument(
+                        f"messages[{index}] is over {limits.max_input_chars} "
+                        f"characters (max_input_chars)"
+                    )
             if not any(m.content.strip() for m in request.messages):
                 raise InvalidArgument("messages are all empty")
             prompt_ids = frontend.encode_chat([(m.role, m.content) for m in request.messages])
@@ -167,23 +178,32 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
             if not request.prompt.strip():
                 raise InvalidArgument("prompt is empty")
             if len(request.prompt) > limits.max_input_chars:
-                raise InvalidArgument(f"prompt is over {limits.max_input_chars} characters "
-                                      f"(max_input_chars)")
+                raise InvalidArgument(
+                    f"prompt is over {limits.max_input_chars} characters (max_input_chars)"
+                )
             prompt_ids = frontend.encode_prompt(request.prompt)
         if not prompt_ids:
             raise InvalidArgument("prompt encodes to no tokens")
-        max_new = (request.max_new_tokens if request.HasField("max_new_tokens")
-                   else min(limits.default_max_new_tokens, limits.max_new_tokens))
+        max_new = (
+            request.max_new_tokens
+            if request.HasField("max_new_tokens")
+            else min(limits.default_max_new_tokens, limits.max_new_tokens)
+        )
         if not 1 <= max_new <= limits.max_new_tokens:
-            raise InvalidArgument(f"max_new_tokens must be in [1, {limits.max_new_tokens}], "
-                                  f"got {max_new}")
+            raise InvalidArgument(
+                f"max_new_tokens must be in [1, {limits.max_new_tokens}], got {max_new}"
+            )
         if len(prompt_ids) > limits.max_prompt_tokens:
-            raise InvalidArgument(f"prompt is {len(prompt_ids)} tokens, over the "
-                                  f"{limits.max_prompt_tokens} limit (max_prompt_tokens)")
+            raise InvalidArgument(
+                f"prompt is {len(prompt_ids)} tokens, over the "
+                f"{limits.max_prompt_tokens} limit (max_prompt_tokens)"
+            )
         if len(prompt_ids) + max_new > frontend.max_length:
-            raise InvalidArgument(f"prompt ({len(prompt_ids)} tokens) + max_new_tokens "
-                                  f"({max_new}) is over the model's {frontend.max_length} "
-                                  f"positions")
+            raise InvalidArgument(
+                f"prompt ({len(prompt_ids)} tokens) + max_new_tokens "
+                f"({max_new}) is over the model's {frontend.max_length} "
+                f"positions"
+            )
         temperature = request.temperature if request.HasField("temperature") else 0.0
         top_p = request.top_p if request.HasField("top_p") else 1.0
         top_k = request.top_k if request.HasField("top_k") else 0
@@ -195,16 +215,19 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
             raise InvalidArgument(f"top_k must be >= 0, got {top_k}")
         stop = list(request.stop)
         if len(stop) > MAX_STOP_STRINGS or any(not s or len(s) > MAX_STOP_CHARS for s in stop):
-            raise InvalidArgument(f"stop takes at most {MAX_STOP_STRINGS} non-empty strings of "
-                                  f"at most {MAX_STOP_CHARS} characters")
+            raise InvalidArgument(
+                f"stop takes at most {MAX_STOP_STRINGS} non-empty strings of "
+                f"at most {MAX_STOP_CHARS} characters"
+            )
         seed = request.seed if request.HasField("seed") else None
-        sampling = SamplingParams(temperature=float(temperature), top_k=int(top_k),
-                                  top_p=float(top_p), seed=seed)
+        sampling = SamplingParams(
+            temperature=float(temperature), top_k=int(top_k), top_p=float(top_p), seed=seed
+        )
         return frontend, prompt_ids, max_new, sampling, stop
 
-    async def _generate(self, request: inference_pb2.GenerateRequest,
-                        context: aio.ServicerContext
-                        ) -> AsyncIterator[inference_pb2.GenerateChunk]:
+    async def _generate(
+        self, request: inference_pb2.GenerateRequest, context: aio.ServicerContext
+    ) -> AsyncIterator[inference_pb2.GenerateChunk]:
         """The one generation path; Generate gathers it, GenerateStream forwards it."""
         started = time.perf_counter()
         deadline = Deadline(context, self.settings.request_timeout_s)
@@ -213,10 +236,19 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
         chain = self.pool.table.route(model, self.pool.load)
         key = None
         if sampling.deterministic and self.cache.enabled:
-            key = generate_key(model, chain.fingerprint, prompt_ids, {
-                "max_new_tokens": max_new, "temperature": sampling.temperature,
-                "top_k": sampling.top_k, "top_p": sampling.top_p, "seed": sampling.seed,
-                "stop": stop})
+            key = generate_key(
+                model,
+                chain.fingerprint,
+                prompt_ids,
+                {
+                    "max_new_tokens": max_new,
+                    "temperature": sampling.temperature,
+                    "top_k": sampling.top_k,
+                    "top_p": sampling.top_p,
+                    "seed": sampling.seed,
+                    "stop": stop,
+                },
+            )
             hit = self._cache_get("generate", key)
             if hit is not None:
                 cached = inference_pb2.GenerateResponse()
@@ -226,22 +258,29 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
                     cached = None
                 if cached is not None:
                     yield inference_pb2.GenerateChunk(
-                        text=cached.text, token_ids=cached.token_ids,
-                        finish_reason=cached.finish_reason, prompt_tokens=cached.prompt_tokens,
-                        generated_tokens=cached.generated_tokens, cached=True)
+                        text=cached.text,
+                        token_ids=cached.token_ids,
+                        finish_reason=cached.finish_reason,
+                        prompt_tokens=cached.prompt_tokens,
+                        generated_tokens=cached.generated_tokens,
+                        cached=True,
+                    )
                     return
         assembler = TextAssembler(frontend, stop)
         last_token_at: float | None = None
         finish = "length"
         sent_ids = 0
         excluded: set[str] = set()
-        with tracer.start_as_current_span("generate", attributes={
-                "tessera.model": model, "tessera.prompt_tokens": len(prompt_ids)}) as span:
+        with tracer.start_as_current_span(
+            "generate",
+            attributes={"tessera.model": model, "tessera.prompt_tokens": len(prompt_ids)},
+        ) as span:
             while True:
                 span.add_event("route", {"tessera.route": chain.describe()})
                 try:
-                    async with ChainSession(self.pool, chain, sampling, deadline.remaining(),
-                                            self.settings.hidden_dtype) as session:
+                    async with ChainSession(
+                        self.pool, chain, sampling, deadline.remaining(), self.settings.hidden_dtype
+                    ) as session:
                         # After a fault the new chain re-runs the prefill over the prompt and
                         # the tokens already generated, then continues where the old one stopped.
                         feed = prompt_ids + assembler.token_ids
@@ -251,7 +290,8 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
                                 token = await session.step(feed)
                             except _ForwardedInvalid as exc:
                                 raise ServiceError(
-                                    f"a worker rejected the router's step: {exc}") from None
+                                    f"a worker rejected the router's step: {exc}"
+                                ) from None
                             feed = [token]
                             now = time.perf_counter()
                             if last_token_at is None:
@@ -272,30 +312,51 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
                             new_ids = assembler.token_ids[sent_ids:]
                             sent_ids = len(assembler.token_ids)
                             yield inference_pb2.GenerateChunk(
-                                text=piece, token_ids=new_ids, prompt_tokens=len(prompt_ids),
-                                generated_tokens=len(assembler.token_ids))
+                                text=piece,
+                                token_ids=new_ids,
+                                prompt_tokens=len(prompt_ids),
+                                generated_tokens=len(assembler.token_ids),
+                            )
                     break
                 except HopFailed as failure:
                     excluded.add(failure.address)
-                    log.warning("generation on %s failed after %d tokens: %s; resuming",
-                                chain.describe(), len(assembler.token_ids), failure)
+                    log.warning(
+                        "generation on %s failed after %d tokens: %s; resuming",
+                        chain.describe(),
+                        len(assembler.token_ids),
+                        failure,
+                    )
                     if len(excluded) > RETRY_BUDGET:
                         raise Unavailable(f"model {model!r}: {failure}") from None
-                    chain = self.pool.table.route(model, self.pool.load,
-                                                  exclude=frozenset(excluded),
-                                                  fingerprint=chain.fingerprint)
+                    chain = self.pool.table.route(
+                        model,
+                        self.pool.load,
+                        exclude=frozenset(excluded),
+                        fingerprint=chain.fingerprint,
+                    )
         piece = assembler.take(final=True)
         yield inference_pb2.GenerateChunk(
-            text=piece, token_ids=assembler.token_ids[sent_ids:], finish_reason=finish,
-            prompt_tokens=len(prompt_ids), generated_tokens=len(assembler.token_ids))
+            text=piece,
+            token_ids=assembler.token_ids[sent_ids:],
+            finish_reason=finish,
+            prompt_tokens=len(prompt_ids),
+            generated_tokens=len(assembler.token_ids),
+        )
         if key is not None:
-            self.cache.set(key, inference_pb2.GenerateResponse(
-                text=assembler.text, finish_reason=finish, prompt_tokens=len(prompt_ids),
-                generated_tokens=len(assembler.token_ids),
-                token_ids=assembler.token_ids).SerializeToString())
+            self.cache.set(
+                key,
+                inference_pb2.GenerateResponse(
+                    text=assembler.text,
+                    finish_reason=finish,
+                    prompt_tokens=len(prompt_ids),
+                    generated_tokens=len(assembler.token_ids),
+                    token_ids=assembler.token_ids,
+                ).SerializeToString(),
+            )
 
-    async def Generate(self, request: inference_pb2.GenerateRequest,
-                       context: aio.ServicerContext) -> inference_pb2.GenerateResponse:
+    async def Generate(
+        self, request: inference_pb2.GenerateRequest, context: aio.ServicerContext
+    ) -> inference_pb2.GenerateResponse:
         self._admit()
         try:
             response = inference_pb2.GenerateResponse()
@@ -312,14 +373,15 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
         finally:
             self.outstanding -= 1
 
-    async def GenerateStream(self, request: inference_pb2.GenerateRequest,
-                             context: aio.ServicerContext
-                             ) -> AsyncIterator[inference_pb2.GenerateChunk]:
+    async def GenerateStream(
+        self, request: inference_pb2.GenerateRequest, context: aio.ServicerContext
+    ) -> AsyncIterator[inference_pb2.GenerateChunk]:
         peer = context.peer() or ""
         limit = self.settings.max_streams_per_connection
         if self._streams.get(peer, 0) >= limit:
-            raise ResourceExhausted(f"this connection already has {limit} streams open "
-                                    f"(max_streams_per_connection)")
+            raise ResourceExhausted(
+                f"this connection already has {limit} streams open (max_streams_per_connection)"
+            )
         self._admit()
         self._streams[peer] = self._streams.get(peer, 0) + 1
         try:
@@ -334,16 +396,18 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
 
     # -- Embed ------------------------------------------------------------------------------
 
-    async def Embed(self, request: inference_pb2.EmbedRequest,
-                    context: aio.ServicerContext) -> inference_pb2.EmbedResponse:
+    async def Embed(
+        self, request: inference_pb2.EmbedRequest, context: aio.ServicerContext
+    ) -> inference_pb2.EmbedResponse:
         self._admit()
         try:
             return await self._embed(request, context)
         finally:
             self.outstanding -= 1
 
-    async def _embed(self, request: inference_pb2.EmbedRequest,
-                     context: aio.ServicerContext) -> inference_pb2.EmbedResponse:
+    async def _embed(
+        self, request: inference_pb2.EmbedRequest, context: aio.ServicerContext
+    ) -> inference_pb2.EmbedResponse:
         deadline = Deadline(context, self.settings.request_timeout_s)
         frontend = self._frontend(request.model, ModelKind.ENCODER)
         texts = list(request.inputs)
@@ -351,14 +415,17 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
         if not texts:
             raise InvalidArgument("inputs is empty")
         if len(texts) > limits.max_embed_inputs:
-            raise InvalidArgument(f"{len(texts)} inputs is over the {limits.max_embed_inputs} "
-                                  f"limit (max_embed_inputs)")
+            raise InvalidArgument(
+                f"{len(texts)} inputs is over the {limits.max_embed_inputs} "
+                f"limit (max_embed_inputs)"
+            )
         for index, text in enumerate(texts):
             if not text.strip():
                 raise InvalidArgument(f"inputs[{index}] is empty")
             if len(text) > limits.max_input_chars:
-                raise InvalidArgument(f"inputs[{index}] is over {limits.max_input_chars} "
-                                      f"characters (max_input_chars)")
+                raise InvalidArgument(
+                    f"inputs[{index}] is over {limits.max_input_chars} characters (max_input_chars)"
+                )
         chain = self.pool.table.route(request.model, self.pool.load)
         if self.cache.enabled:
             keys = [embed_key(request.model, chain.fingerprint, t) for t in texts]
@@ -379,12 +446,17 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
                 self.cache.set_many({keys[i]: encode_vector(computed[texts[i]]) for i in missing})
         dim = int(vectors[0].shape[0]) if vectors[0] is not None else 0
         return inference_pb2.EmbedResponse(
-            embeddings=[inference_pb2.Embedding(values=v.tolist()) for v in vectors
-                        if v is not None],
-            dim=dim, cached_inputs=len(texts) - len(missing), cached=not missing)
+            embeddings=[
+                inference_pb2.Embedding(values=v.tolist()) for v in vectors if v is not None
+            ],
+            dim=dim,
+            cached_inputs=len(texts) - len(missing),
+            cached=not missing,
+        )
 
-    async def _embed_segments(self, model: str, frontend: ModelFrontend, texts: list[str],
-                              deadline: Deadline) -> dict[str, np.ndarray]:
+    async def _embed_segments(
+        self, model: str, frontend: ModelFrontend, texts: list[str], deadline: Deadline
+    ) -> dict[str, np.ndarray]:
         """Scatters texts in segments over the chains and gathers one vector per text.
 
         Texts are sorted by length first so each segment pads to a similar length.
@@ -392,22 +464,28 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
         ids = frontend.encode_texts(texts)
         order = sorted(range(len(texts)), key=lambda i: len(ids[i]))
         size = max(1, self.settings.embed_segment_size)
-        segments = [order[i:i + size] for i in range(0, len(order), size)]
+        segments = [order[i : i + size] for i in range(0, len(order), size)]
 
         async def run(segment: list[int]) -> np.ndarray:
             width = max(len(ids[i]) for i in segment)
             batch = np.full((len(segment), width), frontend.pad_id, dtype=np.int64)
             mask = np.zeros((len(segment), width), dtype=np.int64)
             for row, i in enumerate(segment):
-                batch[row, :len(ids[i])] = ids[i]
-                mask[row, :len(ids[i])] = 1
+                batch[row, : len(ids[i])] = ids[i]
+                mask[row, : len(ids[i])] = 1
             ids_pb, mask_pb = from_numpy(batch), from_numpy(mask)
 
             async def work(chain: Chain) -> common_pb2.Tensor:
-                return await run_forward(self.pool, chain.hops(), input_ids=ids_pb,
-                                         hidden_states=None, attention_mask=mask_pb,
-                                         pool_output=True, timeout=deadline.remaining(),
-                                         hidden_dtype=self.settings.hidden_dtype)
+                return await run_forward(
+                    self.pool,
+                    chain.hops(),
+                    input_ids=ids_pb,
+                    hidden_states=None,
+                    attention_mask=mask_pb,
+                    pool_output=True,
+                    timeout=deadline.remaining(),
+                    hidden_dtype=self.settings.hidden_dtype,
+                )
 
             try:
                 pooled = await self._on_chains(model, work)
@@ -427,36 +505,39 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
 
     # -- Forward ----------------------------------------------------------------------------
 
-    async def Forward(self, request: inference_pb2.ForwardRequest,
-                      context: aio.ServicerContext) -> inference_pb2.ForwardResponse:
+    async def Forward(
+        self, request: inference_pb2.ForwardRequest, context: aio.ServicerContext
+    ) -> inference_pb2.ForwardResponse:
         self._admit()
         try:
             return await self._forward(request, context)
         finally:
             self.outstanding -= 1
 
-    async def _forward(self, request: inference_pb2.ForwardRequest,
-                       context: aio.ServicerContext) -> inference_pb2.ForwardResponse:
+    async def _forward(
+        self, request: inference_pb2.ForwardRequest, context: aio.ServicerContext
+    ) -> inference_pb2.ForwardResponse:
         deadline = Deadline(context, self.settings.request_timeout_s)
         frontend = self._frontend(request.model)
         num_layers = frontend.spec.num_layers
         end = request.end if request.HasField("end") else num_layers
         if not 0 <= request.start < end <= num_layers:
-            raise InvalidArgument(f"layers [{request.start}, {end}) must satisfy "
-                                  f"0 <= start < end <= {num_layers}")
+            raise InvalidArgument(
+                f"layers [{request.start}, {end}) must satisfy 0 <= start < end <= {num_layers}"
+            )
         span = Span(request.start, end)
         which = request.WhichOneof("input")
         input_ids = hidden = mask = None
         ids_list: list[int] = []
         if which == "text":
             if span.start != 0:
-                raise InvalidArgument("text input needs start = 0; later layers take "
-                                      "hidden_states")
+                raise InvalidArgument("text input needs start = 0; later layers take hidden_states")
             if not request.text.strip():
                 raise InvalidArgument("text is empty")
             if len(request.text) > self.settings.max_input_chars:
-                raise InvalidArgument(f"text is over {self.settings.max_input_chars} "
-                                      f"characters (max_input_chars)")
+                raise InvalidArgument(
+                    f"text is over {self.settings.max_input_chars} characters (max_input_chars)"
+                )
             ids, masks = frontend.encode_batch([request.text])
             ids_list = ids[0]
             input_ids = from_numpy(np.asarray(ids, dtype=np.int64))
@@ -464,44 +545,65 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
         elif which == "hidden_states":
             if span.start == 0:
                 raise InvalidArgument("hidden_states input needs start > 0; layer 0 takes text")
-            shape = validate(request.hidden_states, "hidden_states", ndim=3,
-                             dtypes=("float32", "float16", "bfloat16"))
+            shape = validate(
+                request.hidden_states,
+                "hidden_states",
+                ndim=3,
+                dtypes=("float32", "float16", "bfloat16"),
+            )
             if shape[2] != frontend.spec.hidden_size:
-                raise InvalidArgument(f"hidden_states: last dimension must be the hidden size "
-                                      f"{frontend.spec.hidden_size}, got {shape[2]}")
+                raise InvalidArgument(
+                    f"hidden_states: last dimension must be the hidden size "
+                    f"{frontend.spec.hidden_size}, got {shape[2]}"
+                )
             if shape[0] == 0 or shape[1] == 0:
                 raise InvalidArgument("hidden_states is empty")
             hidden = request.hidden_states
             if request.HasField("attention_mask"):
-                mask_shape = validate(request.attention_mask, "attention_mask", ndim=2,
-                                      dtypes=("int64", "int32", "bool"))
+                mask_shape = validate(
+                    request.attention_mask,
+                    "attention_mask",
+                    ndim=2,
+                    dtypes=("int64", "int32", "bool"),
+                )
                 if mask_shape != shape[:2]:
-                    raise InvalidArgument(f"attention_mask shape {list(mask_shape)} does not "
-                                          f"match hidden_states {list(shape[:2])}")
+                    raise InvalidArgument(
+                        f"attention_mask shape {list(mask_shape)} does not "
+                        f"match hidden_states {list(shape[:2])}"
+                    )
                 mask = request.attention_mask
         else:
             raise InvalidArgument("send text or hidden_states")
 
         async def work(chain: Chain) -> common_pb2.Tensor:
-            return await run_forward(self.pool, chain.hops(span), input_ids=input_ids,
-                                     hidden_states=hidden, attention_mask=mask,
-                                     pool_output=False, timeout=deadline.remaining())
+            return await run_forward(
+                self.pool,
+                chain.hops(span),
+                input_ids=input_ids,
+                hidden_states=hidden,
+                attention_mask=mask,
+                pool_output=False,
+                timeout=deadline.remaining(),
+            )
 
         try:
             out = await self._on_chains(request.model, work)
         except _ForwardedInvalid as exc:
             raise InvalidArgument(str(exc)) from None
         response = inference_pb2.ForwardResponse(
-            hidden_states=out, span=common_pb2.Span(start=span.start, end=span.end),
-            input_ids=ids_list)
+            hidden_states=out,
+            span=common_pb2.Span(start=span.start, end=span.end),
+            input_ids=ids_list,
+        )
         if mask is not None:
             response.attention_mask.CopyFrom(mask)
         return response
 
     # -- ListModels -------------------------------------------------------------------------
 
-    async def ListModels(self, request: inference_pb2.ListModelsRequest,
-                         context: aio.ServicerContext) -> inference_pb2.ListModelsResponse:
+    async def ListModels(
+        self, request: inference_pb2.ListModelsRequest, context: aio.ServicerContext
+    ) -> inference_pb2.ListModelsResponse:
         table = self.pool.table
         response = inference_pb2.ListModelsResponse()
         for model in table.models():
@@ -509,19 +611,22 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
             healthy_chains = table.chains(model)
             newest = healthy_chains[0] if healthy_chains else None
             status = inference_pb2.ModelStatus(
-                name=model, num_layers=members[0].num_layers, kind=members[0].kind.value,
+                name=model,
+                num_layers=members[0].num_layers,
+                kind=members[0].kind.value,
                 version=(newest or members[0]).version,
                 fingerprint=newest.fingerprint if newest else members[0].fingerprint,
-                healthy=bool(healthy_chains))
+                healthy=bool(healthy_chains),
+            )
             for chain in table.all_chains(model):
-                entry = status.chains.add(healthy=all(a in table.healthy
-                                                      for a in chain.addresses))
+                entry = status.chains.add(healthy=all(a in table.healthy for a in chain.addresses))
                 for worker in chain.workers:
-                    entry.stages.add(address=worker.address, healthy=worker.address in
-                                     table.healthy, outstanding=self.pool.load.get(
-                                         worker.address, 0),
-                                     span=common_pb2.Span(start=worker.span.start,
-                                                          end=worker.span.end))
+                    entry.stages.add(
+                        address=worker.address,
+                        healthy=worker.address in table.healthy,
+                        outstanding=self.pool.load.get(worker.address, 0),
+                        span=common_pb2.Span(start=worker.span.start, end=worker.span.end),
+                    )
             response.models.append(status)
         return response
 
@@ -533,15 +638,20 @@ class RegistryService(worker_pb2_grpc.RegistryServicer):
         self.pool = pool
         self.heartbeat_s = heartbeat_s
 
-    async def Register(self, request: worker_pb2.RegisterRequest,
-                       context: aio.ServicerContext) -> worker_pb2.RegisterResponse:
+    async def Register(
+        self, request: worker_pb2.RegisterRequest, context: aio.ServicerContext
+    ) -> worker_pb2.RegisterResponse:
         info = request.worker
         if not info.address or not info.model or len(info.model) > 128:
             raise InvalidArgument("a registration needs an address and a model name")
-        if not 0 < info.num_layers <= MAX_LAYERS or not 0 <= info.span.start < info.span.end \
-                <= info.num_layers:
-            raise InvalidArgument(f"span [{info.span.start}, {info.span.end}) must lie inside "
-                                  f"[0, num_layers] with 0 < num_layers <= {MAX_LAYERS}")
+        if (
+            not 0 < info.num_layers <= MAX_LAYERS
+            or not 0 <= info.span.start < info.span.end <= info.num_layers
+        ):
+            raise InvalidArgument(
+                f"span [{info.span.start}, {info.span.end}) must lie inside "
+                f"[0, num_layers] with 0 < num_layers <= {MAX_LAYERS}"
+            )
         if info.hidden_size <= 0:
             raise InvalidArgument("hidden_size must be positive")
         try:
@@ -551,7 +661,8 @@ class RegistryService(worker_pb2_grpc.RegistryServicer):
         self.pool.register(info)
         return worker_pb2.RegisterResponse(heartbeat_seconds=self.heartbeat_s)
 
-    async def Deregister(self, request: worker_pb2.DeregisterRequest,
-                         context: aio.ServicerContext) -> worker_pb2.DeregisterResponse:
+    async def Deregister(
+        self, request: worker_pb2.DeregisterRequest, context: aio.ServicerContext
+    ) -> worker_pb2.DeregisterResponse:
         self.pool.deregister(request.address)
         return worker_pb2.DeregisterResponse()

@@ -57,10 +57,14 @@ def span_to_dict(span: ReadableSpan) -> dict[str, Any]:
         "start_time_unix_nano": span.start_time or 0,
         "end_time_unix_nano": span.end_time or span.start_time or 0,
         "attributes": _attributes(span.attributes),
-        "events": [{"name": e.name, "time_unix_nano": e.timestamp,
-                    "attributes": _attributes(e.attributes)} for e in span.events],
-        "status": {"code": status.status_code.name if status else "UNSET",
-                   "message": (status.description or "") if status else ""},
+        "events": [
+            {"name": e.name, "time_unix_nano": e.timestamp, "attributes": _attributes(e.attributes)}
+            for e in span.events
+        ],
+        "status": {
+            "code": status.status_code.name if status else "UNSET",
+            "message": (status.description or "") if status else "",
+        },
     }
 
 
@@ -78,8 +82,12 @@ class JsonLinesSpanExporter(SpanExporter):
         lines = []
         for span in spans:
             try:
-                lines.append((json.dumps(span_to_dict(span), separators=(",", ":"),
-                                         ensure_ascii=False) + "\n").encode("utf-8"))
+                lines.append(
+                    (
+                        json.dumps(span_to_dict(span), separators=(",", ":"), ensure_ascii=False)
+                        + "\n"
+                    ).encode("utf-8")
+                )
             except (TypeError, ValueError):
                 continue
         with self._lock:

@@ -70,6 +70,7 @@ class SpanRecord:
 
 # -- reading ---------------------------------------------------------------------------------
 
+
 def _hex_id(value: Any, width: int) -> str:
     if value is None:
         return ""
@@ -112,8 +113,9 @@ def _otlp_value(value: Mapping[str, Any]) -> Any:
 
 
 def _otlp_attributes(items: Iterable[Mapping[str, Any]] | None) -> dict[str, Any]:
-    return {item["key"]: _otlp_value(item.get("value", {})) for item in items or ()
-            if "key" in item}
+    return {
+        item["key"]: _otlp_value(item.get("value", {})) for item in items or () if "key" in item
+    }
 
 
 def _status_name(value: Any) -> str:
@@ -138,36 +140,45 @@ def _from_object(obj: Mapping[str, Any]) -> Iterator[SpanRecord]:
                         trace_id=_hex_id(span.get("traceId"), 32),
                         span_id=_hex_id(span.get("spanId"), 16),
                         parent_id=_hex_id(span.get("parentSpanId"), 16),
-                        name=str(span.get("name", "")), service=service,
+                        name=str(span.get("name", "")),
+                        service=service,
                         start_ns=_nanos(span.get("startTimeUnixNano")),
                         end_ns=_nanos(span.get("endTimeUnixNano")),
                         attributes=_otlp_attributes(span.get("attributes")),
                         status=_status_name((span.get("status") or {}).get("code")),
-                        kind=str(span.get("kind", "")))
+                        kind=str(span.get("kind", "")),
+                    )
         return
     if "trace_id" in obj and "span_id" in obj:  # Tessera's file exporter
         resource = obj.get("resource") or {}
         yield SpanRecord(
-            trace_id=_hex_id(obj["trace_id"], 32), span_id=_hex_id(obj["span_id"], 16),
-            parent_id=_hex_id(obj.get("parent_span_id"), 16), name=str(obj.get("name", "")),
+            trace_id=_hex_id(obj["trace_id"], 32),
+            span_id=_hex_id(obj["span_id"], 16),
+            parent_id=_hex_id(obj.get("parent_span_id"), 16),
+            name=str(obj.get("name", "")),
             service=str(obj.get("service.name") or resource.get("service.name", "")),
             start_ns=_nanos(obj.get("start_time_unix_nano")),
             end_ns=_nanos(obj.get("end_time_unix_nano")),
             attributes=dict(obj.get("attributes") or {}),
             status=_status_name((obj.get("status") or {}).get("code")),
-            kind=str(obj.get("kind", "")))
+            kind=str(obj.get("kind", "")),
+        )
         return
     context = obj.get("context")
     if isinstance(context, Mapping) and "trace_id" in context:  # the console exporter
         resource = (obj.get("resource") or {}).get("attributes") or {}
         yield SpanRecord(
-            trace_id=_hex_id(context["trace_id"], 32), span_id=_hex_id(context.get("span_id"), 16),
-            parent_id=_hex_id(obj.get("parent_id"), 16), name=str(obj.get("name", "")),
+            trace_id=_hex_id(context["trace_id"], 32),
+            span_id=_hex_id(context.get("span_id"), 16),
+            parent_id=_hex_id(obj.get("parent_id"), 16),
+            name=str(obj.get("name", "")),
             service=str(resource.get("service.name", "")),
-            start_ns=_nanos(obj.get("start_time")), end_ns=_nanos(obj.get("end_time")),
+            start_ns=_nanos(obj.get("start_time")),
+            end_ns=_nanos(obj.get("end_time")),
             attributes=dict(obj.get("attributes") or {}),
             status=_status_name((obj.get("status") or {}).get("status_code")),
-            kind=str(obj.get("kind", "")).removeprefix("SpanKind."))
+            kind=str(obj.get("kind", "")).removeprefix("SpanKind."),
+        )
 
 
 def parse_spans(text: str) -> list[SpanRecord]:
@@ -201,6 +212,7 @@ def read_spans(path: str | Path) -> list[SpanRecord]:
 
 # -- traces ----------------------------------------------------------------------------------
 
+
 def group_traces(spans: Iterable[SpanRecord]) -> dict[str, list[SpanRecord]]:
     traces: dict[str, dict[str, SpanRecord]] = {}
     for span in spans:  # a span exported twice (e.g. two readers of one file) counts once
@@ -211,8 +223,10 @@ def group_traces(spans: Iterable[SpanRecord]) -> dict[str, list[SpanRecord]]:
 def roots(spans: Sequence[SpanRecord]) -> list[SpanRecord]:
     """Spans whose parent is not in the trace, earliest first."""
     ids = {s.span_id for s in spans}
-    return sorted((s for s in spans if not s.parent_id or s.parent_id not in ids),
-                  key=lambda s: (s.start_ns, -s.end_ns))
+    return sorted(
+        (s for s in spans if not s.parent_id or s.parent_id not in ids),
+        key=lambda s: (s.start_ns, -s.end_ns),
+    )
 
 
 def root_name(spans: Sequence[SpanRecord]) -> str:
@@ -220,8 +234,7 @@ def root_name(spans: Sequence[SpanRecord]) -> str:
     return found[0].name if found else ""
 
 
-def pick_trace(traces: Mapping[str, list[SpanRecord]], trace_id: str | None = None
-               ) -> str:
+def pick_trace(traces: Mapping[str, list[SpanRecord]], trace_id: str | None = None) -> str:
     """The trace to draw: the one named (a unique prefix will do) or the most recent request.
 
     "Most recent" is by the trace's start; traces rooted at a public request RPC are preferred
@@ -279,6 +292,7 @@ def tree_order(spans: Sequence[SpanRecord]) -> list[tuple[int, SpanRecord]]:
 
 # -- drawing ---------------------------------------------------------------------------------
 
+
 def _label(span: SpanRecord) -> str:
     label = span.name
     layers = span.attributes.get("tessera.span")
@@ -318,9 +332,11 @@ def bar(span: SpanRecord, t0: int, total_ns: int, width: int, glyphs: Glyphs = U
         queue_end = min(span.end_ns, span.start_ns + queue_ms * 1e6)
         compute_end = min(span.end_ns, queue_end + compute_ms * 1e6)
         if right - left == 1:  # one cell: show what most of the span was
-            parts = {glyphs.queue: queue_end - span.start_ns,
-                     glyphs.compute: compute_end - queue_end,
-                     glyphs.other: span.end_ns - compute_end}
+            parts = {
+                glyphs.queue: queue_end - span.start_ns,
+                glyphs.compute: compute_end - queue_end,
+                glyphs.other: span.end_ns - compute_end,
+            }
             cells = max(parts, key=lambda g: parts[g])
         else:
             b1 = min(right, max(left, cell(queue_end)))
@@ -351,36 +367,52 @@ def render(spans: Sequence[SpanRecord], width: int = 120, glyphs: Glyphs = UNICO
     name_w = min(60, max(len("span"), *(2 * d + len(_label(s)) for d, s in rows)))
     splits = {s.span_id: split_ms(s) for _, s in rows}
     split_text = {k: f"{v[0]:.2f}/{v[1]:.2f}" for k, v in splits.items() if v is not None}
-    split_w = max([len("queue/compute")] + [len(t) for t in split_text.values()]) \
-        if split_text else 0
+    split_w = (
+        max([len("queue/compute")] + [len(t) for t in split_text.values()]) if split_text else 0
+    )
     fixed = service_w + 1 + name_w + 1 + 9 + 1 + 9 + 1 + (split_w + 1 if split_w else 0) + 2
     bar_w = max(10, width - fixed)
 
     top = roots(spans)[0]
     services = sorted({s.service for s in spans if s.service})
-    lines = [f"trace {top.trace_id}  {top.name}  {_ms(total)} ms  {len(spans)} spans  "
-             f"{len(services)} services ({', '.join(services)})"]
+    lines = [
+        f"trace {top.trace_id}  {top.name}  {_ms(total)} ms  {len(spans)} spans  "
+        f"{len(services)} services ({', '.join(services)})"
+    ]
     axis_left, axis_right = "0 ms", f"{_ms(total)} ms"
-    axis = (axis_left + axis_right.rjust(bar_w - len(axis_left))
-            if bar_w > len(axis_left) + len(axis_right) else "")
-    header = (f"{'service':<{service_w}} {'span':<{name_w}} {'start ms':>9} {'dur ms':>9} "
-              + (f"{'queue/compute':>{split_w}} " if split_w else "") + " " + axis)
+    axis = (
+        axis_left + axis_right.rjust(bar_w - len(axis_left))
+        if bar_w > len(axis_left) + len(axis_right)
+        else ""
+    )
+    header = (
+        f"{'service':<{service_w}} {'span':<{name_w}} {'start ms':>9} {'dur ms':>9} "
+        + (f"{'queue/compute':>{split_w}} " if split_w else "")
+        + " "
+        + axis
+    )
     lines.append(header.rstrip())
     for depth, span in rows:
-        name = ("  " * depth + _label(span))
+        name = "  " * depth + _label(span)
         if len(name) > name_w:
-            name = name[:name_w - 1] + "…"
-        service = span.service if len(span.service) <= service_w else \
-            span.service[:service_w - 1] + "…"
-        row = (f"{service:<{service_w}} {name:<{name_w}} {_ms(span.start_ns - t0):>9} "
-               f"{_ms(span.duration_ns):>9} ")
+            name = name[: name_w - 1] + "…"
+        service = (
+            span.service if len(span.service) <= service_w else span.service[: service_w - 1] + "…"
+        )
+        row = (
+            f"{service:<{service_w}} {name:<{name_w}} {_ms(span.start_ns - t0):>9} "
+            f"{_ms(span.duration_ns):>9} "
+        )
         if split_w:
             row += f"{split_text.get(span.span_id, ''):>{split_w}} "
         row += "|" + bar(span, t0, total, bar_w, glyphs) + "|"
         lines.append(row)
-    legend = (f"{glyphs.span} span   stage spans: {glyphs.queue} queued for a batch, "
-              f"{glyphs.compute} compute, {glyphs.other} overhead (queue/compute in ms)"
-              if split_w else f"{glyphs.span} span")
+    legend = (
+        f"{glyphs.span} span   stage spans: {glyphs.queue} queued for a batch, "
+        f"{glyphs.compute} compute, {glyphs.other} overhead (queue/compute in ms)"
+        if split_w
+        else f"{glyphs.span} span"
+    )
     lines.append(legend)
     return "\n".join(lines) + "\n"
 
@@ -391,8 +423,9 @@ def list_traces(traces: Mapping[str, list[SpanRecord]]) -> str:
         t0 = min(s.start_ns for s in spans)
         total = max(s.end_ns for s in spans) - t0
         when = datetime.fromtimestamp(t0 / 1e9).isoformat(timespec="milliseconds")
-        lines.append(f"{trace_id}  {when}  {_ms(total):>9} ms  {len(spans):>4} spans  "
-                     f"{root_name(spans)}")
+        lines.append(
+            f"{trace_id}  {when}  {_ms(total):>9} ms  {len(spans):>4} spans  {root_name(spans)}"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -401,24 +434,30 @@ def _glyphs_for(stream: TextIO, ascii_only: bool) -> Glyphs:
         return ASCII
     try:
         (UNICODE.queue + UNICODE.compute + UNICODE.other + "…").encode(
-            getattr(stream, "encoding", None) or "utf-8")
+            getattr(stream, "encoding", None) or "utf-8"
+        )
     except (UnicodeEncodeError, LookupError):
         return ASCII
     return UNICODE
 
 
-DESCRIPTION = ("Draw one trace from a span file as a waterfall (router, cache, stages, "
-               "queueing vs compute). Write the file with OTEL_TRACES_EXPORTER=file "
-               "TESSERA_TRACE_FILE=PATH (console-exporter output and OTLP/JSON work too).")
+DESCRIPTION = (
+    "Draw one trace from a span file as a waterfall (router, cache, stages, "
+    "queueing vs compute). Write the file with OTEL_TRACES_EXPORTER=file "
+    "TESSERA_TRACE_FILE=PATH (console-exporter output and OTLP/JSON work too)."
+)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """The options of `tessera trace`, for a parser of its own or a CLI subcommand."""
     parser.add_argument("file", help="the exported span file")
-    parser.add_argument("--trace-id", help="the trace to draw (a unique prefix will do); "
-                        "default: the most recent request")
-    parser.add_argument("--width", type=int, default=0,
-                        help="output width in columns (default: the terminal's)")
+    parser.add_argument(
+        "--trace-id",
+        help="the trace to draw (a unique prefix will do); default: the most recent request",
+    )
+    parser.add_argument(
+        "--width", type=int, default=0, help="output width in columns (default: the terminal's)"
+    )
     parser.add_argument("--list", action="store_true", help="list the traces in the file")
     parser.add_argument("--ascii", action="store_true", help="draw with ASCII only")
     return parser
@@ -446,8 +485,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str]) -> int:
-    parser = add_arguments(argparse.ArgumentParser(prog="tessera trace",
-                                                   description=DESCRIPTION))
+    parser = add_arguments(argparse.ArgumentParser(prog="tessera trace", description=DESCRIPTION))
     return run(parser.parse_args(argv))
 
 

@@ -24,15 +24,15 @@ from services.common.types import Span
 from services.worker.sessions import Session
 from services.worker.stage import StageModel
 
-MAX_PADDING_WASTE = 0.25   # share of padded tokens a group may carry before it is split
+MAX_PADDING_WASTE = 0.25  # share of padded tokens a group may carry before it is split
 
 
 @dataclass
 class ForwardItem:
     sub: Span
-    input_ids: torch.Tensor | None     # [b, t]
-    hidden: torch.Tensor | None        # [b, t, h]
-    mask: torch.Tensor | None          # [b, t]
+    input_ids: torch.Tensor | None  # [b, t]
+    hidden: torch.Tensor | None  # [b, t, h]
+    mask: torch.Tensor | None  # [b, t]
     pool: bool
     future: asyncio.Future[torch.Tensor]
     enqueued: float = field(default_factory=time.perf_counter)
@@ -59,8 +59,8 @@ class ForwardItem:
 @dataclass
 class StepItem:
     session: Session
-    tokens: torch.Tensor               # [1, n] ids (first stage) or [1, n, h] hidden states
-    wire: str                          # dtype of hidden states sent back
+    tokens: torch.Tensor  # [1, n] ids (first stage) or [1, n, h] hidden states
+    wire: str  # dtype of hidden states sent back
     future: asyncio.Future[Any]
     enqueued: float = field(default_factory=time.perf_counter)
     queue_ms: float = 0.0
@@ -68,8 +68,9 @@ class StepItem:
     batch_rows: int = 0
 
 
-def group_forward_items(items: Sequence[ForwardItem], max_rows: int,
-                        max_tokens: int) -> list[list[ForwardItem]]:
+def group_forward_items(
+    items: Sequence[ForwardItem], max_rows: int, max_tokens: int
+) -> list[list[ForwardItem]]:
     """Groups compatible items by length so padding stays under MAX_PADDING_WASTE."""
     by_key: dict[tuple[Span, bool, bool], list[ForwardItem]] = {}
     for item in items:
@@ -82,9 +83,12 @@ def group_forward_items(items: Sequence[ForwardItem], max_rows: int,
         for item in members:
             new_rows = rows + item.rows
             new_tokens = tokens + item.rows * item.width
-            padded = new_rows * item.width   # sorted: this item is the widest so far
-            if current and (new_rows > max_rows or padded > max_tokens
-                            or padded - new_tokens > MAX_PADDING_WASTE * padded):
+            padded = new_rows * item.width  # sorted: this item is the widest so far
+            if current and (
+                new_rows > max_rows
+                or padded > max_tokens
+                or padded - new_tokens > MAX_PADDING_WASTE * padded
+            ):
                 groups.append(current)
                 current, rows, tokens = [], 0, 0
                 new_rows, new_tokens = item.rows, item.rows * item.width
@@ -95,8 +99,9 @@ def group_forward_items(items: Sequence[ForwardItem], max_rows: int,
     return groups
 
 
-def run_forward_group(stage: StageModel, group: Sequence[ForwardItem],
-                      pool_fn: object) -> list[torch.Tensor]:
+def run_forward_group(
+    stage: StageModel, group: Sequence[ForwardItem], pool_fn: object
+) -> list[torch.Tensor]:
     """Pads a group into one batch, runs it, and hands each item its rows back (unpadded)."""
     width = max(item.width for item in group)
     parts_in: list[torch.Tensor] = []
@@ -104,8 +109,11 @@ def run_forward_group(stage: StageModel, group: Sequence[ForwardItem],
     for item in group:
         source = item.input_ids if item.input_ids is not None else item.hidden
         assert source is not None
-        mask = item.mask if item.mask is not None else torch.ones(item.rows, item.width,
-                                                                   dtype=torch.int64)
+        mask = (
+            item.mask
+            if item.mask is not None
+            else torch.ones(item.rows, item.width, dtype=torch.int64)
+        )
         pad = width - item.width
         if pad:
             fill = torch.zeros(item.rows, pad, *source.shape[2:], dtype=source.dtype)
@@ -125,14 +133,15 @@ def run_forward_group(stage: StageModel, group: Sequence[ForwardItem],
     results: list[torch.Tensor] = []
     row = 0
     for item in group:
-        part = hidden[row:row + item.rows]
-        results.append(part if first.pool else part[:, :item.width])
+        part = hidden[row : row + item.rows]
+        results.append(part if first.pool else part[:, : item.width])
         row += item.rows
     return results
 
 
-def batched_decode(stage: StageModel, caches: Sequence[DynamicCache],
-                   inputs: Sequence[torch.Tensor]) -> tuple[torch.Tensor, list[DynamicCache]]:
+def batched_decode(
+    stage: StageModel, caches: Sequence[DynamicCache], inputs: Sequence[torch.Tensor]
+) -> tuple[torch.Tensor, list[DynamicCache]]:
     """One decode step for several sessions: left-pads their KV caches into one batch.
 
     inputs are [1, 1] token ids (first stage) or [1, 1, h] hidden states. Returns the new hidden
@@ -155,16 +164,17 @@ def batched_decode(stage: StageModel, caches: Sequence[DynamicCache],
     batch_cache = DynamicCache(ddp_cache_data=layers, config=stage.main.config)
     mask = torch.zeros(len(caches), longest + 1, dtype=torch.int64)
     for row, length in enumerate(lengths):
-        mask[row, longest - length:] = 1
+        mask[row, longest - length :] = 1
     positions = torch.tensor(lengths, dtype=torch.int64).unsqueeze(1)
     batch = torch.cat(list(inputs), dim=0)
     kwargs = {"input_ids": batch} if stage.is_first else {"hidden_states": batch}
-    hidden = stage.forward(attention_mask=mask, cache=batch_cache, position_ids=positions,
-                           **kwargs)
+    hidden = stage.forward(attention_mask=mask, cache=batch_cache, position_ids=positions, **kwargs)
     grown: list[DynamicCache] = []
     for row, length in enumerate(lengths):
         start = longest - length
-        data = [(layer.keys[row:row + 1, :, start:], layer.values[row:row + 1, :, start:])
-                for layer in batch_cache.layers]
+        data = [
+            (layer.keys[row : row + 1, :, start:], layer.values[row : row + 1, :, start:])
+            for layer in batch_cache.layers
+        ]
         grown.append(DynamicCache(ddp_cache_data=data, config=stage.main.config))
     return hidden, grown

@@ -29,21 +29,34 @@ def build_service(settings: WorkerSettings, address: str) -> WorkerService:
     from pathlib import Path
 
     spec = model_spec(Path(settings.repository), settings.model)
-    span = Span.parse(settings.layers, spec.num_layers) if settings.layers else \
-        Span(0, spec.num_layers)
+    span = (
+        Span.parse(settings.layers, spec.num_layers)
+        if settings.layers
+        else Span(0, spec.num_layers)
+    )
     digest = fingerprint(spec.path)
     stage = StageModel(spec, span)
     descriptor = WorkerDescriptor(
-        address=address, model=spec.name, version=version_of(spec.path, digest),
-        fingerprint=digest, span=span, num_layers=spec.num_layers, kind=spec.kind,
-        capacity=settings.max_sessions if spec.kind is ModelKind.CAUSAL_LM
-        else settings.max_outstanding, hidden_size=spec.hidden_size)
-    limits = WorkerLimits(max_outstanding=settings.max_outstanding,
-                          max_sessions=settings.max_sessions,
-                          max_kv_bytes=settings.max_kv_mb * 1024 * 1024,
-                          session_idle_s=settings.session_idle_s,
-                          max_batch=settings.max_batch,
-                          max_wait_s=settings.max_wait_ms / 1000)
+        address=address,
+        model=spec.name,
+        version=version_of(spec.path, digest),
+        fingerprint=digest,
+        span=span,
+        num_layers=spec.num_layers,
+        kind=spec.kind,
+        capacity=settings.max_sessions
+        if spec.kind is ModelKind.CAUSAL_LM
+        else settings.max_outstanding,
+        hidden_size=spec.hidden_size,
+    )
+    limits = WorkerLimits(
+        max_outstanding=settings.max_outstanding,
+        max_sessions=settings.max_sessions,
+        max_kv_bytes=settings.max_kv_mb * 1024 * 1024,
+        session_idle_s=settings.session_idle_s,
+        max_batch=settings.max_batch,
+        max_wait_s=settings.max_wait_ms / 1000,
+    )
     service = WorkerService(stage, descriptor, limits)
     warm_up(stage)
     return service
@@ -53,19 +66,23 @@ def warm_up(stage: StageModel) -> None:
     """One small pass so the first request does not pay for lazy initialisation."""
     ids = torch.ones(1, 4, dtype=torch.int64)
     hidden = torch.zeros(1, 4, stage.spec.hidden_size, dtype=stage.dtype)
-    out = stage.forward(input_ids=ids if stage.is_first else None,
-                        hidden_states=None if stage.is_first else hidden)
+    out = stage.forward(
+        input_ids=ids if stage.is_first else None, hidden_states=None if stage.is_first else hidden
+    )
     if stage.is_last and stage.lm_head is not None:
         stage.logits(out[:, -1, :])
 
 
-async def _register_loop(service: WorkerService, settings: WorkerSettings,
-                         stop: asyncio.Event) -> None:
+async def _register_loop(
+    service: WorkerService, settings: WorkerSettings, stop: asyncio.Event
+) -> None:
     routers, interval = settings.routers, settings.heartbeat_s
-    credentials = channel_credentials(settings.router_ca or None, settings.client_cert or None,
-                                      settings.client_key or None)
-    metadata = [("authorization", f"Bearer {settings.router_token}")] \
-        if settings.router_token else []
+    credentials = channel_credentials(
+        settings.router_ca or None, settings.client_cert or None, settings.client_key or None
+    )
+    metadata = (
+        [("authorization", f"Bearer {settings.router_token}")] if settings.router_token else []
+    )
     channels = {r: open_channel(r, credentials, CHANNEL_OPTIONS) for r in routers}
     warned: set[str] = set()
     try:
@@ -74,8 +91,10 @@ async def _register_loop(service: WorkerService, settings: WorkerSettings,
             for router, channel in channels.items():
                 try:
                     reply = await worker_pb2_grpc.RegistryStub(channel).Register(
-                        worker_pb2.RegisterRequest(worker=service.info()), timeout=2.0,
-                        metadata=metadata)
+                        worker_pb2.RegisterRequest(worker=service.info()),
+                        timeout=2.0,
+                        metadata=metadata,
+                    )
                     # The router says how often it needs renewals to keep us registered.
                     if reply.heartbeat_seconds > 0:
                         wait = min(wait, reply.heartbeat_seconds)
@@ -88,11 +107,13 @@ async def _register_loop(service: WorkerService, settings: WorkerSettings,
                 await asyncio.wait_for(stop.wait(), timeout=wait)
             except TimeoutError:
                 pass
-        for router, channel in channels.items():
+        for channel in channels.values():
             try:
                 await worker_pb2_grpc.RegistryStub(channel).Deregister(
-                    worker_pb2.DeregisterRequest(address=service.descriptor.address), timeout=2.0,
-                    metadata=metadata)
+                    worker_pb2.DeregisterRequest(address=service.descriptor.address),
+                    timeout=2.0,
+                    metadata=metadata,
+                )
             except grpc.RpcError:
                 pass
     finally:
@@ -100,8 +121,12 @@ async def _register_loop(service: WorkerService, settings: WorkerSettings,
             await channel.close()
 
 
-async def run_worker(settings: WorkerSettings, *, ready: asyncio.Event | None = None,
-                     stop: asyncio.Event | None = None) -> int:
+async def run_worker(
+    settings: WorkerSettings,
+    *,
+    ready: asyncio.Event | None = None,
+    stop: asyncio.Event | None = None,
+) -> int:
     """Serves until SIGINT/SIGTERM (or `stop`), then drains and exits 0."""
     if settings.threads:
         torch.set_num_threads(settings.threads)
@@ -111,10 +136,20 @@ async def run_worker(settings: WorkerSettings, *, ready: asyncio.Event | None = 
     def add(server: aio.Server) -> None:
         worker_pb2_grpc.add_WorkerServicer_to_server(_Late(holder), server)
 
-    credentials = server_credentials(settings.tls_cert or None, settings.tls_key or None,
-                                     settings.tls_client_ca or None, require_client_cert=True)
-    served = await serve([add], [SERVICE_NAME], host=settings.host, port=settings.port,
-                         tracer_name="tessera.worker", credentials=credentials)
+    credentials = server_credentials(
+        settings.tls_cert or None,
+        settings.tls_key or None,
+        settings.tls_client_ca or None,
+        require_client_cert=True,
+    )
+    served = await serve(
+        [add],
+        [SERVICE_NAME],
+        host=settings.host,
+        port=settings.port,
+        tracer_name="tessera.worker",
+        credentials=credentials,
+    )
     if settings.metrics_port >= 0:
         metrics_port = start_metrics_server(settings.metrics_port, settings.host)
         print(f"tessera worker metrics on {settings.host}:{metrics_port}", flush=True)
@@ -130,14 +165,20 @@ async def run_worker(settings: WorkerSettings, *, ready: asyncio.Event | None = 
         holder["service"] = service
         await served.set_status("", True)
         await served.set_status(SERVICE_NAME, True)
-        log.info("worker ready: %s %s layers %s on %s", service.descriptor.model,
-                 service.descriptor.version, service.descriptor.span, address)
-        print(f"tessera worker ready: {settings.model} layers {service.descriptor.span} "
-              f"on {address}", flush=True)
+        log.info(
+            "worker ready: %s %s layers %s on %s",
+            service.descriptor.model,
+            service.descriptor.version,
+            service.descriptor.span,
+            address,
+        )
+        print(
+            f"tessera worker ready: {settings.model} layers {service.descriptor.span} on {address}",
+            flush=True,
+        )
         if ready is not None:
             ready.set()
-        registration = asyncio.create_task(
-            _register_loop(service, settings, stop))
+        registration = asyncio.create_task(_register_loop(service, settings, stop))
         await stop.wait()
         # Drain: say NOT_SERVING, refuse new work, let what is in flight finish, deregister.
         service.draining = True

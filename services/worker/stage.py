@@ -77,7 +77,7 @@ def _shallow_module_copy(module: nn.Module) -> nn.Module:
 
 
 def _replace(root: nn.Module, path: str, value: nn.Module) -> None:
-    """Sets root.<path> = value, copying the modules along the path so the original keeps its own."""
+    """Sets root.<path> = value, copying the modules on the path so the original keeps its own."""
     *parents, leaf = path.split(".")
     module = root
     for part in parents:
@@ -90,8 +90,14 @@ def _replace(root: nn.Module, path: str, value: nn.Module) -> None:
 class StageModel:
     """Runs the span [start, end) of a model: embeddings if start == 0, head if end == L."""
 
-    def __init__(self, spec: ModelSpec, span: Span, *, dtype: torch.dtype = torch.float32,
-                 attn_implementation: str | None = None) -> None:
+    def __init__(
+        self,
+        spec: ModelSpec,
+        span: Span,
+        *,
+        dtype: torch.dtype = torch.float32,
+        attn_implementation: str | None = None,
+    ) -> None:
         if span.end > spec.num_layers:
             raise ValueError(f"span {span} is outside the {spec.num_layers} layers of {spec.name}")
         self.spec = spec
@@ -106,8 +112,11 @@ class StageModel:
             self.lm_head: nn.Module | None = full.get_output_embeddings()
             base = full.base_model
         else:
-            full = AutoModel.from_pretrained(spec.path, add_pooling_layer=False, **kwargs) \
-                if spec.model_type in ("bert", "roberta") else AutoModel.from_pretrained(spec.path)
+            full = (
+                AutoModel.from_pretrained(spec.path, add_pooling_layer=False, **kwargs)
+                if spec.model_type in ("bert", "roberta")
+                else AutoModel.from_pretrained(spec.path)
+            )
             self.lm_head = None
             base = full
         base.eval()
@@ -148,7 +157,7 @@ class StageModel:
         config = copy.deepcopy(self._base.config)
         config.num_hidden_layers = len(sub)
         if getattr(config, "layer_types", None):
-            config.layer_types = list(config.layer_types[sub.start:sub.end])
+            config.layer_types = list(config.layer_types[sub.start : sub.end])
         view.config = config
         if sub.start > 0:
             if self.layout.position_table:
@@ -164,12 +173,16 @@ class StageModel:
         return DynamicCache(config=self.main.config)
 
     @torch.inference_mode()
-    def forward(self, *, input_ids: torch.Tensor | None = None,
-                hidden_states: torch.Tensor | None = None,
-                attention_mask: torch.Tensor | None = None,
-                sub: Span | None = None,
-                cache: DynamicCache | None = None,
-                position_ids: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        *,
+        input_ids: torch.Tensor | None = None,
+        hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        sub: Span | None = None,
+        cache: DynamicCache | None = None,
+        position_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Runs layers `sub` (default: the whole span) and returns the hidden states after them.
 
         The first layer takes input_ids; any other takes hidden_states. With a cache, the step
@@ -196,9 +209,17 @@ class StageModel:
             elif attention_mask is not None:
                 # A session's mask covers the cached tokens too.
                 past = cache.get_seq_length()
-                kwargs["attention_mask"] = torch.cat(
-                    [torch.ones(attention_mask.shape[0], past, dtype=attention_mask.dtype),
-                     attention_mask], dim=1) if past else attention_mask
+                kwargs["attention_mask"] = (
+                    torch.cat(
+                        [
+                            torch.ones(attention_mask.shape[0], past, dtype=attention_mask.dtype),
+                            attention_mask,
+                        ],
+                        dim=1,
+                    )
+                    if past
+                    else attention_mask
+                )
         elif attention_mask is not None:
             kwargs["attention_mask"] = attention_mask
         if self.spec.kind is ModelKind.CAUSAL_LM and cache is None:
@@ -212,4 +233,3 @@ class StageModel:
         if self.lm_head is None or not self.is_last:
             raise ValueError("only the last stage of a causal LM has a head")
         return self.lm_head(hidden_states).float()
-

@@ -9,15 +9,24 @@ from services.common.tensors import validate
 from services.pb.tessera.v1 import common_pb2
 
 TORCH_DTYPES: dict[str, torch.dtype] = {
-    "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
-    "int64": torch.int64, "int32": torch.int32, "bool": torch.bool,
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "int64": torch.int64,
+    "int32": torch.int32,
+    "bool": torch.bool,
 }
 WIRE_NAMES = {dtype: name for name, dtype in TORCH_DTYPES.items()}
 FLOAT_WIRE = ("float32", "float16", "bfloat16")
 
 
-def to_torch(tensor: common_pb2.Tensor, name: str, *, ndim: int | None = None,
-             dtypes: tuple[str, ...] | None = None) -> torch.Tensor:
+def to_torch(
+    tensor: common_pb2.Tensor,
+    name: str,
+    *,
+    ndim: int | None = None,
+    dtypes: tuple[str, ...] | None = None,
+) -> torch.Tensor:
     """Decodes and validates; float tensors must be finite. Raises InvalidArgument."""
     shape = validate(tensor, name, ndim=ndim, dtypes=dtypes)
     dtype = TORCH_DTYPES[tensor.dtype]

@@ -56,33 +56,57 @@ def client(mesh: Mesh) -> Iterator[Client]:
 
 def test_generate_returns_the_stubs_answer_typed(mesh: Mesh, client: Client) -> None:
     got = client.generate("tiny-llama", "the cat sat", max_new_tokens=8)
-    want = mesh.stub().Generate(inference_pb2.GenerateRequest(
-        model="tiny-llama", prompt="the cat sat", max_new_tokens=8), timeout=60)
+    want = mesh.stub().Generate(
+        inference_pb2.GenerateRequest(model="tiny-llama", prompt="the cat sat", max_new_tokens=8),
+        timeout=60,
+    )
     assert isinstance(got, GenerateResult)
     assert (got.text, got.token_ids, got.finish_reason) == (
-        want.text, tuple(want.token_ids), want.finish_reason)
+        want.text,
+        tuple(want.token_ids),
+        want.finish_reason,
+    )
     assert got.prompt_tokens == want.prompt_tokens and got.generated_tokens == len(got.token_ids)
-    sampled = client.generate("tiny-llama", "hello world", max_new_tokens=6, temperature=0.9,
-                              top_k=20, top_p=0.95, seed=11)
-    again = client.generate("tiny-llama", "hello world", max_new_tokens=6, temperature=0.9,
-                            top_k=20, top_p=0.95, seed=11)
+    sampled = client.generate(
+        "tiny-llama",
+        "hello world",
+        max_new_tokens=6,
+        temperature=0.9,
+        top_k=20,
+        top_p=0.95,
+        seed=11,
+    )
+    again = client.generate(
+        "tiny-llama",
+        "hello world",
+        max_new_tokens=6,
+        temperature=0.9,
+        top_k=20,
+        top_p=0.95,
+        seed=11,
+    )
     assert sampled.token_ids == again.token_ids
-    chat = client.generate("tiny-llama", messages=[ChatMessage("user", "hello"),
-                                                   ("assistant", "world"),
-                                                   {"role": "user", "content": "the cat"}],
-                           max_new_tokens=3)
+    chat = client.generate(
+        "tiny-llama",
+        messages=[
+            ChatMessage("user", "hello"),
+            ("assistant", "world"),
+            {"role": "user", "content": "the cat"},
+        ],
+        max_new_tokens=3,
+    )
     assert chat.prompt_tokens > 3 and chat.generated_tokens >= 1
     with pytest.raises(ValueError):
         client.generate("tiny-llama")
-    with pytest.raises(ValueError):   # checked when called, not on first iteration
+    with pytest.raises(ValueError):  # checked when called, not on first iteration
         client.stream("tiny-llama", "hi", messages=[("user", "hi")])
 
 
 def test_stream_yields_chunks_that_add_up(client: Client) -> None:
-    whole = client.generate("tiny-llama", "hello world", max_new_tokens=10, temperature=0.8,
-                            seed=7)
-    chunks = list(client.stream("tiny-llama", "hello world", max_new_tokens=10,
-                                temperature=0.8, seed=7))
+    whole = client.generate("tiny-llama", "hello world", max_new_tokens=10, temperature=0.8, seed=7)
+    chunks = list(
+        client.stream("tiny-llama", "hello world", max_new_tokens=10, temperature=0.8, seed=7)
+    )
     assert chunks and all(isinstance(c, ChunkResult) for c in chunks)
     assert "".join(c.text for c in chunks) == whole.text
     assert tuple(t for c in chunks for t in c.token_ids) == whole.token_ids
@@ -92,13 +116,15 @@ def test_stream_yields_chunks_that_add_up(client: Client) -> None:
 
 def test_embed_equals_the_stub(mesh: Mesh, client: Client) -> None:
     got = client.embed("tiny-bert", TEXTS)
-    want = mesh.stub().Embed(inference_pb2.EmbedRequest(model="tiny-bert", inputs=TEXTS),
-                             timeout=60)
+    want = mesh.stub().Embed(
+        inference_pb2.EmbedRequest(model="tiny-bert", inputs=TEXTS), timeout=60
+    )
     assert isinstance(got, EmbedResult) and got.dim == want.dim == 32
     matrix = got.numpy()
     assert matrix.shape == (3, 32) and matrix.dtype == np.float32
-    np.testing.assert_array_equal(matrix, np.array([e.values for e in want.embeddings],
-                                                   dtype=np.float32))
+    np.testing.assert_array_equal(
+        matrix, np.array([e.values for e in want.embeddings], dtype=np.float32)
+    )
     np.testing.assert_allclose(np.linalg.norm(matrix, axis=1), 1.0, atol=1e-5)
     assert client.embed("tiny-bert", "hello").numpy().shape == (1, 32)
 
@@ -107,8 +133,12 @@ def test_forward_in_two_ranges_equals_one(client: Client) -> None:
     first = client.forward("tiny-llama", text="the cat sat", start=0, end=2)
     assert (first.start, first.end) == (0, 2) and first.input_ids
     assert first.hidden_states.shape[:2] == (1, len(first.input_ids))
-    rest = client.forward("tiny-llama", hidden_states=first.hidden_states, start=2,
-                          attention_mask=first.attention_mask)
+    rest = client.forward(
+        "tiny-llama",
+        hidden_states=first.hidden_states,
+        start=2,
+        attention_mask=first.attention_mask,
+    )
     whole = client.forward("tiny-llama", text="the cat sat")
     assert (rest.start, rest.end) == (2, 4)
     np.testing.assert_allclose(rest.hidden_states, whole.hidden_states, atol=1e-5, rtol=0)
@@ -133,8 +163,7 @@ def test_errors_are_typed_and_deadlines_apply(client: Client) -> None:
         client.embed("tiny-bert", [])
     assert caught.value.code() is grpc.StatusCode.INVALID_ARGUMENT
     with pytest.raises(TesseraError) as caught:
-        client.generate("tiny-llama", "the cat sat on the mat", max_new_tokens=200,
-                        timeout=0.001)
+        client.generate("tiny-llama", "the cat sat on the mat", max_new_tokens=200, timeout=0.001)
     assert caught.value.code() is grpc.StatusCode.DEADLINE_EXCEEDED
     with pytest.raises(TesseraError) as caught:
         list(client.stream("tiny-llama", "the cat", max_new_tokens=200, timeout=0.001))
@@ -151,20 +180,23 @@ def test_async_client(mesh: Mesh, client: Client) -> None:
         async with AsyncClient(mesh.address, timeout=60) as aclient:
             got, embedded, models = await asyncio.gather(
                 aclient.generate("tiny-llama", "the cat sat", max_new_tokens=8),
-                aclient.embed("tiny-bert", TEXTS), aclient.list_models())
+                aclient.embed("tiny-bert", TEXTS),
+                aclient.list_models(),
+            )
             assert got == client.generate("tiny-llama", "the cat sat", max_new_tokens=8)
-            np.testing.assert_array_equal(embedded.numpy(), client.embed("tiny-bert",
-                                                                         TEXTS).numpy())
+            np.testing.assert_array_equal(
+                embedded.numpy(), client.embed("tiny-bert", TEXTS).numpy()
+            )
             assert {m.name for m in models} >= {"tiny-llama", "tiny-bert"}
-            chunks = [c async for c in aclient.stream("tiny-llama", "the cat sat",
-                                                      max_new_tokens=8)]
+            chunks = [
+                c async for c in aclient.stream("tiny-llama", "the cat sat", max_new_tokens=8)
+            ]
             assert "".join(c.text for c in chunks) == got.text and chunks[-1].last
             forward = await aclient.forward("tiny-llama", text="hello world", end=1)
             assert forward.hidden_states.shape[:2] == (1, len(forward.input_ids))
             assert await aclient.ready("tiny-bert")
             with pytest.raises(TesseraError) as caught:
-                await aclient.generate("tiny-llama", "the cat", max_new_tokens=200,
-                                       timeout=0.001)
+                await aclient.generate("tiny-llama", "the cat", max_new_tokens=200, timeout=0.001)
             assert caught.value.code() is grpc.StatusCode.DEADLINE_EXCEEDED
             with pytest.raises(TesseraError) as caught:
                 async for _ in aclient.stream("nope", "hi"):
@@ -176,15 +208,31 @@ def test_async_client(mesh: Mesh, client: Client) -> None:
 
 def test_python_examples_run(mesh: Mesh) -> None:
     examples = ROOT / "examples" / "python"
-    done = subprocess.run([sys.executable, str(examples / "generate.py"), mesh.address,
-                           "--model", "tiny-llama", "--embed-model", "tiny-bert",
-                           "--prompt", "the cat sat"],
-                          capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(examples / "generate.py"),
+            mesh.address,
+            "--model",
+            "tiny-llama",
+            "--embed-model",
+            "tiny-bert",
+            "--prompt",
+            "the cat sat",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 0, done.stdout + done.stderr
     assert "tiny-llama (causal-lm, 4 layers" in done.stdout
     assert "embed:    2 vectors of 32" in done.stdout and "errors:   NOT_FOUND" in done.stdout
-    done = subprocess.run([sys.executable, str(examples / "async_stream.py"), mesh.address,
-                           "--model", "tiny-llama"], capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, str(examples / "async_stream.py"), mesh.address, "--model", "tiny-llama"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 0, done.stdout + done.stderr
     assert len(done.stdout.splitlines()) == 3
 
@@ -198,6 +246,7 @@ def test_leaving_a_stream_early_cancels_it(mesh: Mesh, client: Client) -> None:
 
 
 # -- retries -----------------------------------------------------------------------------------
+
 
 def test_service_config_retries_unavailable() -> None:
     client = Client("127.0.0.1:1", retries=3)
@@ -221,8 +270,9 @@ class _Flaky(inference_pb2_grpc.InferenceServicer):
         self.calls = 0
         self.lock = threading.Lock()
 
-    def ListModels(self, request: inference_pb2.ListModelsRequest,
-                   context: grpc.ServicerContext) -> inference_pb2.ListModelsResponse:
+    def ListModels(
+        self, request: inference_pb2.ListModelsRequest, context: grpc.ServicerContext
+    ) -> inference_pb2.ListModelsResponse:
         with self.lock:
             self.calls += 1
             failing = self.calls <= self.failures
@@ -252,12 +302,15 @@ def test_unavailable_is_retried_by_grpc() -> None:
 
 # -- TLS and tokens ----------------------------------------------------------------------------
 
+
 def test_mutual_tls_and_bearer_token(tiny_repo: Path, tmp_path: Path) -> None:
     certs = make_dev_certs(tmp_path / "certs")
-    env = {"TESSERA_ROUTER_TLS_CERT": str(certs["server.pem"]),
-           "TESSERA_ROUTER_TLS_KEY": str(certs["server.key"]),
-           "TESSERA_ROUTER_TLS_CLIENT_CA": str(certs["ca.pem"]),
-           "TESSERA_ROUTER_AUTH_TOKENS": "sdk-secret"}
+    env = {
+        "TESSERA_ROUTER_TLS_CERT": str(certs["server.pem"]),
+        "TESSERA_ROUTER_TLS_KEY": str(certs["server.key"]),
+        "TESSERA_ROUTER_TLS_CLIENT_CA": str(certs["ca.pem"]),
+        "TESSERA_ROUTER_AUTH_TOKENS": "sdk-secret",
+    }
     with Mesh(tiny_repo, env=env) as m:
         m.start_router()
         address = f"localhost:{m.router.port}" if m.router else ""

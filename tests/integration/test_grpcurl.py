@@ -28,8 +28,13 @@ def _grpcurl_path() -> str:
 
 
 def grpcurl(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([_grpcurl_path(), "-max-time", "30", *args], check=False,
-                          capture_output=True, text=True, timeout=GRPCURL_TIMEOUT_S)
+    return subprocess.run(
+        [_grpcurl_path(), "-max-time", "30", *args],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=GRPCURL_TIMEOUT_S,
+    )
 
 
 def call(address: str, method: str, body: object) -> dict:
@@ -81,8 +86,11 @@ def test_describe_inference(mesh: Mesh) -> None:
 
 
 def test_generate_as_json(mesh: Mesh) -> None:
-    reply = call(mesh.address, "tessera.v1.Inference/Generate",
-                 {"model": "tiny-llama", "prompt": "the cat", "max_new_tokens": 4})
+    reply = call(
+        mesh.address,
+        "tessera.v1.Inference/Generate",
+        {"model": "tiny-llama", "prompt": "the cat", "max_new_tokens": 4},
+    )
     # grpcurl keeps the proto field names and leaves out fields at their default (cached=false);
     # int64 values come as JSON strings.
     assert reply["finish_reason"] in ("length", "eos"), reply
@@ -94,8 +102,9 @@ def test_generate_as_json(mesh: Mesh) -> None:
 
 def test_generate_stream_as_json(mesh: Mesh) -> None:
     body = {"model": "tiny-llama", "prompt": "the dog", "max_new_tokens": 3}
-    done = grpcurl("-plaintext", "-d", json.dumps(body), mesh.address,
-                   "tessera.v1.Inference/GenerateStream")
+    done = grpcurl(
+        "-plaintext", "-d", json.dumps(body), mesh.address, "tessera.v1.Inference/GenerateStream"
+    )
     assert done.returncode == 0, done.stderr
     chunks = _json_messages(done.stdout)
     assert len(chunks) >= 2
@@ -105,8 +114,11 @@ def test_generate_stream_as_json(mesh: Mesh) -> None:
 
 
 def test_embed_as_json(mesh: Mesh) -> None:
-    reply = call(mesh.address, "tessera.v1.Inference/Embed",
-                 {"model": "tiny-bert", "inputs": ["hello world", "the cat sat"]})
+    reply = call(
+        mesh.address,
+        "tessera.v1.Inference/Embed",
+        {"model": "tiny-bert", "inputs": ["hello world", "the cat sat"]},
+    )
     assert reply["dim"] == 32 and len(reply["embeddings"]) == 2
     assert all(len(e["values"]) == 32 for e in reply["embeddings"])
 
@@ -117,8 +129,11 @@ def test_list_models_as_json(mesh: Mesh) -> None:
     assert {"tiny-llama", "tiny-bert"} <= names
 
 
-@pytest.mark.parametrize("body", [{"service": "tiny-llama"}, {"service": "tiny-bert"}, {}],
-                         ids=["tiny-llama", "tiny-bert", "server"])
+@pytest.mark.parametrize(
+    "body",
+    [{"service": "tiny-llama"}, {"service": "tiny-bert"}, {}],
+    ids=["tiny-llama", "tiny-bert", "server"],
+)
 def test_router_health_check(mesh: Mesh, body: dict) -> None:
     assert call(mesh.address, "grpc.health.v1.Health/Check", body) == {"status": "SERVING"}
 
@@ -133,8 +148,13 @@ def test_each_worker_answers_list_and_health(mesh: Mesh) -> None:
 
 
 def test_unknown_model_is_not_found(mesh: Mesh) -> None:
-    done = grpcurl("-plaintext", "-d", json.dumps({"model": "no-such-model", "prompt": "hi"}),
-                   mesh.address, "tessera.v1.Inference/Generate")
+    done = grpcurl(
+        "-plaintext",
+        "-d",
+        json.dumps({"model": "no-such-model", "prompt": "hi"}),
+        mesh.address,
+        "tessera.v1.Inference/Generate",
+    )
     assert done.returncode != 0
     output = done.stdout + done.stderr
     assert "NotFound" in output and "no-such-model" in output, output
@@ -142,6 +162,11 @@ def test_unknown_model_is_not_found(mesh: Mesh) -> None:
 
 
 def test_bad_input_is_invalid_argument(mesh: Mesh) -> None:
-    done = grpcurl("-plaintext", "-d", json.dumps({"model": "tiny-llama", "prompt": ""}),
-                   mesh.address, "tessera.v1.Inference/Generate")
+    done = grpcurl(
+        "-plaintext",
+        "-d",
+        json.dumps({"model": "tiny-llama", "prompt": ""}),
+        mesh.address,
+        "tessera.v1.Inference/Generate",
+    )
     assert done.returncode != 0 and "InvalidArgument" in done.stdout + done.stderr

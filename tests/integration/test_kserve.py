@@ -54,8 +54,13 @@ def status(call):
 def triton(address: str, body: str) -> Any:
     """Runs `body` (which sets `result`) with a tritonclient connected to `address`."""
     script = PRELUDE + textwrap.dedent(body) + "\nprint(json.dumps(result))\n"
-    done = subprocess.run([sys.executable, "-c", script, address], cwd=ROOT,
-                          capture_output=True, text=True, timeout=180)
+    done = subprocess.run(
+        [sys.executable, "-c", script, address],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
     assert done.returncode == 0, done.stdout + done.stderr
     return json.loads(done.stdout.strip().splitlines()[-1])
 
@@ -75,7 +80,9 @@ def mesh(tiny_repo: Path) -> Iterator[Mesh]:
 
 
 def test_health_and_metadata(mesh: Mesh) -> None:
-    got = triton(mesh.address, """
+    got = triton(
+        mesh.address,
+        """
         result = {
             "live": client.is_server_live(), "ready": client.is_server_ready(),
             "llama_ready": client.is_model_ready("tiny-llama"),
@@ -87,7 +94,8 @@ def test_health_and_metadata(mesh: Mesh) -> None:
             "bert": client.get_model_metadata("tiny-bert", as_json=True),
             "unknown": status(lambda: client.get_model_metadata("no-such-model")),
         }
-    """)
+    """,
+    )
     assert got["live"] and got["ready"] and got["llama_ready"] and got["bert_ready"]
     assert not got["unknown_ready"] and not got["wrong_version_ready"]
     assert got["server"]["name"] == "tessera" and got["server"]["version"]
@@ -99,13 +107,14 @@ def test_health_and_metadata(mesh: Mesh) -> None:
     assert llama["inputs"] == [{"name": "text", "datatype": "BYTES", "shape": ["1"]}]
     assert llama["outputs"] == [{"name": "text", "datatype": "BYTES", "shape": ["1"]}]
     assert bert["inputs"] == [{"name": "text", "datatype": "BYTES", "shape": ["-1"]}]
-    assert bert["outputs"] == [{"name": "embeddings", "datatype": "FP32",
-                                "shape": ["-1", "32"]}]
+    assert bert["outputs"] == [{"name": "embeddings", "datatype": "FP32", "shape": ["-1", "32"]}]
     assert got["unknown"] == "StatusCode.NOT_FOUND"
 
 
 def test_infer_causal_equals_generate(mesh: Mesh) -> None:
-    got = triton(mesh.address, """
+    got = triton(
+        mesh.address,
+        """
         def infer(prompt, shape=None, **parameters):
             reply = client.infer("tiny-llama", [text_input([prompt], shape)],
                                  parameters=parameters, request_id="req-1")
@@ -118,11 +127,19 @@ def test_infer_causal_equals_generate(mesh: Mesh) -> None:
             "sampled": infer("hello world", [1, 1], max_new_tokens=6, temperature=0.9,
                              top_p=0.95, top_k=20, seed=5),
         }
-    """)
-    with Client(mesh.address) as client:   # the references, retried if a probe blips
+    """,
+    )
+    with Client(mesh.address) as client:  # the references, retried if a probe blips
         greedy = client.generate("tiny-llama", "the cat sat", max_new_tokens=8)
-        sampled = client.generate("tiny-llama", "hello world", max_new_tokens=6,
-                                  temperature=0.9, top_p=0.95, top_k=20, seed=5)
+        sampled = client.generate(
+            "tiny-llama",
+            "hello world",
+            max_new_tokens=6,
+            temperature=0.9,
+            top_p=0.95,
+            top_k=20,
+            seed=5,
+        )
     assert got["greedy"]["text"] == [greedy.text] and got["greedy"]["shape"] == [1]
     assert got["greedy"]["id"] == "req-1"
     params = got["greedy"]["parameters"]
@@ -132,12 +149,15 @@ def test_infer_causal_equals_generate(mesh: Mesh) -> None:
 
 
 def test_infer_encoder_equals_embed(mesh: Mesh) -> None:
-    got = triton(mesh.address, f"""
+    got = triton(
+        mesh.address,
+        f"""
         reply = client.infer("tiny-bert", [text_input({TEXTS!r})],
                              outputs=[triton.InferRequestedOutput("embeddings")])
         matrix = reply.as_numpy("embeddings")
         result = {{"dtype": str(matrix.dtype), "values": matrix.tolist()}}
-    """)
+    """,
+    )
     with Client(mesh.address) as client:
         want = client.embed("tiny-bert", TEXTS)
     assert got["dtype"] == "float32"
@@ -145,7 +165,9 @@ def test_infer_encoder_equals_embed(mesh: Mesh) -> None:
 
 
 def test_bad_requests_get_their_status(mesh: Mesh) -> None:
-    got = triton(mesh.address, """
+    got = triton(
+        mesh.address,
+        """
         def wrong_name():
             tensor = triton.InferInput("prompt", [1], "BYTES")
             tensor.set_data_from_numpy(np.array([b"hi"], dtype=object))
@@ -172,7 +194,8 @@ def test_bad_requests_get_their_status(mesh: Mesh) -> None:
             "still serving": status(lambda: client.infer("tiny-llama", [text_input(["hi"])],
                                                          parameters={"max_new_tokens": 1})),
         }
-    """)
+    """,
+    )
     assert got.pop("unknown model") == "StatusCode.NOT_FOUND"
     assert got.pop("still serving") == "OK"
     assert got == {k: "StatusCode.INVALID_ARGUMENT" for k in got}, got
@@ -191,7 +214,9 @@ def test_real_models(real_repo: Path) -> None:
             proc.wait_ready(timeout=300)
         m.wait_model(llm, timeout=120)
         m.wait_model(encoder, timeout=120)
-        got = triton(m.address, f"""
+        got = triton(
+            m.address,
+            f"""
             reply = client.infer({llm!r}, [text_input([{prompt!r}])],
                                  parameters={{"max_new_tokens": 4}}, client_timeout=120)
             embedded = client.infer({encoder!r}, [text_input({texts!r})], client_timeout=120)
@@ -199,7 +224,8 @@ def test_real_models(real_repo: Path) -> None:
                                  client.is_model_ready({encoder!r})],
                        "text": reply.as_numpy("text")[0].decode(),
                        "embeddings": embedded.as_numpy("embeddings").tolist()}}
-        """)
+        """,
+        )
         with Client(m.address, timeout=120) as client:
             generated = client.generate(llm, prompt, max_new_tokens=4)
             embedded = client.embed(encoder, texts)
@@ -212,15 +238,28 @@ def test_real_models(real_repo: Path) -> None:
 
 def test_grpcurl_sees_the_service_with_no_protos(mesh: Mesh) -> None:
     grpcurl = shutil.which("grpcurl") or str(Path(sys.executable).parent / "grpcurl")
-    listed = subprocess.run([grpcurl, "-plaintext", mesh.address, "list"],
-                            capture_output=True, text=True, timeout=60)
+    listed = subprocess.run(
+        [grpcurl, "-plaintext", mesh.address, "list"], capture_output=True, text=True, timeout=60
+    )
     assert "inference.GRPCInferenceService" in listed.stdout.split(), listed.stderr
-    described = subprocess.run([grpcurl, "-plaintext", mesh.address, "describe",
-                                "inference.GRPCInferenceService"],
-                               capture_output=True, text=True, timeout=60)
+    described = subprocess.run(
+        [grpcurl, "-plaintext", mesh.address, "describe", "inference.GRPCInferenceService"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert "rpc ModelInfer (" in described.stdout, described.stderr
-    health = subprocess.run([grpcurl, "-plaintext", "-d",
-                             '{"service": "inference.GRPCInferenceService"}', mesh.address,
-                             "grpc.health.v1.Health/Check"],
-                            capture_output=True, text=True, timeout=60)
+    health = subprocess.run(
+        [
+            grpcurl,
+            "-plaintext",
+            "-d",
+            '{"service": "inference.GRPCInferenceService"}',
+            mesh.address,
+            "grpc.health.v1.Health/Check",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert json.loads(health.stdout)["status"] == "SERVING", health.stderr

@@ -24,7 +24,7 @@ LIMITS = {
     "TESSERA_ROUTER_MAX_STREAMS_PER_CONNECTION": "2",
     "TESSERA_ROUTER_MAX_INPUT_CHARS": "200",
 }
-SLOW_STEP_MS = 150   # the llama worker waits this long for company before each batch
+SLOW_STEP_MS = 150  # the llama worker waits this long for company before each batch
 
 
 @pytest.fixture(scope="module")
@@ -32,8 +32,9 @@ def limited(tiny_repo: Path) -> Iterator[Mesh]:
     with Mesh(tiny_repo, env=LIMITS) as mesh:
         mesh.start_router()
         # A slow decode step keeps generation streams open long enough to overlap.
-        mesh.start_worker("tiny-llama", wait=False,
-                          env={"TESSERA_WORKER_MAX_WAIT_MS": str(SLOW_STEP_MS)})
+        mesh.start_worker(
+            "tiny-llama", wait=False, env={"TESSERA_WORKER_MAX_WAIT_MS": str(SLOW_STEP_MS)}
+        )
         mesh.start_worker("tiny-bert", wait=False)
         for proc in mesh.workers:
             proc.wait_ready()
@@ -44,11 +45,17 @@ def limited(tiny_repo: Path) -> Iterator[Mesh]:
 
 def _assert_still_serving(mesh: Mesh) -> None:
     stub = mesh.stub()
-    reply = stub.Generate(inference_pb2.GenerateRequest(
-        model="tiny-llama", prompt="hello world", max_new_tokens=2), timeout=30)
+    reply = stub.Generate(
+        inference_pb2.GenerateRequest(model="tiny-llama", prompt="hello world", max_new_tokens=2),
+        timeout=30,
+    )
     assert reply.generated_tokens >= 1
-    assert stub.Embed(inference_pb2.EmbedRequest(model="tiny-bert", inputs=["the cat"]),
-                      timeout=30).dim == 32
+    assert (
+        stub.Embed(
+            inference_pb2.EmbedRequest(model="tiny-bert", inputs=["the cat"]), timeout=30
+        ).dim
+        == 32
+    )
     assert mesh.router is not None and mesh.router.popen.poll() is None
 
 
@@ -60,11 +67,15 @@ def _refused(call: object) -> grpc.RpcError:
 
 def test_max_embed_inputs(limited: Mesh) -> None:
     stub = limited.stub()
-    ok = stub.Embed(inference_pb2.EmbedRequest(model="tiny-bert", inputs=["a", "b", "c"]),
-                    timeout=30)
+    ok = stub.Embed(
+        inference_pb2.EmbedRequest(model="tiny-bert", inputs=["a", "b", "c"]), timeout=30
+    )
     assert len(ok.embeddings) == 3
-    error = _refused(lambda: stub.Embed(inference_pb2.EmbedRequest(
-        model="tiny-bert", inputs=["a", "b", "c", "d"]), timeout=30))
+    error = _refused(
+        lambda: stub.Embed(
+            inference_pb2.EmbedRequest(model="tiny-bert", inputs=["a", "b", "c", "d"]), timeout=30
+        )
+    )
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "max_embed_inputs" in error.details() and "3" in error.details()
     _assert_still_serving(limited)
@@ -73,13 +84,21 @@ def test_max_embed_inputs(limited: Mesh) -> None:
 def test_max_prompt_tokens(limited: Mesh) -> None:
     stub = limited.stub()
     eight = " ".join(["the"] * 8)
-    assert stub.Generate(inference_pb2.GenerateRequest(
-        model="tiny-llama", prompt=eight, max_new_tokens=1), timeout=30).prompt_tokens == 8
+    assert (
+        stub.Generate(
+            inference_pb2.GenerateRequest(model="tiny-llama", prompt=eight, max_new_tokens=1),
+            timeout=30,
+        ).prompt_tokens
+        == 8
+    )
     for request in (
-            inference_pb2.GenerateRequest(model="tiny-llama", prompt=eight + " cat",
-                                          max_new_tokens=1),
-            inference_pb2.GenerateRequest(model="tiny-llama", max_new_tokens=1, messages=[
-                inference_pb2.ChatMessage(role="user", content=eight)])):
+        inference_pb2.GenerateRequest(model="tiny-llama", prompt=eight + " cat", max_new_tokens=1),
+        inference_pb2.GenerateRequest(
+            model="tiny-llama",
+            max_new_tokens=1,
+            messages=[inference_pb2.ChatMessage(role="user", content=eight)],
+        ),
+    ):
         for method in (stub.Generate, lambda r, **kw: list(stub.GenerateStream(r, **kw))):
             error = _refused(lambda: method(request, timeout=30))
             assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
@@ -89,12 +108,15 @@ def test_max_prompt_tokens(limited: Mesh) -> None:
 
 def test_max_new_tokens(limited: Mesh) -> None:
     stub = limited.stub()
-    reply = stub.Generate(inference_pb2.GenerateRequest(
-        model="tiny-llama", prompt="the cat", max_new_tokens=5), timeout=30)
+    reply = stub.Generate(
+        inference_pb2.GenerateRequest(model="tiny-llama", prompt="the cat", max_new_tokens=5),
+        timeout=30,
+    )
     assert 1 <= reply.generated_tokens <= 5
     for too_many in (6, 1000, 2**31 - 1):
-        request = inference_pb2.GenerateRequest(model="tiny-llama", prompt="the cat",
-                                                max_new_tokens=too_many)
+        request = inference_pb2.GenerateRequest(
+            model="tiny-llama", prompt="the cat", max_new_tokens=too_many
+        )
         for method in (stub.Generate, lambda r, **kw: list(stub.GenerateStream(r, **kw))):
             error = _refused(lambda: method(request, timeout=30))
             assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
@@ -104,17 +126,26 @@ def test_max_new_tokens(limited: Mesh) -> None:
 
 def test_max_input_chars(limited: Mesh) -> None:
     stub = limited.stub()
-    long_text = "a " * 101   # 202 characters, 101 tokens
+    long_text = "a " * 101  # 202 characters, 101 tokens
     calls = [
-        lambda: stub.Generate(inference_pb2.GenerateRequest(
-            model="tiny-llama", prompt=long_text, max_new_tokens=1), timeout=30),
-        lambda: stub.Generate(inference_pb2.GenerateRequest(
-            model="tiny-llama", max_new_tokens=1, messages=[
-                inference_pb2.ChatMessage(role="user", content=long_text)]), timeout=30),
-        lambda: stub.Embed(inference_pb2.EmbedRequest(
-            model="tiny-bert", inputs=["ok", long_text]), timeout=30),
-        lambda: stub.Forward(inference_pb2.ForwardRequest(
-            model="tiny-bert", start=0, text=long_text), timeout=30),
+        lambda: stub.Generate(
+            inference_pb2.GenerateRequest(model="tiny-llama", prompt=long_text, max_new_tokens=1),
+            timeout=30,
+        ),
+        lambda: stub.Generate(
+            inference_pb2.GenerateRequest(
+                model="tiny-llama",
+                max_new_tokens=1,
+                messages=[inference_pb2.ChatMessage(role="user", content=long_text)],
+            ),
+            timeout=30,
+        ),
+        lambda: stub.Embed(
+            inference_pb2.EmbedRequest(model="tiny-bert", inputs=["ok", long_text]), timeout=30
+        ),
+        lambda: stub.Forward(
+            inference_pb2.ForwardRequest(model="tiny-bert", start=0, text=long_text), timeout=30
+        ),
     ]
     for call in calls:
         error = _refused(call)
@@ -142,8 +173,7 @@ def test_max_message_mb(limited: Mesh) -> None:
     _assert_still_serving(limited)
 
 
-def _burst(channels: list[grpc.Channel], request: inference_pb2.GenerateRequest
-           ) -> list[object]:
+def _burst(channels: list[grpc.Channel], request: inference_pb2.GenerateRequest) -> list[object]:
     """Starts one GenerateStream per entry at the same moment; finish reasons or errors."""
     outcomes: list[object] = [None] * len(channels)
     barrier = threading.Barrier(len(channels))
@@ -166,8 +196,9 @@ def _burst(channels: list[grpc.Channel], request: inference_pb2.GenerateRequest
 
 
 def test_max_streams_per_connection(limited: Mesh) -> None:
-    request = inference_pb2.GenerateRequest(model="tiny-llama", prompt="the cat sat",
-                                            max_new_tokens=5)
+    request = inference_pb2.GenerateRequest(
+        model="tiny-llama", prompt="the cat sat", max_new_tokens=5
+    )
     # A local subchannel pool gives each channel its own connection (gRPC otherwise shares
     # one connection between channels to the same target).
     own_connection = [("grpc.use_local_subchannel_pool", 1)]

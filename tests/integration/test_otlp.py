@@ -28,13 +28,13 @@ GENERATE = "tessera.v1.Inference/Generate"
 SESSION = "tessera.v1.Worker/Session"
 # Roots of traces that are not client requests to check: worker registration and probes, and
 # the ListModels calls the test makes while waiting for the model.
-OTHER_ROOTS = ("tessera.v1.Registry/", "tessera.v1.Worker/Info",
-               "tessera.v1.Inference/ListModels")
+OTHER_ROOTS = ("tessera.v1.Registry/", "tessera.v1.Worker/Info", "tessera.v1.Inference/ListModels")
 PROMPTS = ("the cat sat on", "what is the capital of france ?")
 WAIT_S = 30.0
 
 
 # -- the receiver ----------------------------------------------------------------------------
+
 
 @dataclass
 class ReceivedSpan:
@@ -73,18 +73,28 @@ class Receiver(trace_service_pb2_grpc.TraceServiceServicer):
     exports: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock)
 
-    def Export(self, request: trace_service_pb2.ExportTraceServiceRequest,  # noqa: N802
-               context: grpc.ServicerContext) -> trace_service_pb2.ExportTraceServiceResponse:
+    def Export(
+        self,
+        request: trace_service_pb2.ExportTraceServiceRequest,  # noqa: N802
+        context: grpc.ServicerContext,
+    ) -> trace_service_pb2.ExportTraceServiceResponse:
         received = []
         for resource_spans in request.resource_spans:
             resource = _attributes(resource_spans.resource.attributes)
             for scope_spans in resource_spans.scope_spans:
                 for span in scope_spans.spans:
-                    received.append(ReceivedSpan(
-                        trace_id=span.trace_id.hex(), span_id=span.span_id.hex(),
-                        parent_id=span.parent_span_id.hex(), name=span.name, kind=span.kind,
-                        resource=resource, scope=scope_spans.scope.name,
-                        attributes=_attributes(span.attributes)))
+                    received.append(
+                        ReceivedSpan(
+                            trace_id=span.trace_id.hex(),
+                            span_id=span.span_id.hex(),
+                            parent_id=span.parent_span_id.hex(),
+                            name=span.name,
+                            kind=span.kind,
+                            resource=resource,
+                            scope=scope_spans.scope.name,
+                            attributes=_attributes(span.attributes),
+                        )
+                    )
         with self.lock:
             self.spans.extend(received)
             self.exports += 1
@@ -110,6 +120,7 @@ def receiver() -> Iterator[tuple[Receiver, int]]:
 
 # -- helpers ---------------------------------------------------------------------------------
 
+
 def _start(mesh: Mesh) -> None:
     mesh.start_router()
     for layers in ("0:2", "2:4"):
@@ -120,8 +131,12 @@ def _start(mesh: Mesh) -> None:
 
 
 def _generate(mesh: Mesh, prompt: str) -> inference_pb2.GenerateResponse:
-    reply = mesh.stub().Generate(inference_pb2.GenerateRequest(
-        model="tiny-llama", prompt=prompt, max_new_tokens=3, temperature=0.0), timeout=60)
+    reply = mesh.stub().Generate(
+        inference_pb2.GenerateRequest(
+            model="tiny-llama", prompt=prompt, max_new_tokens=3, temperature=0.0
+        ),
+        timeout=60,
+    )
     assert not reply.cached and 1 <= len(reply.token_ids) <= 3
     return reply
 
@@ -143,11 +158,14 @@ def _complete(spans: list[ReceivedSpan]) -> int | None:
     a session on each stage and the same number of steps on each (None before that)."""
     names = [s.name for s in spans]
     sessions = [s.span_id for s in spans if s.name == SESSION]
-    if not (GENERATE in names and "cache.get" in names and "cache.set" in names
-            and len(sessions) == 2):
+    if not (
+        GENERATE in names and "cache.get" in names and "cache.set" in names and len(sessions) == 2
+    ):
         return None
-    steps = [sum(s.parent_id == session and s.name == "stage.step" for s in spans)
-             for session in sessions]
+    steps = [
+        sum(s.parent_id == session and s.name == "stage.step" for s in spans)
+        for session in sessions
+    ]
     return steps[0] if steps[0] == steps[1] else None
 
 
@@ -157,26 +175,34 @@ def _logs(mesh: Mesh) -> str:
     for proc in [mesh.router, *mesh.workers]:
         if proc is not None:
             lines = [line for line in proc.lines if "Registry/" not in line]
-            out.append(f"--- {' '.join(proc.args[:5])} (exit {proc.popen.poll()})\n"
-                       + "\n".join(lines[-30:]))
+            out.append(
+                f"--- {' '.join(proc.args[:5])} (exit {proc.popen.poll()})\n"
+                + "\n".join(lines[-30:])
+            )
     return "\n".join(out)
 
 
 def _describe(spans: list[ReceivedSpan]) -> str:
-    return "\n".join(f"  {s.trace_id[:8]} {s.span_id} <- {s.parent_id or '-':16} "
-                     f"{s.service:28} {s.name}" for s in spans)
+    return "\n".join(
+        f"  {s.trace_id[:8]} {s.span_id} <- {s.parent_id or '-':16} {s.service:28} {s.name}"
+        for s in spans
+    )
 
 
 # -- the tests -------------------------------------------------------------------------------
 
+
 def test_otlp_receiver_gets_one_connected_trace_per_request(
-        tiny_repo: Path, memcached: MemcachedNode, receiver: tuple[Receiver, int]) -> None:
+    tiny_repo: Path, memcached: MemcachedNode, receiver: tuple[Receiver, int]
+) -> None:
     collector, port = receiver
-    env = {"OTEL_TRACES_EXPORTER": "otlp",
-           "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{port}",
-           "OTEL_EXPORTER_OTLP_INSECURE": "true",
-           "OTEL_EXPORTER_OTLP_PROTOCOL": "grpc",
-           "OTEL_BSP_SCHEDULE_DELAY": "200"}
+    env = {
+        "OTEL_TRACES_EXPORTER": "otlp",
+        "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{port}",
+        "OTEL_EXPORTER_OTLP_INSECURE": "true",
+        "OTEL_EXPORTER_OTLP_PROTOCOL": "grpc",
+        "OTEL_BSP_SCHEDULE_DELAY": "200",
+    }
     with Mesh(tiny_repo, cache_nodes=[memcached.address], env=env) as mesh:
         _start(mesh)
         replies = [_generate(mesh, prompt) for prompt in PROMPTS]
@@ -186,8 +212,9 @@ def test_otlp_receiver_gets_one_connected_trace_per_request(
         deadline = time.monotonic() + WAIT_S
         while True:
             traces = _by_trace(collector.snapshot())
-            generated = sorted(_complete(t) or 0 for t in traces.values()
-                               if any(s.name == GENERATE for s in t))
+            generated = sorted(
+                _complete(t) or 0 for t in traces.values() if any(s.name == GENERATE for s in t)
+            )
             done = generated == sorted(len(r.token_ids) for r in replies)
             died = any(p.popen.poll() is not None for p in mesh.workers)
             if done or died or time.monotonic() > deadline:
@@ -199,10 +226,12 @@ def test_otlp_receiver_gets_one_connected_trace_per_request(
         context = "\n" + _describe(spans) + "\n" + _logs(mesh)
         # A process that died took its unexported spans with it: say so first.
         for proc in [mesh.router, *mesh.workers]:
-            assert proc is not None and proc.popen.poll() is None, \
+            assert proc is not None and proc.popen.poll() is None, (
                 f"{' '.join(proc.args[:5])} died (exit {proc.popen.poll()}){context}"
-        assert generated == sorted(len(r.token_ids) for r in replies), \
+            )
+        assert generated == sorted(len(r.token_ids) for r in replies), (
             f"request traces incomplete after {WAIT_S:.0f} s: {generated}{context}"
+        )
 
         # Exactly one trace per request; every other trace is background or the test's probes,
         # so no request span was cut off into a trace of its own.
@@ -214,8 +243,9 @@ def test_otlp_receiver_gets_one_connected_trace_per_request(
             if roots[0].name == GENERATE:
                 requests[trace_id] = trace
             else:
-                assert roots[0].name.startswith(OTHER_ROOTS), \
+                assert roots[0].name.startswith(OTHER_ROOTS), (
                     f"a stray trace rooted at {roots[0].name}{context}"
+                )
         assert len(requests) == 2, context
 
         all_processes = set()
@@ -224,8 +254,9 @@ def test_otlp_receiver_gets_one_connected_trace_per_request(
             assert len(by_id) == len(trace), f"duplicate span ids{context}"
             [root] = _roots(trace)
             # The router's server span is the root of the trace, with no parent at all.
-            assert root.name == GENERATE and root.parent_id == "" and root.service == \
-                "tessera-router", context
+            assert (
+                root.name == GENERATE and root.parent_id == "" and root.service == "tessera-router"
+            ), context
             assert root.kind == 2, context  # SPAN_KIND_SERVER
             # Connected: every other span's parent is in this trace.
             for span in trace:
@@ -237,19 +268,23 @@ def test_otlp_receiver_gets_one_connected_trace_per_request(
             # Three processes: the router and both stage workers.
             processes = {s.process for s in trace}
             assert len(processes) == 3, f"{processes}{context}"
-            assert {s.service for s in trace} == {"tessera-router",
-                                                  "tessera-worker-tiny-llama-0:2",
-                                                  "tessera-worker-tiny-llama-2:4"}, context
+            assert {s.service for s in trace} == {
+                "tessera-router",
+                "tessera-worker-tiny-llama-0:2",
+                "tessera-worker-tiny-llama-2:4",
+            }, context
             all_processes |= processes
             # Stage spans hang under worker server spans, in the worker's own process.
             sessions = [s for s in trace if s.name == SESSION]
             assert len(sessions) == 2, context
             stages = {}
             for session in sessions:
-                assert session.kind == 2 and by_id[session.parent_id].service == \
-                    "tessera-router", context
-                steps = [s for s in trace if s.parent_id == session.span_id
-                         and s.name == "stage.step"]
+                assert session.kind == 2 and by_id[session.parent_id].service == "tessera-router", (
+                    context
+                )
+                steps = [
+                    s for s in trace if s.parent_id == session.span_id and s.name == "stage.step"
+                ]
                 assert steps, f"no stage.step under a {SESSION} span{context}"
                 for step in steps:
                     assert step.process == session.process != root.process, context
@@ -261,12 +296,15 @@ def test_otlp_receiver_gets_one_connected_trace_per_request(
         assert len(all_processes) == 3, all_processes
 
 
-def test_file_export_renders_as_a_waterfall(tiny_repo: Path, memcached: MemcachedNode,
-                                            tmp_path: Path,
-                                            capsys: pytest.CaptureFixture[str]) -> None:
+def test_file_export_renders_as_a_waterfall(
+    tiny_repo: Path, memcached: MemcachedNode, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     path = tmp_path / "trace.jsonl"
-    env = {"OTEL_TRACES_EXPORTER": "file", "TESSERA_TRACE_FILE": str(path),
-           "OTEL_BSP_SCHEDULE_DELAY": "60000"}  # nothing leaves before shutdown: tests the flush
+    env = {
+        "OTEL_TRACES_EXPORTER": "file",
+        "TESSERA_TRACE_FILE": str(path),
+        "OTEL_BSP_SCHEDULE_DELAY": "60000",
+    }  # nothing leaves before shutdown: tests the flush
     with Mesh(tiny_repo, cache_nodes=[memcached.address], env=env) as mesh:
         _start(mesh)
         reply = _generate(mesh, PROMPTS[0])

@@ -29,9 +29,13 @@ CHATS = [
     [("system", "You are a terse assistant."), ("user", "Name three colours.")],
 ]
 LONG_TEXT = " ".join(f"token{i} and some filler words" for i in range(120))  # > 256 tokens
-TEXTS = ["hello", "The cat sat on the mat.",
-         "Paris is the capital and largest city of France, with two million residents.",
-         LONG_TEXT, "¿Qué tal? 日本語"]
+TEXTS = [
+    "hello",
+    "The cat sat on the mat.",
+    "Paris is the capital and largest city of France, with two million residents.",
+    LONG_TEXT,
+    "¿Qué tal? 日本語",
+]
 
 
 @pytest.fixture(scope="module")
@@ -84,25 +88,27 @@ def _reference_greedy(model: torch.nn.Module, prompt_ids: list[int], max_new: in
     stops too)."""
     ids = torch.tensor([prompt_ids])
     with torch.no_grad():
-        out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
-                             max_new_tokens=max_new)
-    new = out[0, ids.shape[1]:].tolist()
+        out = model.generate(
+            ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=max_new
+        )
+    new = out[0, ids.shape[1] :].tolist()
     eos = model.generation_config.eos_token_id
     eos_ids = set(eos if isinstance(eos, list) else [eos])
     for i, token in enumerate(new):
         if token in eos_ids:
-            return new[:i + 1]
+            return new[: i + 1]
     return new
 
 
 def _chat_request(messages: list[tuple[str, str]], max_new: int) -> inference_pb2.GenerateRequest:
     return inference_pb2.GenerateRequest(
-        model=LLM, max_new_tokens=max_new,
-        messages=[inference_pb2.ChatMessage(role=r, content=c) for r, c in messages])
+        model=LLM,
+        max_new_tokens=max_new,
+        messages=[inference_pb2.ChatMessage(role=r, content=c) for r, c in messages],
+    )
 
 
-def _assert_same_greedy(got: inference_pb2.GenerateResponse, want: list[int],
-                        max_new: int) -> None:
+def _assert_same_greedy(got: inference_pb2.GenerateResponse, want: list[int], max_new: int) -> None:
     assert list(got.token_ids) == want
     assert got.generated_tokens == len(want)
     if len(want) == max_new and got.finish_reason == "length":
@@ -116,8 +122,9 @@ def test_minilm_embeddings_match_sentence_transformers(mesh: Mesh, real_repo: Pa
     reference = SentenceTransformer(str(real_repo / ENCODER), device="cpu")
     assert len(reference.tokenizer(LONG_TEXT)["input_ids"]) > 256  # really truncated
     want = reference.encode(TEXTS, normalize_embeddings=True, convert_to_numpy=True)
-    got = mesh.stub().Embed(inference_pb2.EmbedRequest(model=ENCODER, inputs=TEXTS),
-                            timeout=RPC_TIMEOUT_S)
+    got = mesh.stub().Embed(
+        inference_pb2.EmbedRequest(model=ENCODER, inputs=TEXTS), timeout=RPC_TIMEOUT_S
+    )
     values = np.array([e.values for e in got.embeddings], dtype=np.float32)
     assert got.dim == 384 and values.shape == (len(TEXTS), 384)
     np.testing.assert_allclose(np.linalg.norm(values, axis=1), 1.0, rtol=0, atol=1e-5)
@@ -126,11 +133,13 @@ def test_minilm_embeddings_match_sentence_transformers(mesh: Mesh, real_repo: Pa
 
 @pytest.mark.parametrize("prompt", PROMPTS)
 def test_two_stage_smollm2_prompt_is_the_unsplit_greedy(
-        mesh: Mesh, llm_tokenizer: PreTrainedTokenizerBase, llm_reference: torch.nn.Module,
-        prompt: str) -> None:
+    mesh: Mesh, llm_tokenizer: PreTrainedTokenizerBase, llm_reference: torch.nn.Module, prompt: str
+) -> None:
     max_new = 16
-    got = mesh.stub().Generate(inference_pb2.GenerateRequest(
-        model=LLM, prompt=prompt, max_new_tokens=max_new), timeout=RPC_TIMEOUT_S)
+    got = mesh.stub().Generate(
+        inference_pb2.GenerateRequest(model=LLM, prompt=prompt, max_new_tokens=max_new),
+        timeout=RPC_TIMEOUT_S,
+    )
     prompt_ids = llm_tokenizer(prompt)["input_ids"]
     assert got.prompt_tokens == len(prompt_ids)
     _assert_same_greedy(got, _reference_greedy(llm_reference, prompt_ids, max_new), max_new)
@@ -138,12 +147,16 @@ def test_two_stage_smollm2_prompt_is_the_unsplit_greedy(
 
 @pytest.mark.parametrize("messages", CHATS, ids=["one-turn", "with-system"])
 def test_two_stage_smollm2_chat_is_the_unsplit_greedy(
-        mesh: Mesh, llm_tokenizer: PreTrainedTokenizerBase, llm_reference: torch.nn.Module,
-        messages: list[tuple[str, str]]) -> None:
+    mesh: Mesh,
+    llm_tokenizer: PreTrainedTokenizerBase,
+    llm_reference: torch.nn.Module,
+    messages: list[tuple[str, str]],
+) -> None:
     max_new = 20
     got = mesh.stub().Generate(_chat_request(messages, max_new), timeout=RPC_TIMEOUT_S)
-    text = llm_tokenizer.apply_chat_template([{"role": r, "content": c} for r, c in messages],
-                                             add_generation_prompt=True, tokenize=False)
+    text = llm_tokenizer.apply_chat_template(
+        [{"role": r, "content": c} for r, c in messages], add_generation_prompt=True, tokenize=False
+    )
     prompt_ids = llm_tokenizer(text, add_special_tokens=False)["input_ids"]
     assert got.prompt_tokens == len(prompt_ids)
     _assert_same_greedy(got, _reference_greedy(llm_reference, prompt_ids, max_new), max_new)
@@ -159,7 +172,10 @@ def test_capital_of_france_is_paris_then_cached(mesh: Mesh) -> None:
     second = stub.Generate(request, timeout=RPC_TIMEOUT_S)
     assert second.cached
     assert (second.text, list(second.token_ids), second.finish_reason) == (
-        first.text, list(first.token_ids), first.finish_reason)
+        first.text,
+        list(first.token_ids),
+        first.finish_reason,
+    )
 
 
 def test_stream_chunks_concatenate_to_the_unary_text(mesh: Mesh) -> None:

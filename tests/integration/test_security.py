@@ -49,15 +49,20 @@ def test_dev_certs_are_usable_files(certs: dict[str, Path]) -> None:
 
 # -- (a) TLS on the router's public port -------------------------------------------------------
 
+
 def test_router_tls_accepts_the_right_ca_and_refuses_others(
-        tiny_repo: Path, certs: dict[str, Path], other_certs: dict[str, Path]) -> None:
-    env = {"TESSERA_ROUTER_TLS_CERT": str(certs["server.pem"]),
-           "TESSERA_ROUTER_TLS_KEY": str(certs["server.key"])}
+    tiny_repo: Path, certs: dict[str, Path], other_certs: dict[str, Path]
+) -> None:
+    env = {
+        "TESSERA_ROUTER_TLS_CERT": str(certs["server.pem"]),
+        "TESSERA_ROUTER_TLS_KEY": str(certs["server.key"]),
+    }
     with Mesh(tiny_repo, env=env) as mesh:
         router = mesh.start_router()
         # The worker registers over TLS: it must trust the router's CA.
-        worker = mesh.start_worker("tiny-llama",
-                                   env={"TESSERA_WORKER_ROUTER_CA": str(certs["ca.pem"])})
+        worker = mesh.start_worker(
+            "tiny-llama", env={"TESSERA_WORKER_ROUTER_CA": str(certs["ca.pem"])}
+        )
         good = secure_channel(mesh.address, certs["ca.pem"])
         try:
             wait_model_on(good, "tiny-llama", timeout=60, procs=[router, worker])
@@ -68,7 +73,8 @@ def test_router_tls_accepts_the_right_ca_and_refuses_others(
             by_name = secure_channel(f"localhost:{port}", certs["ca.pem"])
             try:
                 health = health_pb2_grpc.HealthStub(by_name).Check(
-                    health_pb2.HealthCheckRequest(), timeout=10)
+                    health_pb2.HealthCheckRequest(), timeout=10
+                )
                 assert health.status == health_pb2.HealthCheckResponse.SERVING
             finally:
                 by_name.close()
@@ -77,68 +83,100 @@ def test_router_tls_accepts_the_right_ca_and_refuses_others(
 
         wrong = secure_channel(mesh.address, other_certs["ca.pem"])
         try:
-            assert _code(lambda: inference_pb2_grpc.InferenceStub(wrong).Generate(
-                HI, timeout=10)) == grpc.StatusCode.UNAVAILABLE
+            assert (
+                _code(lambda: inference_pb2_grpc.InferenceStub(wrong).Generate(HI, timeout=10))
+                == grpc.StatusCode.UNAVAILABLE
+            )
         finally:
             wrong.close()
         plain = grpc.insecure_channel(mesh.address)
         try:
-            assert _code(lambda: inference_pb2_grpc.InferenceStub(plain).Generate(
-                HI, timeout=10)) == grpc.StatusCode.UNAVAILABLE
-            assert _code(lambda: health_pb2_grpc.HealthStub(plain).Check(
-                health_pb2.HealthCheckRequest(), timeout=10)) == grpc.StatusCode.UNAVAILABLE
+            assert (
+                _code(lambda: inference_pb2_grpc.InferenceStub(plain).Generate(HI, timeout=10))
+                == grpc.StatusCode.UNAVAILABLE
+            )
+            assert (
+                _code(
+                    lambda: health_pb2_grpc.HealthStub(plain).Check(
+                        health_pb2.HealthCheckRequest(), timeout=10
+                    )
+                )
+                == grpc.StatusCode.UNAVAILABLE
+            )
         finally:
             plain.close()
         assert router.popen.poll() is None, "a failed handshake must not stop the router"
 
 
 def test_router_tls_with_client_ca_requires_a_client_certificate(
-        tiny_repo: Path, certs: dict[str, Path], other_certs: dict[str, Path]) -> None:
+    tiny_repo: Path, certs: dict[str, Path], other_certs: dict[str, Path]
+) -> None:
     """TESSERA_ROUTER_TLS_CLIENT_CA: mutual TLS on the public port, workers register with
     their client certificate."""
-    env = {"TESSERA_ROUTER_TLS_CERT": str(certs["server.pem"]),
-           "TESSERA_ROUTER_TLS_KEY": str(certs["server.key"]),
-           "TESSERA_ROUTER_TLS_CLIENT_CA": str(certs["ca.pem"])}
+    env = {
+        "TESSERA_ROUTER_TLS_CERT": str(certs["server.pem"]),
+        "TESSERA_ROUTER_TLS_KEY": str(certs["server.key"]),
+        "TESSERA_ROUTER_TLS_CLIENT_CA": str(certs["ca.pem"]),
+    }
     with Mesh(tiny_repo, env=env) as mesh:
         router = mesh.start_router()
-        worker = mesh.start_worker("tiny-llama", env={
-            "TESSERA_WORKER_ROUTER_CA": str(certs["ca.pem"]),
-            "TESSERA_WORKER_CLIENT_CERT": str(certs["client.pem"]),
-            "TESSERA_WORKER_CLIENT_KEY": str(certs["client.key"])})
-        good = secure_channel(mesh.address, certs["ca.pem"], certs["client.pem"],
-                              certs["client.key"])
+        worker = mesh.start_worker(
+            "tiny-llama",
+            env={
+                "TESSERA_WORKER_ROUTER_CA": str(certs["ca.pem"]),
+                "TESSERA_WORKER_CLIENT_CERT": str(certs["client.pem"]),
+                "TESSERA_WORKER_CLIENT_KEY": str(certs["client.key"]),
+            },
+        )
+        good = secure_channel(
+            mesh.address, certs["ca.pem"], certs["client.pem"], certs["client.key"]
+        )
         try:
             wait_model_on(good, "tiny-llama", timeout=60, procs=[router, worker])
-            assert inference_pb2_grpc.InferenceStub(good).Generate(
-                HI, timeout=30).generated_tokens >= 1
+            assert (
+                inference_pb2_grpc.InferenceStub(good).Generate(HI, timeout=30).generated_tokens
+                >= 1
+            )
         finally:
             good.close()
         for cert, key in ((None, None), (other_certs["client.pem"], other_certs["client.key"])):
             channel = secure_channel(mesh.address, certs["ca.pem"], cert, key)
             try:
-                assert _code(lambda: inference_pb2_grpc.InferenceStub(channel).Generate(
-                    HI, timeout=10)) == grpc.StatusCode.UNAVAILABLE
+                assert (
+                    _code(
+                        lambda: inference_pb2_grpc.InferenceStub(channel).Generate(HI, timeout=10)
+                    )
+                    == grpc.StatusCode.UNAVAILABLE
+                )
             finally:
                 channel.close()
 
 
 # -- (b) mutual TLS between router and workers ------------------------------------------------
 
+
 def _mtls_worker_env(certs: dict[str, Path]) -> dict[str, str]:
-    return {"TESSERA_WORKER_TLS_CERT": str(certs["server.pem"]),
-            "TESSERA_WORKER_TLS_KEY": str(certs["server.key"]),
-            "TESSERA_WORKER_TLS_CLIENT_CA": str(certs["ca.pem"])}
+    return {
+        "TESSERA_WORKER_TLS_CERT": str(certs["server.pem"]),
+        "TESSERA_WORKER_TLS_KEY": str(certs["server.key"]),
+        "TESSERA_WORKER_TLS_CLIENT_CA": str(certs["ca.pem"]),
+    }
 
 
 def test_mutual_tls_between_router_and_workers(
-        tiny_repo: Path, certs: dict[str, Path], other_certs: dict[str, Path]) -> None:
-    env = {"TESSERA_ROUTER_WORKER_CA": str(certs["ca.pem"]),
-           "TESSERA_ROUTER_CLIENT_CERT": str(certs["client.pem"]),
-           "TESSERA_ROUTER_CLIENT_KEY": str(certs["client.key"])}
+    tiny_repo: Path, certs: dict[str, Path], other_certs: dict[str, Path]
+) -> None:
+    env = {
+        "TESSERA_ROUTER_WORKER_CA": str(certs["ca.pem"]),
+        "TESSERA_ROUTER_CLIENT_CERT": str(certs["client.pem"]),
+        "TESSERA_ROUTER_CLIENT_KEY": str(certs["client.key"]),
+    }
     with Mesh(tiny_repo, env=env) as mesh:
         router = mesh.start_router()
-        stages = [mesh.start_worker("tiny-llama", layers, wait=False,
-                                    env=_mtls_worker_env(certs)) for layers in ("0:2", "2:4")]
+        stages = [
+            mesh.start_worker("tiny-llama", layers, wait=False, env=_mtls_worker_env(certs))
+            for layers in ("0:2", "2:4")
+        ]
         for stage in stages:
             stage.wait_ready()
         mesh.wait_model("tiny-llama", timeout=60)
@@ -147,34 +185,50 @@ def test_mutual_tls_between_router_and_workers(
         assert reply.generated_tokens >= 1
         chunks = list(stub.GenerateStream(HI, timeout=30))
         assert [t for c in chunks for t in c.token_ids] == list(reply.token_ids)
-        forward = stub.Forward(inference_pb2.ForwardRequest(
-            model="tiny-llama", start=0, end=4, text="the cat"), timeout=30)
+        forward = stub.Forward(
+            inference_pb2.ForwardRequest(model="tiny-llama", start=0, end=4, text="the cat"),
+            timeout=30,
+        )
         assert list(forward.hidden_states.shape) == [1, 2, 32]
 
         # Calling a worker directly: only with a client certificate of the right CA.
         address = stages[0].address
         for label, cert, key, ca in (
-                ("no client cert", None, None, certs["ca.pem"]),
-                ("client cert of another CA", other_certs["client.pem"],
-                 other_certs["client.key"], certs["ca.pem"])):
+            ("no client cert", None, None, certs["ca.pem"]),
+            (
+                "client cert of another CA",
+                other_certs["client.pem"],
+                other_certs["client.key"],
+                certs["ca.pem"],
+            ),
+        ):
             channel = secure_channel(address, ca, cert, key)
             try:
-                code = _code(lambda: worker_pb2_grpc.WorkerStub(channel).Info(
-                    worker_pb2.InfoRequest(), timeout=10))
+                code = _code(
+                    lambda: worker_pb2_grpc.WorkerStub(channel).Info(
+                        worker_pb2.InfoRequest(), timeout=10
+                    )
+                )
                 assert code == grpc.StatusCode.UNAVAILABLE, label
             finally:
                 channel.close()
         plain = grpc.insecure_channel(address)
         try:
-            assert _code(lambda: worker_pb2_grpc.WorkerStub(plain).Info(
-                worker_pb2.InfoRequest(), timeout=10)) == grpc.StatusCode.UNAVAILABLE
+            assert (
+                _code(
+                    lambda: worker_pb2_grpc.WorkerStub(plain).Info(
+                        worker_pb2.InfoRequest(), timeout=10
+                    )
+                )
+                == grpc.StatusCode.UNAVAILABLE
+            )
         finally:
             plain.close()
-        with_cert = secure_channel(address, certs["ca.pem"], certs["client.pem"],
-                                   certs["client.key"])
+        with_cert = secure_channel(
+            address, certs["ca.pem"], certs["client.pem"], certs["client.key"]
+        )
         try:
-            info = worker_pb2_grpc.WorkerStub(with_cert).Info(worker_pb2.InfoRequest(),
-                                                               timeout=10)
+            info = worker_pb2_grpc.WorkerStub(with_cert).Info(worker_pb2.InfoRequest(), timeout=10)
             assert info.model == "tiny-llama"
         finally:
             with_cert.close()
@@ -183,20 +237,26 @@ def test_mutual_tls_between_router_and_workers(
         # certificate the workers' CA did not sign, or plaintext) never get to use them.
         workers = ",".join(s.address for s in stages)
         for label, bad_env in (
-                ("no client cert", {"TESSERA_ROUTER_WORKER_CA": str(certs["ca.pem"])}),
-                ("client cert of another CA", {
+            ("no client cert", {"TESSERA_ROUTER_WORKER_CA": str(certs["ca.pem"])}),
+            (
+                "client cert of another CA",
+                {
                     "TESSERA_ROUTER_WORKER_CA": str(certs["ca.pem"]),
                     "TESSERA_ROUTER_CLIENT_CERT": str(other_certs["client.pem"]),
-                    "TESSERA_ROUTER_CLIENT_KEY": str(other_certs["client.key"])}),
-                ("plaintext", {})):
+                    "TESSERA_ROUTER_CLIENT_KEY": str(other_certs["client.key"]),
+                },
+            ),
+            ("plaintext", {}),
+        ):
             with Mesh(tiny_repo, env=bad_env) as other:
                 other.start_router("--workers", workers)
                 health = health_pb2_grpc.HealthStub(other.channel())
                 deadline = time.monotonic() + 4.0
                 while time.monotonic() < deadline:
                     try:
-                        status = health.Check(health_pb2.HealthCheckRequest(
-                            service="tiny-llama"), timeout=2).status
+                        status = health.Check(
+                            health_pb2.HealthCheckRequest(service="tiny-llama"), timeout=2
+                        ).status
                     except grpc.RpcError as exc:
                         assert exc.code() == grpc.StatusCode.NOT_FOUND, label
                         status = None
@@ -222,18 +282,25 @@ def _bearer(token: str) -> list[tuple[str, str]]:
 
 
 @pytest.fixture(scope="module")
-def token_mesh(tiny_repo: Path, tmp_path_factory: pytest.TempPathFactory
-               ) -> Iterator[tuple[Mesh, Path]]:
+def token_mesh(
+    tiny_repo: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[Mesh, Path]]:
     token_file = tmp_path_factory.mktemp("tokens") / "tokens.txt"
     token_file.write_text(f"# comment lines are ignored\n{FILE_TOKEN_OLD}\n")
-    env = {"TESSERA_ROUTER_AUTH_TOKENS": ",".join([*STATIC_TOKENS, WORKER_TOKEN]),
-           "TESSERA_ROUTER_AUTH_TOKEN_FILE": str(token_file)}
+    env = {
+        "TESSERA_ROUTER_AUTH_TOKENS": ",".join([*STATIC_TOKENS, WORKER_TOKEN]),
+        "TESSERA_ROUTER_AUTH_TOKEN_FILE": str(token_file),
+    }
     with Mesh(tiny_repo, env=env) as mesh:
         router = mesh.start_router()
-        worker = mesh.start_worker("tiny-llama",
-                                   env={"TESSERA_WORKER_ROUTER_TOKEN": WORKER_TOKEN})
-        wait_model_on(mesh.channel(), "tiny-llama", timeout=60,
-                      metadata=_bearer(STATIC_TOKENS[0]), procs=[router, worker])
+        worker = mesh.start_worker("tiny-llama", env={"TESSERA_WORKER_ROUTER_TOKEN": WORKER_TOKEN})
+        wait_model_on(
+            mesh.channel(),
+            "tiny-llama",
+            timeout=60,
+            metadata=_bearer(STATIC_TOKENS[0]),
+            procs=[router, worker],
+        )
         yield mesh, token_file
 
 
@@ -241,15 +308,23 @@ def test_missing_or_wrong_token_is_unauthenticated(token_mesh: tuple[Mesh, Path]
     mesh, _ = token_mesh
     stub = mesh.stub()
     embed = inference_pb2.EmbedRequest(model="tiny-bert", inputs=["x"])
-    for metadata in (None, _bearer("wrong-token"), [("authorization", STATIC_TOKENS[0])],
-                     [("authorization", f"Basic {STATIC_TOKENS[0]}")],
-                     [("authorization", "Bearer ")],
-                     _bearer(STATIC_TOKENS[0] + "x"), _bearer(STATIC_TOKENS[0][:-1])):
-        for call in (lambda: stub.Generate(HI, timeout=10, metadata=metadata),
-                     lambda: list(stub.GenerateStream(HI, timeout=10, metadata=metadata)),
-                     lambda: stub.Embed(embed, timeout=10, metadata=metadata),
-                     lambda: stub.ListModels(inference_pb2.ListModelsRequest(), timeout=10,
-                                             metadata=metadata)):
+    for metadata in (
+        None,
+        _bearer("wrong-token"),
+        [("authorization", STATIC_TOKENS[0])],
+        [("authorization", f"Basic {STATIC_TOKENS[0]}")],
+        [("authorization", "Bearer ")],
+        _bearer(STATIC_TOKENS[0] + "x"),
+        _bearer(STATIC_TOKENS[0][:-1]),
+    ):
+        for call in (
+            lambda: stub.Generate(HI, timeout=10, metadata=metadata),
+            lambda: list(stub.GenerateStream(HI, timeout=10, metadata=metadata)),
+            lambda: stub.Embed(embed, timeout=10, metadata=metadata),
+            lambda: stub.ListModels(
+                inference_pb2.ListModelsRequest(), timeout=10, metadata=metadata
+            ),
+        ):
             with pytest.raises(grpc.RpcError) as caught:
                 call()
             assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED, metadata
@@ -257,9 +332,18 @@ def test_missing_or_wrong_token_is_unauthenticated(token_mesh: tuple[Mesh, Path]
     # The registry is protected too: a registration without a token is refused.
     registry = worker_pb2_grpc.RegistryStub(mesh.channel())
     with pytest.raises(grpc.RpcError) as caught:
-        registry.Register(worker_pb2.RegisterRequest(worker=worker_pb2.WorkerInfo(
-            address="127.0.0.1:1", model="tiny-llama", kind="causal-lm",
-            span={"start": 0, "end": 4}, num_layers=4)), timeout=10)
+        registry.Register(
+            worker_pb2.RegisterRequest(
+                worker=worker_pb2.WorkerInfo(
+                    address="127.0.0.1:1",
+                    model="tiny-llama",
+                    kind="causal-lm",
+                    span={"start": 0, "end": 4},
+                    num_layers=4,
+                )
+            ),
+            timeout=10,
+        )
     assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
 
 
@@ -271,8 +355,11 @@ def test_right_tokens_work(token_mesh: tuple[Mesh, Path]) -> None:
         chunks = list(stub.GenerateStream(HI, timeout=30, metadata=_bearer(token)))
         assert chunks and chunks[-1].finish_reason
     # The scheme is case-insensitive (RFC 7235).
-    assert stub.ListModels(inference_pb2.ListModelsRequest(), timeout=10,
-                           metadata=[("authorization", f"bearer {STATIC_TOKENS[1]}")]).models
+    assert stub.ListModels(
+        inference_pb2.ListModelsRequest(),
+        timeout=10,
+        metadata=[("authorization", f"bearer {STATIC_TOKENS[1]}")],
+    ).models
 
 
 def test_health_and_reflection_need_no_token(token_mesh: tuple[Mesh, Path]) -> None:
@@ -282,8 +369,11 @@ def test_health_and_reflection_need_no_token(token_mesh: tuple[Mesh, Path]) -> N
         reply = health.Check(health_pb2.HealthCheckRequest(service=service), timeout=10)
         assert reply.status == health_pb2.HealthCheckResponse.SERVING, service
     reflection = reflection_pb2_grpc.ServerReflectionStub(mesh.channel())
-    replies = list(reflection.ServerReflectionInfo(
-        iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=10))
+    replies = list(
+        reflection.ServerReflectionInfo(
+            iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=10
+        )
+    )
     names = {s.name for s in replies[0].list_services_response.service}
     assert {"tessera.v1.Inference", "grpc.health.v1.Health"} <= names
 
@@ -294,8 +384,7 @@ def test_token_file_is_reloaded_on_change(token_mesh: tuple[Mesh, Path]) -> None
 
     def accepted(token: str) -> bool:
         try:
-            stub.ListModels(inference_pb2.ListModelsRequest(), timeout=10,
-                            metadata=_bearer(token))
+            stub.ListModels(inference_pb2.ListModelsRequest(), timeout=10, metadata=_bearer(token))
             return True
         except grpc.RpcError as exc:
             assert exc.code() == grpc.StatusCode.UNAUTHENTICATED
@@ -305,8 +394,11 @@ def test_token_file_is_reloaded_on_change(token_mesh: tuple[Mesh, Path]) -> None
     assert not accepted(FILE_TOKEN_NEW)
     token_file.write_text(f"{FILE_TOKEN_NEW}\n")
     time.sleep(1.5)
-    wait_until(lambda: accepted(FILE_TOKEN_NEW) and not accepted(FILE_TOKEN_OLD), 5.0,
-               "the new file token replacing the old one")
+    wait_until(
+        lambda: accepted(FILE_TOKEN_NEW) and not accepted(FILE_TOKEN_OLD),
+        5.0,
+        "the new file token replacing the old one",
+    )
     assert stub.Generate(HI, timeout=30, metadata=_bearer(FILE_TOKEN_NEW)).generated_tokens >= 1
     assert accepted(STATIC_TOKENS[0]), "static tokens stay valid when the file changes"
 
@@ -315,10 +407,14 @@ def test_worker_without_token_cannot_register(token_mesh: tuple[Mesh, Path]) -> 
     mesh, _ = token_mesh
     worker = mesh.start_worker("tiny-bert")
     try:
-        wait_until(lambda: "UNAUTHENTICATED" in worker.output(), 15.0,
-                   "the worker reporting its refused registration")
-        listed = mesh.stub().ListModels(inference_pb2.ListModelsRequest(), timeout=10,
-                                        metadata=_bearer(STATIC_TOKENS[0]))
+        wait_until(
+            lambda: "UNAUTHENTICATED" in worker.output(),
+            15.0,
+            "the worker reporting its refused registration",
+        )
+        listed = mesh.stub().ListModels(
+            inference_pb2.ListModelsRequest(), timeout=10, metadata=_bearer(STATIC_TOKENS[0])
+        )
         assert "tiny-bert" not in {m.name for m in listed.models}
     finally:
         worker.stop()
@@ -337,6 +433,11 @@ def test_tokens_never_appear_in_output(token_mesh: tuple[Mesh, Path]) -> None:
     for proc in procs:
         text = proc.output()
         assert "access" in text or proc is not mesh.router
-        for token in (*STATIC_TOKENS, FILE_TOKEN_OLD, FILE_TOKEN_NEW, WORKER_TOKEN,
-                      "s3cret-bad-guess-R1"):
+        for token in (
+            *STATIC_TOKENS,
+            FILE_TOKEN_OLD,
+            FILE_TOKEN_NEW,
+            WORKER_TOKEN,
+            "s3cret-bad-guess-R1",
+        ):
             assert token not in text, f"{token} leaked into {proc.args[0]} output"

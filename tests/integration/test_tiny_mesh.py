@@ -34,10 +34,16 @@ def mesh(tiny_repo: Path, cache_node: MemcachedNode) -> Iterator[Mesh]:
     tiny-roberta as a replica."""
     with Mesh(tiny_repo, cache_nodes=[cache_node.address]) as m:
         m.start_router()
-        for model, layers in [("tiny-llama", "0:1"), ("tiny-llama", "1:3"),
-                              ("tiny-llama", "3:4"), ("tiny-gpt2", "0:2"),
-                              ("tiny-gpt2", "2:4"), ("tiny-bert", "0:2"),
-                              ("tiny-bert", "2:4"), ("tiny-roberta", None)]:
+        for model, layers in [
+            ("tiny-llama", "0:1"),
+            ("tiny-llama", "1:3"),
+            ("tiny-llama", "3:4"),
+            ("tiny-gpt2", "0:2"),
+            ("tiny-gpt2", "2:4"),
+            ("tiny-bert", "0:2"),
+            ("tiny-bert", "2:4"),
+            ("tiny-roberta", None),
+        ]:
             m.start_worker(model, layers, wait=False)
         for proc in m.workers:
             proc.wait_ready()
@@ -50,21 +56,22 @@ def _reference_greedy(path: Path, prompt: str, max_new: int) -> list[int]:
     tokenizer = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path).eval()
     ids = torch.tensor([tokenizer(prompt)["input_ids"]])
-    out = model.generate(ids, max_new_tokens=max_new, do_sample=False,
-                         eos_token_id=None, pad_token_id=0)
-    return out[0, ids.shape[1]:].tolist()
+    out = model.generate(
+        ids, max_new_tokens=max_new, do_sample=False, eos_token_id=None, pad_token_id=0
+    )
+    return out[0, ids.shape[1] :].tolist()
 
 
 @pytest.mark.parametrize("model", ["tiny-llama", "tiny-gpt2"])
-def test_chain_generates_the_unsplit_greedy_tokens(mesh: Mesh, tiny_repo: Path,
-                                                   model: str) -> None:
+def test_chain_generates_the_unsplit_greedy_tokens(mesh: Mesh, tiny_repo: Path, model: str) -> None:
     stub = mesh.stub()
     for prompt in PROMPTS:
-        got = stub.Generate(inference_pb2.GenerateRequest(
-            model=model, prompt=prompt, max_new_tokens=12), timeout=60)
+        got = stub.Generate(
+            inference_pb2.GenerateRequest(model=model, prompt=prompt, max_new_tokens=12), timeout=60
+        )
         want = _reference_greedy(tiny_repo / model, prompt, 12)
         # The tiny models have no real EOS behaviour; a generation that ends on EOS stops early.
-        assert list(got.token_ids) == want[:len(got.token_ids)]
+        assert list(got.token_ids) == want[: len(got.token_ids)]
         assert got.finish_reason in ("length", "eos")
         if got.finish_reason == "length":
             assert len(got.token_ids) == 12
@@ -72,8 +79,9 @@ def test_chain_generates_the_unsplit_greedy_tokens(mesh: Mesh, tiny_repo: Path,
 
 def test_stream_equals_unary(mesh: Mesh) -> None:
     stub = mesh.stub()
-    request = inference_pb2.GenerateRequest(model="tiny-llama", prompt="hello world",
-                                            max_new_tokens=10, temperature=0.8, seed=7)
+    request = inference_pb2.GenerateRequest(
+        model="tiny-llama", prompt="hello world", max_new_tokens=10, temperature=0.8, seed=7
+    )
     whole = stub.Generate(request, timeout=60)
     chunks = list(stub.GenerateStream(request, timeout=60))
     assert "".join(c.text for c in chunks) == whole.text
@@ -100,15 +108,21 @@ def test_embeddings_match_reference(mesh: Mesh, tiny_repo: Path, model: str) -> 
 def test_forward_runs_only_the_named_layers(mesh: Mesh, tiny_repo: Path) -> None:
     ref = AutoModelForCausalLM.from_pretrained(tiny_repo / "tiny-llama").eval()
     stub = mesh.stub()
-    first = stub.Forward(inference_pb2.ForwardRequest(
-        model="tiny-llama", start=0, end=2, text="the cat sat"), timeout=60)
+    first = stub.Forward(
+        inference_pb2.ForwardRequest(model="tiny-llama", start=0, end=2, text="the cat sat"),
+        timeout=60,
+    )
     ids = torch.tensor([list(first.input_ids)])
     with torch.no_grad():
         states = ref(input_ids=ids, output_hidden_states=True).hidden_states
     np.testing.assert_allclose(to_numpy(first.hidden_states), states[2].numpy(), atol=1e-5, rtol=0)
     # Continue from those hidden states through the rest: equals the unsplit last hidden state.
-    rest = stub.Forward(inference_pb2.ForwardRequest(
-        model="tiny-llama", start=2, hidden_states=first.hidden_states), timeout=60)
+    rest = stub.Forward(
+        inference_pb2.ForwardRequest(
+            model="tiny-llama", start=2, hidden_states=first.hidden_states
+        ),
+        timeout=60,
+    )
     np.testing.assert_allclose(to_numpy(rest.hidden_states), states[-1].numpy(), atol=1e-5, rtol=0)
     assert (rest.span.start, rest.span.end) == (2, 4)
 
@@ -126,91 +140,145 @@ def test_list_models_shows_chains(mesh: Mesh) -> None:
 
 def test_deterministic_generate_is_cached(mesh: Mesh) -> None:
     stub = mesh.stub()
-    request = inference_pb2.GenerateRequest(model="tiny-llama", prompt="the dog sat",
-                                            max_new_tokens=9)
+    request = inference_pb2.GenerateRequest(
+        model="tiny-llama", prompt="the dog sat", max_new_tokens=9
+    )
     first = stub.Generate(request, timeout=60)
     second = stub.Generate(request, timeout=60)
     assert not first.cached and second.cached
     assert (second.text, list(second.token_ids)) == (first.text, list(first.token_ids))
-    seeded = inference_pb2.GenerateRequest(model="tiny-llama", prompt="the dog sat",
-                                           max_new_tokens=9, temperature=1.0, seed=3)
+    seeded = inference_pb2.GenerateRequest(
+        model="tiny-llama", prompt="the dog sat", max_new_tokens=9, temperature=1.0, seed=3
+    )
     assert not stub.Generate(seeded, timeout=60).cached
     assert stub.Generate(seeded, timeout=60).cached
-    unseeded = inference_pb2.GenerateRequest(model="tiny-llama", prompt="the dog sat",
-                                             max_new_tokens=9, temperature=1.0)
+    unseeded = inference_pb2.GenerateRequest(
+        model="tiny-llama", prompt="the dog sat", max_new_tokens=9, temperature=1.0
+    )
     assert not stub.Generate(unseeded, timeout=60).cached
     assert not stub.Generate(unseeded, timeout=60).cached
 
 
 def test_embed_caches_per_text(mesh: Mesh) -> None:
     stub = mesh.stub()
-    first = stub.Embed(inference_pb2.EmbedRequest(model="tiny-bert", inputs=["a b c", "d e f"]),
-                       timeout=60)
+    first = stub.Embed(
+        inference_pb2.EmbedRequest(model="tiny-bert", inputs=["a b c", "d e f"]), timeout=60
+    )
     assert first.cached_inputs == 0
-    mixed = stub.Embed(inference_pb2.EmbedRequest(
-        model="tiny-bert", inputs=["d e f", "g h i", "a b c"]), timeout=60)
+    mixed = stub.Embed(
+        inference_pb2.EmbedRequest(model="tiny-bert", inputs=["d e f", "g h i", "a b c"]),
+        timeout=60,
+    )
     assert mixed.cached_inputs == 2 and not mixed.cached
     np.testing.assert_array_equal(mixed.embeddings[0].values, first.embeddings[1].values)
-    again = stub.Embed(inference_pb2.EmbedRequest(model="tiny-bert", inputs=["g h i"]),
-                       timeout=60)
+    again = stub.Embed(inference_pb2.EmbedRequest(model="tiny-bert", inputs=["g h i"]), timeout=60)
     assert again.cached
 
 
 BAD_REQUESTS = [
-    ("Generate", inference_pb2.GenerateRequest(model="no-such-model", prompt="hi"),
-     grpc.StatusCode.NOT_FOUND),
-    ("Generate", inference_pb2.GenerateRequest(model="tiny-llama", prompt=""),
-     grpc.StatusCode.INVALID_ARGUMENT),
-    ("Generate", inference_pb2.GenerateRequest(model="tiny-llama", prompt="the " * 300,
-                                               max_new_tokens=4),
-     grpc.StatusCode.INVALID_ARGUMENT),
-    ("Generate", inference_pb2.GenerateRequest(model="tiny-llama", prompt="hi",
-                                               max_new_tokens=0),
-     grpc.StatusCode.INVALID_ARGUMENT),
-    ("Generate", inference_pb2.GenerateRequest(model="tiny-llama", prompt="hi",
-                                               max_new_tokens=10**6),
-     grpc.StatusCode.INVALID_ARGUMENT),
-    ("Generate", inference_pb2.GenerateRequest(model="tiny-llama", prompt="hi",
-                                               temperature=-1),
-     grpc.StatusCode.INVALID_ARGUMENT),
-    ("Generate", inference_pb2.GenerateRequest(model="tiny-llama", prompt="hi", top_p=0),
-     grpc.StatusCode.INVALID_ARGUMENT),
-    ("Generate", inference_pb2.GenerateRequest(model="tiny-llama", prompt="hi", top_p=1.01),
-     grpc.StatusCode.INVALID_ARGUMENT),
-    ("Generate", inference_pb2.GenerateRequest(model="tiny-bert", prompt="hi"),
-     grpc.StatusCode.INVALID_ARGUMENT),
+    (
+        "Generate",
+        inference_pb2.GenerateRequest(model="no-such-model", prompt="hi"),
+        grpc.StatusCode.NOT_FOUND,
+    ),
+    (
+        "Generate",
+        inference_pb2.GenerateRequest(model="tiny-llama", prompt=""),
+        grpc.StatusCode.INVALID_ARGUMENT,
+    ),
+    (
+        "Generate",
+        inference_pb2.GenerateRequest(model="tiny-llama", prompt="the " * 300, max_new_tokens=4),
+        grpc.StatusCode.INVALID_ARGUMENT,
+    ),
+    (
+        "Generate",
+        inference_pb2.GenerateRequest(model="tiny-llama", prompt="hi", max_new_tokens=0),
+        grpc.StatusCode.INVALID_ARGUMENT,
+    ),
+    (
+        "Generate",
+        inference_pb2.GenerateRequest(model="tiny-llama", prompt="hi", max_new_tokens=10**6),
+        grpc.StatusCode.INVALID_ARGUMENT,
+    ),
+    (
+        "Generate",
+        inference_pb2.GenerateRequest(model="tiny-llama", prompt="hi", temperature=-1),
+        grpc.StatusCode.INVALID_ARGUMENT,
+    ),
+    (
+        "Generate",
+        inference_pb2.GenerateRequest(model="tiny-llama", prompt="hi", top_p=0),
+        grpc.StatusCode.INVALID_ARGUMENT,
+    ),
+    (
+        "Generate",
+        inference_pb2.GenerateRequest(model="tiny-llama", prompt="hi", top_p=1.01),
+        grpc.StatusCode.INVALID_ARGUMENT,
+    ),
+    (
+        "Generate",
+        inference_pb2.GenerateRequest(model="tiny-bert", prompt="hi"),
+        grpc.StatusCode.INVALID_ARGUMENT,
+    ),
     ("Embed", inference_pb2.EmbedRequest(model="tiny-bert"), grpc.StatusCode.INVALID_ARGUMENT),
     ("Embed", inference_pb2.EmbedRequest(model="nope", inputs=["x"]), grpc.StatusCode.NOT_FOUND),
-    ("Forward", inference_pb2.ForwardRequest(model="tiny-llama", start=1, hidden_states=
-                                             common_pb2.Tensor(dtype="float32", shape=[1, 2, 32],
-                                                               data=b"\0" * 12)),
-     grpc.StatusCode.INVALID_ARGUMENT),
-    ("Forward", inference_pb2.ForwardRequest(model="tiny-llama", start=1, hidden_states=
-                                             common_pb2.Tensor(dtype="complex", shape=[1, 1, 32],
-                                                               data=b"\0" * 256)),
-     grpc.StatusCode.INVALID_ARGUMENT),
-    ("Forward", inference_pb2.ForwardRequest(
-        model="tiny-llama", start=1, hidden_states=from_numpy(
-            np.full((1, 2, 32), np.nan, dtype=np.float32))),
-     grpc.StatusCode.INVALID_ARGUMENT),
-    ("Forward", inference_pb2.ForwardRequest(model="tiny-llama", start=3, end=9, text="hi"),
-     grpc.StatusCode.INVALID_ARGUMENT),
-    ("Forward", inference_pb2.ForwardRequest(model="tiny-llama", start=1, text="hi"),
-     grpc.StatusCode.INVALID_ARGUMENT),
+    (
+        "Forward",
+        inference_pb2.ForwardRequest(
+            model="tiny-llama",
+            start=1,
+            hidden_states=common_pb2.Tensor(dtype="float32", shape=[1, 2, 32], data=b"\0" * 12),
+        ),
+        grpc.StatusCode.INVALID_ARGUMENT,
+    ),
+    (
+        "Forward",
+        inference_pb2.ForwardRequest(
+            model="tiny-llama",
+            start=1,
+            hidden_states=common_pb2.Tensor(dtype="complex", shape=[1, 1, 32], data=b"\0" * 256),
+        ),
+        grpc.StatusCode.INVALID_ARGUMENT,
+    ),
+    (
+        "Forward",
+        inference_pb2.ForwardRequest(
+            model="tiny-llama",
+            start=1,
+            hidden_states=from_numpy(np.full((1, 2, 32), np.nan, dtype=np.float32)),
+        ),
+        grpc.StatusCode.INVALID_ARGUMENT,
+    ),
+    (
+        "Forward",
+        inference_pb2.ForwardRequest(model="tiny-llama", start=3, end=9, text="hi"),
+        grpc.StatusCode.INVALID_ARGUMENT,
+    ),
+    (
+        "Forward",
+        inference_pb2.ForwardRequest(model="tiny-llama", start=1, text="hi"),
+        grpc.StatusCode.INVALID_ARGUMENT,
+    ),
 ]
 
 
-@pytest.mark.parametrize("method,request_,code", BAD_REQUESTS,
-                         ids=[f"{m}-{i}" for i, (m, _, _) in enumerate(BAD_REQUESTS)])
+@pytest.mark.parametrize(
+    "method,request_,code",
+    BAD_REQUESTS,
+    ids=[f"{m}-{i}" for i, (m, _, _) in enumerate(BAD_REQUESTS)],
+)
 def test_bad_input_gets_its_status_and_servers_keep_serving(
-        mesh: Mesh, method: str, request_: object, code: grpc.StatusCode) -> None:
+    mesh: Mesh, method: str, request_: object, code: grpc.StatusCode
+) -> None:
     stub = mesh.stub()
     with pytest.raises(grpc.RpcError) as caught:
         getattr(stub, method)(request_, timeout=30)
     assert caught.value.code() == code, caught.value.details()
     assert caught.value.details() and "Traceback" not in caught.value.details()
-    ok = stub.Generate(inference_pb2.GenerateRequest(model="tiny-llama", prompt="hi",
-                                                     max_new_tokens=2), timeout=30)
+    ok = stub.Generate(
+        inference_pb2.GenerateRequest(model="tiny-llama", prompt="hi", max_new_tokens=2), timeout=30
+    )
     assert ok.generated_tokens >= 1
 
 

@@ -63,6 +63,7 @@ def exporter() -> Iterator[InMemorySpanExporter]:
 
 # -- the in-process mesh ---------------------------------------------------------------------
 
+
 @dataclass
 class _Service:
     name: str
@@ -71,8 +72,7 @@ class _Service:
 
 
 @contextlib.asynccontextmanager
-async def _mesh(repository: Path, cache_address: str
-                ) -> AsyncIterator[tuple[str, list[_Service]]]:
+async def _mesh(repository: Path, cache_address: str) -> AsyncIterator[tuple[str, list[_Service]]]:
     """A router, tiny-llama as stages 0:2 and 2:4, and a tiny-bert replica, all in this loop."""
     services: list[_Service] = []
 
@@ -80,8 +80,9 @@ async def _mesh(repository: Path, cache_address: str
         task = asyncio.create_task(coro_factory(), name=name)
         services.append(_Service(name, task, stop))
         waiter = asyncio.create_task(ready.wait())
-        done, _ = await asyncio.wait({task, waiter}, timeout=START_TIMEOUT_S,
-                                     return_when=asyncio.FIRST_COMPLETED)
+        done, _ = await asyncio.wait(
+            {task, waiter}, timeout=START_TIMEOUT_S, return_when=asyncio.FIRST_COMPLETED
+        )
         if waiter not in done:
             waiter.cancel()
             if task.done():
@@ -90,20 +91,37 @@ async def _mesh(repository: Path, cache_address: str
 
     try:
         ready, stop, port_out = asyncio.Event(), asyncio.Event(), []
-        settings = RouterSettings(port=0, cache_nodes=[cache_address],
-                                  repository=str(repository), health_interval_s=0.5,
-                                  drain_s=2.0)
-        await start("router", lambda: run_router(settings, ready=ready, stop=stop,
-                                                 port_out=port_out), ready, stop)
+        settings = RouterSettings(
+            port=0,
+            cache_nodes=[cache_address],
+            repository=str(repository),
+            health_interval_s=0.5,
+            drain_s=2.0,
+        )
+        await start(
+            "router",
+            lambda: run_router(settings, ready=ready, stop=stop, port_out=port_out),
+            ready,
+            stop,
+        )
         router = f"127.0.0.1:{port_out[0]}"
         for model, layers in (("tiny-llama", "0:2"), ("tiny-llama", "2:4"), ("tiny-bert", None)):
             w_ready, w_stop = asyncio.Event(), asyncio.Event()
-            w_settings = WorkerSettings(model=model, layers=layers, port=0, routers=[router],
-                                        repository=str(repository), heartbeat_s=1.0,
-                                        drain_s=2.0)
-            await start(f"worker {model} {layers or 'replica'}",
-                        lambda s=w_settings, r=w_ready, st=w_stop: run_worker(s, ready=r, stop=st),
-                        w_ready, w_stop)
+            w_settings = WorkerSettings(
+                model=model,
+                layers=layers,
+                port=0,
+                routers=[router],
+                repository=str(repository),
+                heartbeat_s=1.0,
+                drain_s=2.0,
+            )
+            await start(
+                f"worker {model} {layers or 'replica'}",
+                lambda s=w_settings, r=w_ready, st=w_stop: run_worker(s, ready=r, stop=st),
+                w_ready,
+                w_stop,
+            )
         yield router, services
     finally:
         # Workers first (they deregister from the router), then the router.
@@ -111,7 +129,8 @@ async def _mesh(repository: Path, cache_address: str
             for service in group:
                 service.stop.set()
             results = await asyncio.wait_for(
-                asyncio.gather(*(s.task for s in group), return_exceptions=True), timeout=30)
+                asyncio.gather(*(s.task for s in group), return_exceptions=True), timeout=30
+            )
             for service, result in zip(group, results, strict=True):
                 assert result == 0, f"{service.name} ended with {result!r}"
 
@@ -124,8 +143,9 @@ async def _wait_served(channel: aio.Channel, models: Iterable[str]) -> None:
     while pending and time.monotonic() < deadline:
         for model in list(pending):
             try:
-                reply = await health.Check(health_pb2.HealthCheckRequest(service=model),
-                                           timeout=1.0)
+                reply = await health.Check(
+                    health_pb2.HealthCheckRequest(service=model), timeout=1.0
+                )
             except grpc.RpcError:
                 continue
             if reply.status == health_pb2.HealthCheckResponse.SERVING:
@@ -137,6 +157,7 @@ async def _wait_served(channel: aio.Channel, models: Iterable[str]) -> None:
 
 
 # -- span helpers ----------------------------------------------------------------------------
+
 
 def _request_spans(spans: Sequence[ReadableSpan]) -> list[ReadableSpan]:
     return [s for s in spans if not s.name.startswith(BACKGROUND)]
@@ -150,8 +171,7 @@ def _parent_id(span: ReadableSpan) -> int | None:
     return span.parent.span_id if span.parent is not None else None
 
 
-def _children(spans: Iterable[ReadableSpan], parent: ReadableSpan, name: str
-              ) -> list[ReadableSpan]:
+def _children(spans: Iterable[ReadableSpan], parent: ReadableSpan, name: str) -> list[ReadableSpan]:
     return [s for s in spans if s.name == name and _parent_id(s) == parent.context.span_id]
 
 
@@ -164,8 +184,11 @@ def _ancestors(span: ReadableSpan, by_id: dict[int, ReadableSpan]) -> list[Reada
     return chain
 
 
-async def _collect(exporter: InMemorySpanExporter, ready, timeout: float = 10.0  # type: ignore[no-untyped-def]
-                   ) -> list[ReadableSpan]:
+async def _collect(
+    exporter: InMemorySpanExporter,
+    ready,
+    timeout: float = 10.0,  # type: ignore[no-untyped-def]
+) -> list[ReadableSpan]:
     """Waits until ready(spans) holds: server spans of streams end after the client is done."""
     deadline = time.monotonic() + timeout
     while True:
@@ -176,13 +199,16 @@ async def _collect(exporter: InMemorySpanExporter, ready, timeout: float = 10.0 
 
 
 def _describe(spans: Iterable[ReadableSpan]) -> str:
-    return "\n".join(f"  {s.name} [{_scope(s)}] trace={s.context.trace_id:032x} "
-                     f"id={s.context.span_id:016x} parent="
-                     f"{_parent_id(s) and format(_parent_id(s), '016x')} {dict(s.attributes or {})}"
-                     for s in spans)
+    return "\n".join(
+        f"  {s.name} [{_scope(s)}] trace={s.context.trace_id:032x} "
+        f"id={s.context.span_id:016x} parent="
+        f"{_parent_id(s) and format(_parent_id(s), '016x')} {dict(s.attributes or {})}"
+        for s in spans
+    )
 
 
 # -- the checks ------------------------------------------------------------------------------
+
 
 def _check_generate_trace(spans: list[ReadableSpan], generated: int) -> None:
     roots = [s for s in spans if s.name == GENERATE]
@@ -206,7 +232,8 @@ def _check_generate_trace(spans: list[ReadableSpan], generated: int) -> None:
     assert generate[0].attributes["tessera.model"] == "tiny-llama"
     # The route taken is recorded on the generate span (as an attribute or a "route" event).
     routes = [generate[0].attributes.get("tessera.route")] + [
-        e.attributes.get("tessera.route") for e in generate[0].events if e.attributes]
+        e.attributes.get("tessera.route") for e in generate[0].events if e.attributes
+    ]
     assert any(r and r.count("=>") == 1 for r in routes), context
     # The cache lookup and store of this deterministic request, inside the trace.
     for name in ("cache.get", "cache.set"):
@@ -267,30 +294,44 @@ def _check_embed_trace(spans: list[ReadableSpan], *, cached: bool) -> None:
 
 # -- the test --------------------------------------------------------------------------------
 
-def test_one_request_is_one_trace(exporter: InMemorySpanExporter, tiny_repo: Path,
-                                  memcached: MemcachedNode) -> None:
+
+def test_one_request_is_one_trace(
+    exporter: InMemorySpanExporter, tiny_repo: Path, memcached: MemcachedNode
+) -> None:
     async def main() -> None:
-        async with _mesh(tiny_repo, memcached.address) as (router, _services), \
-                aio.insecure_channel(router) as channel:
+        async with (
+            _mesh(tiny_repo, memcached.address) as (router, _services),
+            aio.insecure_channel(router) as channel,
+        ):
             await _wait_served(channel, ["tiny-llama", "tiny-bert"])
             stub = inference_pb2_grpc.InferenceStub(channel)
 
             exporter.clear()
-            reply = await stub.Generate(inference_pb2.GenerateRequest(
-                model="tiny-llama", prompt="the cat sat on", max_new_tokens=3,
-                temperature=0.0), timeout=60)
+            reply = await stub.Generate(
+                inference_pb2.GenerateRequest(
+                    model="tiny-llama", prompt="the cat sat on", max_new_tokens=3, temperature=0.0
+                ),
+                timeout=60,
+            )
             assert not reply.cached and 1 <= len(reply.token_ids) <= 3
             generated = len(reply.token_ids)
-            spans = await _collect(exporter, lambda ss: sum(
-                s.name == "stage.step" for s in ss) >= 2 * generated and sum(
-                s.name == SESSION for s in ss) >= 2)
+            spans = await _collect(
+                exporter,
+                lambda ss: (
+                    sum(s.name == "stage.step" for s in ss) >= 2 * generated
+                    and sum(s.name == SESSION for s in ss) >= 2
+                ),
+            )
             _check_generate_trace(spans, generated)
 
             # The same request again is a cache hit: one trace, no stage work.
             exporter.clear()
-            again = await stub.Generate(inference_pb2.GenerateRequest(
-                model="tiny-llama", prompt="the cat sat on", max_new_tokens=3,
-                temperature=0.0), timeout=60)
+            again = await stub.Generate(
+                inference_pb2.GenerateRequest(
+                    model="tiny-llama", prompt="the cat sat on", max_new_tokens=3, temperature=0.0
+                ),
+                timeout=60,
+            )
             assert again.cached and list(again.token_ids) == list(reply.token_ids)
             spans = await _collect(exporter, lambda ss: any(s.name == GENERATE for s in ss))
             assert {s.name for s in spans} == {GENERATE, "cache.get"}, _describe(spans)
@@ -298,16 +339,22 @@ def test_one_request_is_one_trace(exporter: InMemorySpanExporter, tiny_repo: Pat
 
             exporter.clear()
             texts = ["the cat sat on the mat", "hello world"]
-            embedded = await stub.Embed(inference_pb2.EmbedRequest(
-                model="tiny-bert", inputs=texts), timeout=60)
+            embedded = await stub.Embed(
+                inference_pb2.EmbedRequest(model="tiny-bert", inputs=texts), timeout=60
+            )
             assert len(embedded.embeddings) == 2 and not embedded.cached
-            spans = await _collect(exporter, lambda ss: any(
-                s.name == EMBED for s in ss) and any(s.name == "stage.forward" for s in ss))
+            spans = await _collect(
+                exporter,
+                lambda ss: (
+                    any(s.name == EMBED for s in ss) and any(s.name == "stage.forward" for s in ss)
+                ),
+            )
             _check_embed_trace(spans, cached=False)
 
             exporter.clear()
-            embedded = await stub.Embed(inference_pb2.EmbedRequest(
-                model="tiny-bert", inputs=texts), timeout=60)
+            embedded = await stub.Embed(
+                inference_pb2.EmbedRequest(model="tiny-bert", inputs=texts), timeout=60
+            )
             assert embedded.cached
             spans = await _collect(exporter, lambda ss: any(s.name == EMBED for s in ss))
             _check_embed_trace(spans, cached=True)
@@ -315,34 +362,52 @@ def test_one_request_is_one_trace(exporter: InMemorySpanExporter, tiny_repo: Pat
     asyncio.run(main())
 
 
-def test_separate_requests_are_separate_traces(exporter: InMemorySpanExporter,
-                                               tiny_repo: Path,
-                                               memcached: MemcachedNode) -> None:
+def test_separate_requests_are_separate_traces(
+    exporter: InMemorySpanExporter, tiny_repo: Path, memcached: MemcachedNode
+) -> None:
     """Two concurrent requests never share a trace or parent each other's spans."""
+
     async def main() -> None:
-        async with _mesh(tiny_repo, memcached.address) as (router, _services), \
-                aio.insecure_channel(router) as channel:
+        async with (
+            _mesh(tiny_repo, memcached.address) as (router, _services),
+            aio.insecure_channel(router) as channel,
+        ):
             await _wait_served(channel, ["tiny-llama"])
             stub = inference_pb2_grpc.InferenceStub(channel)
             exporter.clear()
-            replies = await asyncio.gather(*(stub.Generate(inference_pb2.GenerateRequest(
-                model="tiny-llama", prompt=prompt, max_new_tokens=3), timeout=60)
-                for prompt in ("hello world", "what is the capital of france ?")))
+            replies = await asyncio.gather(
+                *(
+                    stub.Generate(
+                        inference_pb2.GenerateRequest(
+                            model="tiny-llama", prompt=prompt, max_new_tokens=3
+                        ),
+                        timeout=60,
+                    )
+                    for prompt in ("hello world", "what is the capital of france ?")
+                )
+            )
             total = sum(len(r.token_ids) for r in replies)
-            spans = await _collect(exporter, lambda ss: sum(
-                s.name == "stage.step" for s in ss) >= 2 * total and sum(
-                s.name == SESSION for s in ss) >= 4)
+            spans = await _collect(
+                exporter,
+                lambda ss: (
+                    sum(s.name == "stage.step" for s in ss) >= 2 * total
+                    and sum(s.name == SESSION for s in ss) >= 4
+                ),
+            )
             roots = [s for s in spans if s.name == GENERATE]
             assert len(roots) == 2, _describe(spans)
             assert roots[0].context.trace_id != roots[1].context.trace_id
             assert {s.context.trace_id for s in spans} == {r.context.trace_id for r in roots}
             for reply in replies:
                 # The prompts differ in length: the generate span says which is which.
-                generate = [s for s in spans if s.name == "generate" and
-                            s.attributes["tessera.prompt_tokens"] == reply.prompt_tokens]
+                generate = [
+                    s
+                    for s in spans
+                    if s.name == "generate"
+                    and s.attributes["tessera.prompt_tokens"] == reply.prompt_tokens
+                ]
                 assert len(generate) == 1, _describe(spans)
-                own = [s for s in spans
-                       if s.context.trace_id == generate[0].context.trace_id]
+                own = [s for s in spans if s.context.trace_id == generate[0].context.trace_id]
                 _check_generate_trace(own, len(reply.token_ids))
 
     asyncio.run(main())

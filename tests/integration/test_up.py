@@ -38,8 +38,13 @@ class Up:
         # Its own session: whatever happens, the finally below can kill the whole group.
         self.popen = subprocess.Popen(
             [sys.executable, "-m", "services.cli", "up", "--config", str(config)],
-            cwd=ROOT, env=service_env(repository), stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+            cwd=ROOT,
+            env=service_env(repository),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
+        )
         self._pump = threading.Thread(target=self._read, daemon=True)
         self._pump.start()
 
@@ -57,8 +62,9 @@ class Up:
         deadline = time.monotonic() + timeout
         while not self._ready.wait(0.2):
             if self.popen.poll() is not None or time.monotonic() > deadline:
-                raise AssertionError(f"tessera up not ready (rc {self.popen.poll()}):\n"
-                                     + self.output())
+                raise AssertionError(
+                    f"tessera up not ready (rc {self.popen.poll()}):\n" + self.output()
+                )
 
     def children(self) -> list[psutil.Process]:
         return psutil.Process(self.popen.pid).children(recursive=True)
@@ -89,11 +95,18 @@ def tessera_up(config: Path, repository: Path) -> Iterator[Up]:
         up.kill_all()
 
 
-def _write_mesh(path: Path, router_port: int, cache_nodes: Sequence[str],
-                workers: Sequence[dict[str, object]]) -> Path:
-    path.write_text(yaml.safe_dump({"router": {"port": router_port},
-                                    "cache": {"nodes": list(cache_nodes)},
-                                    "workers": list(workers)}))
+def _write_mesh(
+    path: Path, router_port: int, cache_nodes: Sequence[str], workers: Sequence[dict[str, object]]
+) -> Path:
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "router": {"port": router_port},
+                "cache": {"nodes": list(cache_nodes)},
+                "workers": list(workers),
+            }
+        )
+    )
     return path
 
 
@@ -111,8 +124,10 @@ def _wait_router(address: str, timeout: float = 60.0) -> None:
         health = health_pb2_grpc.HealthStub(channel)
         while time.monotonic() < deadline:
             try:
-                if health.Check(health_pb2.HealthCheckRequest(), timeout=1).status == \
-                        health_pb2.HealthCheckResponse.SERVING:
+                if (
+                    health.Check(health_pb2.HealthCheckRequest(), timeout=1).status
+                    == health_pb2.HealthCheckResponse.SERVING
+                ):
                     return
             except grpc.RpcError:
                 pass
@@ -122,29 +137,41 @@ def _wait_router(address: str, timeout: float = 60.0) -> None:
 
 @pytest.mark.timeout(360)
 def test_up_serves_the_real_models_and_sigint_stops_every_child(
-        real_repo: Path, tmp_path: Path) -> None:
+    real_repo: Path, tmp_path: Path
+) -> None:
     router_port, cache_port = free_port(), free_port()
-    config = _write_mesh(tmp_path / "mesh.yaml", router_port, [f"127.0.0.1:{cache_port}"], [
-        {"model": "smollm2-135m-instruct", "layers": "0:15", "port": free_port()},
-        {"model": "smollm2-135m-instruct", "layers": "15:30", "port": free_port()},
-        {"model": "all-minilm-l6-v2", "port": free_port()},
-    ])
+    config = _write_mesh(
+        tmp_path / "mesh.yaml",
+        router_port,
+        [f"127.0.0.1:{cache_port}"],
+        [
+            {"model": "smollm2-135m-instruct", "layers": "0:15", "port": free_port()},
+            {"model": "smollm2-135m-instruct", "layers": "15:30", "port": free_port()},
+            {"model": "all-minilm-l6-v2", "port": free_port()},
+        ],
+    )
     with tessera_up(config, real_repo) as up:
         up.wait_ready()
         address = f"127.0.0.1:{router_port}"
         with grpc.insecure_channel(address) as channel:
             stub = inference_pb2_grpc.InferenceStub(channel)
             request = inference_pb2.GenerateRequest(
-                model="smollm2-135m-instruct", max_new_tokens=24,
-                messages=[inference_pb2.ChatMessage(role="user",
-                                                    content="What is the capital of France?")])
+                model="smollm2-135m-instruct",
+                max_new_tokens=24,
+                messages=[
+                    inference_pb2.ChatMessage(role="user", content="What is the capital of France?")
+                ],
+            )
             first = stub.Generate(request, timeout=120)
             assert "Paris" in first.text and not first.cached, first.text
             second = stub.Generate(request, timeout=60)
             assert second.cached and second.text == first.text
-            embedded = stub.Embed(inference_pb2.EmbedRequest(
-                model="all-minilm-l6-v2", inputs=["hello world", "Paris is in France."]),
-                timeout=60)
+            embedded = stub.Embed(
+                inference_pb2.EmbedRequest(
+                    model="all-minilm-l6-v2", inputs=["hello world", "Paris is in France."]
+                ),
+                timeout=60,
+            )
         values = np.array([e.values for e in embedded.embeddings])
         assert embedded.dim == 384 and values.shape == (2, 384)
         np.testing.assert_allclose(np.linalg.norm(values, axis=1), 1.0, atol=1e-5)
@@ -157,7 +184,8 @@ def test_up_serves_the_real_models_and_sigint_stops_every_child(
 
 @pytest.mark.timeout(180)
 def test_up_reuses_a_running_memcached_and_sigterm_stops_only_its_own(
-        tiny_repo: Path, tmp_path: Path) -> None:
+    tiny_repo: Path, tmp_path: Path
+) -> None:
     """A memcached already on the configured address (Debian starts one on 11211) is reused,
     and left running on exit; SIGTERM stops what `up` did start."""
     router_port = free_port()
@@ -177,7 +205,8 @@ def test_up_reuses_a_running_memcached_and_sigterm_stops_only_its_own(
 
 @pytest.mark.timeout(60)
 def test_up_fails_clearly_when_the_cache_port_is_not_memcached(
-        tiny_repo: Path, tmp_path: Path) -> None:
+    tiny_repo: Path, tmp_path: Path
+) -> None:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as squatter:
         squatter.bind(("127.0.0.1", 0))
         squatter.listen()

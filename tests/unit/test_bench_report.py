@@ -26,8 +26,9 @@ from services.bench.report import (
 )
 
 
-@pytest.mark.parametrize("values", [[5.0], [3.0, 1.0], [1.0, 2.0, 3.0, 4.0],
-                                    [0.5, 9.0, 2.5, 7.25, 1.0, 3.0, 3.0]])
+@pytest.mark.parametrize(
+    "values", [[5.0], [3.0, 1.0], [1.0, 2.0, 3.0, 4.0], [0.5, 9.0, 2.5, 7.25, 1.0, 3.0, 3.0]]
+)
 @pytest.mark.parametrize("q", [0, 1, 25, 50, 90, 99, 100])
 def test_percentile_matches_numpy_linear(values: list[float], q: float) -> None:
     assert report.percentile(values, q) == pytest.approx(float(np.percentile(values, q)))
@@ -48,19 +49,48 @@ def test_ratio() -> None:
     assert report.ratio(math.nan, 1.0) is None
 
 
-def _row(scenario: str, path: str, concurrency: int | None, *, items_s: float,
-         p50_ms: float = 10.0, group: str | None = None, is_limit: bool = False,
-         unit: str = "texts") -> Row:
-    return Row(scenario=scenario, path=path, concurrency=concurrency, requests=10, wall_s=1.0,
-               req_s=items_s, items_s=items_s, unit=unit, p50_ms=p50_ms, p99_ms=2 * p50_ms,
-               group=group, is_limit=is_limit)
+def _row(
+    scenario: str,
+    path: str,
+    concurrency: int | None,
+    *,
+    items_s: float,
+    p50_ms: float = 10.0,
+    group: str | None = None,
+    is_limit: bool = False,
+    unit: str = "texts",
+) -> Row:
+    return Row(
+        scenario=scenario,
+        path=path,
+        concurrency=concurrency,
+        requests=10,
+        wall_s=1.0,
+        req_s=items_s,
+        items_s=items_s,
+        unit=unit,
+        p50_ms=p50_ms,
+        p99_ms=2 * p50_ms,
+        group=group,
+        is_limit=is_limit,
+    )
 
 
 def test_make_row_summarises_samples() -> None:
-    row = make_row(EMBED_16, ROUTER, 8, latencies_s=[0.010, 0.020, 0.030, 0.040],
-                   items=64, wall_s=2.0, unit="texts", items_per_request=16,
-                   ttfts_s=[0.001, 0.003], errors=1, cpu_share=0.25,
-                   error_kinds={"UNAVAILABLE": 1})
+    row = make_row(
+        EMBED_16,
+        ROUTER,
+        8,
+        latencies_s=[0.010, 0.020, 0.030, 0.040],
+        items=64,
+        wall_s=2.0,
+        unit="texts",
+        items_per_request=16,
+        ttfts_s=[0.001, 0.003],
+        errors=1,
+        cpu_share=0.25,
+        error_kinds={"UNAVAILABLE": 1},
+    )
     assert row.requests == 4
     assert row.items_s == pytest.approx(32.0)
     assert row.req_s == pytest.approx(2.0)
@@ -81,12 +111,18 @@ def test_apply_ratios_compares_with_the_group_limit() -> None:
         _row(EMBED_1, ROUTER, 64, items_s=170.0, group=EMBED_1),
         _row(GENERATE, LIMIT, 16, items_s=400.0, group="generate c16", is_limit=True),
         _row(GENERATE, ROUTER, 16, items_s=300.0, group="generate c16"),
-        _row(GENERATE, ROUTER, 4, items_s=100.0, group="generate c4"),   # no limit row
-        _row(FLOOR, BARE, 1, items_s=2000.0),                            # no group
+        _row(GENERATE, ROUTER, 4, items_s=100.0, group="generate c4"),  # no limit row
+        _row(FLOOR, BARE, 1, items_s=2000.0),  # no group
     ]
     report.apply_ratios(rows)
-    assert [r.ratio for r in rows] == [pytest.approx(1.0), pytest.approx(0.85),
-                                       pytest.approx(1.0), pytest.approx(0.75), None, None]
+    assert [r.ratio for r in rows] == [
+        pytest.approx(1.0),
+        pytest.approx(0.85),
+        pytest.approx(1.0),
+        pytest.approx(0.75),
+        None,
+        None,
+    ]
 
 
 def test_format_table_aligns_columns_and_separates_scenarios() -> None:
@@ -102,13 +138,13 @@ def test_format_table_aligns_columns_and_separates_scenarios() -> None:
     lines = text.splitlines()
     assert lines[0].split()[:4] == ["scenario", "path", "conc", "reqs"]
     assert set(lines[1].replace(" ", "")) == {"-"}
-    assert lines[4] == ""                       # a blank line before the next scenario
-    assert "1,234.5 texts/s" in lines[2] and " - " in lines[2]   # limit: no concurrency
+    assert lines[4] == ""  # a blank line before the next scenario
+    assert "1,234.5 texts/s" in lines[2] and " - " in lines[2]  # limit: no concurrency
     assert "0.81" in lines[3] and "12%" in lines[3]
     assert "321.0 tok/s" in lines[5] and "2 errors" in lines[5]
     # Right-aligned numeric columns end at the same place on every data line.
     end = lines[0].index("vs limit") + len("vs limit")
-    assert lines[2][end - 4:end] == "1.00" and lines[3][end - 4:end] == "0.81"
+    assert lines[2][end - 4 : end] == "1.00" and lines[3][end - 4 : end] == "0.81"
 
 
 def _full_rows(*, router_c64: float = 180.0, floor_ms: float = 0.5) -> list[Row]:
@@ -120,8 +156,9 @@ def _full_rows(*, router_c64: float = 180.0, floor_ms: float = 0.5) -> list[Row]
         _row(EMBED_1, CACHE, 1, items_s=1500.0, p50_ms=0.7, group=EMBED_1),
         _row(EMBED_16, LIMIT, None, items_s=300.0, group=EMBED_16, is_limit=True),
         _row(EMBED_16, ROUTER, 8, items_s=280.0, group=EMBED_16),
-        _row(GENERATE, LIMIT, 16, items_s=400.0, group="generate c16", is_limit=True,
-             unit="tokens"),
+        _row(
+            GENERATE, LIMIT, 16, items_s=400.0, group="generate c16", is_limit=True, unit="tokens"
+        ),
         _row(GENERATE, ROUTER, 1, items_s=40.0, p50_ms=800.0, unit="tokens"),
         _row(GENERATE, ROUTER, 16, items_s=330.0, unit="tokens", group="generate c16"),
         _row(GENERATE, CACHE, 1, items_s=4000.0, p50_ms=0.7, unit="tokens"),
@@ -138,8 +175,9 @@ def test_targets_all_pass() -> None:
 
 
 def test_targets_say_by_how_much_they_miss() -> None:
-    targets = {t.name: t for t in report.evaluate_targets(_full_rows(router_c64=102.0,
-                                                                     floor_ms=0.2))}
+    targets = {
+        t.name: t for t in report.evaluate_targets(_full_rows(router_c64=102.0, floor_ms=0.2))
+    }
     c64 = targets["embed x1 via router c=64 vs limit"]
     assert c64.ok is False and c64.measured == pytest.approx(0.51)
     assert c64.detail == "short by 40%"
@@ -167,8 +205,9 @@ def test_overhead_row() -> None:
 
 def test_json_document_shape(tmp_path: Path) -> None:
     rows = _full_rows()
-    rows.append(make_row(GENERATE, ROUTER, 4, latencies_s=[], items=0, wall_s=0.0,
-                         unit="tokens"))    # NaNs must become null
+    rows.append(
+        make_row(GENERATE, ROUTER, 4, latencies_s=[], items=0, wall_s=0.0, unit="tokens")
+    )  # NaNs must become null
     targets = report.evaluate_targets(rows)
     document = report.to_document(rows, {"cores": 2, "quick": True}, targets)
     path = report.write_json(tmp_path / "deep" / "bench.json", document)
@@ -178,8 +217,21 @@ def test_json_document_shape(tmp_path: Path) -> None:
     assert loaded["router_overhead_ms"] == pytest.approx(0.4)
     assert len(loaded["rows"]) == len(rows)
     first = loaded["rows"][0]
-    assert {"scenario", "path", "concurrency", "requests", "req_s", "items_s", "unit",
-            "p50_ms", "p99_ms", "ttft_p50_ms", "ratio", "cpu_share", "errors"} <= set(first)
+    assert {
+        "scenario",
+        "path",
+        "concurrency",
+        "requests",
+        "req_s",
+        "items_s",
+        "unit",
+        "p50_ms",
+        "p99_ms",
+        "ttft_p50_ms",
+        "ratio",
+        "cpu_share",
+        "errors",
+    } <= set(first)
     assert loaded["rows"][-1]["p50_ms"] is None and loaded["rows"][-1]["items_s"] is None
     assert {t["name"] for t in loaded["targets"]} == {t.name for t in targets}
 
@@ -190,7 +242,7 @@ def test_workload_texts_are_distinct_and_varied() -> None:
     lengths = [len(t.split()) for t in texts]
     assert 6 <= min(lengths) and max(lengths) <= 42
     assert max(lengths) - min(lengths) >= 20
-    assert workload.texts(50, seed=1) == texts[:50]            # deterministic
+    assert workload.texts(50, seed=1) == texts[:50]  # deterministic
     assert not set(workload.texts(100, seed=1, start=10**6)) & set(texts)
 
 
@@ -216,8 +268,18 @@ def test_measured_overhead_row_wins_over_the_c1_lines() -> None:
 
 def test_a_skipped_line_is_not_measured_rather_than_nan() -> None:
     rows = [r for r in _full_rows() if r.path != CACHE]
-    rows.append(make_row(GENERATE, CACHE, 1, latencies_s=[], items=0, wall_s=0.0,
-                         unit="tokens", note="skipped: worker exited (-11)"))
+    rows.append(
+        make_row(
+            GENERATE,
+            CACHE,
+            1,
+            latencies_s=[],
+            items=0,
+            wall_s=0.0,
+            unit="tokens",
+            note="skipped: worker exited (-11)",
+        )
+    )
     target = next(t for t in report.evaluate_targets(rows) if t.name.startswith("generate cache"))
     assert target.ok is None and target.measured is None and target.wanted == "<= 0.750 ms"
     assert "nan" not in report.format_targets([target])

@@ -54,14 +54,15 @@ def stream(frontend: ModelFrontend, ids: Sequence[int], stop: Sequence[str]) -> 
     return Streamed(pieces, assembler.text, assembler.stopped, used, assembler)
 
 
-def reference(frontend: ModelFrontend, ids: Sequence[int], stop: Sequence[str]
-              ) -> tuple[str, bool, int]:
+def reference(
+    frontend: ModelFrontend, ids: Sequence[int], stop: Sequence[str]
+) -> tuple[str, bool, int]:
     """Stops at the first token after which any stop string appears; cuts at its first match."""
     for used in range(1, len(ids) + 1):
         text = frontend.decode(ids[:used])
         hits = [text.find(s) for s in stop if s in text]
         if hits:
-            return text[:min(hits)], True, used
+            return text[: min(hits)], True, used
     return frontend.decode(ids), False, len(ids)
 
 
@@ -73,6 +74,7 @@ def ids_of(frontend: ModelFrontend, text: str) -> list[int]:
 
 # -- fixed cases -----------------------------------------------------------------------------
 
+
 def test_without_stop_strings_text_streams_as_it_comes(frontend: ModelFrontend) -> None:
     text = "the cat sat on the mat and the dog sat in it"
     ids = ids_of(frontend, text)
@@ -81,8 +83,8 @@ def test_without_stop_strings_text_streams_as_it_comes(frontend: ModelFrontend) 
     assert "".join(result.pieces) == result.final == text
     # Nothing is held back: each step hands out what its token added.
     for used, piece in enumerate(result.pieces[:-1], start=1):
-        before = frontend.decode(ids[:used - 1]) if used > 1 else ""
-        assert piece == frontend.decode(ids[:used])[len(before):]
+        before = frontend.decode(ids[: used - 1]) if used > 1 else ""
+        assert piece == frontend.decode(ids[:used])[len(before) :]
     assert result.pieces[-1] == ""
 
 
@@ -133,7 +135,7 @@ def test_a_partial_stop_prefix_is_never_streamed(frontend: ModelFrontend) -> Non
     assembler.add(ids[1])  # "the cat": "cat" may become "cat sat"
     streamed = assembler.take(final=False)
     # Everything but the last len("cat sat") - 1 characters may go out.
-    assert streamed == "the cat"[:len("the cat") - (len("cat sat") - 1)]
+    assert streamed == "the cat"[: len("the cat") - (len("cat sat") - 1)]
     assert not any(streamed.endswith("cat sat"[:n]) for n in range(1, len("cat sat")))
     assembler.add(ids[2])
     assert assembler.stopped and assembler.text == "the "
@@ -141,6 +143,7 @@ def test_a_partial_stop_prefix_is_never_streamed(frontend: ModelFrontend) -> Non
 
 
 # -- randomised ------------------------------------------------------------------------------
+
 
 def _random_case(rng: random.Random, frontend: ModelFrontend) -> tuple[list[int], list[str]]:
     pool = WORDS + LETTERS
@@ -152,7 +155,7 @@ def _random_case(rng: random.Random, frontend: ModelFrontend) -> tuple[list[int]
         kind = rng.random()
         if kind < 0.6 and full:
             start = rng.randrange(len(full))
-            stops.append(full[start:start + rng.randint(1, 12)])
+            stops.append(full[start : start + rng.randint(1, 12)])
         elif kind < 0.8:
             stops.append(rng.choice(["xyz", "the dog ran", "zz", "?!"]))
         else:
@@ -190,7 +193,8 @@ def test_several_stop_strings_that_do_not_overlap(frontend: ModelFrontend, seed:
     rng = random.Random(seed)
     ids, stops = _random_case(rng, frontend)
     text = frontend.decode(ids)
-    # Keep stop strings whose first matches do not overlap another's (the order-independence test covers overlaps).
+    # Keep stop strings whose first matches do not overlap another's
+    # (the order-independence test covers overlaps).
     spans = []
     kept = []
     for stop in stops:
@@ -204,8 +208,12 @@ def test_several_stop_strings_that_do_not_overlap(frontend: ModelFrontend, seed:
 
 def test_stop_strings_are_order_independent(frontend: ModelFrontend) -> None:
     ids = ids_of(frontend, "the cat sat in it")
-    for stops, expected in ((["n", "in"], "the cat sat "), (["in", "n"], "the cat sat "),
-                            (["t in", "n i"], "the cat sa"), (["n i", "t in"], "the cat sa")):
+    for stops, expected in (
+        (["n", "in"], "the cat sat "),
+        (["in", "n"], "the cat sat "),
+        (["t in", "n i"], "the cat sa"),
+        (["n i", "t in"], "the cat sa"),
+    ):
         assert reference(frontend, ids, stops)[0] == expected
         result = stream(frontend, ids, stops)
         assert result.final == expected, stops
@@ -217,6 +225,7 @@ def test_stop_strings_are_order_independent(frontend: ModelFrontend) -> None:
 
 
 # -- multi-byte characters -------------------------------------------------------------------
+
 
 class _ByteFrontend:
     """A byte-level stand-in: one token per UTF-8 byte, as byte-fallback tokenizers behave."""

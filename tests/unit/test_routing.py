@@ -17,16 +17,25 @@ L = 6
 MODEL = "tiny-llama"
 
 
-def worker(address: str, span: str, *, model: str = MODEL, fingerprint: str = "fp-a",
-           num_layers: int = L) -> WorkerDescriptor:
+def worker(
+    address: str, span: str, *, model: str = MODEL, fingerprint: str = "fp-a", num_layers: int = L
+) -> WorkerDescriptor:
     return WorkerDescriptor(
-        address=address, model=model, version=fingerprint[:6], fingerprint=fingerprint,
-        span=Span.parse(span, num_layers), num_layers=num_layers, kind=ModelKind.CAUSAL_LM,
-        capacity=8, hidden_size=32)
+        address=address,
+        model=model,
+        version=fingerprint[:6],
+        fingerprint=fingerprint,
+        span=Span.parse(span, num_layers),
+        num_layers=num_layers,
+        kind=ModelKind.CAUSAL_LM,
+        capacity=8,
+        hidden_size=32,
+    )
 
 
-def table(workers: Iterable[WorkerDescriptor], healthy: Iterable[str] | None = None
-          ) -> RoutingTable:
+def table(
+    workers: Iterable[WorkerDescriptor], healthy: Iterable[str] | None = None
+) -> RoutingTable:
     workers = list(workers)
     return RoutingTable(workers, [w.address for w in workers] if healthy is None else healthy)
 
@@ -48,9 +57,17 @@ def routes(chains: Iterable[Chain]) -> set[tuple[str, ...]]:
 
 # -- chains ----------------------------------------------------------------------------------
 
+
 def test_chains_tile_every_layer() -> None:
-    ws = [worker("a", "0:3"), worker("b", "3:6"), worker("r", "0:6"),
-          worker("c", "0:1"), worker("d", "1:3"), worker("e", "3:5"), worker("f", "5:6")]
+    ws = [
+        worker("a", "0:3"),
+        worker("b", "3:6"),
+        worker("r", "0:6"),
+        worker("c", "0:1"),
+        worker("d", "1:3"),
+        worker("e", "3:5"),
+        worker("f", "5:6"),
+    ]
     chains = table(ws).chains(MODEL)
     for chain in chains:
         assert_tiles(chain)
@@ -59,8 +76,11 @@ def test_chains_tile_every_layer() -> None:
     for n in range(1, len(ws) + 1):
         for combo in itertools.permutations(ws, n):
             edges = [w.span for w in combo]
-            if edges[0].start == 0 and edges[-1].end == L and all(
-                    x.end == y.start for x, y in itertools.pairwise(edges)):
+            if (
+                edges[0].start == 0
+                and edges[-1].end == L
+                and all(x.end == y.start for x, y in itertools.pairwise(edges))
+            ):
                 expected.add(tuple(w.address for w in combo))
     assert routes(chains) == expected
     assert ("r",) in expected and ("a", "b") in expected and ("c", "d", "e", "f") in expected
@@ -92,8 +112,9 @@ def test_fingerprints_never_mix() -> None:
         t.route(MODEL, {})
     assert info.value.code == grpc.StatusCode.UNAVAILABLE
     # Two complete chains of different fingerprints, or none: never a half of each.
-    both = table(mixed + [worker("o2", "2:6", fingerprint="old"),
-                          worker("n1", "0:2", fingerprint="new")])
+    both = table(
+        mixed + [worker("o2", "2:6", fingerprint="old"), worker("n1", "0:2", fingerprint="new")]
+    )
     assert routes(both.chains(MODEL)) == {("o1", "o2"), ("n1", "n2")}
     for _ in range(50):
         chain = both.route(MODEL, {})
@@ -101,8 +122,11 @@ def test_fingerprints_never_mix() -> None:
 
 
 def test_models_are_planned_separately() -> None:
-    ws = [worker("a", "0:6"), worker("b", "0:3", model="other", num_layers=3),
-          worker("c", "0:3", model="tiny-llama")]
+    ws = [
+        worker("a", "0:6"),
+        worker("b", "0:3", model="other", num_layers=3),
+        worker("c", "0:3", model="tiny-llama"),
+    ]
     t = table(ws)
     assert t.models() == sorted([MODEL, "other"])
     assert t.knows("other") and not t.knows("nope")
@@ -112,6 +136,7 @@ def test_models_are_planned_separately() -> None:
 
 
 # -- missing spans ---------------------------------------------------------------------------
+
 
 def test_missing_span_names_the_uncovered_layers() -> None:
     t = table([worker("a", "0:1"), worker("b", "3:4"), worker("c", "5:6")])
@@ -149,6 +174,7 @@ def test_unhealthy_workers_are_excluded() -> None:
 
 # -- choosing a chain ------------------------------------------------------------------------
 
+
 def test_least_loaded_chain_wins() -> None:
     ws = [worker("a", "0:3"), worker("b", "3:6"), worker("r1", "0:6"), worker("r2", "0:6")]
     t = table(ws)
@@ -170,16 +196,18 @@ def test_ties_are_spread() -> None:
 def test_exclude_skips_chains_through_a_worker() -> None:
     ws = [worker("a", "0:3"), worker("b", "3:6"), worker("r", "0:6")]
     t = table(ws)
-    assert all(t.route(MODEL, {}, exclude=frozenset({"b"})).addresses == ("r",)
-               for _ in range(20))
-    assert all(t.route(MODEL, {"a": 0, "r": 0}, exclude=frozenset({"r"})).addresses
-               == ("a", "b") for _ in range(20))
+    assert all(t.route(MODEL, {}, exclude=frozenset({"b"})).addresses == ("r",) for _ in range(20))
+    assert all(
+        t.route(MODEL, {"a": 0, "r": 0}, exclude=frozenset({"r"})).addresses == ("a", "b")
+        for _ in range(20)
+    )
     with pytest.raises(MissingSpanError) as info:
         t.route(MODEL, {}, exclude=frozenset({"b", "r"}))
     assert "[3, 6)" in info.value.message and "[0, 3)" not in info.value.message
 
 
 # -- hops and text ---------------------------------------------------------------------------
+
 
 def test_hops_cut_the_span_to_each_stage() -> None:
     chain = table([worker("a", "0:2"), worker("b", "2:5"), worker("c", "5:6")]).chains(MODEL)[0]

@@ -40,13 +40,16 @@ def _workers(mesh: MeshSettings) -> list[tuple[str, str | None, int]]:
 
 # -- the default mesh ------------------------------------------------------------------------
 
+
 def test_builtin_default_is_the_design_mesh() -> None:
     mesh = load_mesh_file(None)
     assert mesh.router.port == 50051
     assert mesh.cache_nodes == ["127.0.0.1:11211"]
-    assert _workers(mesh) == [("smollm2-135m-instruct", "0:15", 50061),
-                              ("smollm2-135m-instruct", "15:30", 50062),
-                              ("all-minilm-l6-v2", None, 50063)]
+    assert _workers(mesh) == [
+        ("smollm2-135m-instruct", "0:15", 50061),
+        ("smollm2-135m-instruct", "15:30", 50062),
+        ("all-minilm-l6-v2", None, 50063),
+    ]
     assert mesh == load_mesh(DESIGN_MESH_YAML)
     assert mesh == load_mesh(DEFAULT_MESH_YAML)
     # Everything not named in the file keeps its default.
@@ -63,11 +66,13 @@ def test_default_ports_match_the_design() -> None:
 
 def test_mesh_file_from_disk(tmp_path: Path) -> None:
     path = tmp_path / "mesh.yaml"
-    path.write_text("router: {port: 6000, max_new_tokens: 16}\n"
-                    "cache: {nodes: ['10.0.0.1:11211', '10.0.0.2:11211']}\n"
-                    "workers:\n"
-                    "  - {model: tiny-llama, layers: '0:2', port: 7001, max_sessions: 4}\n"
-                    "  - {model: tiny-llama, layers: '2:4', port: 7002}\n")
+    path.write_text(
+        "router: {port: 6000, max_new_tokens: 16}\n"
+        "cache: {nodes: ['10.0.0.1:11211', '10.0.0.2:11211']}\n"
+        "workers:\n"
+        "  - {model: tiny-llama, layers: '0:2', port: 7001, max_sessions: 4}\n"
+        "  - {model: tiny-llama, layers: '2:4', port: 7002}\n"
+    )
     mesh = load_mesh_file(path)
     assert mesh.router.port == 6000 and mesh.router.max_new_tokens == 16
     assert mesh.cache_nodes == ["10.0.0.1:11211", "10.0.0.2:11211"]
@@ -84,8 +89,10 @@ def test_empty_file_and_sections() -> None:
 
 
 def test_mesh_values_are_coerced_to_their_types() -> None:
-    mesh = load_mesh("router: {port: '6001', health_interval_s: 2, workers: 'a:1, b:2'}\n"
-                     "workers: [{model: m, port: '7001', heartbeat_s: 1, routers: [r:1]}]\n")
+    mesh = load_mesh(
+        "router: {port: '6001', health_interval_s: 2, workers: 'a:1, b:2'}\n"
+        "workers: [{model: m, port: '7001', heartbeat_s: 1, routers: [r:1]}]\n"
+    )
     assert mesh.router.port == 6001
     assert mesh.router.health_interval_s == 2.0
     assert isinstance(mesh.router.health_interval_s, float)
@@ -102,12 +109,16 @@ def test_dashes_name_the_same_setting() -> None:
 
 # -- unknown keys ----------------------------------------------------------------------------
 
-@pytest.mark.parametrize(("text", "names"), [
-    ("routers: {port: 1}\n", ["routers"]),
-    ("router: {prot: 1}\n", ["router", "prot"]),
-    ("workers: [{model: m, layer: '0:1'}]\n", ["workers[0]", "layer"]),
-    ("workers: [{model: m}, {model: m, prot: 2}]\n", ["workers[1]", "prot"]),
-])
+
+@pytest.mark.parametrize(
+    ("text", "names"),
+    [
+        ("routers: {port: 1}\n", ["routers"]),
+        ("router: {prot: 1}\n", ["router", "prot"]),
+        ("workers: [{model: m, layer: '0:1'}]\n", ["workers[0]", "layer"]),
+        ("workers: [{model: m}, {model: m, prot: 2}]\n", ["workers[1]", "prot"]),
+    ],
+)
 def test_unknown_keys_are_rejected(text: str, names: list[str]) -> None:
     with pytest.raises(ValueError) as info:
         load_mesh(text, source="my-mesh.yaml")
@@ -141,14 +152,18 @@ def test_unknown_flags_and_env_keys_are_rejected_by_apply() -> None:
 
 # -- environment -----------------------------------------------------------------------------
 
+
 def test_env_overrides_router_settings() -> None:
-    env = {"TESSERA_ROUTER_PORT": "6100",
-           "TESSERA_ROUTER_CACHE_NODES": "127.0.0.1:1, 127.0.0.1:2,,",
-           "TESSERA_ROUTER_WORKERS": "w:1",
-           "TESSERA_ROUTER_CACHE_TIMEOUT_S": "0.25",
-           "TESSERA_ROUTER_MAX_OUTSTANDING": "9",
-           "TESSERA_WORKER_PORT": "1",          # another service's prefix: ignored
-           "TESSERA_ROUTER_": "x", "PORT": "2"}
+    env = {
+        "TESSERA_ROUTER_PORT": "6100",
+        "TESSERA_ROUTER_CACHE_NODES": "127.0.0.1:1, 127.0.0.1:2,,",
+        "TESSERA_ROUTER_WORKERS": "w:1",
+        "TESSERA_ROUTER_CACHE_TIMEOUT_S": "0.25",
+        "TESSERA_ROUTER_MAX_OUTSTANDING": "9",
+        "TESSERA_WORKER_PORT": "1",  # another service's prefix: ignored
+        "TESSERA_ROUTER_": "x",
+        "PORT": "2",
+    }
     settings = apply_env(RouterSettings(), "TESSERA_ROUTER_", env)
     assert settings.port == 6100 and isinstance(settings.port, int)
     assert settings.cache_nodes == ["127.0.0.1:1", "127.0.0.1:2"]
@@ -156,16 +171,26 @@ def test_env_overrides_router_settings() -> None:
     assert settings.cache_timeout_s == 0.25
     assert settings.max_outstanding == 9
     untouched = {f.name for f in dataclasses.fields(RouterSettings)} - {
-        "port", "cache_nodes", "workers", "cache_timeout_s", "max_outstanding"}
+        "port",
+        "cache_nodes",
+        "workers",
+        "cache_timeout_s",
+        "max_outstanding",
+    }
     for name in untouched:
         assert getattr(settings, name) == getattr(RouterSettings(), name), name
 
 
 def test_env_overrides_worker_settings() -> None:
-    env = {"TESSERA_WORKER_MODEL": "tiny-llama", "TESSERA_WORKER_LAYERS": "0:2",
-           "TESSERA_WORKER_ROUTERS": "a:1,b:2", "TESSERA_WORKER_PORT": "7000",
-           "TESSERA_WORKER_HEARTBEAT_S": "0.5", "TESSERA_WORKER_ADVERTISE": "host:7000",
-           "TESSERA_WORKER_THREADS": "2"}
+    env = {
+        "TESSERA_WORKER_MODEL": "tiny-llama",
+        "TESSERA_WORKER_LAYERS": "0:2",
+        "TESSERA_WORKER_ROUTERS": "a:1,b:2",
+        "TESSERA_WORKER_PORT": "7000",
+        "TESSERA_WORKER_HEARTBEAT_S": "0.5",
+        "TESSERA_WORKER_ADVERTISE": "host:7000",
+        "TESSERA_WORKER_THREADS": "2",
+    }
     settings = apply_env(WorkerSettings(), "TESSERA_WORKER_", env)
     assert (settings.model, settings.layers, settings.port) == ("tiny-llama", "0:2", 7000)
     assert settings.routers == ["a:1", "b:2"]
@@ -189,7 +214,10 @@ def test_bad_env_values_fail_loudly() -> None:
 
 def test_flags_override_env() -> None:
     """The CLI order: apply_env first, then flags on top."""
-    settings = apply_env(RouterSettings(), "TESSERA_ROUTER_", {"TESSERA_ROUTER_PORT": "6300",
-                                                               "TESSERA_ROUTER_HOST": "0.0.0.0"})
+    settings = apply_env(
+        RouterSettings(),
+        "TESSERA_ROUTER_",
+        {"TESSERA_ROUTER_PORT": "6300", "TESSERA_ROUTER_HOST": "0.0.0.0"},
+    )
     apply(settings, {"port": 6400, "host": None}, "flags")
     assert settings.port == 6400 and settings.host == "0.0.0.0"

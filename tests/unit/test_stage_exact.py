@@ -27,9 +27,11 @@ ARCHS = ("llama", "gpt2", "bert", "roberta")
 CAUSAL = ("llama", "gpt2")
 ENCODERS = ("bert", "roberta")
 ATOL = 1e-5
-TEXTS = ["the cat sat on the mat and the dog sat on it",
-         "hello world",
-         "what is the capital of france ?"]
+TEXTS = [
+    "the cat sat on the mat and the dog sat on it",
+    "hello world",
+    "what is the capital of france ?",
+]
 # Chains of 1, 2 and 3 stages over the 4 tiny layers, with uneven cuts.
 CUTS: dict[int, tuple[tuple[int, ...], ...]] = {
     1: ((),),
@@ -41,6 +43,7 @@ NEW_TOKENS = 16
 
 
 # -- helpers ---------------------------------------------------------------------------------
+
 
 def _spans(cuts: Sequence[int], num_layers: int) -> list[Span]:
     edges = [0, *cuts, num_layers]
@@ -101,8 +104,9 @@ def _run_chain(chain: Sequence[StageModel], batch: dict[str, torch.Tensor]) -> t
     hidden = None
     for stage in chain:
         if stage.is_first:
-            hidden = stage.forward(input_ids=batch["input_ids"],
-                                   attention_mask=batch["attention_mask"])
+            hidden = stage.forward(
+                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+            )
         else:
             hidden = stage.forward(hidden_states=hidden, attention_mask=batch["attention_mask"])
     assert hidden is not None
@@ -118,11 +122,17 @@ def _spec(tiny_repo: Path, arch: str) -> ModelSpec:
 
 # -- hidden states ---------------------------------------------------------------------------
 
-@pytest.mark.parametrize(("arch", "cuts"), _chain_params(),
-                         ids=[f"{a}-{len(c) + 1}stages-{'-'.join(map(str, c)) or 'replica'}"
-                              for a, c in _chain_params()])
-def test_chain_hidden_states_equal_unsplit_model(tiny_repo: Path, arch: str,
-                                                 cuts: tuple[int, ...]) -> None:
+
+@pytest.mark.parametrize(
+    ("arch", "cuts"),
+    _chain_params(),
+    ids=[
+        f"{a}-{len(c) + 1}stages-{'-'.join(map(str, c)) or 'replica'}" for a, c in _chain_params()
+    ],
+)
+def test_chain_hidden_states_equal_unsplit_model(
+    tiny_repo: Path, arch: str, cuts: tuple[int, ...]
+) -> None:
     spec = _spec(tiny_repo, arch)
     batch = _batch(spec)
     reference = _hf_hidden_states(spec, batch)
@@ -130,16 +140,18 @@ def test_chain_hidden_states_equal_unsplit_model(tiny_repo: Path, arch: str,
     hidden = None
     for stage in chain:
         if stage.is_first:
-            hidden = stage.forward(input_ids=batch["input_ids"],
-                                   attention_mask=batch["attention_mask"])
+            hidden = stage.forward(
+                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+            )
         else:
             hidden = stage.forward(hidden_states=hidden, attention_mask=batch["attention_mask"])
         # Each stage boundary carries the reference's hidden state after that layer (the last
         # one is after the final norm, as transformers reports it).
         expected = reference[stage.span.end]
         assert hidden.shape == expected.shape
-        torch.testing.assert_close(hidden, expected, rtol=0, atol=ATOL,
-                                   msg=f"{arch}: after stage {stage.span}")
+        torch.testing.assert_close(
+            hidden, expected, rtol=0, atol=ATOL, msg=f"{arch}: after stage {stage.span}"
+        )
 
 
 @pytest.mark.parametrize("arch", CAUSAL)
@@ -165,13 +177,20 @@ def test_sub_range_equals_reference_layer(tiny_repo: Path, arch: str) -> None:
     for a in range(spec.num_layers):
         for b in range(a + 1, spec.num_layers):
             if a == 0:
-                out = replica.forward(input_ids=batch["input_ids"],
-                                      attention_mask=batch["attention_mask"], sub=Span(0, b))
+                out = replica.forward(
+                    input_ids=batch["input_ids"],
+                    attention_mask=batch["attention_mask"],
+                    sub=Span(0, b),
+                )
             else:
-                out = later.forward(hidden_states=reference[a],
-                                    attention_mask=batch["attention_mask"], sub=Span(a, b))
-            torch.testing.assert_close(out, reference[b], rtol=0, atol=ATOL,
-                                       msg=f"{arch}: sub-range {a}:{b}")
+                out = later.forward(
+                    hidden_states=reference[a],
+                    attention_mask=batch["attention_mask"],
+                    sub=Span(a, b),
+                )
+            torch.testing.assert_close(
+                out, reference[b], rtol=0, atol=ATOL, msg=f"{arch}: sub-range {a}:{b}"
+            )
             checked += 1
     assert checked == 6
     # The sub-range views share the stage's weights and leave its full span untouched.
@@ -194,8 +213,10 @@ def test_sub_range_outside_span_is_refused(tiny_repo: Path, arch: str) -> None:
 
 # -- greedy generation through per-stage KV caches -------------------------------------------
 
-def _chain_generate_with_logits(chain: Sequence[StageModel], prompt: torch.Tensor,
-                                steps: int) -> tuple[list[int], torch.Tensor]:
+
+def _chain_generate_with_logits(
+    chain: Sequence[StageModel], prompt: torch.Tensor, steps: int
+) -> tuple[list[int], torch.Tensor]:
     """Greedy decoding the way a session runs it: one KV cache per stage, one token per step."""
     caches = [stage.new_cache() for stage in chain]
     feed = prompt
@@ -225,15 +246,24 @@ def _chain_generate(chain: Sequence[StageModel], prompt: torch.Tensor, steps: in
 
 
 @cache
-def _hf_generate_cached(path: Path, prompt: tuple[int, ...],
-                        steps: int) -> tuple[tuple[int, ...], torch.Tensor]:
+def _hf_generate_cached(
+    path: Path, prompt: tuple[int, ...], steps: int
+) -> tuple[tuple[int, ...], torch.Tensor]:
     model = _reference(path, causal=True)
     ids = torch.tensor([prompt], dtype=torch.int64)
     with torch.no_grad():
-        out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
-                             max_new_tokens=steps, min_new_tokens=steps, eos_token_id=None,
-                             pad_token_id=0, return_dict_in_generate=True, output_logits=True)
-    generated = tuple(out.sequences[0, ids.shape[1]:].tolist())
+        out = model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            do_sample=False,
+            max_new_tokens=steps,
+            min_new_tokens=steps,
+            eos_token_id=None,
+            pad_token_id=0,
+            return_dict_in_generate=True,
+            output_logits=True,
+        )
+    generated = tuple(out.sequences[0, ids.shape[1] :].tolist())
     assert len(generated) == steps
     return generated, torch.stack([step[0] for step in out.logits])
 
@@ -243,14 +273,17 @@ def _hf_generate(spec: ModelSpec, prompt: torch.Tensor, steps: int) -> list[int]
 
 
 @pytest.mark.parametrize("prompt_text", GEN_PROMPTS)
-@pytest.mark.parametrize(("arch", "cuts"),
-                         [(a, c) for a in CAUSAL for c in ((2,), (1,), (1, 3), (1, 2))])
-def test_greedy_generation_through_stage_caches(tiny_repo: Path, arch: str,
-                                                cuts: tuple[int, ...], prompt_text: str) -> None:
+@pytest.mark.parametrize(
+    ("arch", "cuts"), [(a, c) for a in CAUSAL for c in ((2,), (1,), (1, 3), (1, 2))]
+)
+def test_greedy_generation_through_stage_caches(
+    tiny_repo: Path, arch: str, cuts: tuple[int, ...], prompt_text: str
+) -> None:
     spec = _spec(tiny_repo, arch)
     prompt = _tokenizer(spec)(prompt_text, return_tensors="pt")["input_ids"]
-    expected, expected_logits = _hf_generate_cached(spec.path, tuple(prompt[0].tolist()),
-                                                    NEW_TOKENS)
+    expected, expected_logits = _hf_generate_cached(
+        spec.path, tuple(prompt[0].tolist()), NEW_TOKENS
+    )
     tokens, logits = _chain_generate_with_logits(_chain(spec, cuts), prompt, NEW_TOKENS)
     assert tokens == list(expected)
     # Tokens alone are a weak check on a random tiny model (it likes repeating itself); the
@@ -286,7 +319,7 @@ def test_cached_steps_equal_uncached_logits(tiny_repo: Path, arch: str) -> None:
         hidden = None
         for stage, kv in zip(chain, caches, strict=True):
             if stage.is_first:
-                hidden = stage.forward(input_ids=ids[:, position:position + 1], cache=kv)
+                hidden = stage.forward(input_ids=ids[:, position : position + 1], cache=kv)
             else:
                 hidden = stage.forward(hidden_states=hidden, cache=kv)
         logits = chain[-1].logits(hidden[:, -1])[0]
@@ -304,6 +337,7 @@ def test_only_the_last_causal_stage_has_a_head(tiny_repo: Path) -> None:
 
 # -- pooled embeddings -----------------------------------------------------------------------
 
+
 def _reference_pool(hidden: torch.Tensor, mask: torch.Tensor) -> np.ndarray:
     """Mean over real tokens then L2 normalisation, in float64 numpy."""
     h = hidden.double().numpy()
@@ -312,10 +346,10 @@ def _reference_pool(hidden: torch.Tensor, mask: torch.Tensor) -> np.ndarray:
     return mean / np.linalg.norm(mean, axis=1, keepdims=True)
 
 
-@pytest.mark.parametrize(("arch", "cuts"),
-                         [(a, c) for a in ARCHS for c in ((), (2,), (1, 3))])
-def test_pooled_embeddings_equal_reference(tiny_repo: Path, arch: str,
-                                           cuts: tuple[int, ...]) -> None:
+@pytest.mark.parametrize(("arch", "cuts"), [(a, c) for a in ARCHS for c in ((), (2,), (1, 3))])
+def test_pooled_embeddings_equal_reference(
+    tiny_repo: Path, arch: str, cuts: tuple[int, ...]
+) -> None:
     spec = _spec(tiny_repo, arch)
     batch = _batch(spec)
     reference = _reference_pool(_hf_hidden_states(spec, batch)[-1], batch["attention_mask"])
@@ -345,6 +379,7 @@ def test_pooled_embeddings_equal_sentence_transformers(tiny_repo: Path, arch: st
 
 # -- sampling --------------------------------------------------------------------------------
 
+
 def _draws(logits: torch.Tensor, params: SamplingParams, n: int) -> list[int]:
     generator = make_generator(params)
     return [sample(logits, params, generator) for _ in range(n)]
@@ -364,9 +399,11 @@ def test_greedy_is_argmax_and_needs_no_generator() -> None:
 
 def test_seeded_sampling_is_reproducible() -> None:
     logits = torch.zeros(50)
-    for params in (SamplingParams(temperature=1.0, seed=7),
-                   SamplingParams(temperature=0.8, top_k=20, seed=7),
-                   SamplingParams(temperature=1.3, top_p=0.9, seed=123)):
+    for params in (
+        SamplingParams(temperature=1.0, seed=7),
+        SamplingParams(temperature=0.8, top_k=20, seed=7),
+        SamplingParams(temperature=1.3, top_p=0.9, seed=123),
+    ):
         first = _draws(logits, params, 40)
         assert first == _draws(logits, params, 40)
         assert len(set(first)) > 5  # really sampled, not collapsed to one token
@@ -402,8 +439,7 @@ def test_top_k_and_top_p_keep_only_their_tokens() -> None:
 
 def test_different_seeds_vary_over_a_flat_distribution() -> None:
     logits = torch.zeros(1000)
-    runs = {tuple(_draws(logits, SamplingParams(temperature=1.0, seed=s), 10))
-            for s in range(8)}
+    runs = {tuple(_draws(logits, SamplingParams(temperature=1.0, seed=s), 10)) for s in range(8)}
     assert len(runs) == 8
     unseeded = {tuple(_draws(logits, SamplingParams(temperature=1.0), 10)) for _ in range(4)}
     assert len(unseeded) == 4
@@ -428,5 +464,4 @@ def test_seeded_draw_depends_only_on_seed_and_position() -> None:
     assert resumed == in_order[10:]
     assert len(set(in_order)) > 10  # positions do not all draw the same token
     other = SamplingParams(temperature=1.0, seed=43)
-    assert [sample(logits, other, make_generator(other), position=p)
-            for p in range(20)] != in_order
+    assert [sample(logits, other, make_generator(other), position=p) for p in range(20)] != in_order

@@ -16,8 +16,13 @@ from services.common.tensors import ITEMSIZE, MAX_TENSOR_BYTES, from_numpy, to_n
 from services.pb.tessera.v1 import common_pb2
 from services.worker.tensors import FLOAT_WIRE, TORCH_DTYPES, from_torch, to_torch
 
-NUMPY_WIRE = {"float32": np.float32, "float16": np.float16, "int64": np.int64,
-              "int32": np.int32, "bool": np.bool_}
+NUMPY_WIRE = {
+    "float32": np.float32,
+    "float16": np.float16,
+    "int64": np.int64,
+    "int32": np.int32,
+    "bool": np.bool_,
+}
 SHAPES = [(), (1,), (7,), (2, 3), (2, 3, 5), (1, 1, 1, 4)]
 
 
@@ -27,8 +32,7 @@ def _sample_numpy(dtype: str, shape: tuple[int, ...], seed: int = 0) -> np.ndarr
         return rng.integers(0, 2, size=shape).astype(np.bool_)
     if dtype in ("int64", "int32"):
         info = np.iinfo(NUMPY_WIRE[dtype])
-        return rng.integers(info.min, info.max, size=shape, dtype=NUMPY_WIRE[dtype],
-                            endpoint=True)
+        return rng.integers(info.min, info.max, size=shape, dtype=NUMPY_WIRE[dtype], endpoint=True)
     return (rng.standard_normal(shape) * 100).astype(NUMPY_WIRE[dtype])
 
 
@@ -51,6 +55,7 @@ def _raises_invalid(fn, *args, match: str | None = None, **kwargs) -> InvalidArg
 
 
 # -- round trips -----------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 @pytest.mark.parametrize("dtype", sorted(NUMPY_WIRE))
@@ -92,8 +97,7 @@ def test_numpy_and_torch_agree_on_bytes(dtype: str) -> None:
 
 def test_bytes_are_little_endian_row_major() -> None:
     wire = from_numpy(np.array([[1, 2], [3, 256]], dtype=np.int32))
-    assert wire.data == (b"\x01\x00\x00\x00" b"\x02\x00\x00\x00"
-                         b"\x03\x00\x00\x00" b"\x00\x01\x00\x00")
+    assert wire.data == (b"\x01\x00\x00\x00\x02\x00\x00\x00\x03\x00\x00\x00\x00\x01\x00\x00")
     assert from_torch(torch.tensor([1.0]), "float32").data == np.float32(1.0).tobytes()
     # bfloat16 is the upper half of float32: 1.0 = 0x3f80.
     assert from_torch(torch.tensor([1.0]), "bfloat16").data == b"\x80\x3f"
@@ -141,6 +145,7 @@ def test_from_numpy_rejects_unknown_dtypes() -> None:
 
 # -- empty tensors ---------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("shape", [(0,), (0, 4), (3, 0), (2, 0, 5)], ids=str)
 @pytest.mark.parametrize("dtype", sorted(TORCH_DTYPES))
 def test_empty_tensors(dtype: str, shape: tuple[int, ...]) -> None:
@@ -154,8 +159,11 @@ def test_empty_tensors(dtype: str, shape: tuple[int, ...]) -> None:
         assert to_numpy(wire).shape == shape
         assert from_numpy(np.zeros(shape, NUMPY_WIRE[dtype])) == wire
     # An empty shape with bytes attached is a lie too.
-    _raises_invalid(validate, common_pb2.Tensor(dtype=dtype, shape=list(shape),
-                                                data=b"\0" * ITEMSIZE[dtype]), "x")
+    _raises_invalid(
+        validate,
+        common_pb2.Tensor(dtype=dtype, shape=list(shape), data=b"\0" * ITEMSIZE[dtype]),
+        "x",
+    )
 
 
 # -- hostile or inconsistent input -----------------------------------------------------------
@@ -193,8 +201,11 @@ def test_unknown_dtypes_are_rejected(decode, dtype: str) -> None:  # type: ignor
 
 
 @pytest.mark.parametrize("decode", DECODERS)
-@pytest.mark.parametrize("shape", [[2**40, 2**40], [2**62, 4], [MAX_TENSOR_BYTES // 4 + 1],
-                                   [1 << 20, 1 << 20, 0, 1 << 20]], ids=str)
+@pytest.mark.parametrize(
+    "shape",
+    [[2**40, 2**40], [2**62, 4], [MAX_TENSOR_BYTES // 4 + 1], [1 << 20, 1 << 20, 0, 1 << 20]],
+    ids=str,
+)
 def test_oversized_declared_shapes_allocate_nothing(decode, shape: list[int]) -> None:  # type: ignore[no-untyped-def]
     wire = common_pb2.Tensor(dtype="float32", shape=shape, data=b"\0" * 16)
     tracemalloc.start()
@@ -213,8 +224,9 @@ def test_oversized_declared_shapes_allocate_nothing(decode, shape: list[int]) ->
 def test_size_limit_is_inclusive_of_exactly_the_limit() -> None:
     # A tensor of exactly MAX_TENSOR_BYTES is allowed by the limit; its byte count then decides.
     shape = [MAX_TENSOR_BYTES // 4]
-    error = _raises_invalid(validate, common_pb2.Tensor(dtype="float32", shape=shape, data=b""),
-                            "x")
+    error = _raises_invalid(
+        validate, common_pb2.Tensor(dtype="float32", shape=shape, data=b""), "x"
+    )
     assert "limit" not in error.message and "needs" in error.message
 
 

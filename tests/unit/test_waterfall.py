@@ -24,36 +24,83 @@ TRACE_B = "b" * 31 + "2"
 TRACE_BG = "c" * 31 + "3"
 
 
-def _line(trace: str, span: str, parent: str, name: str, service: str, start_ms: float,
-          end_ms: float, base_s: int, **attributes: object) -> str:
+def _line(
+    trace: str,
+    span: str,
+    parent: str,
+    name: str,
+    service: str,
+    start_ms: float,
+    end_ms: float,
+    base_s: int,
+    **attributes: object,
+) -> str:
     base = base_s * 1_000_000_000
-    return json.dumps({
-        "trace_id": trace, "span_id": span, "parent_span_id": parent, "name": name,
-        "kind": "INTERNAL", "service.name": service, "resource": {"service.name": service},
-        "scope": "test", "start_time_unix_nano": base + int(start_ms * MS),
-        "end_time_unix_nano": base + int(end_ms * MS), "attributes": attributes,
-        "events": [], "status": {"code": "UNSET", "message": ""}})
+    return json.dumps(
+        {
+            "trace_id": trace,
+            "span_id": span,
+            "parent_span_id": parent,
+            "name": name,
+            "kind": "INTERNAL",
+            "service.name": service,
+            "resource": {"service.name": service},
+            "scope": "test",
+            "start_time_unix_nano": base + int(start_ms * MS),
+            "end_time_unix_nano": base + int(end_ms * MS),
+            "attributes": attributes,
+            "events": [],
+            "status": {"code": "UNSET", "message": ""},
+        }
+    )
 
 
 def _request(trace: str, base_s: int, prefix: str) -> list[str]:
     """A two-stage generation of one token: root 0-100 ms on a 1 ms = 1 cell scale."""
-    ids = {k: prefix + format(i, "015x") for i, k in enumerate(
-        ["root", "get", "gen", "sa", "stepa", "sb", "stepb", "set"], start=1)}
+    ids = {
+        k: prefix + format(i, "015x")
+        for i, k in enumerate(["root", "get", "gen", "sa", "stepa", "sb", "stepb", "set"], start=1)
+    }
     return [
         # Written out of order, as several processes appending to one file would.
-        _line(trace, ids["stepb"], ids["sb"], "stage.step", WORKER_B, 31, 51, base_s,
-              **{"tessera.span": "2:4", "tessera.queue_ms": 0.0, "tessera.compute_ms": 20.0}),
-        _line(trace, ids["sa"], ids["gen"], "tessera.v1.Worker/Session", WORKER_A, 6, 90,
-              base_s),
+        _line(
+            trace,
+            ids["stepb"],
+            ids["sb"],
+            "stage.step",
+            WORKER_B,
+            31,
+            51,
+            base_s,
+            **{"tessera.span": "2:4", "tessera.queue_ms": 0.0, "tessera.compute_ms": 20.0},
+        ),
+        _line(trace, ids["sa"], ids["gen"], "tessera.v1.Worker/Session", WORKER_A, 6, 90, base_s),
         _line(trace, ids["root"], "", "tessera.v1.Inference/Generate", ROUTER, 0, 100, base_s),
         _line(trace, ids["set"], ids["root"], "cache.set", ROUTER, 96, 98, base_s),
-        _line(trace, ids["get"], ids["root"], "cache.get", ROUTER, 1, 3, base_s,
-              **{"cache.hit": False}),
+        _line(
+            trace,
+            ids["get"],
+            ids["root"],
+            "cache.get",
+            ROUTER,
+            1,
+            3,
+            base_s,
+            **{"cache.hit": False},
+        ),
         _line(trace, ids["gen"], ids["root"], "generate", ROUTER, 5, 95, base_s),
-        _line(trace, ids["stepa"], ids["sa"], "stage.step", WORKER_A, 10, 30, base_s,
-              **{"tessera.span": "0:2", "tessera.queue_ms": 5.0, "tessera.compute_ms": 10.0}),
-        _line(trace, ids["sb"], ids["gen"], "tessera.v1.Worker/Session", WORKER_B, 7, 91,
-              base_s),
+        _line(
+            trace,
+            ids["stepa"],
+            ids["sa"],
+            "stage.step",
+            WORKER_A,
+            10,
+            30,
+            base_s,
+            **{"tessera.span": "0:2", "tessera.queue_ms": 5.0, "tessera.compute_ms": 10.0},
+        ),
+        _line(trace, ids["sb"], ids["gen"], "tessera.v1.Worker/Session", WORKER_B, 7, 91, base_s),
     ]
 
 
@@ -63,8 +110,7 @@ def span_file(tmp_path: Path) -> Path:
     lines += ["some log line that is not JSON", '{"torn": ']  # skipped, not fatal
     lines += _request(TRACE_B, 2000, "b")
     # A later background trace (a worker heartbeat) is not what the default picks.
-    lines.append(_line(TRACE_BG, "d" * 16, "", "tessera.v1.Registry/Register", ROUTER, 0, 1,
-                       3000))
+    lines.append(_line(TRACE_BG, "d" * 16, "", "tessera.v1.Registry/Register", ROUTER, 0, 1, 3000))
     path = tmp_path / "spans.jsonl"
     path.write_text("\n".join(lines) + "\n")
     return path
@@ -78,8 +124,7 @@ def test_reads_and_groups_spans(span_file: Path) -> None:
     traces = waterfall.group_traces(waterfall.read_spans(span_file))
     assert sorted(traces) == sorted([TRACE_A, TRACE_B, TRACE_BG])
     assert len(traces[TRACE_A]) == 8
-    assert [r.name for r in waterfall.roots(traces[TRACE_A])] == [
-        "tessera.v1.Inference/Generate"]
+    assert [r.name for r in waterfall.roots(traces[TRACE_A])] == ["tessera.v1.Inference/Generate"]
 
 
 def test_tree_order_and_depth(span_file: Path) -> None:
@@ -114,7 +159,7 @@ def test_rendered_rows(span_file: Path) -> None:
     assert "      stage.step [0:2]" in rows[4]  # depth 3: six spaces
     assert "    tessera.v1.Worker/Session" in rows[3]
     # Every bar has the same width and the root spans all of it.
-    bars = [row[row.index("|") + 1:-1] for row in rows]
+    bars = [row[row.index("|") + 1 : -1] for row in rows]
     assert len({len(b) for b in bars}) == 1
     assert set(bars[0]) == {UNICODE.span}
     assert UNICODE.queue in bars[4] and UNICODE.other in bars[4]
@@ -125,8 +170,9 @@ def test_bar_scale_and_queue_compute_split() -> None:
     t0 = 10**18
 
     def span(start: float, end: float, **attrs: object) -> SpanRecord:
-        return SpanRecord("t", "s", "", "x", "svc", t0 + int(start * MS), t0 + int(end * MS),
-                          dict(attrs))
+        return SpanRecord(
+            "t", "s", "", "x", "svc", t0 + int(start * MS), t0 + int(end * MS), dict(attrs)
+        )
 
     # 100 ms over 100 cells: 1 ms per cell.
     assert waterfall.bar(span(0, 100), t0, 100 * MS, 100) == "█" * 100
@@ -139,9 +185,11 @@ def test_bar_scale_and_queue_compute_split() -> None:
     # Stage: 5 ms queued, then 10 ms compute, then 5 ms overhead.
     stage = span(10, 30, **{"tessera.queue_ms": 5.0, "tessera.compute_ms": 10.0})
     assert waterfall.bar(stage, t0, 100 * MS, 100) == (
-        " " * 10 + "░" * 5 + "█" * 10 + "▒" * 5 + " " * 70)
+        " " * 10 + "░" * 5 + "█" * 10 + "▒" * 5 + " " * 70
+    )
     assert waterfall.bar(stage, t0, 100 * MS, 100, ASCII) == (
-        " " * 10 + "." * 5 + "#" * 10 + "=" * 5 + " " * 70)
+        " " * 10 + "." * 5 + "#" * 10 + "=" * 5 + " " * 70
+    )
     # Attributes that overrun the span are clipped to it.
     over = span(0, 10, **{"tessera.queue_ms": 8.0, "tessera.compute_ms": 8.0})
     assert waterfall.bar(over, t0, 10 * MS, 10) == "░" * 8 + "█" * 2
@@ -154,8 +202,9 @@ def test_bar_scale_and_queue_compute_split() -> None:
     assert waterfall.split_ms(span(0, 1)) is None
 
 
-def test_default_picks_the_most_recent_request(span_file: Path,
-                                               capsys: pytest.CaptureFixture[str]) -> None:
+def test_default_picks_the_most_recent_request(
+    span_file: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     assert waterfall.main([str(span_file), "--width", "160"]) == 0
     out = capsys.readouterr().out
     assert out.startswith(f"trace {TRACE_B} ")
@@ -208,13 +257,18 @@ def test_file_exporter_round_trip(tmp_path: Path) -> None:
     assert first["name"] == "stage.step" and first["service.name"] == "svc"
     assert first["trace_id"] == format(outer.get_span_context().trace_id, "032x")
     assert first["parent_span_id"] == format(outer.get_span_context().span_id, "016x")
-    assert first["attributes"] == {"tessera.queue_ms": 1.5, "tessera.compute_ms": 2,
-                                   "tags": ["a", "b"]}
+    assert first["attributes"] == {
+        "tessera.queue_ms": 1.5,
+        "tessera.compute_ms": 2,
+        "tags": ["a", "b"],
+    }
     assert first["end_time_unix_nano"] >= first["start_time_unix_nano"] > 0
     assert json.loads(lines[1])["parent_span_id"] == ""
     spans = waterfall.read_spans(path)
-    assert [(d, s.name) for d, s in waterfall.tree_order(spans)] == [(0, "outer"),
-                                                                     (1, "stage.step")]
+    assert [(d, s.name) for d, s in waterfall.tree_order(spans)] == [
+        (0, "outer"),
+        (1, "stage.step"),
+    ]
 
 
 def test_file_exporter_appends_whole_lines_from_many_writers(tmp_path: Path) -> None:
@@ -258,15 +312,41 @@ def test_reads_console_exporter_output() -> None:
 
 
 def test_reads_otlp_json_lines() -> None:
-    line = json.dumps({"resourceSpans": [{
-        "resource": {"attributes": [{"key": "service.name",
-                                     "value": {"stringValue": "otlp-svc"}}]},
-        "scopeSpans": [{"spans": [
-            {"traceId": "5b8efff798038103d269b633813fc60c", "spanId": "eee19b7ec3c1b174",
-             "parentSpanId": "", "name": "root", "startTimeUnixNano": "1000000000",
-             "endTimeUnixNano": "1005000000", "status": {"code": 2},
-             "attributes": [{"key": "tessera.compute_ms", "value": {"doubleValue": 4.0}},
-                            {"key": "n", "value": {"intValue": "3"}}]}]}]}]})
+    line = json.dumps(
+        {
+            "resourceSpans": [
+                {
+                    "resource": {
+                        "attributes": [
+                            {"key": "service.name", "value": {"stringValue": "otlp-svc"}}
+                        ]
+                    },
+                    "scopeSpans": [
+                        {
+                            "spans": [
+                                {
+                                    "traceId": "5b8efff798038103d269b633813fc60c",
+                                    "spanId": "eee19b7ec3c1b174",
+                                    "parentSpanId": "",
+                                    "name": "root",
+                                    "startTimeUnixNano": "1000000000",
+                                    "endTimeUnixNano": "1005000000",
+                                    "status": {"code": 2},
+                                    "attributes": [
+                                        {
+                                            "key": "tessera.compute_ms",
+                                            "value": {"doubleValue": 4.0},
+                                        },
+                                        {"key": "n", "value": {"intValue": "3"}},
+                                    ],
+                                }
+                            ]
+                        }
+                    ],
+                }
+            ]
+        }
+    )
     [span] = waterfall.parse_spans(line + "\n")
     assert span.service == "otlp-svc" and span.status == "ERROR"
     assert span.duration_ns == 5 * MS and span.attributes == {"tessera.compute_ms": 4.0, "n": 3}
