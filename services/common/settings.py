@@ -29,9 +29,9 @@ class WorkerSettings:
     repository: str = field(default_factory=default_repository)
     heartbeat_s: float = 2.0  # seconds between registrations
     max_outstanding: int = 64  # requests in flight before RESOURCE_EXHAUSTED
-    max_sessions: int = 64  # live generation sessions
-    max_kv_mb: int = 2048  # MiB of KV cache over all sessions
-    session_idle_s: float = 60.0  # seconds before an idle session is ended
+    max_rows: int = 64  # generation rows held at once, over every batch
+    max_kv_mb: int = 2048  # MiB of KV cache over every batch, padding included
+    batch_idle_s: float = 60.0  # seconds before a batch no router steps is freed
     max_batch: int = 32  # rows (texts or sessions) per forward pass
     max_wait_ms: float = 1.0  # milliseconds to wait for more work before a batch runs
     drain_s: float = 10.0  # seconds to finish work on SIGTERM
@@ -68,6 +68,12 @@ class RouterSettings:
     max_message_mb: int = 64  # largest gRPC message accepted or sent, MiB
     max_streams_per_connection: int = 64  # concurrent GenerateStream calls per client connection
     hidden_dtype: str = "float32"  # dtype of hidden states between stages
+    micro_batches: int = 2  # generation batches in flight per chain (pipelining across stages)
+    max_waiting: int = 256  # generations waiting per chain before RESOURCE_EXHAUSTED
+    max_prefill_tokens: int = 8192  # rows x width of one prefill
+    waiting_served_ratio: float = 1.2  # prefill early only for this many waiting per running row
+    max_waiting_steps: int = 20  # ... or once this many decode steps have run since the last
+    aging_s: float = 2.0  # seconds of waiting that raise a generation's priority by one
     metrics_port: int = -1  # Prometheus /metrics port; -1 = off, 0 = any free port
     tls_cert: str = ""  # public port certificate (PEM); empty = plaintext
     tls_key: str = ""

@@ -64,10 +64,7 @@ class WorkerDescriptor:
     kind: ModelKind
     capacity: int
     hidden_size: int
-
-    @property
-    def is_replica(self) -> bool:
-        return self.span.start == 0 and self.span.end == self.num_layers
+    kv_token_budget: int = 0  # KV token slots (rows x columns) the worker holds at most
 
 
 @dataclass(frozen=True, slots=True)

@@ -7,7 +7,8 @@ caching, routing, deadlines and error codes are exactly those of tessera.v1.Infe
 Tensors:
 - causal-lm models: input "text" BYTES with one element (the prompt); output "text" BYTES in
   the input's shape (the completion). Request parameters: max_new_tokens, temperature, top_p,
-  top_k, seed, stop (one string). Response parameters: finish_reason, prompt_tokens,
+  top_k, seed, stop (one string), priority (GenerateRequest.priority). Response parameters:
+  finish_reason, prompt_tokens,
   generated_tokens, cached.
 - encoder models: input "text" BYTES [N]; output "embeddings" FP32 [N, dim] (mean pooling +
   L2 normalisation, equal to Embed). Response parameters: cached_inputs, cached.
@@ -49,7 +50,7 @@ PROTOCOL_PARAMETERS = frozenset(
         "headers",
     }
 )
-INT_PARAMETERS = ("max_new_tokens", "top_k", "seed")
+INT_PARAMETERS = ("max_new_tokens", "top_k", "seed", "priority")
 FLOAT_PARAMETERS = ("temperature", "top_p")
 GENERATION_PARAMETERS = frozenset({*INT_PARAMETERS, *FLOAT_PARAMETERS, "stop"})
 

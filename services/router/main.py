@@ -84,6 +84,7 @@ async def run_router(
                 ],
             )
         ],
+        known_models=lambda m: pool.table.knows(m) or (frontends.repository / m).is_dir(),
         max_message_bytes=max_message,
     )
     if settings.metrics_port >= 0:
@@ -140,6 +141,7 @@ async def run_router(
         return 0
     finally:
         await served.server.stop(grace=1.0)
+        await inference.generations.close()
         await pool.close()
         cache.close()
         for task in pending:

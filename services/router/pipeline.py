@@ -1,9 +1,9 @@
-"""The hop loop: drives a request through the stages of a chain, one gRPC call per stage."""
+"""The hop loop for stateless work (Embed, Forward): one gRPC call per stage, in order.
+
+Also how a worker's status becomes what the router does with it (`translate`)."""
 
 from __future__ import annotations
 
-import asyncio
-import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
@@ -13,10 +13,9 @@ from opentelemetry import trace
 
 from services.common.errors import DeadlineExceeded, ResourceExhausted, ServiceError
 from services.common.telemetry import outgoing_metadata
-from services.common.types import Hop, SamplingParams
+from services.common.types import Hop
 from services.pb.tessera.v1 import common_pb2, worker_pb2
 from services.router.pool import WorkerPool
-from services.router.routing import Chain
 
 tracer = trace.get_tracer("tessera.router")
 
@@ -116,95 +115,3 @@ async def run_forward(
         current = response.hidden_states
     assert current is not None
     return current
-
-
-class ChainSession:
-    """One generation in flight on a chain: one Session stream per stage, driven step by step."""
-
-    def __init__(
-        self,
-        pool: WorkerPool,
-        chain: Chain,
-        sampling: SamplingParams,
-        timeout: float,
-        hidden_dtype: str = "float32",
-    ) -> None:
-        self.pool = pool
-        self.chain = chain
-        self.session_id = uuid.uuid4().hex
-        self.sampling = sampling
-        self.timeout = timeout
-        self.hidden_dtype = hidden_dtype
-        self._calls: list[tuple[str, aio.StreamStreamCall]] = []
-        self._first = True
-
-    async def __aenter__(self) -> ChainSession:
-        metadata = outgoing_metadata()
-        for worker in self.chain.workers:
-            call = self.pool.stub(worker.address).Session(timeout=self.timeout, metadata=metadata)
-            self._calls.append((worker.address, call))
-            self.pool.load[worker.address] = self.pool.load.get(worker.address, 0) + 1
-        return self
-
-    async def __aexit__(self, exc_type: object, *exc: object) -> None:
-        """Ends every stage's stream: half-close and wait for OK normally, cancel on errors."""
-        calls, self._calls = self._calls, []
-        for address, _ in calls:
-            self.pool.load[address] -= 1
-        if exc_type is None:
-
-            async def close(call: aio.StreamStreamCall) -> None:
-                await call.done_writing()
-                await call.code()
-
-            try:
-                await asyncio.wait_for(
-                    asyncio.gather(*(close(c) for _, c in calls)), timeout=CLOSE_TIMEOUT_S
-                )
-                return
-            except (aio.AioRpcError, aio.UsageError, TimeoutError):
-                pass
-        for _, call in calls:
-            call.cancel()
-
-    async def step(self, token_ids: Sequence[int]) -> int:
-        """Feeds new tokens through every stage; returns the token the last stage sampled."""
-        s = self.sampling
-        sampling = worker_pb2.Sampling(temperature=s.temperature, top_k=s.top_k, top_p=s.top_p)
-        if s.seed is not None:
-            sampling.seed = s.seed
-        hidden: common_pb2.Tensor | None = None
-        response = None
-        for index, (address, call) in enumerate(self._calls):
-            request = worker_pb2.StepRequest(
-                session_id=self.session_id, hidden_dtype=self.hidden_dtype
-            )
-            if index == 0:
-                request.input_ids.CopyFrom(ids_tensor([list(token_ids)]))
-            else:
-                assert hidden is not None
-                request.hidden_states.CopyFrom(hidden)
-            if self._first:
-                request.sampling.CopyFrom(sampling)
-            try:
-                await call.write(request)
-                response = await call.read()
-            except aio.AioRpcError as error:
-                raise translate(error, address, self.pool) from None
-            except (aio.UsageError, asyncio.InvalidStateError) as error:
-                # The stream already ended (the worker died or closed it): try elsewhere.
-                self.pool.mark_failed(address)
-                raise HopFailed(address, str(error) or "stream already finished") from None
-            if response is aio.EOF:
-                code = await call.code()
-                details = await call.details()
-                raise translate(_StatusOnly(code, details), address, self.pool)
-            hidden = response.hidden_states
-        self._first = False
-        assert response is not None
-        return int(response.token_id)
-
-
-class _StatusOnly(aio.AioRpcError):
-    def __init__(self, code: grpc.StatusCode, details: str | None) -> None:
-        super().__init__(code, aio.Metadata(), aio.Metadata(), details=details)

@@ -35,6 +35,7 @@ def descriptor_from_info(info: worker_pb2.WorkerInfo, address: str) -> WorkerDes
         kind=ModelKind(info.kind),
         capacity=info.capacity,
         hidden_size=info.hidden_size,
+        kv_token_budget=info.kv_token_budget,
     )
 
 

@@ -43,11 +43,13 @@ from services.pb.tessera.v1 import (
     worker_pb2,
     worker_pb2_grpc,
 )
+from services.router.batcher import Finished, Generation, Generations
 from services.router.frontends import Frontends, ModelFrontend
 from services.router.generation import TextAssembler
-from services.router.pipeline import ChainSession, HopFailed, _ForwardedInvalid, run_forward
+from services.router.pipeline import HopFailed, _ForwardedInvalid, run_forward
 from services.router.pool import WorkerPool
 from services.router.routing import Chain
+from services.router.scheduler import MAX_PRIORITY, MIN_PRIORITY, SchedulerConfig
 
 log = logging.getLogger(__name__)
 tracer = trace.get_tracer("tessera.router")
@@ -58,6 +60,16 @@ MAX_STOP_STRINGS = 16
 MAX_STOP_CHARS = 256
 MAX_LAYERS = 4096
 RETRY_BUDGET = 2  # extra chains tried after a transport failure
+TENANT_KEY = "x-tessera-tenant"
+MAX_TENANT_CHARS = 64
+
+
+def _tenant(context: aio.ServicerContext) -> str:
+    """The tenant a request is scheduled for fairly against others (metadata; default none)."""
+    for key, value in context.invocation_metadata() or ():
+        if key == TENANT_KEY and isinstance(value, str):
+            return value[:MAX_TENANT_CHARS]
+    return ""
 
 
 class Deadline:
@@ -81,11 +93,27 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
     ) -> None:
         self.settings = settings
         self.pool = pool
+        self.generations = Generations(pool, self._scheduler_config, settings.hidden_dtype)
         self.frontends = frontends
         self.cache = cache
         self.outstanding = 0
         self.draining = False
         self._streams: dict[str, int] = {}  # open GenerateStream calls per client connection
+
+    def _scheduler_config(self, chain: Chain) -> SchedulerConfig:
+        s = self.settings
+        stages = len(chain.workers)
+        return SchedulerConfig(
+            budget_tokens=min(w.kv_token_budget for w in chain.workers),
+            max_rows=min(w.capacity for w in chain.workers),
+            slots=max(2, s.micro_batches),
+            balanced=stages > 1,
+            max_waiting=s.max_waiting,
+            max_prefill_tokens=s.max_prefill_tokens,
+            waiting_served_ratio=s.waiting_served_ratio,
+            max_waiting_steps=s.max_waiting_steps,
+            aging_s=s.aging_s,
+        )
 
     # -- shared steps -----------------------------------------------------------------------
 
@@ -232,13 +260,19 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
         started = time.perf_counter()
         deadline = Deadline(context, self.settings.request_timeout_s)
         frontend, prompt_ids, max_new, sampling, stop = self._generate_inputs(request)
+        priority = request.priority if request.HasField("priority") else 0
+        if not MIN_PRIORITY <= priority <= MAX_PRIORITY:
+            raise InvalidArgument(
+                f"priority must be in [{MIN_PRIORITY}, {MAX_PRIORITY}], got {priority}"
+            )
         model = request.model
-        chain = self.pool.table.route(model, self.pool.load)
+        # The version is chosen once: the cache key and every step use the same fingerprint.
+        fingerprint = self.pool.table.route(model, self.pool.load).fingerprint
         key = None
         if sampling.deterministic and self.cache.enabled:
             key = generate_key(
                 model,
-                chain.fingerprint,
+                fingerprint,
                 prompt_ids,
                 {
                     "max_new_tokens": max_new,
@@ -255,8 +289,8 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
                 try:
                     cached.ParseFromString(hit)
                 except Exception:  # noqa: BLE001 - a corrupt entry is a miss
-                    cached = None
-                if cached is not None:
+                    pass
+                else:
                     yield inference_pb2.GenerateChunk(
                         text=cached.text,
                         token_ids=cached.token_ids,
@@ -266,74 +300,57 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
                         cached=True,
                     )
                     return
+        loop = asyncio.get_running_loop()
+        generation = Generation(
+            model,
+            request_id=self.generations.new_id(),
+            prompt=prompt_ids,
+            max_new=max_new,
+            sampling=sampling,
+            eos=frontend.eos_token_ids,
+            arrived=loop.time(),
+            deadline=loop.time() + deadline.remaining(),
+            priority=priority,
+            tenant=_tenant(context),
+        )
+        self.generations.submit(generation, fingerprint=fingerprint)
         assembler = TextAssembler(frontend, stop)
         last_token_at: float | None = None
-        finish = "length"
+        finish = ""
         sent_ids = 0
-        excluded: set[str] = set()
-        with tracer.start_as_current_span(
-            "generate",
-            attributes={"tessera.model": model, "tessera.prompt_tokens": len(prompt_ids)},
-        ) as span:
-            while True:
-                span.add_event("route", {"tessera.route": chain.describe()})
-                try:
-                    async with ChainSession(
-                        self.pool, chain, sampling, deadline.remaining(), self.settings.hidden_dtype
-                    ) as session:
-                        # After a fault the new chain re-runs the prefill over the prompt and
-                        # the tokens already generated, then continues where the old one stopped.
-                        feed = prompt_ids + assembler.token_ids
-                        while len(assembler.token_ids) < max_new:
-                            deadline.remaining()
-                            try:
-                                token = await session.step(feed)
-                            except _ForwardedInvalid as exc:
-                                raise ServiceError(
-                                    f"a worker rejected the router's step: {exc}"
-                                ) from None
-                            feed = [token]
-                            now = time.perf_counter()
-                            if last_token_at is None:
-                                TIME_TO_FIRST_TOKEN.labels(model).observe(now - started)
-                            else:
-                                INTER_TOKEN_SECONDS.labels(model).observe(now - last_token_at)
-                            last_token_at = now
-                            GENERATED_TOKENS.labels(model).inc()
-                            if token in frontend.eos_token_ids:
-                                assembler.token_ids.append(token)
-                                finish = "eos"
-                                break
-                            assembler.add(token)
-                            if assembler.stopped:
-                                finish = "stop"
-                                break
-                            piece = assembler.take(final=False)
-                            new_ids = assembler.token_ids[sent_ids:]
-                            sent_ids = len(assembler.token_ids)
-                            yield inference_pb2.GenerateChunk(
-                                text=piece,
-                                token_ids=new_ids,
-                                prompt_tokens=len(prompt_ids),
-                                generated_tokens=len(assembler.token_ids),
-                            )
+        try:
+            while not finish:
+                event = await generation.next(deadline.remaining())
+                if isinstance(event, Finished):
+                    finish = event.reason
                     break
-                except HopFailed as failure:
-                    excluded.add(failure.address)
-                    log.warning(
-                        "generation on %s failed after %d tokens: %s; resuming",
-                        chain.describe(),
-                        len(assembler.token_ids),
-                        failure,
-                    )
-                    if len(excluded) > RETRY_BUDGET:
-                        raise Unavailable(f"model {model!r}: {failure}") from None
-                    chain = self.pool.table.route(
-                        model,
-                        self.pool.load,
-                        exclude=frozenset(excluded),
-                        fingerprint=chain.fingerprint,
-                    )
+                now = time.perf_counter()
+                if last_token_at is None:
+                    TIME_TO_FIRST_TOKEN.labels(model).observe(now - started)
+                else:
+                    INTER_TOKEN_SECONDS.labels(model).observe(now - last_token_at)
+                last_token_at = now
+                GENERATED_TOKENS.labels(model).inc()
+                if event in frontend.eos_token_ids:
+                    assembler.token_ids.append(event)
+                    continue
+                assembler.add(event)
+                if assembler.stopped:
+                    finish = "stop"
+                    break
+                piece = assembler.take(final=False)
+                new_ids = assembler.token_ids[sent_ids:]
+                sent_ids = len(assembler.token_ids)
+                yield inference_pb2.GenerateChunk(
+                    text=piece,
+                    token_ids=new_ids,
+                    prompt_tokens=len(prompt_ids),
+                    generated_tokens=len(assembler.token_ids),
+                )
+        finally:
+            # A stop string, a client that left or an error: the row leaves at the next step.
+            if finish != "eos" and finish != "length":
+                generation.cancel()
         piece = assembler.take(final=True)
         yield inference_pb2.GenerateChunk(
             text=piece,

@@ -44,16 +44,16 @@ def build_service(settings: WorkerSettings, address: str) -> WorkerService:
         span=span,
         num_layers=spec.num_layers,
         kind=spec.kind,
-        capacity=settings.max_sessions
+        capacity=settings.max_rows
         if spec.kind is ModelKind.CAUSAL_LM
         else settings.max_outstanding,
         hidden_size=spec.hidden_size,
     )
     limits = WorkerLimits(
         max_outstanding=settings.max_outstanding,
-        max_sessions=settings.max_sessions,
+        max_rows=settings.max_rows,
         max_kv_bytes=settings.max_kv_mb * 1024 * 1024,
-        session_idle_s=settings.session_idle_s,
+        batch_idle_s=settings.batch_idle_s,
         max_batch=settings.max_batch,
         max_wait_s=settings.max_wait_ms / 1000,
     )
@@ -149,6 +149,7 @@ async def run_worker(
         port=settings.port,
         tracer_name="tessera.worker",
         credentials=credentials,
+        known_models=lambda m: m == settings.model,
     )
     if settings.metrics_port >= 0:
         metrics_port = start_metrics_server(settings.metrics_port, settings.host)
@@ -185,7 +186,7 @@ async def run_worker(
         await served.health.enter_graceful_shutdown()
         await registration
         deadline = loop.time() + settings.drain_s
-        while (service.outstanding or len(service.sessions)) and loop.time() < deadline:
+        while (service.outstanding or service.engine.rows) and loop.time() < deadline:
             await asyncio.sleep(0.05)
         service.shutdown()
         return 0
@@ -213,5 +214,14 @@ class _Late(worker_pb2_grpc.WorkerServicer):
     async def Forward(self, request, context):  # type: ignore[no-untyped-def]
         return await self._service().Forward(request, context)
 
-    def Session(self, request_iterator, context):  # type: ignore[no-untyped-def]
-        return self._service().Session(request_iterator, context)
+    async def Prefill(self, request, context):  # type: ignore[no-untyped-def]
+        return await self._service().Prefill(request, context)
+
+    async def Decode(self, request, context):  # type: ignore[no-untyped-def]
+        return await self._service().Decode(request, context)
+
+    async def Filter(self, request, context):  # type: ignore[no-untyped-def]
+        return await self._service().Filter(request, context)
+
+    async def Clear(self, request, context):  # type: ignore[no-untyped-def]
+        return await self._service().Clear(request, context)

@@ -6,8 +6,7 @@ import asyncio
 import contextvars
 import logging
 import time
-import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -17,24 +16,13 @@ import torch.nn.functional as F
 from grpc import aio
 from opentelemetry import trace
 
-from services.common.errors import (
-    DeadlineExceeded,
-    InvalidArgument,
-    ResourceExhausted,
-    Unavailable,
-)
+from services.common.errors import InvalidArgument, ResourceExhausted, Unavailable
 from services.common.metrics import BATCH_ROWS, KV_CACHE_BYTES, LIVE_SESSIONS, QUEUE_DEPTH
 from services.common.types import ModelKind, SamplingParams, Span, WorkerDescriptor
 from services.pb.tessera.v1 import common_pb2, worker_pb2, worker_pb2_grpc
-from services.worker.batch import (
-    ForwardItem,
-    StepItem,
-    batched_decode,
-    group_forward_items,
-    run_forward_group,
-)
-from services.worker.sampling import make_generator, sample
-from services.worker.sessions import Session, SessionTable
+from services.worker.batch import Row
+from services.worker.engine import GenerationEngine, StepOutput
+from services.worker.forwarding import ForwardItem, group_forward_items, run_forward_group
 from services.worker.stage import StageModel
 from services.worker.tensors import FLOAT_WIRE, from_torch, to_torch
 
@@ -43,15 +31,17 @@ tracer = trace.get_tracer("tessera.worker")
 T = TypeVar("T")
 
 MAX_TOKENS_PER_CALL = 128 * 1024
+MAX_BATCH_ID_CHARS = 128
+EXPIRE_EVERY_S = 1.0
 
 
 @dataclass(frozen=True)
 class WorkerLimits:
     max_outstanding: int = 64  # requests in flight or queued before RESOURCE_EXHAUSTED
-    max_sessions: int = 64  # live generation sessions
-    max_kv_bytes: int = 2 * 1024**3  # bytes of KV cache over all sessions
-    session_idle_s: float = 60.0  # a session with no step for this long is ended
-    max_batch: int = 32  # rows (texts or sessions) in one forward pass
+    max_rows: int = 64  # generation rows held at once, over every batch
+    max_kv_bytes: int = 2 * 1024**3  # bytes of KV cache over every batch, padding included
+    batch_idle_s: float = 60.0  # a batch no router steps for this long is freed
+    max_batch: int = 32  # rows (texts) in one Forward pass
     max_wait_s: float = 0.001  # wait this long for more work before a batch runs
 
 
@@ -72,11 +62,17 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         self.stage = stage
         self.descriptor = descriptor
         self.limits = limits
-        self.sessions = SessionTable(limits.max_sessions, limits.max_kv_bytes)
+        self.engine = GenerationEngine(
+            stage,
+            budget_tokens=limits.max_kv_bytes // stage.kv_bytes_per_token,
+            max_rows=limits.max_rows,
+            idle_s=limits.batch_idle_s,
+        )
+        self._expired_at = time.monotonic()
         self.outstanding = 0
         self.draining = False
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="model")
-        self._queue: list[Any] = []
+        self._queue: list[ForwardItem] = []
         self._wake = asyncio.Event()
         self._scheduler: asyncio.Task[None] | None = None
         self._labels = (descriptor.model, str(descriptor.span))
@@ -112,9 +108,12 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
             kind=d.kind.value,
             capacity=d.capacity,
             outstanding=self.outstanding,
-            live_sessions=len(self.sessions),
+            live_sessions=self.engine.rows,
             hidden_size=d.hidden_size,
             address=d.address,
+            kv_token_budget=self.engine.budget_tokens,
+            kv_tokens=self.engine.kv_tokens,
+            live_batches=len(self.engine.batches),
         )
 
     def _sub_span(self, span: common_pb2.Span | None) -> Span:
@@ -130,6 +129,9 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
 
     def _input_ids(self, tensor: common_pb2.Tensor, name: str) -> torch.Tensor:
         ids = to_torch(tensor, name, ndim=2, dtypes=("int64", "int32")).to(torch.int64)
+        return self._input_ids_checked(ids, name)
+
+    def _input_ids_checked(self, ids: torch.Tensor, name: str) -> torch.Tensor:
         if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self._vocab):
             raise InvalidArgument(f"{name}: token ids must be in [0, {self._vocab})")
         return ids
@@ -217,103 +219,152 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         finally:
             self.outstanding -= 1
 
-    # -- generation sessions ----------------------------------------------------------------
+    # -- generation batches -----------------------------------------------------------------
 
-    async def Session(
-        self, request_iterator: AsyncIterator[worker_pb2.StepRequest], context: aio.ServicerContext
-    ) -> AsyncIterator[worker_pb2.StepResponse]:
+    def _generation(self) -> None:
         if self.descriptor.kind is not ModelKind.CAUSAL_LM:
             raise InvalidArgument(f"model {self.descriptor.model} is not a causal LM")
-        session: Session | None = None
-        iterator = aiter(request_iterator)
+
+    def _batch_id(self, batch_id: str) -> str:
+        if not batch_id or len(batch_id) > MAX_BATCH_ID_CHARS:
+            raise InvalidArgument(f"batch ids are 1 to {MAX_BATCH_ID_CHARS} characters")
+        return batch_id
+
+    def _wire(self, hidden_dtype: str) -> str:
+        wire = hidden_dtype or "float32"
+        if wire not in FLOAT_WIRE:
+            raise InvalidArgument(f"hidden_dtype must be one of {', '.join(FLOAT_WIRE)}")
+        return wire
+
+    def _rows(self, request: worker_pb2.PrefillRequest) -> list[Row]:
+        if not request.rows:
+            raise InvalidArgument("a prefill needs rows")
+        if len({r.request_id for r in request.rows}) != len(request.rows):
+            raise InvalidArgument("request ids repeat within the batch")
+        rows = []
+        for r in request.rows:
+            s = r.sampling
+            params = SamplingParams(
+                temperature=s.temperature,
+                top_k=s.top_k,
+                top_p=s.top_p if s.top_p > 0 else 1.0,
+                seed=s.seed if s.HasField("seed") else None,
+            )
+            if not 0 <= params.temperature <= 100 or params.top_k < 0 or not params.top_p <= 1:
+                raise InvalidArgument("sampling parameters out of range")
+            rows.append(Row(int(r.request_id), int(r.length), int(r.max_tokens), params))
+        return rows
+
+    def _result(self, out: StepOutput, wire: str) -> worker_pb2.StepResult:
+        result = worker_pb2.StepResult(batch_id=out.batch_id, kv_tokens=out.kv_tokens)
+        if out.tokens is not None:
+            result.token_ids.extend(out.tokens)
+        if out.hidden is not None:
+            result.hidden_states.CopyFrom(from_torch(out.hidden, wire))
+        return result
+
+    async def _step(self, name: str, fn: Callable[..., StepOutput], *args: Any) -> StepOutput:
+        """Runs one generation step on the model thread, traced, counted and with metrics."""
+        if name == "prefill":
+            self._admit()
+        else:
+            # A running batch's step is never refused: its rows already hold their KV.
+            self.outstanding += 1
         try:
-            while True:
-                try:
-                    request = await asyncio.wait_for(
-                        anext(iterator), timeout=self.limits.session_idle_s
-                    )
-                except StopAsyncIteration:
-                    return
-                except TimeoutError:
-                    raise DeadlineExceeded(
-                        f"session idle for {self.limits.session_idle_s:.0f} s; ended"
-                    ) from None
-                if request.end:
-                    return
-                if session is None:
-                    if self.draining:
-                        raise Unavailable("worker is draining and takes no new sessions")
-                    session = self._open_session(request)
-                self.sessions.check_memory()
-                self._admit(new_work=False)
-                try:
-                    response = await self._step(session, request)
-                finally:
-                    self.outstanding -= 1
-                session.last_used = time.monotonic()
-                yield response
+            with tracer.start_as_current_span(f"stage.{name}") as span:
+                span.set_attribute("tessera.span", str(self.stage.span))
+                started = time.perf_counter()
+                out = await self._run(fn, *args)
+                span.set_attribute("tessera.compute_ms", (time.perf_counter() - started) * 1e3)
+            rows = (
+                len(out.tokens)
+                if out.tokens is not None
+                else (int(out.hidden.shape[0]) if out.hidden is not None else 0)
+            )
+            span.set_attribute("tessera.batch_rows", rows)
+            BATCH_ROWS.labels(*self._labels, name).observe(rows)
+            return out
         finally:
-            if session is not None:
-                self.sessions.close(session.session_id)
-                LIVE_SESSIONS.labels(*self._labels).set(len(self.sessions))
-                KV_CACHE_BYTES.labels(*self._labels).set(self.sessions.kv_bytes())
+            self.outstanding -= 1
+            self._observe_generation()
 
-    def _open_session(self, request: worker_pb2.StepRequest) -> Session:
-        s = request.sampling
-        params = SamplingParams(
-            temperature=s.temperature,
-            top_k=s.top_k,
-            top_p=s.top_p if s.top_p > 0 else 1.0,
-            seed=s.seed if s.HasField("seed") else None,
-        )
-        if params.temperature < 0 or params.top_k < 0 or not 0 < params.top_p <= 1:
-            raise InvalidArgument("sampling parameters out of range")
-        # The table key is ours: a client reusing an id must not slip past max_sessions.
-        session = Session(
-            f"{request.session_id[:64]}#{uuid.uuid4().hex}",
-            self.stage.new_cache(),
-            params,
-            make_generator(params),
-        )
-        self.sessions.open(session)
-        return session
+    def _observe_generation(self) -> None:
+        LIVE_SESSIONS.labels(*self._labels).set(self.engine.rows)
+        KV_CACHE_BYTES.labels(*self._labels).set(self.engine.kv_bytes())
+        now = time.monotonic()
+        if now - self._expired_at > EXPIRE_EVERY_S and self.engine.batches:
+            self._expired_at = now
+            asyncio.get_running_loop().run_in_executor(self._executor, self._expire)
 
-    async def _step(
-        self, session: Session, request: worker_pb2.StepRequest
-    ) -> worker_pb2.StepResponse:
-        """Validates one step on the loop thread, then queues it for the next batch."""
+    def _expire(self) -> None:
+        for batch_id in self.engine.expire():
+            log.warning("freed batch %s: no step for %.0f s", batch_id, self.engine.idle_s)
+
+    async def Prefill(
+        self, request: worker_pb2.PrefillRequest, context: aio.ServicerContext
+    ) -> worker_pb2.StepResult:
+        self._generation()
+        batch_id = self._batch_id(request.batch_id)
+        rows = self._rows(request)
+        wire = self._wire(request.hidden_dtype)
         if self.stage.is_first:
             if not request.HasField("input_ids"):
                 raise InvalidArgument("the first stage needs input_ids")
-            tokens = self._input_ids(request.input_ids, "input_ids")
+            inputs = self._input_ids(request.input_ids, "input_ids")
         else:
             if not request.HasField("hidden_states"):
                 raise InvalidArgument("a later stage needs hidden_states")
-            tokens = self._hidden(request.hidden_states, "hidden_states")
-        if tokens.shape[0] != 1:
-            raise InvalidArgument("a session step carries one sequence")
-        self._check_length(1, session.cached_tokens() + int(tokens.shape[1]))
-        wire = request.hidden_dtype or "float32"
-        if wire not in FLOAT_WIRE:
-            raise InvalidArgument(f"hidden_dtype must be one of {', '.join(FLOAT_WIRE)}")
-        item = StepItem(
-            session=session,
-            tokens=tokens,
-            wire=wire,
-            future=asyncio.get_running_loop().create_future(),
-        )
-        with tracer.start_as_current_span("stage.step") as span:
-            span.set_attribute("tessera.span", str(self.stage.span))
-            span.set_attribute("tessera.tokens", int(tokens.shape[1]))
-            response = await self._submit(item)
-            span.set_attribute("tessera.batch_rows", item.batch_rows)
-            span.set_attribute("tessera.queue_ms", item.queue_ms)
-            span.set_attribute("tessera.compute_ms", item.compute_ms)
-        return response
+            inputs = self._hidden(request.hidden_states, "hidden_states")
+        if int(inputs.shape[0]) != len(rows):
+            raise InvalidArgument(f"{int(inputs.shape[0])} input rows for {len(rows)} rows")
+        self._check_length(len(rows), int(inputs.shape[1]))
+        out = await self._step("prefill", self.engine.prefill, batch_id, rows, inputs)
+        return self._result(out, wire)
+
+    async def Decode(
+        self, request: worker_pb2.DecodeRequest, context: aio.ServicerContext
+    ) -> worker_pb2.StepResult:
+        self._generation()
+        if not request.batch_ids:
+            raise InvalidArgument("a decode names at least one batch")
+        batch_ids = [self._batch_id(b) for b in request.batch_ids]
+        wire = self._wire(request.hidden_dtype)
+        if self.stage.is_first:
+            if not request.HasField("input_ids"):
+                raise InvalidArgument("the first stage needs input_ids")
+            ids = to_torch(request.input_ids, "input_ids", ndim=1, dtypes=("int64", "int32"))
+            inputs = self._input_ids_checked(ids.to(torch.int64), "input_ids")
+        else:
+            if not request.HasField("hidden_states"):
+                raise InvalidArgument("a later stage needs hidden_states")
+            inputs = self._hidden(request.hidden_states, "hidden_states")
+            if int(inputs.shape[1]) != 1:
+                raise InvalidArgument("a decode step carries one position per row")
+        if int(inputs.shape[0]) == 0:
+            raise InvalidArgument("inputs are empty")
+        out = await self._step("decode", self.engine.decode, batch_ids, inputs)
+        return self._result(out, wire)
+
+    async def Filter(
+        self, request: worker_pb2.FilterRequest, context: aio.ServicerContext
+    ) -> worker_pb2.FilterResponse:
+        self._generation()
+        batch_id = self._batch_id(request.batch_id)
+        held = await self._run(self.engine.filter, batch_id, list(request.keep))
+        self._observe_generation()
+        return worker_pb2.FilterResponse(kv_tokens=held)
+
+    async def Clear(
+        self, request: worker_pb2.ClearRequest, context: aio.ServicerContext
+    ) -> worker_pb2.ClearResponse:
+        batch_ids = [b for b in request.batch_ids if 0 < len(b) <= MAX_BATCH_ID_CHARS]
+        await self._run(self.engine.clear, batch_ids)
+        self._observe_generation()
+        return worker_pb2.ClearResponse()
 
     # -- the batch loop ---------------------------------------------------------------------
 
-    async def _submit(self, item: Any) -> Any:
+    async def _submit(self, item: ForwardItem) -> torch.Tensor:
         self._queue.append(item)
         self._wake.set()
         if self._scheduler is None or self._scheduler.done():
@@ -322,7 +373,7 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         return await item.future
 
     async def _schedule(self) -> None:
-        """Takes everything queued, groups it into batches, runs them on the model thread."""
+        """Takes every Forward queued, groups it into batches, runs them on the model thread."""
         while True:
             if not self._queue:
                 self._wake.clear()
@@ -332,79 +383,25 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
             items = [i for i in self._queue if not i.future.done()]
             self._queue.clear()
             self._queue_gauge.set(len(items))
-            steps = [i for i in items if isinstance(i, StepItem)]
-            forwards = [i for i in items if isinstance(i, ForwardItem)]
-            # A decode step adds one token to a session that already has a cache; a first step
-            # (a prefill, even of a one-token prompt) has no cache to pad and runs on its own.
-            decodes = [i for i in steps if i.tokens.shape[1] == 1 and i.session.cached_tokens() > 0]
-            prefills = [i for i in steps if not any(i is d for d in decodes)]
-            groups: list[list[Any]] = [
-                decodes[i : i + self.limits.max_batch]
-                for i in range(0, len(decodes), self.limits.max_batch)
-            ]
-            groups += [[i] for i in prefills]
-            groups += group_forward_items(forwards, self.limits.max_batch, MAX_TOKENS_PER_CALL)
-            for group in groups:
+            for group in group_forward_items(items, self.limits.max_batch, MAX_TOKENS_PER_CALL):
                 started = time.perf_counter()
                 try:
-                    if isinstance(group[0], StepItem):
-                        results = await self._run(self._execute_steps, group)
-                    else:
-                        results = await self._run(run_forward_group, self.stage, group, mean_pool)
+                    results = await self._run(run_forward_group, self.stage, group, mean_pool)
                 except Exception as exc:  # noqa: BLE001 - handed to every waiting handler
                     for item in group:
                         if not item.future.done():
                             item.future.set_exception(exc)
                     continue
                 finished = time.perf_counter()
-                rows = sum(getattr(i, "rows", 1) for i in group)
-                kind = "step" if isinstance(group[0], StepItem) else "forward"
-                BATCH_ROWS.labels(*self._labels, kind).observe(rows)
-                for item, result in zip(group, results):
+                rows = sum(i.rows for i in group)
+                BATCH_ROWS.labels(*self._labels, "forward").observe(rows)
+                for item, result in zip(group, results, strict=True):
                     item.queue_ms = (started - item.enqueued) * 1e3
                     item.compute_ms = (finished - started) * 1e3
                     item.batch_rows = rows
                     if not item.future.done():
                         item.future.set_result(result)
             self._queue_gauge.set(len(self._queue))
-            if steps:
-                LIVE_SESSIONS.labels(*self._labels).set(len(self.sessions))
-                KV_CACHE_BYTES.labels(*self._labels).set(self.sessions.kv_bytes())
-
-    def _execute_steps(self, group: list[StepItem]) -> list[worker_pb2.StepResponse]:
-        """One forward for a group of session steps (on the model thread)."""
-        if len(group) == 1:
-            item = group[0]
-            kwargs = (
-                {"input_ids": item.tokens}
-                if self.stage.is_first
-                else {"hidden_states": item.tokens}
-            )
-            hidden = self.stage.forward(cache=item.session.cache, **kwargs)
-        else:
-            hidden, grown = batched_decode(
-                self.stage, [i.session.cache for i in group], [i.tokens for i in group]
-            )
-            for item, cache in zip(group, grown):
-                item.session.cache = cache
-        responses = []
-        if self.stage.is_last:
-            logits = self.stage.logits(hidden[:, -1, :])
-            for row, item in enumerate(group):
-                cached = item.session.cached_tokens()
-                token = sample(
-                    logits[row], item.session.sampling, item.session.generator, position=cached
-                )
-                responses.append(worker_pb2.StepResponse(token_id=token, cached_tokens=cached))
-            return responses
-        for row, item in enumerate(group):
-            responses.append(
-                worker_pb2.StepResponse(
-                    hidden_states=from_torch(hidden[row : row + 1], item.wire),
-                    cached_tokens=item.session.cached_tokens(),
-                )
-            )
-        return responses
 
     def shutdown(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 from transformers import AutoModel, AutoModelForCausalLM, DynamicCache
+from transformers.cache_utils import Cache
 
 from services.common.repository import ModelSpec
 from services.common.types import ModelKind, Span
@@ -144,6 +145,16 @@ class StageModel:
     def is_last(self) -> bool:
         return self.span.end == self.spec.num_layers
 
+    @property
+    def kv_bytes_per_token(self) -> int:
+        """Bytes one token of one row takes in this stage's KV cache (keys + values)."""
+        config = self._base.config
+        heads = int(getattr(config, "num_attention_heads", 0) or getattr(config, "n_head", 1))
+        kv_heads = int(getattr(config, "num_key_value_heads", 0) or heads)
+        head_dim = int(getattr(config, "head_dim", 0) or self.spec.hidden_size // heads)
+        itemsize = torch.empty((), dtype=self.dtype).element_size()
+        return 2 * len(self.span) * kv_heads * head_dim * itemsize
+
     def view(self, sub: Span) -> nn.Module:
         """A base model that runs only layers sub ⊆ span, sharing this stage's weights."""
         if sub in self._views:
@@ -180,7 +191,7 @@ class StageModel:
         hidden_states: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         sub: Span | None = None,
-        cache: DynamicCache | None = None,
+        cache: Cache | None = None,
         position_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Runs layers `sub` (default: the whole span) and returns the hidden states after them.
@@ -226,6 +237,26 @@ class StageModel:
             kwargs["use_cache"] = False
         out = view(**kwargs)
         return out.last_hidden_state
+
+    def run(
+        self,
+        tokens: torch.Tensor,
+        *,
+        sub: Span | None = None,
+        attention_mask: torch.Tensor | None = None,
+        cache: Cache | None = None,
+        position_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """forward() with `tokens` as ids when the range starts at layer 0, else hidden states."""
+        first = (sub or self.span).start == 0
+        return self.forward(
+            input_ids=tokens if first else None,
+            hidden_states=None if first else tokens,
+            attention_mask=attention_mask,
+            sub=sub,
+            cache=cache,
+            position_ids=position_ids,
+        )
 
     @torch.inference_mode()
     def logits(self, hidden_states: torch.Tensor) -> torch.Tensor:

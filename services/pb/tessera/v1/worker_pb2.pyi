@@ -3,8 +3,10 @@
 isort:skip_file
 """
 
+from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
+from google.protobuf.internal import containers as _containers
 from . import common_pb2 as _common_pb2
 import builtins as _builtins
 import sys
@@ -47,6 +49,9 @@ class WorkerInfo(_message.Message):
     LIVE_SESSIONS_FIELD_NUMBER: _builtins.int
     HIDDEN_SIZE_FIELD_NUMBER: _builtins.int
     ADDRESS_FIELD_NUMBER: _builtins.int
+    KV_TOKEN_BUDGET_FIELD_NUMBER: _builtins.int
+    KV_TOKENS_FIELD_NUMBER: _builtins.int
+    LIVE_BATCHES_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     version: _builtins.str
     fingerprint: _builtins.str
@@ -55,13 +60,20 @@ class WorkerInfo(_message.Message):
     kind: _builtins.str
     """"causal-lm" or "encoder" """
     capacity: _builtins.int
-    """sessions / requests it takes at once"""
+    """generation rows it holds at once (max_rows)"""
     outstanding: _builtins.int
     """requests in flight now"""
     live_sessions: _builtins.int
+    """generation rows held now, over every batch"""
     hidden_size: _builtins.int
     address: _builtins.str
     """host:port the router should dial"""
+    kv_token_budget: _builtins.int
+    """token slots (rows x columns) its KV budget holds"""
+    kv_tokens: _builtins.int
+    """token slots held now, padding included"""
+    live_batches: _builtins.int
+    """generation batches held now"""
     @_builtins.property
     def span(self) -> _common_pb2.Span: ...
     def __init__(
@@ -78,10 +90,13 @@ class WorkerInfo(_message.Message):
         live_sessions: _builtins.int = ...,
         hidden_size: _builtins.int = ...,
         address: _builtins.str = ...,
+        kv_token_budget: _builtins.int = ...,
+        kv_tokens: _builtins.int = ...,
+        live_batches: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["span", b"span"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "capacity", b"capacity", "fingerprint", b"fingerprint", "hidden_size", b"hidden_size", "kind", b"kind", "live_sessions", b"live_sessions", "model", b"model", "num_layers", b"num_layers", "outstanding", b"outstanding", "span", b"span", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "capacity", b"capacity", "fingerprint", b"fingerprint", "hidden_size", b"hidden_size", "kind", b"kind", "kv_token_budget", b"kv_token_budget", "kv_tokens", b"kv_tokens", "live_batches", b"live_batches", "live_sessions", b"live_sessions", "model", b"model", "num_layers", b"num_layers", "outstanding", b"outstanding", "span", b"span", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -191,79 +206,230 @@ class Sampling(_message.Message):
 Global___Sampling: _TypeAlias = Sampling  # noqa: Y015
 
 @_typing.final
-class StepRequest(_message.Message):
+class PrefillRow(_message.Message):
+    """One request in a batch. Rows are addressed by request_id inside their batch."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
-    SESSION_ID_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    LENGTH_FIELD_NUMBER: _builtins.int
+    MAX_TOKENS_FIELD_NUMBER: _builtins.int
+    SAMPLING_FIELD_NUMBER: _builtins.int
+    request_id: _builtins.int
+    length: _builtins.int
+    """real tokens of this row in the prefill input"""
+    max_tokens: _builtins.int
+    """tokens this row may hold at most (prompt + new)"""
+    @_builtins.property
+    def sampling(self) -> Global___Sampling:
+        """read by the last stage only"""
+
+    def __init__(
+        self,
+        *,
+        request_id: _builtins.int = ...,
+        length: _builtins.int = ...,
+        max_tokens: _builtins.int = ...,
+        sampling: Global___Sampling | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["sampling", b"sampling"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["length", b"length", "max_tokens", b"max_tokens", "request_id", b"request_id", "sampling", b"sampling"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PrefillRow: _TypeAlias = PrefillRow  # noqa: Y015
+
+@_typing.final
+class PrefillRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BATCH_ID_FIELD_NUMBER: _builtins.int
+    ROWS_FIELD_NUMBER: _builtins.int
     INPUT_IDS_FIELD_NUMBER: _builtins.int
     HIDDEN_STATES_FIELD_NUMBER: _builtins.int
-    SAMPLING_FIELD_NUMBER: _builtins.int
-    END_FIELD_NUMBER: _builtins.int
     HIDDEN_DTYPE_FIELD_NUMBER: _builtins.int
-    session_id: _builtins.str
-    end: _builtins.bool
-    """end the session and free its KV cache"""
+    batch_id: _builtins.str
+    """chosen by the router; unique per router"""
     hidden_dtype: _builtins.str
     """dtype for hidden states sent back; default float32"""
     @_builtins.property
+    def rows(self) -> _containers.RepeatedCompositeFieldContainer[Global___PrefillRow]: ...
+    @_builtins.property
     def input_ids(self) -> _common_pb2.Tensor:
-        """[1, n] int64, first stage only"""
+        """[rows, width] int64, left-padded; first stage"""
 
     @_builtins.property
     def hidden_states(self) -> _common_pb2.Tensor:
-        """[1, n, hidden], later stages"""
-
-    @_builtins.property
-    def sampling(self) -> Global___Sampling:
-        """last stage only; read on the first step"""
+        """[rows, width, hidden], left-padded; later stages"""
 
     def __init__(
         self,
         *,
-        session_id: _builtins.str = ...,
+        batch_id: _builtins.str = ...,
+        rows: _abc.Iterable[Global___PrefillRow] | None = ...,
         input_ids: _common_pb2.Tensor | None = ...,
         hidden_states: _common_pb2.Tensor | None = ...,
-        sampling: Global___Sampling | None = ...,
-        end: _builtins.bool = ...,
         hidden_dtype: _builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["hidden_states", b"hidden_states", "input_ids", b"input_ids", "sampling", b"sampling"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["hidden_states", b"hidden_states", "input_ids", b"input_ids"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["end", b"end", "hidden_dtype", b"hidden_dtype", "hidden_states", b"hidden_states", "input_ids", b"input_ids", "sampling", b"sampling", "session_id", b"session_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_id", b"batch_id", "hidden_dtype", b"hidden_dtype", "hidden_states", b"hidden_states", "input_ids", b"input_ids", "rows", b"rows"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___StepRequest: _TypeAlias = StepRequest  # noqa: Y015
+Global___PrefillRequest: _TypeAlias = PrefillRequest  # noqa: Y015
 
 @_typing.final
-class StepResponse(_message.Message):
+class DecodeRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
+    BATCH_IDS_FIELD_NUMBER: _builtins.int
+    INPUT_IDS_FIELD_NUMBER: _builtins.int
     HIDDEN_STATES_FIELD_NUMBER: _builtins.int
-    TOKEN_ID_FIELD_NUMBER: _builtins.int
-    CACHED_TOKENS_FIELD_NUMBER: _builtins.int
-    token_id: _builtins.int
-    """last stage: the sampled token"""
-    cached_tokens: _builtins.int
-    """KV cache length after this step"""
+    HIDDEN_DTYPE_FIELD_NUMBER: _builtins.int
+    hidden_dtype: _builtins.str
+    @_builtins.property
+    def batch_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """more than one: merged, in this order, into the first"""
+
+    @_builtins.property
+    def input_ids(self) -> _common_pb2.Tensor:
+        """[rows] int64, the tokens sampled last step; first stage"""
+
     @_builtins.property
     def hidden_states(self) -> _common_pb2.Tensor:
-        """non-last stages"""
+        """[rows, 1, hidden]; later stages"""
 
     def __init__(
         self,
         *,
+        batch_ids: _abc.Iterable[_builtins.str] | None = ...,
+        input_ids: _common_pb2.Tensor | None = ...,
         hidden_states: _common_pb2.Tensor | None = ...,
-        token_id: _builtins.int = ...,
-        cached_tokens: _builtins.int = ...,
+        hidden_dtype: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["hidden_states", b"hidden_states", "input_ids", b"input_ids"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_ids", b"batch_ids", "hidden_dtype", b"hidden_dtype", "hidden_states", b"hidden_states", "input_ids", b"input_ids"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DecodeRequest: _TypeAlias = DecodeRequest  # noqa: Y015
+
+@_typing.final
+class StepResult(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BATCH_ID_FIELD_NUMBER: _builtins.int
+    HIDDEN_STATES_FIELD_NUMBER: _builtins.int
+    TOKEN_IDS_FIELD_NUMBER: _builtins.int
+    KV_TOKENS_FIELD_NUMBER: _builtins.int
+    batch_id: _builtins.str
+    kv_tokens: _builtins.int
+    """token slots this batch holds on this stage, padding included"""
+    @_builtins.property
+    def hidden_states(self) -> _common_pb2.Tensor:
+        """non-last stages: [rows, width, hidden] or [rows, 1, hidden]"""
+
+    @_builtins.property
+    def token_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """last stage: one sampled token per row, in row order"""
+
+    def __init__(
+        self,
+        *,
+        batch_id: _builtins.str = ...,
+        hidden_states: _common_pb2.Tensor | None = ...,
+        token_ids: _abc.Iterable[_builtins.int] | None = ...,
+        kv_tokens: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["hidden_states", b"hidden_states"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cached_tokens", b"cached_tokens", "hidden_states", b"hidden_states", "token_id", b"token_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_id", b"batch_id", "hidden_states", b"hidden_states", "kv_tokens", b"kv_tokens", "token_ids", b"token_ids"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___StepResponse: _TypeAlias = StepResponse  # noqa: Y015
+Global___StepResult: _TypeAlias = StepResult  # noqa: Y015
+
+@_typing.final
+class FilterRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BATCH_ID_FIELD_NUMBER: _builtins.int
+    KEEP_FIELD_NUMBER: _builtins.int
+    batch_id: _builtins.str
+    @_builtins.property
+    def keep(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """request ids to keep, in their batch order"""
+
+    def __init__(
+        self,
+        *,
+        batch_id: _builtins.str = ...,
+        keep: _abc.Iterable[_builtins.int] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_id", b"batch_id", "keep", b"keep"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FilterRequest: _TypeAlias = FilterRequest  # noqa: Y015
+
+@_typing.final
+class FilterResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KV_TOKENS_FIELD_NUMBER: _builtins.int
+    kv_tokens: _builtins.int
+    def __init__(
+        self,
+        *,
+        kv_tokens: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["kv_tokens", b"kv_tokens"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FilterResponse: _TypeAlias = FilterResponse  # noqa: Y015
+
+@_typing.final
+class ClearRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BATCH_IDS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def batch_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    def __init__(
+        self,
+        *,
+        batch_ids: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_ids", b"batch_ids"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ClearRequest: _TypeAlias = ClearRequest  # noqa: Y015
+
+@_typing.final
+class ClearResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ClearResponse: _TypeAlias = ClearResponse  # noqa: Y015
 
 @_typing.final
 class RegisterRequest(_message.Message):

@@ -27,6 +27,12 @@ if _version_not_supported:
 
 class WorkerStub:
     """Internal: the router drives workers through this service.
+
+    Generation runs as batches held on each stage, addressed by id (TGI's shape): the router
+    prefills a batch, steps it with Decode (one message per stage per step carries every row),
+    drops finished rows with Filter and frees it with Clear. Each stage keeps the batch's KV cache
+    in buffers sized once for the rows' whole generation; rows of several batches are merged when
+    a Decode names more than one batch. A batch untouched for the worker's idle timeout is freed.
     """
 
     def __init__(self, channel):
@@ -45,15 +51,36 @@ class WorkerStub:
                 request_serializer=tessera_dot_v1_dot_worker__pb2.StageForwardRequest.SerializeToString,
                 response_deserializer=tessera_dot_v1_dot_worker__pb2.StageForwardResponse.FromString,
                 _registered_method=True)
-        self.Session = channel.stream_stream(
-                '/tessera.v1.Worker/Session',
-                request_serializer=tessera_dot_v1_dot_worker__pb2.StepRequest.SerializeToString,
-                response_deserializer=tessera_dot_v1_dot_worker__pb2.StepResponse.FromString,
+        self.Prefill = channel.unary_unary(
+                '/tessera.v1.Worker/Prefill',
+                request_serializer=tessera_dot_v1_dot_worker__pb2.PrefillRequest.SerializeToString,
+                response_deserializer=tessera_dot_v1_dot_worker__pb2.StepResult.FromString,
+                _registered_method=True)
+        self.Decode = channel.unary_unary(
+                '/tessera.v1.Worker/Decode',
+                request_serializer=tessera_dot_v1_dot_worker__pb2.DecodeRequest.SerializeToString,
+                response_deserializer=tessera_dot_v1_dot_worker__pb2.StepResult.FromString,
+                _registered_method=True)
+        self.Filter = channel.unary_unary(
+                '/tessera.v1.Worker/Filter',
+                request_serializer=tessera_dot_v1_dot_worker__pb2.FilterRequest.SerializeToString,
+                response_deserializer=tessera_dot_v1_dot_worker__pb2.FilterResponse.FromString,
+                _registered_method=True)
+        self.Clear = channel.unary_unary(
+                '/tessera.v1.Worker/Clear',
+                request_serializer=tessera_dot_v1_dot_worker__pb2.ClearRequest.SerializeToString,
+                response_deserializer=tessera_dot_v1_dot_worker__pb2.ClearResponse.FromString,
                 _registered_method=True)
 
 
 class WorkerServicer:
     """Internal: the router drives workers through this service.
+
+    Generation runs as batches held on each stage, addressed by id (TGI's shape): the router
+    prefills a batch, steps it with Decode (one message per stage per step carries every row),
+    drops finished rows with Filter and frees it with Clear. Each stage keeps the batch's KV cache
+    in buffers sized once for the rows' whole generation; rows of several batches are merged when
+    a Decode names more than one batch. A batch untouched for the worker's idle timeout is freed.
     """
 
     def Info(self, request, context):
@@ -70,10 +97,29 @@ class WorkerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
-    def Session(self, request_iterator, context):
-        """One generation session on this stage. The router sends one message per step;
-        the session's KV cache lives until the stream closes, the router ends it,
-        or it stays idle past the worker's timeout.
+    def Prefill(self, request, context):
+        """Starts a batch: runs its prompts (left-padded) and keeps their KV cache.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Decode(self, request, context):
+        """One step of one batch; naming several batches first merges them, in order, into the first.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Filter(self, request, context):
+        """Keeps only some rows of a batch (the others finished or left).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Clear(self, request, context):
+        """Frees batches.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -92,10 +138,25 @@ def add_WorkerServicer_to_server(servicer, server):
                     request_deserializer=tessera_dot_v1_dot_worker__pb2.StageForwardRequest.FromString,
                     response_serializer=tessera_dot_v1_dot_worker__pb2.StageForwardResponse.SerializeToString,
             ),
-            'Session': grpc.stream_stream_rpc_method_handler(
-                    servicer.Session,
-                    request_deserializer=tessera_dot_v1_dot_worker__pb2.StepRequest.FromString,
-                    response_serializer=tessera_dot_v1_dot_worker__pb2.StepResponse.SerializeToString,
+            'Prefill': grpc.unary_unary_rpc_method_handler(
+                    servicer.Prefill,
+                    request_deserializer=tessera_dot_v1_dot_worker__pb2.PrefillRequest.FromString,
+                    response_serializer=tessera_dot_v1_dot_worker__pb2.StepResult.SerializeToString,
+            ),
+            'Decode': grpc.unary_unary_rpc_method_handler(
+                    servicer.Decode,
+                    request_deserializer=tessera_dot_v1_dot_worker__pb2.DecodeRequest.FromString,
+                    response_serializer=tessera_dot_v1_dot_worker__pb2.StepResult.SerializeToString,
+            ),
+            'Filter': grpc.unary_unary_rpc_method_handler(
+                    servicer.Filter,
+                    request_deserializer=tessera_dot_v1_dot_worker__pb2.FilterRequest.FromString,
+                    response_serializer=tessera_dot_v1_dot_worker__pb2.FilterResponse.SerializeToString,
+            ),
+            'Clear': grpc.unary_unary_rpc_method_handler(
+                    servicer.Clear,
+                    request_deserializer=tessera_dot_v1_dot_worker__pb2.ClearRequest.FromString,
+                    response_serializer=tessera_dot_v1_dot_worker__pb2.ClearResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -107,6 +168,12 @@ def add_WorkerServicer_to_server(servicer, server):
  # This class is part of an EXPERIMENTAL API.
 class Worker:
     """Internal: the router drives workers through this service.
+
+    Generation runs as batches held on each stage, addressed by id (TGI's shape): the router
+    prefills a batch, steps it with Decode (one message per stage per step carries every row),
+    drops finished rows with Filter and frees it with Clear. Each stage keeps the batch's KV cache
+    in buffers sized once for the rows' whole generation; rows of several batches are merged when
+    a Decode names more than one batch. A batch untouched for the worker's idle timeout is freed.
     """
 
     @staticmethod
@@ -164,7 +231,7 @@ class Worker:
             _registered_method=True)
 
     @staticmethod
-    def Session(request_iterator,
+    def Prefill(request,
             target,
             options=(),
             channel_credentials=None,
@@ -174,12 +241,93 @@ class Worker:
             wait_for_ready=None,
             timeout=None,
             metadata=None):
-        return grpc.experimental.stream_stream(
-            request_iterator,
+        return grpc.experimental.unary_unary(
+            request,
             target,
-            '/tessera.v1.Worker/Session',
-            tessera_dot_v1_dot_worker__pb2.StepRequest.SerializeToString,
-            tessera_dot_v1_dot_worker__pb2.StepResponse.FromString,
+            '/tessera.v1.Worker/Prefill',
+            tessera_dot_v1_dot_worker__pb2.PrefillRequest.SerializeToString,
+            tessera_dot_v1_dot_worker__pb2.StepResult.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Decode(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tessera.v1.Worker/Decode',
+            tessera_dot_v1_dot_worker__pb2.DecodeRequest.SerializeToString,
+            tessera_dot_v1_dot_worker__pb2.StepResult.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Filter(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tessera.v1.Worker/Filter',
+            tessera_dot_v1_dot_worker__pb2.FilterRequest.SerializeToString,
+            tessera_dot_v1_dot_worker__pb2.FilterResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Clear(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tessera.v1.Worker/Clear',
+            tessera_dot_v1_dot_worker__pb2.ClearRequest.SerializeToString,
+            tessera_dot_v1_dot_worker__pb2.ClearResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,161 @@
+"""GenerationEngine: the batches a stage holds, stepped on the model thread. No protobuf here.
+
+Every method runs on the worker's one model thread, so the batch table needs no lock. Memory is
+counted the way it is allocated: a batch holds rows x capacity token slots (padding included),
+and a prefill or merge that would take the worker over its budget is refused before anything is
+allocated (RESOURCE_EXHAUSTED: the router keeps the rows waiting and tries again later).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import grpc
+import torch
+
+from services.common.errors import InvalidArgument, ResourceExhausted, ServiceError
+from services.worker.batch import Row, StageBatch, capacity_for
+from services.worker.stage import StageModel
+
+
+class UnknownBatch(ServiceError):
+    """A batch this worker does not hold (expired, cleared, or the worker restarted).
+
+    ABORTED: the router re-runs the rows' prefill rather than failing the requests.
+    """
+
+    code = grpc.StatusCode.ABORTED
+
+
+@dataclass(frozen=True)
+class StepOutput:
+    """What one prefill or decode gives the next stage: hidden states, or sampled tokens."""
+
+    batch_id: str
+    hidden: torch.Tensor | None
+    tokens: list[int] | None
+    kv_tokens: int
+
+
+class GenerationEngine:
+    """The generation batches held by one stage."""
+
+    def __init__(
+        self, stage: StageModel, *, budget_tokens: int, max_rows: int, idle_s: float
+    ) -> None:
+        self.stage = stage
+        self.budget_tokens = budget_tokens
+        self.max_rows = max_rows
+        self.idle_s = idle_s
+        self.batches: dict[str, StageBatch] = {}
+
+    # -- accounting --------------------------------------------------------------------------
+
+    @property
+    def kv_tokens(self) -> int:
+        return sum(b.kv_tokens for b in self.batches.values())
+
+    @property
+    def rows(self) -> int:
+        return sum(len(b) for b in self.batches.values())
+
+    def kv_bytes(self) -> int:
+        return self.kv_tokens * self.stage.kv_bytes_per_token
+
+    def _reserve(self, extra_tokens: int, extra_rows: int) -> None:
+        if self.kv_tokens + extra_tokens > self.budget_tokens:
+            raise ResourceExhausted(
+                f"KV budget: {self.kv_tokens} + {extra_tokens} token slots is over this "
+                f"worker's {self.budget_tokens} (max_kv_mb)"
+            )
+        if self.rows + extra_rows > self.max_rows:
+            raise ResourceExhausted(
+                f"worker holds {self.rows} generation rows; {extra_rows} more is over its "
+                f"{self.max_rows} (max_rows)"
+            )
+
+    def _take(self, batch_id: str) -> StageBatch:
+        batch = self.batches.get(batch_id)
+        if batch is None:
+            raise UnknownBatch(f"batch {batch_id[:80]!r} is not held by this worker")
+        return batch
+
+    # -- steps -------------------------------------------------------------------------------
+
+    def prefill(self, batch_id: str, rows: list[Row], inputs: torch.Tensor) -> StepOutput:
+        if batch_id in self.batches:
+            raise InvalidArgument(f"batch {batch_id[:80]!r} already exists")
+        width = int(inputs.shape[1])
+        if any(not 0 < r.length <= width for r in rows):
+            raise InvalidArgument(f"row lengths must be in [1, {width}] (the input width)")
+        if any(r.max_tokens < r.length for r in rows):
+            raise InvalidArgument("a row's max_tokens is below its length")
+        longest = max(r.max_tokens for r in rows)
+        if longest > self.stage.spec.max_positions:
+            raise InvalidArgument(
+                f"a row may reach {longest} tokens, over the model's "
+                f"{self.stage.spec.max_positions} positions"
+            )
+        self._reserve(len(rows) * capacity_for(rows, width), len(rows))
+        batch, hidden = StageBatch.prefill(self.stage, batch_id, rows, inputs)
+        self.batches[batch_id] = batch
+        return self._output(batch, hidden)
+
+    def decode(self, batch_ids: Sequence[str], inputs: torch.Tensor) -> StepOutput:
+        if len(set(batch_ids)) != len(batch_ids):
+            raise InvalidArgument("batch_ids repeat a batch")
+        parts = [self._take(b) for b in batch_ids]
+        if len(parts) > 1:
+            before = sum(p.kv_tokens for p in parts)
+            rows = [r for p in parts for r in p.rows]
+            length = max(p.cache.length for p in parts)
+            self._reserve(len(rows) * capacity_for(rows, length) - before, 0)
+            merged = StageBatch.concatenate(parts)
+            for part in parts:
+                del self.batches[part.batch_id]
+            self.batches[merged.batch_id] = merged
+            parts = [merged]
+        batch = parts[0]
+        if int(inputs.shape[0]) != len(batch):
+            raise InvalidArgument(f"{int(inputs.shape[0])} inputs for a batch of {len(batch)} rows")
+        if batch.cache.length + 1 > batch.cache.capacity:
+            raise InvalidArgument(
+                f"batch {batch.batch_id[:80]!r} is full: its rows reached their max_tokens"
+            )
+        hidden = batch.decode(self.stage, inputs)
+        return self._output(batch, hidden)
+
+    def _output(self, batch: StageBatch, hidden: torch.Tensor) -> StepOutput:
+        if self.stage.is_last:
+            return StepOutput(
+                batch.batch_id, None, batch.sample(self.stage, hidden), batch.kv_tokens
+            )
+        return StepOutput(batch.batch_id, hidden, None, batch.kv_tokens)
+
+    def filter(self, batch_id: str, keep: Sequence[int]) -> int:
+        """Keeps the rows named by request id; an empty keep frees the batch. Returns slots held."""
+        batch = self._take(batch_id)
+        known = {r.request_id for r in batch.rows}
+        if not set(keep) <= known:
+            raise InvalidArgument("keep names request ids that are not in the batch")
+        if not keep:
+            del self.batches[batch_id]
+            return 0
+        if len(set(keep)) == len(batch):
+            batch.last_used = time.monotonic()
+            return batch.kv_tokens
+        self.batches[batch_id] = batch = batch.filter(keep)
+        return batch.kv_tokens
+
+    def clear(self, batch_ids: Sequence[str]) -> None:
+        for batch_id in batch_ids:
+            self.batches.pop(batch_id, None)
+
+    def expire(self, now: float | None = None) -> list[str]:
+        """Frees batches no router has touched for idle_s (a router that died or forgot)."""
+        now = time.monotonic() if now is None else now
+        stale = [b for b, batch in self.batches.items() if now - batch.last_used > self.idle_s]
+        self.clear(stale)
+        return stale
