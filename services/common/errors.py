@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 import grpc
 from grpc import aio
+
+from services.common.interceptors import AroundInterceptor, Call, Deserializer
 
 log = logging.getLogger(__name__)
 
@@ -42,10 +45,6 @@ class DeadlineExceeded(ServiceError):
     code = grpc.StatusCode.DEADLINE_EXCEEDED
 
 
-class FailedPrecondition(ServiceError):
-    code = grpc.StatusCode.FAILED_PRECONDITION
-
-
 class MissingSpanError(Unavailable):
     """No healthy chain covers a model's layers."""
 
@@ -54,29 +53,66 @@ class MissingSpanError(Unavailable):
         self.model = model
 
 
-async def _abort_for(exc: BaseException, context: aio.ServicerContext, method: str) -> None:
+# Codes of a failed downstream call that the client may act on, so they reach it unchanged.
+_PASSED_THROUGH = frozenset(
+    {
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.CANCELLED,
+    }
+)
+
+
+def _mapped(exc: Exception) -> tuple[grpc.StatusCode, str] | None:
+    """The status of an error the client may see as it is; None for a bug (INTERNAL)."""
     if isinstance(exc, ServiceError):
-        await context.abort(exc.code, exc.message)
+        return exc.code, exc.message
     if isinstance(exc, aio.AioRpcError):
         # A downstream call failed in a way the handler did not translate: keep its code when
         # it is one the client may act on, never pass INVALID_ARGUMENT (that would be our bug).
         code = exc.code()
-        if code in (
-            grpc.StatusCode.DEADLINE_EXCEEDED,
-            grpc.StatusCode.RESOURCE_EXHAUSTED,
-            grpc.StatusCode.UNAVAILABLE,
-            grpc.StatusCode.CANCELLED,
-        ):
-            await context.abort(code, exc.details() or code.name)
-    log.exception("unexpected error in %s", method)
-    await context.abort(grpc.StatusCode.INTERNAL, f"internal error in {method}; see server logs")
+        if code in _PASSED_THROUGH:
+            return code, exc.details() or code.name
+    return None
+
+
+def _internal(method: str) -> tuple[grpc.StatusCode, str]:
+    return grpc.StatusCode.INTERNAL, f"internal error in {method}; see server logs"
+
+
+def outcome(
+    error: BaseException | None, context: aio.ServicerContext, method: str
+) -> tuple[grpc.StatusCode, str]:
+    """The status and details a call ends with, once its handler returned (`error` None) or
+    raised `error`, as the error interceptor reports it to the client.
+
+    Reads only plain attributes of the context (code, details): safe after cancellation.
+    """
+    if error is None or isinstance(error, (aio.AbortError, aio.UsageError)):
+        code = context.code()
+        if isinstance(code, grpc.StatusCode):
+            return code, str(context.details() or "")
+        return (grpc.StatusCode.OK, "") if error is None else _internal(method)
+    if isinstance(error, Exception):
+        return _mapped(error) or _internal(method)
+    # CancelledError, GeneratorExit: the call ended before its handler did.
+    return grpc.StatusCode.CANCELLED, ""
+
+
+async def _abort_for(exc: Exception, context: aio.ServicerContext, method: str) -> None:
+    status = _mapped(exc)
+    if status is None:
+        log.exception("unexpected error in %s", method)
+        status = _internal(method)
+    await context.abort(*status)
 
 
 _UNDECODABLE = object()
 _UNDECODABLE_MESSAGE = "request is not a valid protobuf message (bad wire format or invalid UTF-8)"
 
 
-def _safe(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+def _safe(deserializer: Deserializer | None) -> Deserializer | None:
     """A deserializer that hands the handler a marker instead of failing inside gRPC (UNKNOWN)."""
     if deserializer is None:
         return None
@@ -90,71 +126,35 @@ def _safe(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any]
     return deserialize
 
 
-async def _checked(request_iterator: Any) -> Any:
-    async for request in request_iterator:
+async def _checked(requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
+    async for request in requests:
         if request is _UNDECODABLE:
             raise InvalidArgument(_UNDECODABLE_MESSAGE)
         yield request
 
 
-class ErrorInterceptor(aio.ServerInterceptor):
-    """Maps ServiceError to its status; anything unexpected to INTERNAL with a logged traceback."""
+class ErrorInterceptor(AroundInterceptor):
+    """Maps ServiceError to its status; anything unexpected to INTERNAL with a logged traceback.
 
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
-        handler = await continuation(handler_call_details)
-        if handler is None:
-            return handler
-        method = handler_call_details.method
-        if handler.unary_unary:
-            inner_uu = handler.unary_unary
+    Installed outermost, so it also maps what the other interceptors raise. An undecodable
+    unary request is refused here, before auth, metrics or tracing see it; in a client stream
+    the bad message surfaces where the servicer reads it, like any error the servicer raises.
+    """
 
-            async def unary_unary(request: Any, context: aio.ServicerContext) -> Any:
-                try:
-                    if request is _UNDECODABLE:
-                        raise InvalidArgument(_UNDECODABLE_MESSAGE)
-                    return await inner_uu(request, context)
-                except (aio.AbortError, aio.UsageError):
-                    raise
-                except Exception as exc:  # noqa: BLE001 - the boundary that maps every error
-                    await _abort_for(exc, context, method)
+    def request_deserializer(self, deserializer: Deserializer | None) -> Deserializer | None:
+        return _safe(deserializer)
 
-            return grpc.unary_unary_rpc_method_handler(
-                unary_unary, _safe(handler.request_deserializer), handler.response_serializer
-            )
-        if handler.unary_stream:
-            inner_us = handler.unary_stream
+    def requests(self, requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
+        return _checked(requests)
 
-            async def unary_stream(request: Any, context: aio.ServicerContext) -> Any:
-                try:
-                    if request is _UNDECODABLE:
-                        raise InvalidArgument(_UNDECODABLE_MESSAGE)
-                    async for item in inner_us(request, context):
-                        yield item
-                except (aio.AbortError, aio.UsageError):
-                    raise
-                except Exception as exc:  # noqa: BLE001
-                    await _abort_for(exc, context, method)
-
-            return grpc.unary_stream_rpc_method_handler(
-                unary_stream, _safe(handler.request_deserializer), handler.response_serializer
-            )
-        if handler.stream_stream:
-            inner_ss = handler.stream_stream
-
-            async def stream_stream(request_iterator: Any, context: aio.ServicerContext) -> Any:
-                try:
-                    async for item in inner_ss(_checked(request_iterator), context):
-                        yield item
-                except (aio.AbortError, aio.UsageError):
-                    raise
-                except Exception as exc:  # noqa: BLE001
-                    await _abort_for(exc, context, method)
-
-            return grpc.stream_stream_rpc_method_handler(
-                stream_stream, _safe(handler.request_deserializer), handler.response_serializer
-            )
-        return handler
+    @asynccontextmanager
+    async def around(self, call: Call) -> AsyncIterator[None]:
+        try:
+            if call.request is _UNDECODABLE:
+                raise InvalidArgument(_UNDECODABLE_MESSAGE)
+            yield
+        except (aio.AbortError, aio.UsageError):
+            raise
+        except Exception as exc:  # noqa: BLE001 - the boundary that maps every error
+            await _abort_for(exc, call.context, call.method)
+            raise  # abort() raises AbortError; should it not, the error still propagates

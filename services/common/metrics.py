@@ -6,16 +6,17 @@ bytes) in the name, `_total` on counters.
 
 from __future__ import annotations
 
-import asyncio
 import logging
+import re
 import time
-from collections.abc import Awaitable, Callable
-from typing import Any
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 
-import grpc
-from grpc import aio
 from opentelemetry import trace
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
+
+from services.common.errors import outcome
+from services.common.interceptors import AroundInterceptor, Call
 
 _LATENCY_BUCKETS = (
     0.0005,
@@ -77,6 +78,12 @@ CACHE_REQUESTS = Counter(
 _UNOBSERVED = ("/grpc.health.v1.", "/grpc.reflection.")
 access_log = logging.getLogger("tessera.access")
 
+MAX_LABEL_CHARS = 64  # longest label value or access-log field taken from a request
+UNKNOWN_MODEL = "unknown"  # the label of any model name the service does not know
+# A model name is a repository folder name (see services.router.frontends): checked before the
+# service's predicate sees it, so a predicate may look the name up on disk safely.
+_MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+
 
 def start_metrics_server(port: int, host: str = "0.0.0.0") -> int:
     """Serves /metrics over HTTP; returns the bound port (port 0 picks one)."""
@@ -84,49 +91,58 @@ def start_metrics_server(port: int, host: str = "0.0.0.0") -> int:
     return int(server.server_port)
 
 
+def _bounded(value: str) -> str:
+    return value[:MAX_LABEL_CHARS]
+
+
 def _split(method: str) -> tuple[str, str]:
     service, _, rpc = method.lstrip("/").rpartition("/")
-    return service, rpc
+    return _bounded(service), _bounded(rpc)
 
 
-class ObserveInterceptor(aio.ServerInterceptor):
-    """Counts and times every RPC and writes one access-log line per request (no payloads)."""
+def model_label(model: str, known: Callable[[str], bool] | None) -> str:
+    """The label for a requested model name: the name itself only when `known` says the service
+    knows it, `unknown` otherwise; "" for a request without one. Each distinct label value is a
+    time series kept forever, so a client must not be able to make new ones."""
+    if not model:
+        return ""
+    if known is None or not _MODEL_NAME.fullmatch(model) or not known(model):
+        return UNKNOWN_MODEL
+    return _bounded(model)
 
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
-        handler = await continuation(handler_call_details)
-        method = handler_call_details.method
-        if handler is None or method.startswith(_UNOBSERVED):
-            return handler
-        service, rpc = _split(method)
 
-        def finish(
-            model: str,
-            started: float,
-            context: aio.ServicerContext,
-            peer: str,
-            error: BaseException | None,
-        ) -> None:
-            # Only plain attributes of the context are read here: once a call is cancelled,
-            # methods that reach into the C call (peer(), time_remaining()) may touch freed memory.
-            if isinstance(error, asyncio.CancelledError):
-                code = grpc.StatusCode.CANCELLED
-            else:
-                code = context.code()
-            if code is None:
-                code = grpc.StatusCode.CANCELLED if error is not None else grpc.StatusCode.OK
-            if (
-                isinstance(error, Exception)
-                and not isinstance(error, aio.AbortError)
-                and code == grpc.StatusCode.OK
-            ):
-                code = grpc.StatusCode.INTERNAL
-            name = code.name if isinstance(code, grpc.StatusCode) else str(code)
+class ObserveInterceptor(AroundInterceptor):
+    """Counts and times every RPC by service, rpc, model and code, and writes its access line.
+
+    `known_models` says which model names may become label values (see `model_label`).
+    """
+
+    def __init__(self, known_models: Callable[[str], bool] | None = None) -> None:
+        self._known = known_models
+
+    def intercepts(self, method: str) -> bool:
+        return not method.startswith(_UNOBSERVED)
+
+    @asynccontextmanager
+    async def around(self, call: Call) -> AsyncIterator[None]:
+        service, rpc = _split(call.method)
+        requested = getattr(call.request, "model", "") if call.request is not None else ""
+        model = model_label(requested if isinstance(requested, str) else "", self._known)
+        # Read now: once a call is cancelled, context methods that reach into the C call
+        # (peer(), time_remaining()) may touch freed memory; only plain attributes are read later.
+        peer = _bounded(call.context.peer() or "")
+        IN_FLIGHT.labels(service).inc()
+        started = time.perf_counter()
+        error: BaseException | None = None
+        try:
+            yield
+        except BaseException as exc:
+            error = exc
+            raise
+        finally:
             elapsed = time.perf_counter() - started
-            REQUESTS.labels(service, rpc, model, name).inc()
+            code = outcome(error, call.context, call.method)[0].name
+            REQUESTS.labels(service, rpc, model, code).inc()
             REQUEST_SECONDS.labels(service, rpc, model).observe(elapsed)
             IN_FLIGHT.labels(service).dec()
             span_context = trace.get_current_span().get_span_context()
@@ -137,9 +153,9 @@ class ObserveInterceptor(aio.ServerInterceptor):
                 "request",
                 extra={
                     "fields": {
-                        "rpc": method,
+                        "rpc": _bounded(call.method),
                         "model": model,
-                        "code": name,
+                        "code": code,
                         "duration_ms": round(elapsed * 1e3, 3),
                         "trace_id": format(span_context.trace_id, "032x")
                         if span_context.is_valid
@@ -148,64 +164,3 @@ class ObserveInterceptor(aio.ServerInterceptor):
                     }
                 },
             )
-
-        if handler.unary_unary:
-            inner_uu = handler.unary_unary
-
-            async def unary_unary(request: Any, context: aio.ServicerContext) -> Any:
-                IN_FLIGHT.labels(service).inc()
-                started = time.perf_counter()
-                peer = context.peer()
-                error: BaseException | None = None
-                try:
-                    return await inner_uu(request, context)
-                except BaseException as exc:
-                    error = exc
-                    raise
-                finally:
-                    finish(str(getattr(request, "model", "")), started, context, peer, error)
-
-            return grpc.unary_unary_rpc_method_handler(
-                unary_unary, handler.request_deserializer, handler.response_serializer
-            )
-        if handler.unary_stream:
-            inner_us = handler.unary_stream
-
-            async def unary_stream(request: Any, context: aio.ServicerContext) -> Any:
-                IN_FLIGHT.labels(service).inc()
-                started = time.perf_counter()
-                peer = context.peer()
-                error: BaseException | None = None
-                try:
-                    async for item in inner_us(request, context):
-                        yield item
-                except BaseException as exc:
-                    error = exc
-                    raise
-                finally:
-                    finish(str(getattr(request, "model", "")), started, context, peer, error)
-
-            return grpc.unary_stream_rpc_method_handler(
-                unary_stream, handler.request_deserializer, handler.response_serializer
-            )
-        if handler.stream_stream:
-            inner_ss = handler.stream_stream
-
-            async def stream_stream(request_iterator: Any, context: aio.ServicerContext) -> Any:
-                IN_FLIGHT.labels(service).inc()
-                started = time.perf_counter()
-                peer = context.peer()
-                error: BaseException | None = None
-                try:
-                    async for item in inner_ss(request_iterator, context):
-                        yield item
-                except BaseException as exc:
-                    error = exc
-                    raise
-                finally:
-                    finish("", started, context, peer, error)
-
-            return grpc.stream_stream_rpc_method_handler(
-                stream_stream, handler.request_deserializer, handler.response_serializer
-            )
-        return handler

@@ -13,12 +13,15 @@ import os
 import subprocess
 import threading
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
 import grpc
 from grpc import aio
+
+from services.common.interceptors import AroundInterceptor, Call
 
 log = logging.getLogger(__name__)
 
@@ -115,54 +118,57 @@ class TokenSet:
         return matched
 
 
-class AuthInterceptor(aio.ServerInterceptor):
-    """Checks `authorization: Bearer <token>` on protected services; probes stay open."""
+class AuthInterceptor(AroundInterceptor):
+    """Checks `authorization: Bearer <token>` on protected services; probes stay open.
+
+    Installed outside metrics and tracing: a refused call leaves no metric sample, no access
+    line and no span, so unauthenticated clients cannot grow the label sets or the logs.
+    """
 
     def __init__(self, tokens: TokenSet, protected_prefixes: Sequence[str]) -> None:
         self._tokens = tokens
         self._prefixes = tuple(protected_prefixes)
+
+    def intercepts(self, method: str) -> bool:
+        return self._tokens.enabled and method.startswith(self._prefixes)
 
     async def intercept_service(
         self,
         continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler:
-        method = handler_call_details.method
-        if not self._tokens.enabled or not method.startswith(self._prefixes):
+        if not self.intercepts(handler_call_details.method):
             return await continuation(handler_call_details)
+
+        # A protected method that does not exist is refused like one that does: without a
+        # token a client learns nothing, not even which methods are there.
+        async def or_unimplemented(details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler:
+            return await continuation(details) or _UNIMPLEMENTED
+
+        return await super().intercept_service(or_unimplemented, handler_call_details)
+
+    @asynccontextmanager
+    async def around(self, call: Call) -> AsyncIterator[None]:
         header = ""
-        for key, value in handler_call_details.invocation_metadata or ():
+        for key, value in call.metadata:
             if key == "authorization" and isinstance(value, str):
                 header = value
         scheme, _, token = header.partition(" ")
-        if scheme.lower() == "bearer" and token and self._tokens.accepts(token.strip()):
-            return await continuation(handler_call_details)
-        message = (
-            "missing bearer token: send metadata 'authorization: Bearer <token>'"
-            if not header
-            else "invalid bearer token"
-        )
-        handler = await continuation(handler_call_details)
-        return _deny(handler, message)
+        if not (scheme.lower() == "bearer" and token and self._tokens.accepts(token.strip())):
+            message = (
+                "missing bearer token: send metadata 'authorization: Bearer <token>'"
+                if not header
+                else "invalid bearer token"
+            )
+            await call.context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+        yield
 
 
-def _deny(handler: grpc.RpcMethodHandler | None, message: str) -> grpc.RpcMethodHandler:
-    async def abort(request: Any, context: aio.ServicerContext) -> Any:
-        await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+async def _unimplemented(request: Any, context: aio.ServicerContext) -> Any:
+    await context.abort(grpc.StatusCode.UNIMPLEMENTED, "Method not found!")
 
-    async def abort_stream(request: Any, context: aio.ServicerContext) -> Any:
-        await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
-        yield  # pragma: no cover - makes this an async generator
 
-    deserializer = handler.request_deserializer if handler else None
-    serializer = handler.response_serializer if handler else None
-    if handler is not None and handler.unary_stream:
-        return grpc.unary_stream_rpc_method_handler(abort_stream, deserializer, serializer)
-    if handler is not None and handler.stream_stream:
-        return grpc.stream_stream_rpc_method_handler(abort_stream, None, serializer)
-    if handler is not None and handler.stream_unary:
-        return grpc.stream_unary_rpc_method_handler(abort, None, serializer)
-    return grpc.unary_unary_rpc_method_handler(abort, deserializer, serializer)
+_UNIMPLEMENTED = grpc.unary_unary_rpc_method_handler(_unimplemented)
 
 
 def make_dev_certs(

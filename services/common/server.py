@@ -61,10 +61,16 @@ async def serve(
     tracer_name: str = "tessera",
     credentials: grpc.ServerCredentials | None = None,
     interceptors: Sequence[aio.ServerInterceptor] = (),
+    known_models: Callable[[str], bool] | None = None,
     max_message_bytes: int = 64 * 1024 * 1024,
 ) -> Served:
     """Starts a server with tracing, metrics, access logs, error mapping, health (NOT_SERVING
     until told) and reflection. Port 0 picks a free port; the real one is in Served.port.
+
+    `interceptors` (authentication) run inside error mapping and outside tracing and metrics,
+    so a refused call is never counted, logged or traced. `known_models` says which requested
+    model names may appear in metric labels and access lines; any other is `unknown` (with
+    None, every name is).
     """
     options = [(k, v) for k, v in SERVER_OPTIONS if "message_length" not in k]
     options += [
@@ -72,11 +78,12 @@ async def serve(
         ("grpc.max_receive_message_length", max_message_bytes),
     ]
     server = aio.server(
+        # grpc.aio runs interceptors in list order, the first outermost.
         interceptors=[
-            ServerTracingInterceptor(tracer_name),
-            ObserveInterceptor(),
-            *interceptors,
             ErrorInterceptor(),
+            *interceptors,
+            ServerTracingInterceptor(tracer_name),
+            ObserveInterceptor(known_models),
         ],
         options=options,
     )

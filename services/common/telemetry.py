@@ -8,14 +8,15 @@ calls are not traced.
 from __future__ import annotations
 
 import os
-from collections.abc import Awaitable, Callable, Mapping, Sequence
-from typing import Any
+from collections.abc import AsyncIterator, Mapping, Sequence
+from contextlib import asynccontextmanager
 
 import grpc
-from grpc import aio
-from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
+
+from services.common.errors import outcome
+from services.common.interceptors import AroundInterceptor, Call
 
 _UNTRACED_PREFIXES = ("/grpc.health.v1.", "/grpc.reflection.")
 
@@ -78,87 +79,35 @@ def _traced(method: str) -> bool:
     return not method.startswith(_UNTRACED_PREFIXES)
 
 
-class ServerTracingInterceptor(aio.ServerInterceptor):
+class ServerTracingInterceptor(AroundInterceptor):
     """Opens one server span per RPC, as a child of the caller's context from metadata."""
 
     def __init__(self, tracer_name: str) -> None:
         self._tracer_name = tracer_name
 
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
-        handler = await continuation(handler_call_details)
-        method = handler_call_details.method
-        if handler is None or not _traced(method):
-            return handler
-        tracer_name = self._tracer_name
-        metadata = {
-            k: v for k, v in (handler_call_details.invocation_metadata or ()) if isinstance(v, str)
-        }
+    def intercepts(self, method: str) -> bool:
+        return _traced(method)
 
-        def start_span() -> Any:
-            parent = propagate.extract(metadata)
-            tracer = trace.get_tracer(tracer_name)
-            return tracer.start_as_current_span(
-                method.lstrip("/"),
-                context=parent,
-                kind=SpanKind.SERVER,
-                attributes={"rpc.system": "grpc", "rpc.method": method},
-                record_exception=False,
-                set_status_on_exception=False,
-            )
-
-        def mark(span: trace.Span, context: aio.ServicerContext) -> None:
-            code = context.code()  # a plain attribute: safe after cancellation
-            if code is not None and code != grpc.StatusCode.OK:
-                span.set_attribute("rpc.grpc.status_code", code.value[0])
-                span.set_status(Status(StatusCode.ERROR, str(context.details() or "")))
-
-        if handler.unary_unary:
-            inner_uu = handler.unary_unary
-
-            async def unary_unary(request: Any, context: aio.ServicerContext) -> Any:
-                with start_span() as span:
-                    try:
-                        return await inner_uu(request, context)
-                    finally:
-                        mark(span, context)
-
-            return grpc.unary_unary_rpc_method_handler(
-                unary_unary, handler.request_deserializer, handler.response_serializer
-            )
-        if handler.unary_stream:
-            inner_us = handler.unary_stream
-
-            async def unary_stream(request: Any, context: aio.ServicerContext) -> Any:
-                with start_span() as span:
-                    try:
-                        async for item in inner_us(request, context):
-                            yield item
-                    finally:
-                        mark(span, context)
-
-            return grpc.unary_stream_rpc_method_handler(
-                unary_stream, handler.request_deserializer, handler.response_serializer
-            )
-        if handler.stream_stream:
-            inner_ss = handler.stream_stream
-
-            async def stream_stream(request_iterator: Any, context: aio.ServicerContext) -> Any:
-                with start_span() as span:
-                    try:
-                        async for item in inner_ss(request_iterator, context):
-                            yield item
-                    finally:
-                        mark(span, context)
-
-            return grpc.stream_stream_rpc_method_handler(
-                stream_stream, handler.request_deserializer, handler.response_serializer
-            )
-        return handler
-
-
-def current_context() -> otel_context.Context:
-    return otel_context.get_current()
+    @asynccontextmanager
+    async def around(self, call: Call) -> AsyncIterator[None]:
+        metadata = {k: v for k, v in call.metadata if isinstance(v, str)}
+        tracer = trace.get_tracer(self._tracer_name)
+        with tracer.start_as_current_span(
+            call.method.lstrip("/"),
+            context=propagate.extract(metadata),
+            kind=SpanKind.SERVER,
+            attributes={"rpc.system": "grpc", "rpc.method": call.method},
+            record_exception=False,
+            set_status_on_exception=False,
+        ) as span:
+            error: BaseException | None = None
+            try:
+                yield
+            except BaseException as exc:
+                error = exc
+                raise
+            finally:
+                code, details = outcome(error, call.context, call.method)
+                if code != grpc.StatusCode.OK:
+                    span.set_attribute("rpc.grpc.status_code", code.value[0])
+                    span.set_status(Status(StatusCode.ERROR, details))
