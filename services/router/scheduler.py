@@ -11,8 +11,8 @@ a batch of n rows holds n x (longest row + longest remaining generation) slots, 
 A request waits while it does not fit; only a full wait queue refuses one.
 
 Order in the wait queue: effective priority first (the request's priority plus one level per
-``aging_s`` waited, so nothing starves), then the tenant with the smallest recent share, then
-arrival.
+``aging_s`` waited, up to the highest priority waiting, so nothing starves), then the tenant
+with the smallest share (rows running now plus recent admissions, decaying), then arrival.
 """
 
 from __future__ import annotations
@@ -152,19 +152,29 @@ class Scheduler:
     def _charge(self, tenant: str, now: float) -> None:
         self._shares[tenant] = (self.share(tenant, now) + 1.0, now)
 
-    def effective_priority(self, request: Request, now: float) -> int:
-        return request.priority + math.floor((now - request.arrived) / self.config.aging_s)
+    def effective_priority(self, request: Request, now: float, ceiling: int) -> int:
+        """Priority plus one level per aging_s waited, up to the highest priority waiting.
 
-    def ordered(self, now: float) -> list[Request]:
-        """The wait queue in admission order (for one pick; shares change as picks are made)."""
+        At the ceiling a request ties with the best and is ordered by tenant share and arrival,
+        so it is served after the requests that were there before it: it cannot starve.
+        """
+        aged = request.priority + math.floor((now - request.arrived) / self.config.aging_s)
+        return max(request.priority, min(aged, ceiling))
+
+    def _running_by_tenant(self) -> dict[str, int]:
         running: dict[str, int] = {}
         for slot in self.slots:
             for row in (*slot.rows, *slot.pending):
                 running[row.tenant] = running.get(row.tenant, 0) + 1
-        return sorted(
-            self.waiting,
+        return running
+
+    def _next(self, candidates: list[Request], running: dict[str, int], now: float) -> Request:
+        """The request to admit next: priority (with aging), then the least-served tenant."""
+        ceiling = max(r.priority for r in candidates)
+        return min(
+            candidates,
             key=lambda r: (
-                -self.effective_priority(r, now),
+                -self.effective_priority(r, now, ceiling),
                 running.get(r.tenant, 0) + self.share(r.tenant, now),
                 r.arrived,
             ),
@@ -211,14 +221,14 @@ class Scheduler:
         cfg = self.config
         if not self.waiting:
             return []
-        order = self.ordered(now)
         others_cost, others_rows = self._others_cost(slot), self._others_rows(slot)
         if cfg.balanced:
             total = others_rows + len(staying) + len(self.waiting)
             quota = math.ceil(total / len(self.slots)) - len(staying)
         else:
             quota = cfg.max_rows
-            if slot.index > 0 and not staying and self._primary_takes(order[0]):
+            head = self._next(self.waiting, self._running_by_tenant(), now)
+            if slot.index > 0 and not staying and self._primary_takes(head):
                 return []  # slot 0 takes it at its next step; this slot is for overflow
         if quota <= 0:
             return []
@@ -229,12 +239,15 @@ class Scheduler:
         ):
             return []
         picked: list[Request] = []
-        for request in order:
-            if len(picked) >= quota or not self._fits(
-                staying, [*picked, request], others_cost, others_rows
-            ):
+        candidates = list(self.waiting)
+        running = self._running_by_tenant()
+        while candidates and len(picked) < quota:
+            request = self._next(candidates, running, now)
+            if not self._fits(staying, [*picked, request], others_cost, others_rows):
                 break  # strict order: a big request is not overtaken by smaller ones
             picked.append(request)
+            candidates.remove(request)
+            running[request.tenant] = running.get(request.tenant, 0) + 1
         for request in picked:
             self.waiting.remove(request)
             self._charge(request.tenant, now)
@@ -242,7 +255,7 @@ class Scheduler:
 
     def _primary_takes(self, head: Request) -> bool:
         primary = self.slots[0]
-        staying = [r for r in primary.rows if not (r.done or r.cancelled)]
+        staying = [r for r in (*primary.rows, *primary.pending) if not (r.done or r.cancelled)]
         return self._fits(staying, [head], self._others_cost(primary), self._others_rows(primary))
 
     # -- bookkeeping the driver reports ------------------------------------------------------
