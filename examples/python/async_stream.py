@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 
-from services.client import AsyncClient
+from tessera import AsyncClient
 
 PROMPTS = ["Once upon a time", "The three primary colours are", "def fibonacci(n):"]
 

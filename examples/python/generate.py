@@ -2,14 +2,14 @@
 
     python examples/python/generate.py [ADDRESS] [--model NAME] [--embed-model NAME]
 
-Run it from the repository root (or with the project installed) against `tessera up`.
+Needs only the client package (pip install clients/python); run it against `tessera up`.
 """
 
 from __future__ import annotations
 
 import argparse
 
-from services.client import Client, TesseraError
+from tessera import Client, TesseraError
 
 
 def main() -> int:

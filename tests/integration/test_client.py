@@ -1,4 +1,4 @@
-"""The Python SDK (services.client) against a live tiny mesh: typed results equal to the raw
+"""The Python client package (tessera) against a live tiny mesh: typed results equal to the raw
 stubs, streaming, deadlines, retries on UNAVAILABLE through the service config, TLS + token."""
 
 from __future__ import annotations
@@ -8,6 +8,7 @@ import json
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from concurrent import futures
 from pathlib import Path
@@ -15,8 +16,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
-
-from services.client import (
+from tessera import (
     AsyncClient,
     ChatMessage,
     ChunkResult,
@@ -25,19 +25,27 @@ from services.client import (
     GenerateResult,
     TesseraError,
 )
+
 from services.common.security import make_dev_certs
-from services.pb.tessera.v1 import inference_pb2, inference_pb2_grpc
-from tests.mesh import ROOT, Mesh
+from services.pb.tessera.v1 import inference_pb2, inference_pb2_grpc, worker_pb2, worker_pb2_grpc
+from tests.mesh import ROOT, Mesh, wait_until
 
 pytestmark = pytest.mark.timeout(300)
 
 TEXTS = ["the cat sat on the mat", "hello", "paris is the capital of france"]
 
 
+# A worker frees a generation batch no router steps for BATCH_IDLE_S by itself; the cancel test
+# waits at most CANCEL_WAIT_S for the freeing, so a batch the cancel left behind fails it.
+BATCH_IDLE_S = 60
+CANCEL_WAIT_S = 10.0
+assert CANCEL_WAIT_S < BATCH_IDLE_S
+
+
 @pytest.fixture(scope="module")
 def mesh(tiny_repo: Path) -> Iterator[Mesh]:
     """Router + tiny-llama as [0,2) [2,4) + tiny-bert as a replica; no cache tier."""
-    with Mesh(tiny_repo) as m:
+    with Mesh(tiny_repo, env={"TESSERA_WORKER_BATCH_IDLE_S": str(BATCH_IDLE_S)}) as m:
         m.start_router()
         for model, layers in [("tiny-llama", "0:2"), ("tiny-llama", "2:4"), ("tiny-bert", None)]:
             m.start_worker(model, layers, wait=False)
@@ -237,10 +245,43 @@ def test_python_examples_run(mesh: Mesh) -> None:
     assert len(done.stdout.splitlines()) == 3
 
 
+def _live_sessions(mesh: Mesh, model: str = "tiny-llama") -> list[int]:
+    """Each of the model's workers' generation rows held now (internal Worker/Info)."""
+    held = []
+    for worker in mesh.workers:
+        if worker.args[2] == model:
+            with grpc.insecure_channel(worker.address) as channel:
+                info = worker_pb2_grpc.WorkerStub(channel).Info(worker_pb2.InfoRequest(), timeout=5)
+            held.append(info.live_sessions)
+    return held
+
+
 def test_leaving_a_stream_early_cancels_it(mesh: Mesh, client: Client) -> None:
-    """Last of the mesh tests: it cancels a generation in flight on the workers."""
-    for _ in client.stream("tiny-llama", "the dog", max_new_tokens=20):
+    """Last of the mesh tests: it cancels a generation in flight, and both stages free it."""
+    prompt, length = "the dog", 200
+    # Greedy, this prompt runs its whole length (no EOS), so the stream below is still generating
+    # when the loop looks at the workers and leaves.
+    started = time.monotonic()
+    assert client.generate("tiny-llama", prompt, max_new_tokens=length).finish_reason == "length"
+    whole_s = time.monotonic() - started
+    wait_until(lambda: _live_sessions(mesh) == [0, 0], CANCEL_WAIT_S, "earlier generations freed")
+    during: list[int] = []
+    for _ in client.stream("tiny-llama", prompt, max_new_tokens=length):
+        during = _live_sessions(mesh)
         break
+    left = time.monotonic()
+    assert during == [1, 1], f"the stream was not live on both stages: {during}"
+    wait_until(
+        lambda: _live_sessions(mesh) == [0, 0],
+        CANCEL_WAIT_S,
+        "both stages freeing the cancelled generation",
+        interval=0.05,
+    )
+    # Freed by the cancel, not by the generation running to its end (a step or two, not 200).
+    freed_s = time.monotonic() - left
+    assert freed_s < whole_s / 2, (
+        f"freed after {freed_s:.2f} s; the whole run takes {whole_s:.2f} s"
+    )
     assert client.generate("tiny-llama", "hi", max_new_tokens=1).generated_tokens == 1
     assert all(w.popen.poll() is None for w in mesh.workers), "a worker died"
 

@@ -20,8 +20,8 @@ from typing import Any
 
 import numpy as np
 import pytest
+from tessera import Client
 
-from services.client import Client
 from tests.mesh import ROOT, Mesh
 
 pytestmark = pytest.mark.timeout(300)

@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 from google.protobuf import descriptor_pb2
+from tessera import Client
 
-from services.client import Client
 from tests.mesh import ROOT, Mesh
 
 pytestmark = pytest.mark.timeout(300)

@@ -2,7 +2,7 @@
 tessera.v1 stubs, with typed results, streaming iterators, per-call deadlines, retries on
 UNAVAILABLE through the gRPC service config, TLS and bearer tokens.
 
-    from services.client import Client
+    from tessera import Client
 
     with Client("localhost:50051") as client:
         print(client.generate("smollm2-135m-instruct", "The capital of France is",
@@ -10,10 +10,10 @@ UNAVAILABLE through the gRPC service config, TLS and bearer tokens.
         vectors = client.embed("all-minilm-l6-v2", ["hello", "world"]).numpy()
 """
 
-from services.client._wire import service_config
-from services.client.aio import AsyncClient
-from services.client.sync import Client
-from services.client.types import (
+from tessera._wire import service_config
+from tessera.aio import AsyncClient
+from tessera.sync import Client
+from tessera.types import (
     ChainInfo,
     ChatMessage,
     ChunkResult,

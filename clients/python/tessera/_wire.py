@@ -10,7 +10,8 @@ from typing import Any
 import grpc
 import numpy as np
 
-from services.client.types import (
+from tessera._pb.tessera.v1 import common_pb2, inference_pb2
+from tessera.types import (
     ChainInfo,
     ChatMessage,
     ChunkResult,
@@ -21,7 +22,6 @@ from services.client.types import (
     StageInfo,
     TesseraError,
 )
-from services.pb.tessera.v1 import common_pb2, inference_pb2
 
 SERVICE = "tessera.v1.Inference"
 HEALTH_SERVICE = "grpc.health.v1.Health"

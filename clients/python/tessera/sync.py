@@ -8,18 +8,18 @@ from typing import Any, Self
 
 import grpc
 import numpy as np
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from services.client import _wire
-from services.client._wire import DEFAULT, DEFAULT_ADDRESS, DEFAULT_TIMEOUT_S, Messages
-from services.client.types import (
+from tessera import _wire
+from tessera._health import health_pb2, health_pb2_grpc
+from tessera._pb.tessera.v1 import inference_pb2, inference_pb2_grpc
+from tessera._wire import DEFAULT, DEFAULT_ADDRESS, DEFAULT_TIMEOUT_S, Messages
+from tessera.types import (
     ChunkResult,
     EmbedResult,
     ForwardResult,
     GenerateResult,
     ModelInfo,
 )
-from services.pb.tessera.v1 import inference_pb2, inference_pb2_grpc
 
 
 class Client:
