@@ -21,8 +21,9 @@ from services.pb.tessera.v1 import inference_pb2_grpc, worker_pb2_grpc
 from services.router.frontends import Frontends
 from services.router.kserve import KSERVE_NAME, KServeService
 from services.router.pool import WorkerPool
+from services.router.registry import RegistryService
 from services.router.routing import RoutingTable
-from services.router.service import InferenceService, RegistryService
+from services.router.service import InferenceService
 
 log = logging.getLogger("tessera.router")
 SERVICE_NAME = "tessera.v1.Inference"

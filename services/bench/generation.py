@@ -1,0 +1,228 @@
+"""Generation side by side in one run: served streams vs transformers' own batched generate.
+
+    python -m services.bench.generation [--quick] [--out FILE]
+
+Two meshes, one after the other (never both loaded at once): a router with one SmolLM2 replica
+(torch threads = cores) and a router with a two-stage chain [0,15) [15,30) (threads = cores / 2
+each, so the chain uses the same cores). The in-process limit is `model.generate` of the same
+prompts, greedy, with the replica's thread count, measured while the mesh is idle. Tokens are
+counted up to and including each row's first end-of-sequence token on both sides.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import grpc
+import torch
+from grpc import aio
+
+from services.bench.limits import GenerateLimit, left_pad
+from services.bench.procs import Fleet
+from services.common.repository import model_spec
+from services.pb.tessera.v1 import inference_pb2, inference_pb2_grpc
+from services.router.frontends import ModelFrontend
+
+LLM = "smollm2-135m-instruct"
+TOPICS = (
+    "the history of the printing press",
+    "how bridges carry their load",
+    "the life of bees",
+    "why the sky is blue",
+    "the rules of chess",
+    "how a steam engine works",
+    "the moon landing",
+    "the water cycle",
+    "ancient Rome's roads",
+    "how vaccines work",
+    "volcanoes",
+    "the Silk Road",
+    "how airplanes fly",
+    "the invention of paper",
+    "coral reefs",
+    "the first computers",
+)
+
+
+def prompts(count: int) -> list[str]:
+    return [
+        f"Write a long essay about {TOPICS[i % len(TOPICS)]}, part {i // len(TOPICS) + 1}:"
+        for i in range(count)
+    ]
+
+
+@dataclass
+class StreamRun:
+    tokens: int
+    seconds: float
+    ttft: list[float] = field(default_factory=list)
+    errors: int = 0
+
+    @property
+    def rate(self) -> float:
+        return self.tokens / self.seconds if self.seconds else 0.0
+
+
+async def streams(address: str, texts: Sequence[str], max_new: int) -> StreamRun:
+    """All of `texts` as simultaneous GenerateStream calls; tokens counted from the chunks."""
+    async with aio.insecure_channel(address) as channel:
+        stub = inference_pb2_grpc.InferenceStub(channel)
+        ttft: list[float] = []
+        errors = 0
+
+        async def one(text: str) -> int:
+            nonlocal errors
+            sent = time.perf_counter()
+            count = 0
+            try:
+                call = stub.GenerateStream(
+                    inference_pb2.GenerateRequest(model=LLM, prompt=text, max_new_tokens=max_new),
+                    timeout=600,
+                )
+                async for chunk in call:
+                    if chunk.token_ids and count == 0:
+                        ttft.append(time.perf_counter() - sent)
+                    count += len(chunk.token_ids)
+            except grpc.RpcError:
+                errors += 1
+            return count
+
+        started = time.perf_counter()
+        counts = await asyncio.gather(*(one(t) for t in texts))
+        return StreamRun(sum(counts), time.perf_counter() - started, ttft, errors)
+
+
+def p50(values: Sequence[float]) -> float:
+    return statistics.median(values) if values else float("nan")
+
+
+def measure_limit(
+    path: Path, frontend: ModelFrontend, texts: list[str], max_new: int, threads: int, repeats: int
+) -> dict[str, float]:
+    torch.set_num_threads(threads)
+    limit = GenerateLimit(path, frontend.eos_token_ids, frontend.pad_id)
+    rows = [frontend.encode_prompt(t) for t in texts]
+    limit.generate(rows[:2], 4)  # warm-up
+    batch = [limit.generate(rows, max_new) for _ in range(repeats)]
+    solo = [limit.generate(rows[:1], max_new) for _ in range(repeats)]
+    ids, mask = left_pad(rows, frontend.pad_id)
+    with torch.inference_mode():
+        prefill = []
+        for _ in range(repeats):
+            started = time.perf_counter()
+            limit.model(input_ids=ids, attention_mask=mask, logits_to_keep=1)
+            prefill.append(time.perf_counter() - started)
+    return {
+        "batch_tok_s": p50([t / s for t, s, _ in batch]),
+        "solo_tok_s": p50([t / s for t, s, _ in solo]),
+        "batched_prefill_s": p50(prefill),
+    }
+
+
+async def measure_mesh(
+    address: str, texts: list[str], max_new: int, repeats: int
+) -> dict[str, float]:
+    await streams(address, texts[:4], 4)  # warm-up
+    solo = [await streams(address, texts[:1], max_new) for _ in range(repeats)]
+    many = [await streams(address, texts, max_new) for _ in range(repeats)]
+    wide = await streams(address, [f"{t} ({i})" for i in range(4) for t in texts], max_new)
+    return {
+        "solo_tok_s": p50([r.rate for r in solo]),
+        "many_tok_s": p50([r.rate for r in many]),
+        "ttft_p50_s": p50([x for r in many for x in r.ttft]),
+        "ttft_p99_s": max(x for r in many for x in r.ttft),
+        "wide_tok_s": wide.rate,
+        "wide_errors": wide.errors,
+        "many_errors": sum(r.errors for r in many),
+    }
+
+
+def start(fleet: Fleet, layers: Sequence[str | None], threads: int) -> str:
+    router = fleet.router(f"router-{len(layers)}")
+    router.wait_ready(time.monotonic() + 120)
+    workers = [
+        fleet.worker(f"w{len(layers)}-{i}", LLM, [router.address], layers=span, threads=threads)
+        for i, span in enumerate(layers)
+    ]
+    for worker in workers:
+        worker.wait_ready(time.monotonic() + 300)
+    deadline = time.monotonic() + 60
+    with grpc.insecure_channel(router.address) as channel:
+        stub = inference_pb2_grpc.InferenceStub(channel)
+        while time.monotonic() < deadline:
+            listed = stub.ListModels(inference_pb2.ListModelsRequest(), timeout=5)
+            if any(m.name == LLM and m.healthy for m in listed.models):
+                return router.address
+            time.sleep(0.2)
+    raise RuntimeError("the mesh did not become healthy")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--streams", type=int, default=16)
+    parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument(
+        "--repository", default=os.environ.get("TESSERA_MODEL_REPOSITORY", "model-repository")
+    )
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args(argv)
+    cores = os.cpu_count() or 1
+    repeats = 1 if args.quick else 3
+    spec = model_spec(Path(args.repository), LLM)
+    frontend = ModelFrontend(spec)
+    texts = prompts(args.streams)
+    results: dict[str, object] = {
+        "cores": cores,
+        "streams": args.streams,
+        "max_new_tokens": args.max_new_tokens,
+    }
+    env = {"OMP_WAIT_POLICY": "PASSIVE"}
+    fleet = Fleet(args.repository, env=env)
+    try:
+        replica = start(fleet, [None], cores)
+        results["replica"] = asyncio.run(measure_mesh(replica, texts, args.max_new_tokens, repeats))
+        fleet.stop_all()
+        fleet = Fleet(args.repository, env=env)
+        chain = start(fleet, ["0:15", "15:30"], max(1, cores // 2))
+        results["chain"] = asyncio.run(measure_mesh(chain, texts, args.max_new_tokens, repeats))
+        fleet.stop_all()
+        results["limit"] = measure_limit(
+            spec.path, frontend, texts, args.max_new_tokens, cores, repeats
+        )
+    finally:
+        fleet.stop_all()
+    limit = results["limit"]
+    assert isinstance(limit, dict)
+    print(
+        f"in-process: batch {args.streams} {limit['batch_tok_s']:.1f} tok/s, batch 1 "
+        f"{limit['solo_tok_s']:.1f} tok/s, batched prefill {limit['batched_prefill_s']:.3f} s"
+    )
+    for name in ("replica", "chain"):
+        r = results[name]
+        assert isinstance(r, dict)
+        print(
+            f"{name:8s} {args.streams} streams {r['many_tok_s']:.1f} tok/s = "
+            f"{r['many_tok_s'] / limit['batch_tok_s']:.2f}x limit, "
+            f"{r['many_tok_s'] / r['solo_tok_s']:.1f}x one stream; one stream "
+            f"{r['solo_tok_s']:.1f} tok/s = {r['solo_tok_s'] / limit['solo_tok_s']:.2f}x; "
+            f"TTFT p50 {r['ttft_p50_s']:.3f} s = "
+            f"{r['ttft_p50_s'] / limit['batched_prefill_s']:.2f}x batched prefill; "
+            f"{4 * args.streams} streams {r['wide_tok_s']:.1f} tok/s, {r['wide_errors']} errors"
+        )
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(results, indent=2, default=lambda o: asdict(o)))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
