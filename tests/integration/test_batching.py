@@ -1,4 +1,5 @@
-"""Batching on the workers: concurrent work shares forward passes and answers stay exact."""
+"""Batching of stateless work (Embed) on the workers: concurrent requests share forward passes and
+answers stay exact. Generation batching is tested in test_generation.py and test_stage_batch.py."""
 
 from __future__ import annotations
 
@@ -11,14 +12,11 @@ import pytest
 import torch
 from grpc import aio
 
-from services.common.repository import model_spec
 from services.common.types import Span
 from services.pb.tessera.v1 import inference_pb2, inference_pb2_grpc
-from services.worker.batch import ForwardItem, batched_decode, group_forward_items
-from services.worker.stage import StageModel
+from services.worker.forwarding import ForwardItem, group_forward_items
 from tests.mesh import Mesh
 
-# "hello" and "it" are one-token prompts: their first step must not join a decode batch.
 PROMPTS = [
     "the cat sat on the mat",
     "hello",
@@ -36,59 +34,29 @@ PROMPTS = [
 def mesh(tiny_repo: Path) -> Iterator[Mesh]:
     with Mesh(tiny_repo) as m:  # no cache: every request reaches the workers
         m.start_router()
-        m.start_worker("tiny-llama", "0:2", wait=False)
-        m.start_worker("tiny-llama", "2:4", wait=False)
         m.start_worker("tiny-bert", wait=False)
         for proc in m.workers:
             proc.wait_ready()
-        m.wait_model("tiny-llama")
         m.wait_model("tiny-bert")
         yield m
 
 
-def test_concurrent_streams_equal_their_solo_runs(mesh: Mesh) -> None:
-    stub = mesh.stub()
-    solo = {
-        p: list(
-            stub.Generate(
-                inference_pb2.GenerateRequest(model="tiny-llama", prompt=p, max_new_tokens=16),
-                timeout=60,
-            ).token_ids
-        )
-        for p in PROMPTS
-    }
+def _reference(path: Path, texts: list[str]) -> dict[str, np.ndarray]:
+    """Mean pooling + L2 normalisation over the unbatched transformers model, one text at a time."""
+    from transformers import AutoModel, AutoTokenizer
 
-    async def together() -> dict[str, list[int]]:
-        async with aio.insecure_channel(mesh.address) as channel:
-            client = inference_pb2_grpc.InferenceStub(channel)
-
-            async def one(prompt: str) -> list[int]:
-                ids: list[int] = []
-                async for chunk in client.GenerateStream(
-                    inference_pb2.GenerateRequest(
-                        model="tiny-llama", prompt=prompt, max_new_tokens=16
-                    ),
-                    timeout=60,
-                ):
-                    ids.extend(chunk.token_ids)
-                return ids
-
-            results = await asyncio.gather(*(one(p) for p in PROMPTS))
-            return dict(zip(PROMPTS, results))
-
-    assert asyncio.run(together()) == solo
+    tokenizer, model = AutoTokenizer.from_pretrained(path), AutoModel.from_pretrained(path).eval()
+    out = {}
+    with torch.inference_mode():
+        for text in texts:
+            hidden = model(**tokenizer([text], return_tensors="pt")).last_hidden_state[0]
+            pooled = hidden.mean(dim=0)
+            out[text] = (pooled / pooled.norm()).numpy()
+    return out
 
 
-def test_concurrent_embeds_equal_single_ones(mesh: Mesh) -> None:
-    stub = mesh.stub()
-    single = {
-        p: np.array(
-            stub.Embed(inference_pb2.EmbedRequest(model="tiny-bert", inputs=[p]), timeout=60)
-            .embeddings[0]
-            .values
-        )
-        for p in PROMPTS
-    }
+def test_concurrent_embeds_equal_the_reference(mesh: Mesh, tiny_repo: Path) -> None:
+    single = _reference(tiny_repo / "tiny-bert", PROMPTS)
 
     async def together() -> list[np.ndarray]:
         async with aio.insecure_channel(mesh.address) as channel:
@@ -105,24 +73,8 @@ def test_concurrent_embeds_equal_single_ones(mesh: Mesh) -> None:
 
     for prompt, got in zip(PROMPTS * 4, asyncio.run(together())):
         np.testing.assert_allclose(got, single[prompt], rtol=0, atol=1e-5)
-
-
-def test_batched_decode_matches_solo_hidden_states(tiny_repo: Path) -> None:
-    spec = model_spec(tiny_repo, "tiny-llama")
-    stage = StageModel(spec, Span(0, 4))
-    prompts = [[7, 8, 9, 10, 11], [12, 13], [14, 15, 16, 17, 18, 19, 20]]
-    caches = [stage.new_cache() for _ in prompts]
-    for cache, prompt in zip(caches, prompts):
-        stage.forward(input_ids=torch.tensor([prompt]), cache=cache)
-    solo_caches = [stage.new_cache() for _ in prompts]
-    for cache, prompt in zip(solo_caches, prompts):
-        stage.forward(input_ids=torch.tensor([prompt]), cache=cache)
-    nxt = [torch.tensor([[21]]), torch.tensor([[22]]), torch.tensor([[23]])]
-    batched, grown = batched_decode(stage, caches, nxt)
-    for row, (cache, token) in enumerate(zip(solo_caches, nxt)):
-        alone = stage.forward(input_ids=token, cache=cache)
-        torch.testing.assert_close(batched[row : row + 1], alone, rtol=0, atol=1e-4)
-        assert grown[row].get_seq_length() == cache.get_seq_length()
+    rows = [line for line in mesh.workers[0].lines if "Forward" in line]
+    assert rows, "the worker logged no Forward calls"
 
 
 def test_grouping_keeps_padding_low() -> None:
