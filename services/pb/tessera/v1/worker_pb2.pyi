@@ -52,6 +52,7 @@ class WorkerInfo(_message.Message):
     KV_TOKEN_BUDGET_FIELD_NUMBER: _builtins.int
     KV_TOKENS_FIELD_NUMBER: _builtins.int
     LIVE_BATCHES_FIELD_NUMBER: _builtins.int
+    PRECISION_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     version: _builtins.str
     fingerprint: _builtins.str
@@ -74,6 +75,8 @@ class WorkerInfo(_message.Message):
     """token slots held now, padding included"""
     live_batches: _builtins.int
     """generation batches held now"""
+    precision: _builtins.str
+    """"float32" (exact), "bfloat16" or "int8"; empty = float32"""
     @_builtins.property
     def span(self) -> _common_pb2.Span: ...
     def __init__(
@@ -93,10 +96,11 @@ class WorkerInfo(_message.Message):
         kv_token_budget: _builtins.int = ...,
         kv_tokens: _builtins.int = ...,
         live_batches: _builtins.int = ...,
+        precision: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["span", b"span"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "capacity", b"capacity", "fingerprint", b"fingerprint", "hidden_size", b"hidden_size", "kind", b"kind", "kv_token_budget", b"kv_token_budget", "kv_tokens", b"kv_tokens", "live_batches", b"live_batches", "live_sessions", b"live_sessions", "model", b"model", "num_layers", b"num_layers", "outstanding", b"outstanding", "span", b"span", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "capacity", b"capacity", "fingerprint", b"fingerprint", "hidden_size", b"hidden_size", "kind", b"kind", "kv_token_budget", b"kv_token_budget", "kv_tokens", b"kv_tokens", "live_batches", b"live_batches", "live_sessions", b"live_sessions", "model", b"model", "num_layers", b"num_layers", "outstanding", b"outstanding", "precision", b"precision", "span", b"span", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -449,6 +449,7 @@ class ModelStatus(_message.Message):
     KIND_FIELD_NUMBER: _builtins.int
     CHAINS_FIELD_NUMBER: _builtins.int
     HEALTHY_FIELD_NUMBER: _builtins.int
+    PRECISION_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     version: _builtins.str
     fingerprint: _builtins.str
@@ -457,6 +458,8 @@ class ModelStatus(_message.Message):
     """"causal-lm" or "encoder" """
     healthy: _builtins.bool
     """a full healthy chain exists"""
+    precision: _builtins.str
+    """of the version above: "float32" (exact), "bfloat16", "int8" """
     @_builtins.property
     def chains(self) -> _containers.RepeatedCompositeFieldContainer[Global___ChainStatus]: ...
     def __init__(
@@ -469,10 +472,11 @@ class ModelStatus(_message.Message):
         kind: _builtins.str = ...,
         chains: _abc.Iterable[Global___ChainStatus] | None = ...,
         healthy: _builtins.bool = ...,
+        precision: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["chains", b"chains", "fingerprint", b"fingerprint", "healthy", b"healthy", "kind", b"kind", "name", b"name", "num_layers", b"num_layers", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chains", b"chains", "fingerprint", b"fingerprint", "healthy", b"healthy", "kind", b"kind", "name", b"name", "num_layers", b"num_layers", "precision", b"precision", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
