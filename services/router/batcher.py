@@ -418,6 +418,12 @@ class Generations:
             if request.failovers > RETRY_BUDGET:
                 request.fail(Unavailable(f"model {failed.model!r}: worker {address} failed"))
                 continue
+            log.warning(
+                "generation %d on %s failed after %d tokens; resuming on another chain",
+                request.request_id,
+                failed.describe(),
+                len(request.generated),
+            )
             try:
                 self.submit(request, fingerprint=failed.fingerprint, exclude=excluded)
             except ServiceError as error:

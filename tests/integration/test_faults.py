@@ -314,16 +314,15 @@ def test_kill_one_of_two_replicas_under_embed_load(tiny_repo: Path) -> None:
 # -- 2. kill -9 a stage mid-stream, another worker holds its span -----------------------------
 
 
-def _stream_with_kill(
-    mesh: Mesh, request: inference_pb2.GenerateRequest, first_stage: Proc
-) -> tuple[list[int], str, Proc]:
-    """Starts a stream; after its first chunk freezes the only [0, 2) worker (so the stream
-    cannot finish meanwhile), kills the [2, 4) worker that holds the session, thaws [0, 2)."""
+def _streams_with_kill(
+    mesh: Mesh, requests: Sequence[inference_pb2.GenerateRequest], first_stage: Proc
+) -> tuple[list[tuple[list[int], str]], Proc]:
+    """Starts the streams together; once each has its first chunk, freezes the only [0, 2) worker
+    (so no stream can finish meanwhile), kills a [2, 4) worker that holds them, thaws [0, 2)."""
     by_address = {p.address: p for p in mesh.workers}
     for _ in range(5):
-        stream = mesh.stub().GenerateStream(request, timeout=CALL_TIMEOUT_S)
-        first = next(stream)
-        tokens = list(first.token_ids)
+        streams = [mesh.stub().GenerateStream(r, timeout=CALL_TIMEOUT_S) for r in requests]
+        tokens = [list(next(s).token_ids) for s in streams]
         os.kill(first_stage.popen.pid, signal.SIGSTOP)
         try:
             busy = [
@@ -333,21 +332,34 @@ def _stream_with_kill(
                 and s.outstanding > 0
                 and by_address[s.address].popen.poll() is None
             ]
-            victim = by_address[busy[0].address] if busy else None
+            victim = by_address[max(busy, key=lambda s: s.outstanding).address] if busy else None
             if victim is not None:
                 victim.kill()
         finally:
             os.kill(first_stage.popen.pid, signal.SIGCONT)
-        finish = ""
-        for chunk in stream:
-            tokens.extend(chunk.token_ids)
-            finish = chunk.finish_reason or finish
+        results = []
+        for stream, got in zip(streams, tokens, strict=True):
+            finish = ""
+            for chunk in stream:
+                got.extend(chunk.token_ids)
+                finish = chunk.finish_reason or finish
+            results.append((got, finish))
         if victim is not None:
-            return tokens, finish, victim
+            return results, victim
     raise AssertionError("every stream ended before the kill could land")
 
 
-def test_kill_stage_mid_stream_resumes_on_the_other_chain(tiny_repo: Path) -> None:
+def _resumed(mesh: Mesh) -> list[int]:
+    """Tokens each generation had when the router moved it to another chain (from its log)."""
+    assert mesh.router is not None
+    return [
+        int(m.group(1))
+        for line in mesh.router.lines
+        if (m := re.search(r"failed after (\d+) tokens; resuming", line))
+    ]
+
+
+def test_kill_stage_with_eight_streams_in_flight_completes_all_of_them(tiny_repo: Path) -> None:
     workers = [
         ("tiny-llama", "0:2"),
         ("tiny-llama", "2:4"),
@@ -357,16 +369,14 @@ def test_kill_stage_mid_stream_resumes_on_the_other_chain(tiny_repo: Path) -> No
     with mesh_of(tiny_repo, workers, chains={"tiny-llama": 3}) as mesh:
         stub = mesh.stub()
         first_stage = mesh.workers[0]
-        greedy = inference_pb2.GenerateRequest(
-            model="tiny-llama", prompt=GREEDY_PROMPT, max_new_tokens=48
-        )
-        want, finish = stream_tokens(stub, greedy)
-        assert finish == "length" and len(want) == 48
-        assert list(stub.Generate(greedy, timeout=CALL_TIMEOUT_S).token_ids) == want
-
-        # A seed whose undisturbed sampled run is long enough for a kill to land inside it.
-        seeded = None
-        for seed in range(20):
+        prompts = [GREEDY_PROMPT, "a b c d", "a b", "b c d e"]
+        greedy = [
+            inference_pb2.GenerateRequest(model="tiny-llama", prompt=p, max_new_tokens=48)
+            for p in prompts
+        ]
+        # Seeds whose undisturbed sampled runs are long enough for a kill to land inside them.
+        seeded: list[inference_pb2.GenerateRequest] = []
+        for seed in range(40):
             candidate = inference_pb2.GenerateRequest(
                 model="tiny-llama",
                 prompt=GREEDY_PROMPT,
@@ -374,29 +384,28 @@ def test_kill_stage_mid_stream_resumes_on_the_other_chain(tiny_repo: Path) -> No
                 temperature=1.0,
                 seed=seed,
             )
-            want_seeded, _ = stream_tokens(stub, candidate)
-            if len(want_seeded) >= 30:
-                seeded = candidate
+            if len(stream_tokens(stub, candidate)[0]) >= 30:
+                seeded.append(candidate)
+            if len(seeded) == 4:
                 break
-        assert seeded is not None, "no seed gives a long sampled run"
-        assert stream_tokens(stub, seeded)[0] == want_seeded  # seeded runs replay
+        assert len(seeded) == 4, "too few seeds give a long sampled run"
+        requests = greedy + seeded
+        # The undisturbed runs, one at a time.
+        want = [stream_tokens(stub, r) for r in requests]
+        assert all(finish == "length" for _, finish in want[:4])
 
-        got, finish, victim = _stream_with_kill(mesh, greedy, first_stage)
+        got, victim = _streams_with_kill(mesh, requests, first_stage)
         assert victim.popen.returncode == -signal.SIGKILL
-        assert (got, finish) == (want, "length")
-        # The router resumed it mid-stream: after some tokens, before the last.
-        resumed = [
-            int(m.group(1))
-            for line in mesh.router.lines
-            if (m := re.search(r"failed after (\d+) tokens.*resuming", line))
-        ]
-        assert len(resumed) == 1 and 0 < resumed[0] < 48, resumed
+        assert got == want
+        # The router moved live generations mid-stream: after some tokens, before the last.
+        resumed = _resumed(mesh)
+        assert resumed and all(0 < n < 48 for n in resumed), resumed
 
-        got_seeded, _, second = _stream_with_kill(mesh, seeded, first_stage)
+        # A second kill: the last 2:4 worker takes over and answers stay the undisturbed ones.
+        again, second = _streams_with_kill(mesh, requests, first_stage)
         assert second is not victim
-        assert got_seeded == want_seeded
-        # One 2:4 worker is left: generation still works and still equals the undisturbed run.
-        assert stream_tokens(stub, greedy)[0] == want
+        assert again == want
+        assert [stream_tokens(stub, r) for r in requests] == want
 
 
 # -- 3. SIGTERM (drain) under load ----------------------------------------------------------
@@ -429,22 +438,24 @@ def test_sigterm_drains_without_failing_accepted_requests(tiny_repo: Path) -> No
         with Load(call, threads=6, max_requests=500) as load:
             load.wait_ok(30)
             bert = mesh.workers[0]
-            # Prefer the 2:4 worker that holds a session right now: it must finish it first.
-            stage = mesh.workers[3]
-            for _ in range(40):
+            # The 2:4 worker that holds generations right now: the drain must finish them.
+            busy: list[StageView] = []
+            deadline = time.monotonic() + 10
+            while not busy and time.monotonic() < deadline:
                 busy = [
                     s
                     for s in stages_of(mesh, "tiny-llama").values()
                     if s.span == (2, 4) and s.outstanding > 0
                 ]
-                if busy:
-                    stage = by_address[busy[0].address]
-                    break
-                time.sleep(0.02)
+                time.sleep(0.01)
+            assert busy, "no 2:4 worker held a generation to drain"
+            stage = by_address[busy[0].address]
+            held = worker_info(stage).live_sessions
             bert.popen.send_signal(signal.SIGTERM)
             stage.popen.send_signal(signal.SIGTERM)
             assert bert.popen.wait(timeout=20) == 0, bert.output()[-2000:]
             assert stage.popen.wait(timeout=20) == 0, stage.output()[-2000:]
+            assert held > 0, "the drained stage held no rows: the drain hit no live work"
             wait_until(
                 lambda: bert.address not in stages_of(mesh, "tiny-bert"),
                 3,
@@ -653,7 +664,13 @@ def test_burst_above_capacity_is_refused_quickly(capped: Mesh) -> None:
 
 
 def _live_sessions(mesh: Mesh) -> list[int]:
+    """Generation rows each live worker holds (WorkerInfo.live_sessions)."""
     return [worker_info(p).live_sessions for p in mesh.workers if p.popen.poll() is None]
+
+
+def _prefills(proc: Proc) -> int:
+    """Prefill calls the worker answered, from its access log."""
+    return sum('"rpc": "/tessera.v1.Worker/Prefill"' in line for line in proc.lines)
 
 
 def test_deadline_shorter_than_the_work_frees_sessions(capped: Mesh) -> None:
@@ -661,19 +678,24 @@ def test_deadline_shorter_than_the_work_frees_sessions(capped: Mesh) -> None:
     request = inference_pb2.GenerateRequest(
         model="tiny-llama", prompt=GREEDY_PROMPT, max_new_tokens=250
     )
+    prefills = sum(_prefills(p) for p in capped.workers)
     start = time.monotonic()
     with pytest.raises(grpc.RpcError) as caught:
         stub.Generate(request, timeout=0.3)
     assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED, describe(caught.value)
     assert time.monotonic() - start < 1.5
-    wait_until(lambda: _live_sessions(capped) == [0, 0], 5, "sessions freed after the deadline")
+    # The request was running on the workers when its deadline passed (prefilled on both).
+    wait_until(
+        lambda: sum(_prefills(p) for p in capped.workers) >= prefills + 2, 5, "the prefills logged"
+    )
+    wait_until(lambda: _live_sessions(capped) == [0, 0], 5, "rows freed after the deadline")
 
     # A client that cancels a stream frees the sessions too.
     stream = stub.GenerateStream(request, timeout=60)
     next(stream)
     assert sum(_live_sessions(capped)) > 0
     stream.cancel()
-    wait_until(lambda: _live_sessions(capped) == [0, 0], 5, "sessions freed after a cancel")
+    wait_until(lambda: _live_sessions(capped) == [0, 0], 5, "rows freed after a cancel")
     # The work finished well within its budget when undisturbed; the chain still serves.
     assert stub.Generate(request, timeout=30).generated_tokens == 250
 
