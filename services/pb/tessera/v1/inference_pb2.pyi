@@ -212,7 +212,12 @@ class EmbedRequest(_message.Message):
 
     MODEL_FIELD_NUMBER: _builtins.int
     INPUTS_FIELD_NUMBER: _builtins.int
+    PACKED_FIELD_NUMBER: _builtins.int
     model: _builtins.str
+    packed: _builtins.bool
+    """Answer in EmbedResponse.vectors (one packed float32 block) instead of `embeddings`: no
+    per-vector messages to build or parse, which matters for many inputs per request.
+    """
     @_builtins.property
     def inputs(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     def __init__(
@@ -220,10 +225,11 @@ class EmbedRequest(_message.Message):
         *,
         model: _builtins.str = ...,
         inputs: _abc.Iterable[_builtins.str] | None = ...,
+        packed: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["inputs", b"inputs", "model", b"model"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["inputs", b"inputs", "model", b"model", "packed", b"packed"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -257,14 +263,19 @@ class EmbedResponse(_message.Message):
     DIM_FIELD_NUMBER: _builtins.int
     CACHED_INPUTS_FIELD_NUMBER: _builtins.int
     CACHED_FIELD_NUMBER: _builtins.int
+    VECTORS_FIELD_NUMBER: _builtins.int
     dim: _builtins.int
     cached_inputs: _builtins.int
     """how many inputs came from the cache tier"""
     cached: _builtins.bool
     """true when every input came from the cache tier"""
+    vectors: _builtins.bytes
+    """Only when the request asked for packed: every vector in input order, float32
+    little-endian, shape [len(inputs), dim] (row-major).
+    """
     @_builtins.property
     def embeddings(self) -> _containers.RepeatedCompositeFieldContainer[Global___Embedding]:
-        """in the order of the inputs"""
+        """in the order of the inputs; empty when packed"""
 
     def __init__(
         self,
@@ -273,10 +284,11 @@ class EmbedResponse(_message.Message):
         dim: _builtins.int = ...,
         cached_inputs: _builtins.int = ...,
         cached: _builtins.bool = ...,
+        vectors: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cached", b"cached", "cached_inputs", b"cached_inputs", "dim", b"dim", "embeddings", b"embeddings"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cached", b"cached", "cached_inputs", b"cached_inputs", "dim", b"dim", "embeddings", b"embeddings", "vectors", b"vectors"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
