@@ -64,11 +64,57 @@ def channel_credentials(
 
 
 def open_channel(
-    address: str, credentials: grpc.ChannelCredentials | None, options: Sequence[tuple[str, Any]]
+    address: str,
+    credentials: grpc.ChannelCredentials | None,
+    options: Sequence[tuple[str, Any]],
+    interceptors: Sequence[aio.ClientInterceptor] = (),
 ) -> aio.Channel:
+    extra = {"interceptors": list(interceptors)} if interceptors else {}
     if credentials is None:
-        return aio.insecure_channel(address, options=list(options))
-    return aio.secure_channel(address, credentials, options=list(options))
+        return aio.insecure_channel(address, options=list(options), **extra)
+    return aio.secure_channel(address, credentials, options=list(options), **extra)
+
+
+class BearerToken(
+    aio.UnaryUnaryClientInterceptor,
+    aio.UnaryStreamClientInterceptor,
+    aio.StreamUnaryClientInterceptor,
+    aio.StreamStreamClientInterceptor,
+):
+    """Adds `authorization: Bearer <token>` to every call of a channel (a router's worker
+    calls, checked by the workers' AuthInterceptor)."""
+
+    def __init__(self, token: str) -> None:
+        if not token or token != token.strip() or "\n" in token:
+            raise ValueError("a bearer token is one non-empty line without surrounding spaces")
+        self._header = ("authorization", f"Bearer {token}")
+
+    def _with_token(self, details: aio.ClientCallDetails) -> aio.ClientCallDetails:
+        metadata = aio.Metadata(*(details.metadata or ()))
+        metadata.add(*self._header)
+        return aio.ClientCallDetails(
+            details.method, details.timeout, metadata, details.credentials, details.wait_for_ready
+        )
+
+    async def intercept_unary_unary(
+        self, continuation: Any, details: aio.ClientCallDetails, request: Any
+    ) -> Any:
+        return await continuation(self._with_token(details), request)
+
+    async def intercept_unary_stream(
+        self, continuation: Any, details: aio.ClientCallDetails, request: Any
+    ) -> Any:
+        return await continuation(self._with_token(details), request)
+
+    async def intercept_stream_unary(
+        self, continuation: Any, details: aio.ClientCallDetails, request_iterator: Any
+    ) -> Any:
+        return await continuation(self._with_token(details), request_iterator)
+
+    async def intercept_stream_stream(
+        self, continuation: Any, details: aio.ClientCallDetails, request_iterator: Any
+    ) -> Any:
+        return await continuation(self._with_token(details), request_iterator)
 
 
 class TokenSet:

@@ -28,6 +28,13 @@ SERVER_OPTIONS: list[tuple[str, int]] = [
     ("grpc.max_connection_age_ms", 300_000),
     ("grpc.max_connection_age_grace_ms", 600_000),
 ]
+# Framing and the small fields of a text request (model name, options): a margin on top of the
+# text itself when sizing the largest legal message.
+MESSAGE_MARGIN_BYTES = 64 * 1024
+# Hidden-state positions in the largest message a router sends a worker: an Embed segment of
+# embed_segment_size (32) texts x 512 positions (BERT's limit) = 16,384; a prefill is at most
+# max_prefill_tokens (8,192) or one prompt of max_prompt_tokens (4,096).
+ROUTED_POSITIONS = 32 * 512
 CHANNEL_OPTIONS: list[tuple[str, int]] = [
     ("grpc.max_send_message_length", 64 * 1024 * 1024),
     ("grpc.max_receive_message_length", 64 * 1024 * 1024),
@@ -35,6 +42,25 @@ CHANNEL_OPTIONS: list[tuple[str, int]] = [
     ("grpc.keepalive_timeout_ms", 10_000),
     ("grpc.keepalive_permit_without_calls", 1),
 ]
+
+
+def text_message_bytes(texts: int, chars: int) -> int:
+    """The largest protobuf message carrying ``texts`` strings of ``chars`` characters each:
+    4 UTF-8 bytes per character at worst, a tag and a length varint per string, and the margin.
+
+    The router's largest legal request is an Embed of max_embed_inputs x max_input_chars: with
+    the defaults 256 x (4 x 100,000 + 6) + 64 KiB = 97.7 MiB (25.6 MB if every character is
+    ASCII). A prompt or a chat is at most max_input_chars per text and max_prompt_tokens in
+    all, far below that.
+    """
+    return texts * (4 * chars + 6) + MESSAGE_MARGIN_BYTES
+
+
+def hidden_message_bytes(positions: int, hidden_size: int) -> int:
+    """The largest worker message: ``positions`` float32 hidden states of ``hidden_size``, with
+    their int64 attention mask and ids, and the margin. SmolLM2 (576) at ROUTED_POSITIONS:
+    16,384 x (576 x 4 + 16) + 64 KiB = 36.3 MiB; all-MiniLM-L6-v2 (384): 24.3 MiB."""
+    return positions * (hidden_size * 4 + 16) + MESSAGE_MARGIN_BYTES
 
 
 @dataclass
@@ -63,6 +89,8 @@ async def serve(
     interceptors: Sequence[aio.ServerInterceptor] = (),
     known_models: Callable[[str], bool] | None = None,
     max_message_bytes: int = 64 * 1024 * 1024,
+    max_concurrent_rpcs: int | None = None,
+    max_concurrent_streams: int | None = None,
 ) -> Served:
     """Starts a server with tracing, metrics, access logs, error mapping, health (NOT_SERVING
     until told) and reflection. Port 0 picks a free port; the real one is in Served.port.
@@ -71,12 +99,22 @@ async def serve(
     so a refused call is never counted, logged or traced. `known_models` says which requested
     model names may appear in metric labels and access lines; any other is `unknown` (with
     None, every name is).
+
+    Transport limits, all enforced by gRPC itself before any handler runs: a message over
+    `max_message_bytes` (either way) and a call beyond `max_concurrent_rpcs` in flight (every
+    method, probes included) get RESOURCE_EXHAUSTED; `max_concurrent_streams` is HTTP/2's
+    SETTINGS_MAX_CONCURRENT_STREAMS per connection (a gRPC client queues calls beyond it until
+    a stream ends; an HTTP/2 peer that ignores it has its streams refused).
     """
-    options = [(k, v) for k, v in SERVER_OPTIONS if "message_length" not in k]
+    options: list[tuple[str, int]] = [
+        (k, v) for k, v in SERVER_OPTIONS if "message_length" not in k
+    ]
     options += [
         ("grpc.max_send_message_length", max_message_bytes),
         ("grpc.max_receive_message_length", max_message_bytes),
     ]
+    if max_concurrent_streams is not None:
+        options.append(("grpc.max_concurrent_streams", max_concurrent_streams))
     server = aio.server(
         # grpc.aio runs interceptors in list order, the first outermost.
         interceptors=[
@@ -86,6 +124,7 @@ async def serve(
             ObserveInterceptor(known_models),
         ],
         options=options,
+        maximum_concurrent_rpcs=max_concurrent_rpcs,
     )
     for add in add_servicers:
         add(server)

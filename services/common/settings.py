@@ -44,6 +44,15 @@ class WorkerSettings:
     client_cert: str = ""  # this worker's client certificate for routers
     client_key: str = ""
     router_token: str = ""  # bearer token for routers that require one
+    # Callers of tessera.v1.Worker/* must send `authorization: Bearer <one of these>` (the
+    # router's worker_call_token); health and reflection stay open. Empty = no token needed
+    # (mutual TLS through tls_client_ca authenticates callers too).
+    caller_tokens: list[str] = field(default_factory=list)
+    caller_token_file: str = ""  # file of caller tokens, one per line, reloaded when it changes
+    # Transport limits, enforced by gRPC before any handler runs (RESOURCE_EXHAUSTED):
+    max_message_mb: int = 0  # MiB per message each way; 0 = the largest routed request (server.py)
+    max_concurrent_rpcs: int = 512  # calls in flight, every method, probes included
+    max_concurrent_streams: int = 256  # HTTP/2 streams open at once per connection
 
 
 @dataclass
@@ -65,7 +74,9 @@ class RouterSettings:
     max_outstanding: int = 256  # requests in flight before RESOURCE_EXHAUSTED
     request_timeout_s: float = 120.0  # deadline when the client sets none
     drain_s: float = 10.0
-    max_message_mb: int = 64  # largest gRPC message accepted or sent, MiB
+    # Largest gRPC message accepted or sent, MiB; 0 = the largest legal request, computed from
+    # max_embed_inputs x max_input_chars (server.py text_message_bytes: 97.7 MiB by default).
+    max_message_mb: int = 0
     max_streams_per_connection: int = 64  # concurrent GenerateStream calls per client connection
     hidden_dtype: str = "float32"  # dtype of hidden states between stages
     micro_batches: int = 2  # generation batches in flight per chain (pipelining across stages)
@@ -83,6 +94,9 @@ class RouterSettings:
     client_key: str = ""
     auth_tokens: list[str] = field(default_factory=list)  # accepted bearer tokens
     auth_token_file: str = ""  # file of bearer tokens, one per line, reloaded
+    worker_call_token: str = ""  # bearer token sent on every worker call (caller_tokens there)
+    max_concurrent_rpcs: int = 1024  # calls in flight, every method; beyond: RESOURCE_EXHAUSTED
+    max_concurrent_streams: int = 128  # HTTP/2 streams open at once per client connection
 
 
 @dataclass

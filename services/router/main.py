@@ -11,11 +11,12 @@ from services.cache.store import CacheStore
 from services.common.metrics import start_metrics_server
 from services.common.security import (
     AuthInterceptor,
+    BearerToken,
     TokenSet,
     channel_credentials,
     server_credentials,
 )
-from services.common.server import serve
+from services.common.server import serve, text_message_bytes
 from services.common.settings import RouterSettings
 from services.pb.tessera.v1 import inference_pb2_grpc, worker_pb2_grpc
 from services.router.frontends import Frontends
@@ -39,7 +40,9 @@ async def run_router(
 ) -> int:
     """Serves until SIGINT/SIGTERM (or `stop`), then drains and exits 0."""
     stop = stop or asyncio.Event()
-    max_message = settings.max_message_mb * 1024 * 1024
+    max_message = settings.max_message_mb * 1024 * 1024 or text_message_bytes(
+        settings.max_embed_inputs, settings.max_input_chars
+    )
     pool = WorkerPool(
         list(settings.workers),
         probe_interval_s=settings.health_interval_s,
@@ -48,6 +51,9 @@ async def run_router(
             settings.worker_ca or None, settings.client_cert or None, settings.client_key or None
         ),
         max_message_bytes=max_message,
+        interceptors=[BearerToken(settings.worker_call_token)]
+        if settings.worker_call_token
+        else (),
     )
     cache = CacheStore(
         settings.cache_nodes,
@@ -87,6 +93,8 @@ async def run_router(
         ],
         known_models=lambda m: pool.table.knows(m) or (frontends.repository / m).is_dir(),
         max_message_bytes=max_message,
+        max_concurrent_rpcs=settings.max_concurrent_rpcs,
+        max_concurrent_streams=settings.max_concurrent_streams,
     )
     if settings.metrics_port >= 0:
         metrics_port = start_metrics_server(settings.metrics_port, settings.host)

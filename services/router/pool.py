@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import grpc
@@ -60,8 +60,11 @@ class WorkerPool:
         ttl_s: float = 6.0,
         credentials: grpc.ChannelCredentials | None = None,
         max_message_bytes: int = 64 * 1024 * 1024,
+        interceptors: Sequence[aio.ClientInterceptor] = (),
     ) -> None:
         self.probe_interval_s = probe_interval_s
+        # On every worker channel: e.g. security.BearerToken, the credential workers require.
+        self._interceptors = list(interceptors)
         self.ttl_s = ttl_s
         self._credentials = credentials
         self._options = [(k, v) for k, v in CHANNEL_OPTIONS if "message_length" not in k] + [
@@ -82,7 +85,7 @@ class WorkerPool:
     def stub(self, address: str) -> worker_pb2_grpc.WorkerStub:
         stub = self._stubs.get(address)
         if stub is None:
-            channel = open_channel(address, self._credentials, self._options)
+            channel = open_channel(address, self._credentials, self._options, self._interceptors)
             self._channels[address] = channel
             stub = self._stubs[address] = worker_pb2_grpc.WorkerStub(channel)
         return stub

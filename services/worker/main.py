@@ -12,8 +12,19 @@ from grpc import aio
 
 from services.common.metrics import start_metrics_server
 from services.common.repository import fingerprint, model_spec, version_of
-from services.common.security import channel_credentials, open_channel, server_credentials
-from services.common.server import CHANNEL_OPTIONS, serve
+from services.common.security import (
+    AuthInterceptor,
+    TokenSet,
+    channel_credentials,
+    open_channel,
+    server_credentials,
+)
+from services.common.server import (
+    CHANNEL_OPTIONS,
+    ROUTED_POSITIONS,
+    hidden_message_bytes,
+    serve,
+)
 from services.common.settings import WorkerSettings
 from services.common.types import ModelKind, Span, WorkerDescriptor
 from services.pb.tessera.v1 import worker_pb2, worker_pb2_grpc
@@ -60,6 +71,13 @@ def build_service(settings: WorkerSettings, address: str) -> WorkerService:
     service = WorkerService(stage, descriptor, limits)
     warm_up(stage)
     return service
+
+
+def _hidden_size(settings: WorkerSettings) -> int:
+    """The served model's hidden size, from its config alone (before the weights load)."""
+    from pathlib import Path
+
+    return model_spec(Path(settings.repository), settings.model).hidden_size
 
 
 def warm_up(stage: StageModel) -> None:
@@ -149,7 +167,17 @@ async def run_worker(
         port=settings.port,
         tracer_name="tessera.worker",
         credentials=credentials,
+        interceptors=[
+            AuthInterceptor(
+                TokenSet(settings.caller_tokens, settings.caller_token_file or None),
+                [f"/{SERVICE_NAME}/"],
+            )
+        ],
         known_models=lambda m: m == settings.model,
+        max_message_bytes=settings.max_message_mb * 1024 * 1024
+        or hidden_message_bytes(ROUTED_POSITIONS, _hidden_size(settings)),
+        max_concurrent_rpcs=settings.max_concurrent_rpcs,
+        max_concurrent_streams=settings.max_concurrent_streams,
     )
     if settings.metrics_port >= 0:
         metrics_port = start_metrics_server(settings.metrics_port, settings.host)
