@@ -13,7 +13,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
 from services.cache.launcher import MemcachedNode, free_port
-from services.pb.tessera.v1 import inference_pb2
+from services.pb.tessera.v1 import inference_pb2, inference_pb2_grpc
 from tests.mesh import Mesh
 
 LLM = "smollm2-135m-instruct"
@@ -100,12 +100,17 @@ def _reference_greedy(model: torch.nn.Module, prompt_ids: list[int], max_new: in
     return new
 
 
-def _chat_request(messages: list[tuple[str, str]], max_new: int) -> inference_pb2.GenerateRequest:
-    return inference_pb2.GenerateRequest(
+def _chat_request(
+    messages: list[tuple[str, str]], max_new: int, seed: int | None = None
+) -> inference_pb2.GenerateRequest:
+    request = inference_pb2.GenerateRequest(
         model=LLM,
         max_new_tokens=max_new,
         messages=[inference_pb2.ChatMessage(role=r, content=c) for r, c in messages],
     )
+    if seed is not None:
+        request.seed = seed  # greedy still (temperature 0); the seed only varies the cache key
+    return request
 
 
 def _assert_same_greedy(got: inference_pb2.GenerateResponse, want: list[int], max_new: int) -> None:
@@ -178,13 +183,46 @@ def test_capital_of_france_is_paris_then_cached(mesh: Mesh) -> None:
     )
 
 
-def test_stream_chunks_concatenate_to_the_unary_text(mesh: Mesh) -> None:
-    stub = mesh.stub()
-    # Streamed first, so the stream really runs the chain rather than replaying the cache.
-    request = _chat_request([("user", "Write one sentence about the sea.")], 24)
-    chunks = list(stub.GenerateStream(request, timeout=RPC_TIMEOUT_S))
-    whole = stub.Generate(request, timeout=RPC_TIMEOUT_S)
-    assert len(chunks) > 1 and not chunks[0].cached
-    assert "".join(c.text for c in chunks) == whole.text and whole.text
-    assert [t for c in chunks for t in c.token_ids] == list(whole.token_ids)
-    assert chunks[-1].finish_reason == whole.finish_reason
+def test_concurrent_streams_are_the_unsplit_greedy(
+    mesh: Mesh, llm_tokenizer: PreTrainedTokenizerBase, llm_reference: torch.nn.Module
+) -> None:
+    """Chats streamed together through the two-stage chain (one batch), each against the
+    unsplit model; the streams run the chain (never the cache) and their text is the decode."""
+    import asyncio
+
+    from grpc import aio
+
+    chats = [
+        [("user", "Write one sentence about the sea.")],
+        [("user", "What is the capital of France?")],
+        [("system", "You are a terse assistant."), ("user", "Name three colours.")],
+        [("user", "Count from one to five.")],
+    ]
+    max_new = 24
+
+    async def run() -> list[list[inference_pb2.GenerateChunk]]:
+        async with aio.insecure_channel(mesh.address) as channel:
+            stub = inference_pb2_grpc.InferenceStub(channel)
+
+            async def one(messages: list[tuple[str, str]]) -> list[inference_pb2.GenerateChunk]:
+                call = stub.GenerateStream(
+                    _chat_request(messages, max_new, seed=len(messages)), timeout=RPC_TIMEOUT_S
+                )
+                return [chunk async for chunk in call]
+
+            return await asyncio.gather(*(one(m) for m in chats))
+
+    for messages, chunks in zip(chats, asyncio.run(run()), strict=True):
+        text = llm_tokenizer.apply_chat_template(
+            [{"role": r, "content": c} for r, c in messages],
+            add_generation_prompt=True,
+            tokenize=False,
+        )
+        prompt_ids = llm_tokenizer(text, add_special_tokens=False)["input_ids"]
+        want = _reference_greedy(llm_reference, prompt_ids, max_new)
+        tokens = [t for c in chunks for t in c.token_ids]
+        assert not any(c.cached for c in chunks) and len(chunks) > 1
+        assert tokens == want
+        assert chunks[-1].finish_reason == ("length" if len(want) == max_new else "eos")
+        streamed = "".join(c.text for c in chunks)
+        assert streamed == llm_tokenizer.decode(tokens, skip_special_tokens=True) and streamed

@@ -70,23 +70,26 @@ def test_chain_generates_the_unsplit_greedy_tokens(mesh: Mesh, tiny_repo: Path, 
             inference_pb2.GenerateRequest(model=model, prompt=prompt, max_new_tokens=12), timeout=60
         )
         want = _reference_greedy(tiny_repo / model, prompt, 12)
-        # The tiny models have no real EOS behaviour; a generation that ends on EOS stops early.
-        assert list(got.token_ids) == want[: len(got.token_ids)]
+        # A generation that samples the EOS token stops there (and includes it).
+        assert got.token_ids and list(got.token_ids) == want[: len(got.token_ids)]
         assert got.finish_reason in ("length", "eos")
         if got.finish_reason == "length":
             assert len(got.token_ids) == 12
+        else:
+            assert got.token_ids[-1] == 6  # tiny models' </s>
 
 
-def test_stream_equals_unary(mesh: Mesh) -> None:
+def test_stream_is_the_unsplit_greedy_and_runs_the_chain(mesh: Mesh, tiny_repo: Path) -> None:
+    """Streamed first (nothing cached yet): every chunk comes from the chain, one per token."""
     stub = mesh.stub()
-    request = inference_pb2.GenerateRequest(
-        model="tiny-llama", prompt="hello world", max_new_tokens=10, temperature=0.8, seed=7
-    )
-    whole = stub.Generate(request, timeout=60)
+    request = inference_pb2.GenerateRequest(model="tiny-llama", prompt="a b c", max_new_tokens=10)
     chunks = list(stub.GenerateStream(request, timeout=60))
-    assert "".join(c.text for c in chunks) == whole.text
-    assert [t for c in chunks for t in c.token_ids] == list(whole.token_ids)
-    assert chunks[-1].finish_reason == whole.finish_reason
+    tokens = [t for c in chunks for t in c.token_ids]
+    assert not any(c.cached for c in chunks)
+    assert len(chunks) >= len(tokens) > 0
+    assert tokens == _reference_greedy(tiny_repo / "tiny-llama", "a b c", 10)[: len(tokens)]
+    tokenizer = AutoTokenizer.from_pretrained(tiny_repo / "tiny-llama")
+    assert "".join(c.text for c in chunks) == tokenizer.decode(tokens, skip_special_tokens=True)
 
 
 @pytest.mark.parametrize("model", ["tiny-bert", "tiny-roberta"])
