@@ -1,28 +1,282 @@
-"""`tessera up`: one local mesh as child processes; Ctrl-C or SIGTERM stops every one of them."""
+"""`tessera up`: one local mesh as supervised child processes.
+
+Every child (memcached, the router, each worker) runs in its own process group and is SIGKILLed
+by the kernel if `tessera up` dies, whatever kills it (PR_SET_PDEATHSIG; see
+services.cache.launcher.die_with_parent). SIGINT, SIGTERM and SIGHUP stop them in order.
+
+Once the mesh is ready, a child that exits is restarted after a backoff (0.5 s, doubling to
+10 s; back to 0.5 s once it has run for a minute) while the rest keeps serving: the router
+fails over from a dead worker as from any other, workers re-register with a restarted router,
+and the router serves uncached while memcached is down. A child that exits 5 times within 60 s
+is crash-looping: `tessera up` reports it (name, exit code, last output lines) and gives up on
+it. Without a worker or the cache the mesh still serves everything else (that model answers
+UNAVAILABLE), so it keeps running; without the router nothing can be served, so the mesh stops.
+"""
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import os
+import secrets
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
+from typing import IO
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from services.cache.launcher import MemcachedNode, is_local_address, served_pid, split_address
+from services.cache.launcher import (
+    MemcachedNode,
+    die_with_parent,
+    is_local_address,
+    served_pid,
+    split_address,
+)
 from services.common.settings import MeshSettings, load_mesh_file
 
 READY_TIMEOUT_S = 300.0
+STOP_GRACE_S = 15.0  # SIGTERM, then this long to drain and exit, then SIGKILL
+POLL_S = 0.2
+TAIL_LINES = 10  # last output lines shown when a child exits
 
 
 class MeshError(RuntimeError):
     """A mesh that cannot start, with a message for the operator (no traceback)."""
+
+
+# -- restarts --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RestartPolicy:
+    first_delay_s: float = 0.5  # wait before the first restart
+    max_delay_s: float = 10.0  # the wait doubles up to this
+    max_restarts: int = 5  # restarts within window_s; one more exit is a crash loop
+    window_s: float = 60.0  # also: a child that ran this long starts over at first_delay_s
+
+
+@dataclass
+class Backoff:
+    """When to restart a child that exited, or that it is crash-looping. No processes here."""
+
+    policy: RestartPolicy = field(default_factory=RestartPolicy)
+    delay_s: float = 0.0
+    restarts: collections.deque[float] = field(default_factory=collections.deque)
+
+    def __post_init__(self) -> None:
+        self.delay_s = self.policy.first_delay_s
+
+    def next_delay(self, now: float, ran_s: float) -> float | None:
+        """Seconds to wait before restarting a child that ran ``ran_s`` and exited at ``now``;
+        None when it already restarted max_restarts times within the window."""
+        policy = self.policy
+        while self.restarts and now - self.restarts[0] > policy.window_s:
+            self.restarts.popleft()
+        if ran_s >= policy.window_s:
+            self.delay_s = policy.first_delay_s  # a crash after a long run, not a loop
+        if len(self.restarts) >= policy.max_restarts:
+            return None
+        delay, self.delay_s = self.delay_s, min(self.delay_s * 2, policy.max_delay_s)
+        self.restarts.append(now)
+        return delay
+
+
+# -- children --------------------------------------------------------------------------------
+
+
+class Child:
+    """One service of the mesh as a child process: started in its own process group, killed
+    with `tessera up`, its output copied to ours and its last lines kept for reports."""
+
+    def __init__(self, name: str, argv: list[str], env: dict[str, str]) -> None:
+        self.name = name
+        self._argv = argv
+        self._env = env
+        self._popen: subprocess.Popen[bytes] | None = None
+        self._tail: collections.deque[str] = collections.deque(maxlen=TAIL_LINES)
+        self._pump: threading.Thread | None = None
+
+    @property
+    def pid(self) -> int | None:
+        return self._popen.pid if self._popen is not None else None
+
+    def start(self) -> None:
+        self._tail.clear()
+        self._popen = subprocess.Popen(
+            die_with_parent(self._argv),
+            cwd=Path.cwd(),
+            env=self._env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            process_group=0,
+        )
+        assert self._popen.stdout is not None
+        self._pump = threading.Thread(
+            target=self._copy, args=(self._popen.stdout,), name=f"out {self.name}", daemon=True
+        )
+        self._pump.start()
+
+    def _copy(self, stream: IO[bytes]) -> None:
+        for raw in stream:
+            line = raw.decode(errors="replace").rstrip("\n")
+            self._tail.append(line)
+            try:
+                print(line, flush=True)
+            except (OSError, ValueError):
+                pass  # our own stdout is gone; keep draining the child's pipe
+
+    def poll(self) -> int | None:
+        return self._popen.poll() if self._popen is not None else None
+
+    def tail(self) -> list[str]:
+        if self._pump is not None and self._popen is not None and self._popen.poll() is not None:
+            self._pump.join(timeout=1.0)  # its last lines are still in the pipe
+        return list(self._tail)
+
+    def terminate(self) -> None:
+        if self._popen is not None and self._popen.poll() is None:
+            self._popen.send_signal(signal.SIGTERM)
+
+    def wait(self, until: float) -> None:
+        """Waits until ``until`` (monotonic) for the exit, then SIGKILLs its process group."""
+        if self._popen is None:
+            return
+        try:
+            self._popen.wait(timeout=max(0.0, until - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            try:
+                os.killpg(self._popen.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            self._popen.wait()
+
+
+class CacheChild:
+    """A memcached node of the mesh, supervised like the other children."""
+
+    def __init__(self, address: str) -> None:
+        self.name = f"memcached on {address}"
+        self._host, self._port = split_address(address)
+        self._node = MemcachedNode(die_with_parent=True)
+
+    @property
+    def pid(self) -> int | None:
+        return self._node.pid
+
+    def start(self) -> None:
+        self._node.start(host=self._host, port=self._port)
+
+    def poll(self) -> int | None:
+        return self._node.poll()
+
+    def tail(self) -> list[str]:
+        return self._node.output_tail(TAIL_LINES)
+
+    def terminate(self) -> None:
+        pass  # stopped last, by wait(): the router keeps using it until then
+
+    def wait(self, until: float) -> None:
+        self._node.stop()
+
+
+Service = Child | CacheChild
+
+
+@dataclass
+class Supervised:
+    """A child and its restart state."""
+
+    child: Service
+    essential: bool  # without it nothing can be served: giving up on it stops the mesh
+    backoff: Backoff = field(default_factory=Backoff)
+    started_at: float = 0.0
+    restart_at: float | None = None
+    given_up: bool = False
+
+    def start(self, now: float) -> None:
+        self.started_at = now
+        self.restart_at = None
+        self.child.start()
+
+
+def _exit_text(code: int) -> str:
+    if code < 0:
+        try:
+            return f"exit code {code} ({signal.Signals(-code).name})"
+        except ValueError:
+            pass
+    return f"exit code {code}"
+
+
+def _report(line: str, tail: Sequence[str]) -> None:
+    shown = "\n".join(f"    | {t}" for t in tail) if tail else "    | (no output)"
+    print(f"{line}\n  its last output:\n{shown}", file=sys.stderr, flush=True)
+
+
+def supervise_once(services: Sequence[Supervised], now: float) -> Supervised | None:
+    """One round: restarts children whose backoff is over, schedules restarts for children that
+    exited, gives up on crash loops. Returns an essential child given up on, if any."""
+    for s in services:
+        if s.given_up:
+            continue
+        if s.restart_at is not None:
+            if now >= s.restart_at:
+                try:
+                    s.start(now)
+                    print(
+                        f"tessera up: {s.child.name} restarted (pid {s.child.pid})",
+                        file=sys.stderr,
+                        flush=True,
+                    )
+                except (OSError, RuntimeError) as exc:
+                    # Counted like an exit: the next round sees the old exit code again.
+                    print(
+                        f"tessera up: cannot restart {s.child.name}: {exc}",
+                        file=sys.stderr,
+                        flush=True,
+                    )
+            continue
+        code = s.child.poll()
+        if code is None:
+            continue
+        delay = s.backoff.next_delay(now, now - s.started_at)
+        policy = s.backoff.policy
+        if delay is None:
+            s.given_up = True
+            consequence = (
+                "stopping the mesh: nothing can be served without it"
+                if s.essential
+                else "giving up on it; the rest of the mesh keeps serving"
+            )
+            _report(
+                f"tessera up: {s.child.name} is crash-looping ({_exit_text(code)}, "
+                f"{policy.max_restarts} restarts within {policy.window_s:.0f} s): {consequence}",
+                s.child.tail(),
+            )
+            if s.essential:
+                return s
+            continue
+        s.restart_at = now + delay
+        _report(
+            f"tessera up: {s.child.name} exited with {_exit_text(code)}; restarting it in "
+            f"{delay:.1f} s (restart {len(s.backoff.restarts)} of {policy.max_restarts} "
+            f"allowed within {policy.window_s:.0f} s)",
+            s.child.tail(),
+        )
+    return None
+
+
+# -- the mesh ----------------------------------------------------------------------------------
 
 
 def _probe_host(host: str) -> str:
@@ -38,7 +292,7 @@ def _port_answers(host: str, port: int) -> bool:
         return False
 
 
-def _local_cache_node(address: str) -> MemcachedNode | None:
+def _local_cache_node(address: str) -> CacheChild | None:
     """Starts memcached on a local address; None when one already answers there.
 
     Installing Debian's memcached package starts a system memcached on 127.0.0.1:11211, the
@@ -59,23 +313,27 @@ def _local_cache_node(address: str) -> MemcachedNode | None:
             f"tessera up: cache node {address} is taken by a process that is not "
             f"memcached; free the port or name another node under cache.nodes"
         )
+    node = CacheChild(address)
     try:
-        return MemcachedNode().start(host=host, port=port)
+        node.start()
     except RuntimeError as exc:
         raise MeshError(f"tessera up: cannot start memcached on {address}: {exc}") from exc
+    return node
 
 
 def _wait_serving(
-    address: str, service: str, deadline: float, procs: list[subprocess.Popen[bytes]]
+    address: str, service: str, deadline: float, services: Sequence[Supervised]
 ) -> None:
     with grpc.insecure_channel(address) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         while time.monotonic() < deadline:
-            for proc in procs:
-                if proc.poll() is not None:
+            for s in services:
+                code = s.child.poll()
+                if code is not None:
+                    tail = "\n".join(f"    | {t}" for t in s.child.tail()) or "    | (no output)"
                     raise MeshError(
-                        f"tessera up: {' '.join(map(str, proc.args[2:5]))} exited "
-                        f"with {proc.returncode} before the mesh was ready"
+                        f"tessera up: {s.child.name} exited with {_exit_text(code)} before the "
+                        f"mesh was ready; its last output:\n{tail}"
                     )
             try:
                 reply = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=1.0)
@@ -83,7 +341,7 @@ def _wait_serving(
                     return
             except grpc.RpcError:
                 pass
-            time.sleep(0.2)
+            time.sleep(POLL_S)
     raise MeshError(f"tessera up: {address} did not report SERVING for {service!r} in time")
 
 
@@ -101,13 +359,33 @@ def _env_overrides(settings: object, prefix: str, skip: set[str]) -> dict[str, s
     return env
 
 
-def _commands(mesh: MeshSettings, repository: str) -> list[tuple[list[str], dict[str, str]]]:
-    """One (argv, extra environment) per service: flags for the contract, env for the rest."""
+def _call_token_env(mesh: MeshSettings) -> tuple[dict[str, str], dict[str, str]]:
+    """(router env, worker env) so the workers take calls only from this mesh's router.
+
+    Anything on this machine can reach the workers' loopback ports; unless the mesh file
+    configures caller credentials itself, a fresh token per run is the router's
+    worker_call_token and every worker's only caller token.
+    """
+    if mesh.router.worker_call_token or any(
+        w.caller_tokens or w.caller_token_file for w in mesh.workers
+    ):
+        return {}, {}
+    token = secrets.token_urlsafe(24)
+    return (
+        {"TESSERA_ROUTER_WORKER_CALL_TOKEN": token},
+        {"TESSERA_WORKER_CALLER_TOKENS": token},
+    )
+
+
+def _children(mesh: MeshSettings, repository: str) -> list[Child]:
+    """The router and one child per worker: flags for the contract, env for the rest."""
     router = mesh.router
     router_address = f"127.0.0.1:{router.port}"
     python = [sys.executable, "-m", "services.cli"]
-    commands = [
-        (
+    router_token, worker_token = _call_token_env(mesh)
+    children = [
+        Child(
+            f"router on {router.host}:{router.port}",
             [
                 *python,
                 "router",
@@ -120,13 +398,17 @@ def _commands(mesh: MeshSettings, repository: str) -> list[tuple[list[str], dict
                 "--cache",
                 ",".join(mesh.cache_nodes),
             ],
-            _env_overrides(
-                router, "TESSERA_ROUTER_", {"host", "port", "repository", "cache_nodes"}
-            ),
+            {
+                **os.environ,
+                **_env_overrides(
+                    router, "TESSERA_ROUTER_", {"host", "port", "repository", "cache_nodes"}
+                ),
+                **router_token,
+            },
         )
     ]
     for worker in mesh.workers:
-        command = [
+        argv = [
             *python,
             "worker",
             "--model",
@@ -141,88 +423,91 @@ def _commands(mesh: MeshSettings, repository: str) -> list[tuple[list[str], dict
             repository,
         ]
         if worker.layers:
-            command += ["--layers", worker.layers]
-        commands.append(
-            (
-                command,
-                _env_overrides(
-                    worker,
-                    "TESSERA_WORKER_",
-                    {"model", "layers", "host", "port", "routers", "repository"},
-                ),
+            argv += ["--layers", worker.layers]
+        env = _env_overrides(
+            worker, "TESSERA_WORKER_", {"model", "layers", "host", "port", "routers", "repository"}
+        )
+        children.append(
+            Child(
+                f"worker {worker.model} {worker.layers or 'replica'} on "
+                f"{worker.host}:{worker.port}",
+                argv,
+                {**os.environ, **env, **worker_token},
             )
         )
-    return commands
+    return children
+
+
+def _print_ready(mesh: MeshSettings, router_address: str) -> None:
+    causal = next((w.model for w in mesh.workers if "smollm" in w.model), None)
+    print("\ntessera mesh ready: router on " + router_address, flush=True)
+    if causal:
+        print(
+            'try:\n  .venv/bin/grpcurl -plaintext -d \'{"model":"'
+            + causal
+            + '","messages":[{"role":"user","content":"What is the capital of '
+            'France?"}],"max_new_tokens":24}\' '
+            + router_address
+            + " tessera.v1.Inference/Generate",
+            flush=True,
+        )
+    print("Ctrl-C stops every process.", flush=True)
+
+
+def _stop(services: Sequence[Supervised]) -> None:
+    """SIGTERM to the router and the workers at once, up to STOP_GRACE_S for them to drain,
+    SIGKILL for any left; memcached last (the router uses it until it is gone)."""
+    processes = [s.child for s in services if isinstance(s.child, Child)]
+    for child in reversed(processes):
+        child.terminate()
+    until = time.monotonic() + STOP_GRACE_S
+    for child in reversed(processes):
+        child.wait(until)
+    for s in services:
+        if isinstance(s.child, CacheChild):
+            s.child.wait(until)
 
 
 def run_mesh(config: str | None, *, repository: str) -> int:
+    """Starts the mesh, supervises it until SIGINT/SIGTERM/SIGHUP, stops it. 0 after a signal
+    with every child still supervised; 1 if the mesh could not start, lost the router, or gave
+    up on a child."""
     mesh = load_mesh_file(config)
-    nodes: list[MemcachedNode] = []
-    procs: list[subprocess.Popen[bytes]] = []
-    stopping = False
+    services: list[Supervised] = []
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
-        nonlocal stopping
-        stopping = True
         raise KeyboardInterrupt
 
-    # Both explicitly: a shell that starts us in the background leaves SIGINT ignored.
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
+    # Set explicitly: a shell that starts us in the background leaves SIGINT ignored. SIGHUP
+    # (the terminal went away) stops the mesh like SIGTERM does.
+    stop_signals = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+    for sig in stop_signals:
+        signal.signal(sig, on_signal)
     try:
         for address in mesh.cache_nodes:
             if is_local_address(address):
                 node = _local_cache_node(address)
                 if node is not None:
-                    nodes.append(node)
-        for command, env in _commands(mesh, repository):
-            procs.append(subprocess.Popen(command, cwd=Path.cwd(), env={**os.environ, **env}))
+                    services.append(Supervised(node, essential=False, started_at=time.monotonic()))
+        for index, child in enumerate(_children(mesh, repository)):
+            services.append(Supervised(child, essential=index == 0))
+            services[-1].start(time.monotonic())
         deadline = time.monotonic() + READY_TIMEOUT_S
         router_address = f"127.0.0.1:{mesh.router.port}"
         for model in dict.fromkeys(w.model for w in mesh.workers):
-            _wait_serving(router_address, model, deadline, procs)
-        _wait_serving(router_address, "", deadline, procs)
-        causal = next((w.model for w in mesh.workers if "smollm" in w.model), None)
-        print("\ntessera mesh ready: router on " + router_address, flush=True)
-        if causal:
-            print(
-                'try:\n  .venv/bin/grpcurl -plaintext -d \'{"model":"'
-                + causal
-                + '","messages":[{"role":"user","content":"What is the capital of '
-                'France?"}],"max_new_tokens":24}\' '
-                + router_address
-                + " tessera.v1.Inference/Generate",
-                flush=True,
-            )
-        print("Ctrl-C stops every process.", flush=True)
-        while True:
-            for proc in procs:
-                if proc.poll() is not None:
-                    print(
-                        f"tessera up: {proc.args[3]} exited with {proc.returncode}; "
-                        f"stopping the mesh",
-                        file=sys.stderr,
-                        flush=True,
-                    )
-                    return 1
-            time.sleep(0.5)
+            _wait_serving(router_address, model, deadline, services)
+        _wait_serving(router_address, "", deadline, services)
+        _print_ready(mesh, router_address)
+        while supervise_once(services, time.monotonic()) is None:
+            time.sleep(POLL_S)
+        return 1
     except MeshError as exc:
         print(exc, file=sys.stderr, flush=True)
         return 1
     except KeyboardInterrupt:
-        return 0
+        return 1 if any(s.given_up for s in services) else 0
     finally:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        for proc in reversed(procs):
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        for proc in reversed(procs):
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        for node in nodes:
-            node.stop()
+        for sig in stop_signals:
+            signal.signal(sig, signal.SIG_IGN)
+        _stop(services)
         print("tessera mesh stopped", flush=True)

@@ -1,4 +1,5 @@
-"""Launching local memcached nodes, for `tessera cache`, `tessera up` and tests."""
+"""Launching local memcached nodes, for `tessera cache`, `tessera up` and tests; and making a
+child process die with its parent, even when the parent is SIGKILLed."""
 
 from __future__ import annotations
 
@@ -19,6 +20,31 @@ _FALLBACK_PATH = "/usr/bin/memcached"
 _READY_TIMEOUT_S = 5.0
 _STOP_GRACE_S = 2.0
 _LOCAL_HOSTS = frozenset({"127.0.0.1", "localhost", "0.0.0.0", "::1", "::", ""})
+_TAIL_LINES = 20
+
+# Run as `python -c _DIE_WITH_PARENT PARENT_PID ARGV...`: asks Linux to SIGKILL this process when
+# the thread that started it dies (PR_SET_PDEATHSIG = 1), then becomes ARGV (exec keeps the pid
+# and the setting). A wrapper rather than Popen(preexec_fn=...): preexec_fn is unsafe in a
+# process with threads, and `tessera up` has one per child reading its output.
+_DIE_WITH_PARENT = """\
+import ctypes, os, signal, sys
+if ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL, 0, 0, 0) != 0:
+    sys.exit(f"prctl(PR_SET_PDEATHSIG) failed: errno {ctypes.get_errno()}")
+if os.getppid() != int(sys.argv[1]):  # the parent died before prctl took effect
+    sys.exit(1)
+os.execvp(sys.argv[2], sys.argv[2:])
+"""
+
+
+def die_with_parent(argv: Sequence[str]) -> list[str]:
+    """``argv`` wrapped so the process is SIGKILLed when this one dies (Linux; elsewhere as is).
+
+    Linux sends the signal when the *thread* that started the child ends: start children from
+    a thread that lives as long as the process (the main thread).
+    """
+    if not sys.platform.startswith("linux"):
+        return list(argv)
+    return [sys.executable, "-c", _DIE_WITH_PARENT, str(os.getpid()), *argv]
 
 
 def find_memcached() -> str:
@@ -59,10 +85,14 @@ class MemcachedNode:
     """One memcached process listening on ``host:port`` (TCP only), stopped by :meth:`stop`.
 
     Usable as a context manager: ``with MemcachedNode().start(port=free_port()) as node: ...``.
+    With ``die_with_parent`` the node is SIGKILLed when the thread that started it ends (see
+    :func:`die_with_parent`): what `tessera up` and `tessera cache` use.
     """
 
-    def __init__(self, binary: str | None = None) -> None:
+    def __init__(self, binary: str | None = None, *, die_with_parent: bool = False) -> None:
         self._binary = binary
+        self._die_with_parent = die_with_parent
+        self.returncode: int | None = None  # of the last process, once it exited
         self._process: subprocess.Popen[bytes] | None = None
         self._stderr: IO[bytes] | None = None
         self._host = "127.0.0.1"
@@ -81,6 +111,16 @@ class MemcachedNode:
     def running(self) -> bool:
         return self._process is not None and self._process.poll() is None
 
+    def poll(self) -> int | None:
+        """None while it runs; its exit code once it exited (also after stop())."""
+        if self._process is not None and self._process.poll() is not None:
+            self.returncode = self._process.returncode
+        return None if self.running else self.returncode
+
+    def output_tail(self, lines: int = _TAIL_LINES) -> list[str]:
+        """The last lines memcached wrote (it writes only errors)."""
+        return self._read_stderr().splitlines()[-lines:]
+
     def start(
         self, host: str = "127.0.0.1", port: int = 11211, memory_mb: int = 64
     ) -> MemcachedNode:
@@ -96,9 +136,18 @@ class MemcachedNode:
         if os.geteuid() == 0:
             command += ["-u", "root"]  # memcached refuses to run as root without it
         # A file, not a pipe: a long-lived node must never block on a full stderr pipe.
+        if self._stderr is not None:
+            self._stderr.close()
         self._stderr = tempfile.TemporaryFile()  # noqa: SIM115 - closed by stop()
+        self.returncode = None
         self._process = subprocess.Popen(
-            command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=self._stderr
+            die_with_parent(command) if self._die_with_parent else command,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=self._stderr,
+            # Its own process group: a terminal's Ctrl-C reaches only the parent, which stops
+            # its children in order.
+            process_group=0,
         )
         try:
             self._wait_ready()
@@ -117,6 +166,8 @@ class MemcachedNode:
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait()
+        if process is not None:
+            self.returncode = process.returncode
         if self._stderr is not None:
             self._stderr.close()
             self._stderr = None
@@ -205,7 +256,7 @@ def run_nodes(addresses: Sequence[str]) -> int:
                 continue
             host, port = split_address(address)
             try:
-                nodes.append(MemcachedNode().start(host=host, port=port))
+                nodes.append(MemcachedNode(die_with_parent=True).start(host=host, port=port))
             except RuntimeError as exc:
                 print(f"cache: {exc}", file=sys.stderr, flush=True)
                 return 1

@@ -1,5 +1,7 @@
 """`tessera up --config FILE` as an operator runs it: a whole mesh from a YAML file, answers,
-then a signal that stops every process it started — and nothing else."""
+then a signal that stops every process it started — and nothing else. `up` supervises: a
+child killed under load is restarted while the rest serves, a crash loop is given up on, and no
+child outlives `up`, even a SIGKILLed one."""
 
 from __future__ import annotations
 
@@ -23,7 +25,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from services.cache.launcher import MemcachedNode, free_port
 from services.pb.tessera.v1 import inference_pb2, inference_pb2_grpc
-from tests.mesh import ROOT, service_env
+from tests.mesh import ROOT, metric, scrape, service_env, wait_until
 
 READY_TIMEOUT_S = 240.0
 STOP_TIMEOUT_S = 30.0
@@ -218,3 +220,235 @@ def test_up_fails_clearly_when_the_cache_port_is_not_memcached(
             assert rc == 1, up.output()
             assert f"{address} is taken by a process that is not memcached" in up.output()
             assert "Traceback" not in up.output()
+
+
+# -- supervision: children restarted, crash loops given up on, nothing outlives `up` -----------
+
+
+def _child_on_port(up: Up, port: int) -> psutil.Process | None:
+    """The child of `up` started for `--port PORT` (a worker or the router), if one runs."""
+    for child in up.children():
+        try:
+            args = child.cmdline()
+        except psutil.Error:
+            continue
+        if "--port" in args and args[args.index("--port") + 1] == str(port):
+            return child
+    return None
+
+
+def _listens_on(pid: int, port: int) -> bool:
+    try:
+        return any(
+            c.laddr.port == port and c.status == psutil.CONN_LISTEN
+            for c in psutil.Process(pid).net_connections(kind="tcp")
+        )
+    except psutil.Error:
+        return False
+
+
+def _serving(address: str, service: str = "") -> bool:
+    try:
+        with grpc.insecure_channel(address) as channel:
+            reply = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service=service), timeout=1
+            )
+            return reply.status == health_pb2.HealthCheckResponse.SERVING
+    except grpc.RpcError:
+        return False
+
+
+def _healthy_chains(address: str, model: str) -> int:
+    try:
+        with grpc.insecure_channel(address) as channel:
+            listed = inference_pb2_grpc.InferenceStub(channel).ListModels(
+                inference_pb2.ListModelsRequest(), timeout=2
+            )
+    except grpc.RpcError:
+        return 0
+    return sum(c.healthy for m in listed.models if m.name == model for c in m.chains)
+
+
+def _forward_rows(metrics_port: int) -> float:
+    """Rows the worker behind `metrics_port` ran through Forward (the Embed path)."""
+    samples = scrape(f"127.0.0.1:{metrics_port}")
+    return metric(samples, "tessera_worker_batch_rows_sum", kind="forward")
+
+
+class EmbedLoad:
+    """Threads sending Embed calls of never-repeated texts (no cache hit hides a failure)."""
+
+    def __init__(self, address: str, threads: int = 2) -> None:
+        self.ok = 0
+        self.failures: list[str] = []
+        self._stop = threading.Event()
+        self._channel = grpc.insecure_channel(address)
+        self._stub = inference_pb2_grpc.InferenceStub(self._channel)
+        self._threads = [
+            threading.Thread(target=self._run, args=(i,), daemon=True) for i in range(threads)
+        ]
+        for thread in self._threads:
+            thread.start()
+
+    def _run(self, index: int) -> None:
+        n = 0
+        while not self._stop.is_set():
+            n += 1
+            request = inference_pb2.EmbedRequest(
+                model="all-minilm-l6-v2", inputs=[f"load {index}-{n} at {time.monotonic_ns()}"]
+            )
+            try:
+                reply = self._stub.Embed(request, timeout=30)
+                assert len(reply.embeddings) == 1 and reply.dim == 384
+                self.ok += 1
+            except grpc.RpcError as exc:
+                self.failures.append(f"{exc.code().name}: {exc.details()}")
+
+    def stop(self) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(timeout=40)
+        assert not any(t.is_alive() for t in self._threads)
+        self._channel.close()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(360)
+def test_a_killed_replica_is_restarted_and_serves_again_with_no_failed_request(
+    real_repo: Path, tmp_path: Path
+) -> None:
+    """kill -9 of one of two MiniLM replicas under Embed load: the router fails over to the
+    other (no request fails), `up` restarts the killed one, and the new process serves."""
+    router_port, cache_port = free_port(), free_port()
+    ports = [free_port(), free_port()]
+    metrics = [free_port(), free_port()]
+    config = _write_mesh(
+        tmp_path / "mesh.yaml",
+        router_port,
+        [f"127.0.0.1:{cache_port}"],
+        [
+            {"model": "all-minilm-l6-v2", "port": p, "metrics_port": m}
+            for p, m in zip(ports, metrics, strict=True)
+        ],
+    )
+    address = f"127.0.0.1:{router_port}"
+    with tessera_up(config, real_repo) as up:
+        up.wait_ready()
+        wait_until(
+            lambda: _healthy_chains(address, "all-minilm-l6-v2") == 2, 60, "two healthy replicas"
+        )
+        victim, survivor = _child_on_port(up, ports[0]), _child_on_port(up, ports[1])
+        assert victim is not None and survivor is not None, up.output()
+        load = EmbedLoad(address)
+        try:
+            wait_until(lambda: load.ok >= 20, 60, "Embed load running")
+            victim.kill()
+            killed_at = time.monotonic()
+            victim.wait(timeout=10)
+
+            def restarted() -> bool:
+                child = _child_on_port(up, ports[0])
+                return (
+                    child is not None
+                    and child.pid != victim.pid
+                    and _listens_on(child.pid, ports[0])
+                    and _serving(f"127.0.0.1:{ports[0]}")
+                    and _healthy_chains(address, "all-minilm-l6-v2") == 2
+                )
+
+            wait_until(restarted, 30, "the killed replica restarted, listening and healthy")
+            back_after = time.monotonic() - killed_at
+            reborn = _child_on_port(up, ports[0])
+            assert reborn is not None
+            # The new process takes its share of the load: its own metrics count the rows.
+            wait_until(lambda: _forward_rows(metrics[0]) >= 5, 30, "the restarted replica serving")
+        finally:
+            load.stop()
+        assert not load.failures, load.failures[:5]
+        assert load.ok > 20
+        print(f"\nreplica back after {back_after:.1f} s; {load.ok} Embed calls, none failed")
+        assert up.popen.poll() is None, up.output()
+        assert survivor.is_running() and _child_on_port(up, ports[1]).pid == survivor.pid  # type: ignore[union-attr]
+        output = "\n".join(up.lines)  # all of it: the access log lines are many
+        name = f"worker all-minilm-l6-v2 replica on 127.0.0.1:{ports[0]}"
+        assert f"{name} exited with exit code -9 (SIGKILL); restarting it in 0.5 s" in output
+        assert f"{name} restarted (pid {reborn.pid})" in output
+        _assert_stops_cleanly(up, signal.SIGTERM, up.children())
+
+
+def _tiny_mesh(tmp_path: Path) -> tuple[Path, int]:
+    router_port = free_port()
+    config = _write_mesh(
+        tmp_path / "mesh.yaml",
+        router_port,
+        [f"127.0.0.1:{free_port()}"],
+        [{"model": "tiny-bert", "port": free_port()}],
+    )
+    return config, router_port
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGHUP], ids=["SIGKILL", "SIGHUP"])
+def test_no_child_outlives_up(tiny_repo: Path, tmp_path: Path, sig: int) -> None:
+    """SIGKILL of `tessera up` (no handler runs): the kernel kills every child within 5 s.
+    SIGHUP (the terminal closed): stopped in order, like SIGTERM."""
+    config, _ = _tiny_mesh(tmp_path)
+    with tessera_up(config, tiny_repo) as up:
+        up.wait_ready(timeout=120)
+        children = up.children()
+        names = " ".join(" ".join(p.cmdline()) for p in children)
+        assert len(children) == 3 and "memcached" in names, names  # memcached, router, worker
+        if sig == signal.SIGHUP:
+            _assert_stops_cleanly(up, sig, children)
+            return
+        up.popen.kill()
+        up.popen.wait(timeout=10)
+        _, alive = psutil.wait_procs(children, timeout=5)
+        assert not alive, f"left running after SIGKILL of tessera up: {alive}"
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+def test_a_crash_looping_child_is_reported_and_given_up_on(tiny_repo: Path, tmp_path: Path) -> None:
+    """memcached killed six times within a minute: restarted five times with growing waits,
+    then reported with its exit code and given up on; the router keeps serving (uncached)."""
+    router_port, cache_port = free_port(), free_port()
+    config = _write_mesh(tmp_path / "mesh.yaml", router_port, [f"127.0.0.1:{cache_port}"], [])
+    with tessera_up(config, tiny_repo) as up:
+        up.wait_ready(timeout=120)
+        pids: list[int] = []
+
+        def memcached() -> psutil.Process | None:
+            return next((p for p in up.children() if "memcached" in p.name()), None)
+
+        started = time.monotonic()
+        for _ in range(6):
+            wait_until(
+                lambda: (m := memcached()) is not None and m.pid not in pids,
+                15,
+                "memcached (re)started",
+            )
+            node = memcached()
+            assert node is not None
+            pids.append(node.pid)
+            node.kill()
+            node.wait(timeout=5)
+        address = f"127.0.0.1:{cache_port}"
+        wait_until(lambda: "crash-looping" in up.output(), 5, "the crash loop reported")
+        took = time.monotonic() - started
+        assert took < 60, took
+        output = up.output()
+        assert output.count(f"memcached on {address} exited with exit code -9 (SIGKILL)") == 5
+        assert (
+            f"memcached on {address} is crash-looping (exit code -9 (SIGKILL), 5 restarts within "
+            f"60 s): giving up on it; the rest of the mesh keeps serving"
+        ) in output, output
+        assert "its last output:" in output
+        # Waits of 0.5, 1, 2, 4 and 8 s between the six starts.
+        assert took > 0.5 + 1 + 2 + 4 + 8, took
+        time.sleep(1.0)
+        assert memcached() is None, "given up: not started again"
+        assert up.popen.poll() is None and _serving(f"127.0.0.1:{router_port}")
+        # Stopped on request, but it lost a child: exit code 1.
+        assert up.stop(signal.SIGTERM) == 1, up.output()
