@@ -482,3 +482,93 @@ def test_dockerfile_shape() -> None:
     ignored = (ROOT / ".dockerignore").read_text().split()
     for path in (".git", ".venv", "model-repository"):
         assert path in ignored, f".dockerignore must leave {path} out of the build context"
+
+
+# -- network policies ----------------------------------------------------------------------------
+
+
+def _template_labels(workload: dict[str, Any]) -> dict[str, str]:
+    return dict(workload["spec"]["template"]["metadata"]["labels"])
+
+
+def _policy_selects(selector: dict[str, Any], labels: dict[str, str]) -> bool:
+    assert set(selector) <= {"matchLabels"}, f"only matchLabels selectors here: {selector}"
+    match = selector.get("matchLabels", {})
+    assert match, "an empty podSelector selects every pod"
+    return _selects(match, labels)
+
+
+def _admitted(
+    workload: dict[str, Any], policies: list[dict[str, Any]], workloads: list[dict[str, Any]]
+) -> tuple[set[str], set[int]]:
+    """(names of the workloads whose pods may connect, ports they may connect to) for the pods
+    of `workload`, over every Ingress policy that selects them; fails on any rule that would
+    let in more than named pods (no `from`, a namespace or IP block, no ports)."""
+    sources: set[str] = set()
+    ports: set[int] = set()
+    for policy in policies:
+        spec = policy["spec"]
+        if "Ingress" not in spec.get("policyTypes", []):
+            continue
+        if not _policy_selects(spec["podSelector"], _template_labels(workload)):
+            continue
+        for rule in spec.get("ingress", []):
+            assert rule.get("from") and rule.get("ports"), f"{_name(policy)}: open rule {rule}"
+            for peer in rule["from"]:
+                assert set(peer) == {"podSelector"}, f"{_name(policy)}: {peer} admits more"
+                sources |= {
+                    w["metadata"]["name"]
+                    for w in workloads
+                    if _policy_selects(peer["podSelector"], _template_labels(w))
+                }
+            for port in rule["ports"]:
+                assert port.get("protocol", "TCP") == "TCP" and "endPort" not in port
+                ports.add(int(port["port"]))
+    return sources, ports
+
+
+def test_network_policies_admit_only_routers_to_workers_and_memcached(
+    k8s_docs: list[dict[str, Any]], workloads: list[dict[str, Any]]
+) -> None:
+    policies = _by_kind(k8s_docs, "NetworkPolicy")
+    assert {_name(p) for p in policies} == {
+        "NetworkPolicy/tessera-workers-from-routers",
+        "NetworkPolicy/tessera-memcached-from-routers",
+    }
+    routers = {
+        w["metadata"]["name"]
+        for w in workloads
+        if _template_labels(w).get("app.kubernetes.io/component") == "router"
+    }
+    assert routers == {"tessera-router"}
+    guarded = 0
+    for workload in workloads:
+        component = _template_labels(workload).get("app.kubernetes.io/component")
+        sources, ports = _admitted(workload, policies, workloads)
+        container_ports = {p["containerPort"] for p in _container(workload)["ports"]}
+        if component in ("worker", "cache"):
+            assert sources == routers, f"{_name(workload)} admits {sources}"
+            assert ports == container_ports == ({50061} if component == "worker" else {11211}), (
+                _name(workload)
+            )
+            guarded += 1
+        else:
+            # The router is the public front door: clients and worker registrations reach it.
+            assert component == "router" and not sources and not ports, _name(workload)
+    assert guarded == 4  # three workers and memcached
+
+
+def test_network_policy_selectors_are_what_the_pods_carry(
+    k8s_docs: list[dict[str, Any]], workers: list[dict[str, Any]]
+) -> None:
+    """A typo in a label would leave the pods unisolated while every manifest still validates:
+    each policy selects the pods it names, and a worker without its labels is not selected."""
+    (policy,) = [
+        p for p in _by_kind(k8s_docs, "NetworkPolicy") if "workers" in p["metadata"]["name"]
+    ]
+    selector = policy["spec"]["podSelector"]
+    for worker in workers:
+        labels = _template_labels(worker)
+        assert _policy_selects(selector, labels)
+        stray = {k: v for k, v in labels.items() if k != "app.kubernetes.io/component"}
+        assert not _policy_selects(selector, stray)
