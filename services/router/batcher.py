@@ -60,6 +60,11 @@ STEP_TIMEOUT_S = 60.0  # one step of one batch; longer means the stage is stuck
 REFUSED_BACKOFF_S = 0.05  # an empty slot waits this long after a worker refused its prefill
 
 
+def _span_context(request: Request) -> trace.SpanContext:
+    assert isinstance(request, Generation)
+    return trace.get_current_span(request.trace_context).get_span_context()
+
+
 def priority_bucket(priority: int) -> str:
     return "high" if priority > 0 else "low" if priority < 0 else "normal"
 
@@ -125,6 +130,7 @@ class ChainEngine:
         self._wakes = [asyncio.Event() for _ in self.scheduler.slots]
         self._tasks: list[asyncio.Task[None]] = []
         self._ids = itertools.count()
+        self._spans: dict[int, trace.Span] = {}
         self._prefix = f"{owner.router_id}-{uuid.uuid4().hex[:8]}"
 
     @property
@@ -215,11 +221,14 @@ class ChainEngine:
         self._wake_all()  # memory and rows came free: idle slots may admit now
         if slot.batch_id is None:
             return
-        if slot.rows:
-            await self._guard(self.client.filter(slot.batch_id, [r.request_id for r in slot.rows]))
-        else:
+        with trace.use_span(self._batch_span(slot, slot.rows), end_on_exit=False):
+            if slot.rows:
+                keep = [r.request_id for r in slot.rows]
+                await self._guard(self.client.filter(slot.batch_id, keep))
+                return
             await self._guard(self.client.clear([slot.batch_id]))
-            slot.batch_id = None
+        slot.batch_id = None
+        self._end_batch_span(slot)
 
     async def _prefill(self, slot: Slot, newcomers: list[Request]) -> None:
         loop = asyncio.get_running_loop()
@@ -228,9 +237,11 @@ class ChainEngine:
         first = newcomers[0]
         assert isinstance(first, Generation)
         timeout = self._step_timeout(newcomers)
+        # The prefill is part of the first request's trace and linked from the others'.
         with tracer.start_as_current_span(
             "prefill",
             context=first.trace_context,
+            links=[trace.Link(_span_context(g)) for g in newcomers[1:]],
             attributes={"tessera.rows": len(newcomers), "tessera.batch": batch_id},
         ):
             try:
@@ -257,8 +268,8 @@ class ChainEngine:
                 slot.pending = []
                 await self.client.clear([batch_id])
                 for generation in newcomers:
-                    self.owner.count(generation, -1)
                     assert isinstance(generation, Generation)
+                    self.owner.count(generation, -1)
                     generation.fail(error)
                 return
         if self.failed:
@@ -279,20 +290,23 @@ class ChainEngine:
             if generation.done or generation.cancelled:
                 self._close(generation, now)
         slot.pending = staying
-        if not staying:
-            await self._guard(self.client.clear([batch_id]))
-        elif len(staying) < len(newcomers):
-            await self._guard(self.client.filter(batch_id, [r.request_id for r in staying]))
         slot.pending_batch_id = batch_id if staying else None
+        if len(staying) < len(newcomers):
+            with tracer.start_as_current_span("prefill.filter", context=first.trace_context):
+                if staying:
+                    await self._guard(self.client.filter(batch_id, [r.request_id for r in staying]))
+                else:
+                    await self._guard(self.client.clear([batch_id]))
 
     async def _decode(self, slot: Slot) -> None:
         pending_id = slot.pending_batch_id if slot.pending else None
         batch_ids = [b for b in (slot.batch_id, pending_id) if b]
         rows = [*slot.rows, *slot.pending]
         tokens_in = [r.generated[-1] for r in rows]
-        tokens = await self._guard(
-            self.client.decode(batch_ids, tokens_in, self._step_timeout(rows))
-        )
+        with trace.use_span(self._batch_span(slot, rows), end_on_exit=False):
+            tokens = await self._guard(
+                self.client.decode(batch_ids, tokens_in, self._step_timeout(rows))
+            )
         if self.failed:
             return
         slot.batch_id = batch_ids[0]
@@ -304,6 +318,28 @@ class ChainEngine:
             if not generation.cancelled:
                 assert isinstance(generation, Generation)
                 generation.deliver(token)
+
+    def _batch_span(self, slot: Slot, rows: list[Request]) -> trace.Span:
+        """One trace per running batch (its decode steps), linked from the requests' traces.
+
+        A step serves many requests, so it cannot sit in one request's trace; a trace per step
+        would be noise.
+        """
+        span = self._spans.get(slot.index)
+        if span is None:
+            span = tracer.start_span(
+                "batch",
+                context=otel_context.Context(),
+                links=[trace.Link(_span_context(r)) for r in rows],
+                attributes={"tessera.route": self.chain.describe(), "tessera.slot": slot.index},
+            )
+            self._spans[slot.index] = span
+        return span
+
+    def _end_batch_span(self, slot: Slot) -> None:
+        span = self._spans.pop(slot.index, None)
+        if span is not None:
+            span.end()
 
     def _step_timeout(self, rows: list[Request]) -> float:
         now = asyncio.get_running_loop().time()
@@ -323,6 +359,8 @@ class ChainEngine:
         self._wake_all()
         batch_ids = [s.batch_id for s in self.scheduler.slots if s.batch_id]
         batch_ids += [s.pending_batch_id for s in self.scheduler.slots if s.pending_batch_id]
+        for slot in self.scheduler.slots:
+            self._end_batch_span(slot)
         requests = self.scheduler.take_all()
         for request in requests:
             assert isinstance(request, Generation)

@@ -131,7 +131,9 @@ class ChainClient:
 
         async def one(address: str) -> None:
             try:
-                await self.pool.stub(address).Clear(request, timeout=FILTER_TIMEOUT_S)
+                await self.pool.stub(address).Clear(
+                    request, timeout=FILTER_TIMEOUT_S, metadata=outgoing_metadata()
+                )
             except aio.AioRpcError:
                 pass
 

@@ -1,5 +1,8 @@
 """One client request is one trace: router -> cache -> each stage, parented across servers.
 
+A generation's prefill runs in its request's trace; its decode steps serve every row of a
+batch at once, so they form one trace per running batch, linked from each request's trace.
+
 Everything runs in one event loop in this process (real gRPC servers on 127.0.0.1:0, real
 sockets, a real memcached), exporting to an InMemorySpanExporter. The trace context still has
 to cross each hop through gRPC metadata: every server handler runs in its own task and starts
@@ -34,7 +37,8 @@ from services.worker.main import run_worker
 START_TIMEOUT_S = 120.0
 GENERATE = "tessera.v1.Inference/Generate"
 EMBED = "tessera.v1.Inference/Embed"
-SESSION = "tessera.v1.Worker/Session"
+PREFILL = "tessera.v1.Worker/Prefill"
+DECODE = "tessera.v1.Worker/Decode"
 FORWARD = "tessera.v1.Worker/Forward"
 # Background RPCs (worker heartbeats, probes) are their own traces, not part of a request.
 BACKGROUND = ("tessera.v1.Registry/", "tessera.v1.Worker/Info")
@@ -210,24 +214,24 @@ def _describe(spans: Iterable[ReadableSpan]) -> str:
 # -- the checks ------------------------------------------------------------------------------
 
 
-def _check_generate_trace(spans: list[ReadableSpan], generated: int) -> None:
+def _check_generate_trace(
+    spans: list[ReadableSpan], generated: int, *, prefilled_here: bool = True
+) -> None:
+    """The request's own trace, then the batch trace its decode steps ran in."""
     roots = [s for s in spans if s.name == GENERATE]
     assert len(roots) == 1, _describe(spans)
     root = roots[0]
-    trace_id = root.context.trace_id
     context = "\n" + _describe(spans)
-    # Every span exported for this request belongs to its one trace.
-    assert {s.context.trace_id for s in spans} == {trace_id}, context
-    by_id = {s.context.span_id: s for s in spans}
-    assert len(by_id) == len(spans)
-    # The router's server span is the root.
+    own = [s for s in spans if s.context.trace_id == root.context.trace_id]
+    by_id = {s.context.span_id: s for s in own}
+    assert len(by_id) == len(own)
+    # The router's server span is the root, and nothing in the trace is left unparented.
     assert root.kind is SpanKind.SERVER and _scope(root) == "tessera.router", context
-    assert root.parent is None or root.parent.span_id not in by_id, context
-    # Every other span hangs off the root, directly or not.
-    for span in spans:
-        if span is not root:
-            assert root in _ancestors(span, by_id), f"{span.name} is not under the root{context}"
-    generate = _children(spans, root, "generate")
+    assert [s for s in own if s.parent is None or s.parent.span_id not in by_id] == [root]
+    for span in own:
+        for parent in _ancestors(span, by_id)[:1]:
+            assert parent.start_time <= span.start_time, context
+    generate = _children(own, root, "generate")
     assert len(generate) == 1, context
     assert generate[0].attributes["tessera.model"] == "tiny-llama"
     # The route taken is recorded on the generate span (as an attribute or a "route" event).
@@ -235,34 +239,39 @@ def _check_generate_trace(spans: list[ReadableSpan], generated: int) -> None:
         e.attributes.get("tessera.route") for e in generate[0].events if e.attributes
     ]
     assert any(r and r.count("=>") == 1 for r in routes), context
-    # The cache lookup and store of this deterministic request, inside the trace.
     for name in ("cache.get", "cache.set"):
-        found = [s for s in spans if s.name == name]
+        found = [s for s in own if s.name == name]
         assert len(found) == 1, f"{name}{context}"
         assert _scope(found[0]) == "tessera.cache"
-        assert root in _ancestors(found[0], by_id), context
-    # One Session server span per stage, each a child of a router-side span.
-    router_ids = {s.context.span_id for s in spans if _scope(s) == "tessera.router"}
-    sessions = [s for s in spans if s.name == SESSION]
-    assert len(sessions) == 2, context
-    stages_seen = set()
-    for server in sessions:
-        assert server.kind is SpanKind.SERVER and _scope(server) == "tessera.worker", context
-        assert _parent_id(server) in router_ids, f"Session span not parented by router{context}"
-        assert _parent_id(server) == generate[0].context.span_id, context
-        steps = _children(spans, server, "stage.step")
-        # One step per generated token, each on the model thread under its server span.
-        assert len(steps) == generated, f"stage.step spans not under {SESSION}{context}"
-        stage_spans = {s.attributes["tessera.span"] for s in steps}
-        assert len(stage_spans) == 1, context
-        stages_seen |= stage_spans
-    assert stages_seen == {"0:2", "2:4"}, context
-    # Nothing in the trace is left unparented except the root.
-    assert [s for s in spans if s.parent is None or s.parent.span_id not in by_id] == [root]
-    # Spans nest in time too: children start after their parents.
-    for span in spans:
-        for parent in _ancestors(span, by_id)[:1]:
-            assert parent.start_time <= span.start_time, context
+    # The prefill: a router span under generate, then one Prefill server span per stage.
+    prefill = _children(own, generate[0], "prefill")
+    assert len(prefill) == (1 if prefilled_here else 0), context
+    if prefilled_here:
+        servers = _children(own, prefill[0], PREFILL)
+        assert len(servers) == 2, context
+        stages = set()
+        for server in servers:
+            assert server.kind is SpanKind.SERVER and _scope(server) == "tessera.worker", context
+            [compute] = _children(own, server, "stage.prefill")
+            stages.add(compute.attributes["tessera.span"])
+        assert stages == {"0:2", "2:4"}, context
+    if generated < 2:
+        return
+    # The decode steps: in a batch trace that links back to this request's generate span.
+    wanted = generate[0].context.span_id
+    batches = [
+        s
+        for s in spans
+        if s.name == "batch" and any(link.context.span_id == wanted for link in s.links)
+    ]
+    assert len(batches) == 1, context
+    batch = batches[0]
+    assert batch.parent is None and _scope(batch) == "tessera.router", context
+    steps = [s for s in spans if s.name == DECODE and _parent_id(s) == batch.context.span_id]
+    assert len(steps) >= 2 * (generated - 1), context  # every step on both stages
+    for step in steps:
+        assert step.kind is SpanKind.SERVER and step.context.trace_id == batch.context.trace_id
+        assert len(_children(spans, step, "stage.decode")) == 1, context
 
 
 def _check_embed_trace(spans: list[ReadableSpan], *, cached: bool) -> None:
@@ -318,11 +327,14 @@ def test_one_request_is_one_trace(
             spans = await _collect(
                 exporter,
                 lambda ss: (
-                    sum(s.name == "stage.step" for s in ss) >= 2 * generated
-                    and sum(s.name == SESSION for s in ss) >= 2
+                    sum(s.name == "stage.prefill" for s in ss) >= 2
+                    and any(s.name == "batch" for s in ss)
+                    and any(s.name == GENERATE for s in ss)
                 ),
             )
             _check_generate_trace(spans, generated)
+            # One request alone: its batch stepped exactly once per token after the first.
+            assert sum(s.name == DECODE for s in spans) == 2 * (generated - 1), _describe(spans)
 
             # The same request again is a cache hit: one trace, no stage work.
             exporter.clear()
@@ -386,18 +398,22 @@ def test_separate_requests_are_separate_traces(
                     for prompt in ("hello world", "what is the capital of france ?")
                 )
             )
-            total = sum(len(r.token_ids) for r in replies)
             spans = await _collect(
                 exporter,
                 lambda ss: (
-                    sum(s.name == "stage.step" for s in ss) >= 2 * total
-                    and sum(s.name == SESSION for s in ss) >= 4
+                    sum(s.name == GENERATE for s in ss) == 2
+                    and sum(s.name == "stage.prefill" for s in ss) >= 2
+                    and any(s.name == "batch" for s in ss)
                 ),
             )
             roots = [s for s in spans if s.name == GENERATE]
             assert len(roots) == 2, _describe(spans)
             assert roots[0].context.trace_id != roots[1].context.trace_id
-            assert {s.context.trace_id for s in spans} == {r.context.trace_id for r in roots}
+            batch_traces = {s.context.trace_id for s in spans if s.name == "batch"}
+            assert {s.context.trace_id for s in spans} == {
+                r.context.trace_id for r in roots
+            } | batch_traces
+            prefilled = 0
             for reply in replies:
                 # The prompts differ in length: the generate span says which is which.
                 generate = [
@@ -407,7 +423,26 @@ def test_separate_requests_are_separate_traces(
                     and s.attributes["tessera.prompt_tokens"] == reply.prompt_tokens
                 ]
                 assert len(generate) == 1, _describe(spans)
-                own = [s for s in spans if s.context.trace_id == generate[0].context.trace_id]
-                _check_generate_trace(own, len(reply.token_ids))
+                here = any(
+                    s.name == "prefill" and s.context.trace_id == generate[0].context.trace_id
+                    for s in spans
+                )
+                prefilled += here
+                own = [
+                    s
+                    for s in spans
+                    if s.context.trace_id in {generate[0].context.trace_id, *batch_traces}
+                ]
+                _check_generate_trace(own, len(reply.token_ids), prefilled_here=here)
+            # Prefilled together (one prefill, linked from the other trace) or one each.
+            assert prefilled >= 1
+            prefills = [s for s in spans if s.name == "prefill"]
+            linked = {link.context.span_id for p in prefills for link in p.links}
+            generates = [s for s in spans if s.name == "generate"]
+            assert all(
+                any(p.context.trace_id == g.context.trace_id for p in prefills)
+                or g.context.span_id in linked
+                for g in generates
+            ), _describe(spans)
 
     asyncio.run(main())
