@@ -204,20 +204,27 @@ def test_worker_metrics(observed: Observed) -> None:
     llama = _settled(observed.llama_metrics, "tessera_worker_live_sessions", 0)
     total = sum(observed.generated)
     rows = "tessera_worker_batch_rows"
-    assert metric(llama, f"{rows}_count", model="tiny-llama", kind="step") > 0
-    # Every decode step is one row; each generated token took one step.
-    assert metric(llama, f"{rows}_sum", model="tiny-llama", kind="step") == total
+    # Three generations one after another: each a prefill of one row (its first token), then
+    # one decode step of one row per further token.
+    assert metric(llama, f"{rows}_count", model="tiny-llama", kind="prefill") == 3
+    assert metric(llama, f"{rows}_sum", model="tiny-llama", kind="prefill") == 3
+    assert metric(llama, f"{rows}_sum", model="tiny-llama", kind="decode") == total - 3
     assert metric(llama, "tessera_worker_live_sessions", model="tiny-llama") == 0
     assert metric(llama, "tessera_worker_kv_cache_bytes", model="tiny-llama") == 0
     assert any(s.name == "tessera_worker_queue_depth" for s in llama)
-    sessions = [
-        s
-        for s in llama
-        if s.name == "tessera_requests_total" and s.labels.get("rpc") == "Session" and s.value
-    ]
-    assert sum(s.value for s in sessions) == 3, sessions
-    # The router ends a finished session; OK or CANCELLED, never an error.
-    assert {s.labels["code"] for s in sessions} <= {"OK", "CANCELLED"}, sessions
+
+    def calls(rpc: str) -> dict[str, float]:
+        found = [
+            s
+            for s in llama
+            if s.name == "tessera_requests_total" and s.labels.get("rpc") == rpc and s.value
+        ]
+        return {s.labels["code"]: s.value for s in found}
+
+    assert calls("Prefill") == {"OK": 3}
+    assert calls("Decode") == {"OK": total - 3}
+    # Each finished batch is freed: a Clear per generation, never an error.
+    assert calls("Clear") == {"OK": 3}
     bert = scrape(observed.bert_metrics)
     assert metric(bert, f"{rows}_sum", model="tiny-bert", kind="forward") == 8
     assert metric(bert, f"{rows}_count", model="tiny-bert", kind="forward") >= 1
@@ -293,7 +300,7 @@ def test_access_log_is_one_json_line_per_request(observed: Observed) -> None:
             assert re.fullmatch(r"[0-9a-f]{32}", str(entry["trace_id"])), entry
     worker_entries, _ = _json_lines(observed.llama)
     worker_access = [e for e in worker_entries if e.get("logger") == "tessera.access"]
-    assert len([e for e in worker_access if str(e.get("rpc", "")).endswith("/Session")]) == 3
+    assert len([e for e in worker_access if str(e.get("rpc", "")).endswith("/Prefill")]) == 3
 
 
 def test_no_prompt_text_in_any_output(observed: Observed) -> None:
