@@ -216,7 +216,8 @@ CONTEXT=$ROOT
 if [ -n "${IMAGE_CHECK_REF:-}" ]; then
   CONTEXT=$WORK/context
   rm -rf "$CONTEXT" && mkdir -p "$CONTEXT"
-  git -C "$ROOT" archive --format=tar "$IMAGE_CHECK_REF" | tar -C "$CONTEXT" -x
+  # umask 022: files 0644 as in a checkout (git's default 002 gives 0664, another cache key).
+  git -C "$ROOT" -c tar.umask=0022 archive --format=tar "$IMAGE_CHECK_REF" | tar -C "$CONTEXT" -x
   log "build context: $IMAGE_CHECK_REF ($(git -C "$ROOT" rev-parse --short "$IMAGE_CHECK_REF"))"
 fi
 
@@ -241,7 +242,7 @@ if [ -s "$LAYERS" ] && [ -s "$LAYERS.new" ]; then
 fi
 mv "$LAYERS.new" "$LAYERS"
 cached=$(grep -c -- '--> Using cache' "$WORK/build.log" || true)
-steps=$(grep -c 'STEP [0-9]*/[0-9]*:' "$WORK/build.log" || true)
+steps=$(grep 'STEP [0-9]*/[0-9]*: ' "$WORK/build.log" | grep -vc ': FROM ' || true)
 SIZE=$(pm image inspect --format '{{.Size}}' "$IMAGE")
 log "built $IMAGE in $BUILD_S s ($cached of $steps steps from cache), size $SIZE bytes"
 
