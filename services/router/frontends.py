@@ -250,7 +250,10 @@ class ModelFrontend:
     def _truncated(self, texts: Sequence[str]) -> list[list[int]]:
         """Ids per text, cut at max_length as transformers' truncation=True cuts them: the text
         is cut before the post-processor adds its special tokens, so they stay."""
-        encodings = self.tokenizer.encode_batch_fast(list(texts))
+        if len(texts) == 1:  # encode skips the batch machinery: faster for one text
+            encodings = [self.tokenizer.encode(texts[0])]
+        else:
+            encodings = self.tokenizer.encode_batch_fast(list(texts))
         rows: list[list[int]] = []
         for text, encoding in zip(texts, encodings, strict=True):
             if len(encoding.ids) > self.max_length:
