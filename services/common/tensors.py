@@ -53,8 +53,13 @@ def validate(
     if any(d < 0 for d in shape):
         raise InvalidArgument(f"{name}: negative dimension in shape {list(shape)}")
     expected = math.prod(shape) * ITEMSIZE[tensor.dtype]
-    if expected > MAX_TENSOR_BYTES:
-        raise InvalidArgument(f"{name}: {expected} bytes is over the {MAX_TENSOR_BYTES} limit")
+    # The non-zero dimensions too: [0, 2**62, 576] holds no element, but its strides overflow.
+    spanned = math.prod(d for d in shape if d) * ITEMSIZE[tensor.dtype]
+    if max(expected, spanned) > MAX_TENSOR_BYTES:
+        raise InvalidArgument(
+            f"{name}: shape {list(shape)[:8]} of {tensor.dtype} is over the "
+            f"{MAX_TENSOR_BYTES}-byte limit"
+        )
     if len(tensor.data) != expected:
         raise InvalidArgument(
             f"{name}: shape {list(shape)} of {tensor.dtype} needs "
