@@ -318,9 +318,10 @@ def test_unknown_models_and_folders_without_a_tokenizer_are_not_found(
         Frontends(tmp_path).get("no-tokenizer")
 
 
-def test_the_frontend_module_needs_neither_torch_nor_transformers() -> None:
+def test_the_router_modules_need_neither_torch_nor_transformers() -> None:
+    """The fast-tier guard; tests/integration/test_router_imports.py watches a serving router."""
     code = (
-        "import sys, services.router.frontends, services.router.service;"
+        "import sys, services.cli, services.router.main;"
         "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))"
     )
     out = subprocess.run(
