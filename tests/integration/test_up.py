@@ -24,7 +24,7 @@ import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from services.cache.launcher import MemcachedNode, free_port
-from services.pb.tessera.v1 import inference_pb2, inference_pb2_grpc
+from services.pb.tessera.v1 import inference_pb2, inference_pb2_grpc, worker_pb2, worker_pb2_grpc
 from tests.mesh import ROOT, metric, scrape, service_env, wait_until
 
 READY_TIMEOUT_S = 240.0
@@ -376,15 +376,30 @@ def test_a_killed_replica_is_restarted_and_serves_again_with_no_failed_request(
         _assert_stops_cleanly(up, signal.SIGTERM, up.children())
 
 
-def _tiny_mesh(tmp_path: Path) -> tuple[Path, int]:
-    router_port = free_port()
+def _tiny_mesh(tmp_path: Path) -> tuple[Path, int, int]:
+    router_port, worker_port = free_port(), free_port()
     config = _write_mesh(
         tmp_path / "mesh.yaml",
         router_port,
         [f"127.0.0.1:{free_port()}"],
-        [{"model": "tiny-bert", "port": free_port()}],
+        [{"model": "tiny-bert", "port": worker_port}],
     )
-    return config, router_port
+    return config, router_port, worker_port
+
+
+def _assert_only_the_router_calls_the_workers(router_port: int, worker_port: int) -> None:
+    """`up` gives its router a fresh caller token for its workers: the router's calls work,
+    anyone else's are UNAUTHENTICATED (health stays open)."""
+    with grpc.insecure_channel(f"127.0.0.1:{router_port}") as channel:
+        reply = inference_pb2_grpc.InferenceStub(channel).Embed(
+            inference_pb2.EmbedRequest(model="tiny-bert", inputs=["the cat"]), timeout=30
+        )
+        assert reply.dim == 32
+    assert _serving(f"127.0.0.1:{worker_port}")
+    with grpc.insecure_channel(f"127.0.0.1:{worker_port}") as channel:
+        with pytest.raises(grpc.RpcError) as refused:
+            worker_pb2_grpc.WorkerStub(channel).Info(worker_pb2.InfoRequest(), timeout=10)
+        assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
 
 
 @pytest.mark.slow
@@ -393,13 +408,14 @@ def _tiny_mesh(tmp_path: Path) -> tuple[Path, int]:
 def test_no_child_outlives_up(tiny_repo: Path, tmp_path: Path, sig: int) -> None:
     """SIGKILL of `tessera up` (no handler runs): the kernel kills every child within 5 s.
     SIGHUP (the terminal closed): stopped in order, like SIGTERM."""
-    config, _ = _tiny_mesh(tmp_path)
+    config, router_port, worker_port = _tiny_mesh(tmp_path)
     with tessera_up(config, tiny_repo) as up:
         up.wait_ready(timeout=120)
         children = up.children()
         names = " ".join(" ".join(p.cmdline()) for p in children)
         assert len(children) == 3 and "memcached" in names, names  # memcached, router, worker
         if sig == signal.SIGHUP:
+            _assert_only_the_router_calls_the_workers(router_port, worker_port)
             _assert_stops_cleanly(up, sig, children)
             return
         up.popen.kill()
