@@ -4,8 +4,9 @@
   L2 normalisation, as the worker does; tokenizing happens before the clock starts (the direct
   path gets pre-tokenized ids too), so the limit is the model's own batched throughput. One text
   per request: batches of 32 texts of similar length (sorted, as sentence-transformers' encode()
-  batches), the best a batcher could do with these texts. Sixteen texts per request: each batch
-  is exactly one request's 16 texts, padded to its longest, as the router sends them.
+  batches), the best a batcher could do with these texts; and batch 1 (one text per call), the
+  latency a lone request is held to. Sixteen texts per request: each batch is exactly one
+  request's 16 texts, padded to its longest, as the router sends them.
 - Generate: `model.generate` (greedy) on a left-padded batch of N prompts at once; tokens count
   up to and including the first end-of-sequence token, as the router counts them. The time to
   first token is when the first step's logits reach a logits processor.
@@ -102,6 +103,14 @@ def length_sorted_batches(
     ]
     random.Random(seed).shuffle(batches)
     return batches
+
+
+def single_rows(
+    token_rows: Sequence[Sequence[int]], count: int, pad_id: int, seed: int = 0
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """`count` texts drawn from the pool, one per batch: the pool's mix of lengths at batch 1."""
+    picked = random.Random(seed).sample(range(len(token_rows)), min(count, len(token_rows)))
+    return [right_pad([token_rows[i]], pad_id) for i in picked]
 
 
 def grouped_batches(

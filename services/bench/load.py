@@ -133,13 +133,46 @@ def embed_call(
     async def call(index: int) -> tuple[int, float | None]:
         request = requests[index % len(requests)]
         reply = await stub.Embed(request, timeout=RPC_TIMEOUT_S)
-        if len(reply.embeddings) != len(request.inputs):
+        count = len(reply.vectors) // (4 * reply.dim) if reply.vectors else len(reply.embeddings)
+        if count != len(request.inputs):
             raise BadResponse("wrong vector count")
         if expect_cached and not reply.cached:
             raise BadResponse("not a cache hit")
         return len(request.inputs), None
 
     return call
+
+
+def kserve_call(
+    address: str, model: str, texts: Sequence[str]
+) -> tuple[Call, Callable[[], Awaitable[None]]]:
+    """The unmodified tritonclient (grpc.aio) calling ModelInfer with one text per request;
+    returns the call and the client's close. Raises ImportError without tritonclient."""
+    import numpy as np
+    import tritonclient.grpc.aio as triton
+    from tritonclient.utils import InferenceServerException
+
+    client = triton.InferenceServerClient(address)
+    inputs = []
+    for text in texts:
+        tensor = triton.InferInput("text", [1], "BYTES")
+        tensor.set_data_from_numpy(np.array([text.encode()], dtype=object))
+        inputs.append(tensor)
+    outputs = [triton.InferRequestedOutput("embeddings")]
+
+    async def call(index: int) -> tuple[int, float | None]:
+        try:
+            result = await client.infer(
+                model, [inputs[index % len(inputs)]], outputs=outputs, client_timeout=RPC_TIMEOUT_S
+            )
+        except InferenceServerException as error:
+            raise BadResponse(f"ModelInfer {error.status()}") from None
+        vectors = result.as_numpy("embeddings")
+        if vectors is None or vectors.shape[0] != 1:
+            raise BadResponse("wrong vector count")
+        return 1, None
+
+    return call, client.close
 
 
 def forward_call(

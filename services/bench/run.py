@@ -24,7 +24,7 @@ import platform
 import signal
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -45,9 +45,14 @@ from services.bench.report import (
     DIRECT,
     EMBED_1,
     EMBED_16,
+    EMBED_MIXED,
     FLOOR,
+    FOUR_NEW,
     GENERATE,
+    KSERVE,
     LIMIT,
+    LIMIT_1,
+    MIXED,
     ROUTER,
     ROUTER_HEALTH,
     Row,
@@ -429,9 +434,19 @@ class Bench:
         )
 
     async def embed(
-        self, plain: aio.Channel, cached: aio.Channel, worker: aio.Channel, echo: aio.Channel
+        self,
+        plain: aio.Channel,
+        cached: aio.Channel,
+        worker: aio.Channel,
+        echo: aio.Channel,
+        plain_address: str,
     ) -> None:
-        from services.bench.limits import EmbedLimit, grouped_batches, length_sorted_batches
+        from services.bench.limits import (
+            EmbedLimit,
+            grouped_batches,
+            length_sorted_batches,
+            single_rows,
+        )
         from services.router.frontends import ModelFrontend
 
         o = self.options
@@ -440,10 +455,15 @@ class Bench:
         pool = workload.texts(o.text_pool, seed=1)
         ids = frontend.encode_texts(pool)
         hit_texts = workload.texts(o.hit_pool, seed=2, start=10**6)
+        fresh = workload.texts(o.text_pool, seed=7, start=2 * 10**6)
         limit = EmbedLimit(spec.path)
 
+        def embed_request(texts: list[str]) -> inference_pb2.EmbedRequest:
+            # Packed, as the tessera SDK asks (a router without packed answers embeddings).
+            return inference_pb2.EmbedRequest(model=ENCODER, inputs=texts, packed=True)
+
         # Requests, built before any clock starts.
-        router_x1 = [inference_pb2.EmbedRequest(model=ENCODER, inputs=[t]) for t in pool]
+        router_x1 = [embed_request([t]) for t in pool]
         direct_x1 = [
             (
                 worker_pb2.StageForwardRequest(
@@ -453,11 +473,9 @@ class Bench:
             )
             for row in ids
         ]
-        hits_x1 = [inference_pb2.EmbedRequest(model=ENCODER, inputs=[t]) for t in hit_texts]
+        hits_x1 = [embed_request([t]) for t in hit_texts]
         groups = [list(range(i, i + 16)) for i in range(0, len(pool) - 15, 16)]
-        router_x16 = [
-            inference_pb2.EmbedRequest(model=ENCODER, inputs=[pool[i] for i in g]) for g in groups
-        ]
+        router_x16 = [embed_request([pool[i] for i in g]) for g in groups]
         direct_x16 = []
         for g in groups:
             width = max(len(ids[i]) for i in g)
@@ -474,19 +492,13 @@ class Bench:
                     16,
                 )
             )
-        hits_x16 = [
-            inference_pb2.EmbedRequest(model=ENCODER, inputs=hit_texts[i : i + 16])
-            for i in range(0, len(hit_texts) - 15, 16)
-        ]
+        hits_x16 = [embed_request(hit_texts[i : i + 16]) for i in range(0, len(hit_texts) - 15, 16)]
 
         # Warm the cache router's keys (every hit text, 32 per request).
         warm_stub = inference_pb2_grpc.InferenceStub(cached)
         await asyncio.gather(
             *(
-                warm_stub.Embed(
-                    inference_pb2.EmbedRequest(model=ENCODER, inputs=hit_texts[i : i + 32]),
-                    timeout=120,
-                )
+                warm_stub.Embed(embed_request(hit_texts[i : i + 32]), timeout=120)
                 for i in range(0, len(hit_texts), 32)
             )
         )
@@ -509,32 +521,71 @@ class Bench:
                 note="reqs = batched calls of 32 length-sorted texts",
             )
         )
+        self.add(
+            self._row(
+                EMBED_1,
+                LIMIT_1,
+                1,
+                limit.measure(single_rows(ids, 512, frontend.pad_id), seconds=o.seconds),
+                unit="texts",
+                items_per_request=1,
+                group=None,
+                note="one pre-tokenized text per call: the c=1 latency reference",
+            )
+        )
         assert self.mesh is not None and self.mesh.encoder is not None
-        m = self.mesh
-        needs = {DIRECT: [m.encoder], ROUTER: [m.plain, m.encoder], CACHE: [m.cache, m.encoder]}
-        for path, call in (
+        m, encoder = self.mesh, self.mesh.encoder
+        needs = {
+            DIRECT: [encoder],
+            ROUTER: [m.plain, encoder],
+            KSERVE: [m.plain, encoder],
+            CACHE: [m.cache, encoder],
+        }
+        kserve = await self._kserve(plain_address, pool)
+        lines: list[tuple[str, load.Call | None]] = [
             (DIRECT, load.forward_call(worker, direct_x1)),
             (ROUTER, load.embed_call(plain, router_x1)),
+            (KSERVE, kserve[0] if kserve else None),
             (CACHE, load.embed_call(cached, hits_x1, expect_cached=True)),
-        ):
-            for c in o.embed_concurrency:
-                await self.grpc_line(
-                    EMBED_1,
-                    path,
-                    call,
-                    concurrency=c,
-                    unit="texts",
-                    items_per_request=1,
-                    group=EMBED_1,
-                    min_requests=100 if c == 1 else 0,
-                    needs=needs[path],
-                )
+        ]
+        try:
+            for path, call in lines:
+                for c in o.embed_concurrency:
+                    if call is None:
+                        self.add(
+                            self._row(
+                                EMBED_1,
+                                path,
+                                c,
+                                Outcome(),
+                                unit="texts",
+                                items_per_request=1,
+                                group=EMBED_1,
+                                note="skipped: tritonclient is not importable here",
+                            )
+                        )
+                        continue
+                    await self.grpc_line(
+                        EMBED_1,
+                        path,
+                        call,
+                        concurrency=c,
+                        unit="texts",
+                        items_per_request=1,
+                        group=EMBED_1,
+                        min_requests=100 if c == 1 else 0,
+                        needs=needs[path],
+                    )
+        finally:
+            if kserve:
+                await kserve[1]()
 
         await self.overhead(
             load.forward_call(worker, direct_x1),
             load.embed_call(plain, router_x1),
             load.health_call(echo),
         )
+        await self.mixed(cached, hit_texts, fresh)
 
         c = o.embed16_concurrency
         self.add(
@@ -550,7 +601,7 @@ class Bench:
                 note="reqs = batched calls, one per request's 16 texts",
             )
         )
-        for path, call in (
+        for path, call16 in (
             (DIRECT, load.forward_call(worker, direct_x16)),
             (ROUTER, load.embed_call(plain, router_x16)),
             (CACHE, load.embed_call(cached, hits_x16, expect_cached=True)),
@@ -558,7 +609,7 @@ class Bench:
             await self.grpc_line(
                 EMBED_16,
                 path,
-                call,
+                call16,
                 concurrency=c,
                 unit="texts",
                 items_per_request=16,
@@ -566,6 +617,85 @@ class Bench:
                 needs=needs[path],
             )
         del limit
+
+    async def _kserve(
+        self, address: str, texts: list[str]
+    ) -> tuple[load.Call, Callable[[], Awaitable[None]]] | None:
+        """tritonclient's ModelInfer on the plain router, one text per request; None when
+        tritonclient cannot be used in this process."""
+        if "services.pb.kserve.grpc_predict_v2_pb2" in sys.modules:
+            return None  # its generated messages would clash with tritonclient's
+        try:
+            return load.kserve_call(address, ENCODER, texts)
+        except ImportError:
+            return None
+
+    async def mixed(self, cached: aio.Channel, hit_texts: list[str], fresh: list[str]) -> None:
+        """A 64-text Embed of which 60 texts are cached against a 4-text Embed of new texts,
+        on the cache router at concurrency 1, interleaved so machine noise hits both."""
+        assert self.mesh is not None and self.mesh.encoder is not None
+        needs = [self.mesh.cache, self.mesh.encoder]
+        rounds = max(20, min(len(fresh) // 8, 400))
+        mixed = [
+            inference_pb2.EmbedRequest(
+                model=ENCODER,
+                inputs=[hit_texts[(r * 60 + i) % len(hit_texts)] for i in range(60)]
+                + fresh[8 * r : 8 * r + 4],
+                packed=True,
+            )
+            for r in range(rounds)
+        ]
+        four = [
+            inference_pb2.EmbedRequest(
+                model=ENCODER, inputs=fresh[8 * r + 4 : 8 * r + 8], packed=True
+            )
+            for r in range(rounds)
+        ]
+        if self._dead(needs):
+            return
+        stub = inference_pb2_grpc.InferenceStub(cached)
+        latencies: dict[str, list[float]] = {MIXED: [], FOUR_NEW: []}
+        errors: dict[str, int] = {MIXED: 0, FOUR_NEW: 0}
+        started = time.perf_counter()
+        done = 0
+        for r in range(rounds):
+            if done >= 50 and time.perf_counter() - started > self.options.seconds:
+                break
+            for name, request, want_cached in ((MIXED, mixed[r], 60), (FOUR_NEW, four[r], 0)):
+                sent = time.perf_counter()
+                try:
+                    reply = await stub.Embed(request, timeout=load.RPC_TIMEOUT_S)
+                except aio.AioRpcError:
+                    errors[name] += 1
+                    continue
+                took = time.perf_counter() - sent
+                if reply.cached_inputs != want_cached:
+                    errors[name] += 1
+                    continue
+                latencies[name].append(took)
+            done += 1
+        wall = time.perf_counter() - started
+        p50 = {k: report.percentile(v, 50) * 1e3 for k, v in latencies.items()}
+        for name in (MIXED, FOUR_NEW):
+            texts = 64 if name == MIXED else 4
+            row = report.make_row(
+                EMBED_MIXED,
+                name,
+                1,
+                latencies_s=latencies[name],
+                items=texts * len(latencies[name]),
+                wall_s=wall,
+                unit="texts",
+                items_per_request=texts,
+                errors=errors[name],
+                note=(
+                    f"{done} interleaved rounds on the cache router; p50 ratio "
+                    f"{p50[MIXED] / p50[FOUR_NEW]:.2f}"
+                    if name == MIXED and latencies[FOUR_NEW]
+                    else f"{done} interleaved rounds; new texts every round"
+                ),
+            )
+            self.add(row)
 
     # -- generate ---------------------------------------------------------------------------
 
@@ -625,11 +755,11 @@ class Bench:
         assert (
             self.mesh is not None and self.mesh.replica is not None and self.mesh.chain is not None
         )
-        m = self.mesh
+        m, replica_child, chain_child = self.mesh, self.mesh.replica, self.mesh.chain
         needs = {
-            ROUTER: [m.plain, m.replica],
-            CHAIN: [m.chain, *m.stages],
-            CACHE: [m.cache, m.replica],
+            ROUTER: [m.plain, replica_child],
+            CHAIN: [chain_child, *m.stages],
+            CACHE: [m.cache, replica_child],
         }
         for path, channel in ((ROUTER, replica), (CHAIN, chain)):
             call = load.generate_stream_call(channel, requests)
@@ -700,7 +830,7 @@ async def measure(bench: Bench, mesh: Mesh) -> None:
         if "floor" in options.phases:
             await bench.floor(echo, plain)
         if "embed" in options.phases and mesh.encoder is not None:
-            await bench.embed(plain, cached, channel(mesh.encoder), echo)
+            await bench.embed(plain, cached, channel(mesh.encoder), echo, mesh.plain.address)
         if "generate" in options.phases and mesh.replica is not None:
             await bench.generate(plain, chain, cached)
     finally:
@@ -710,8 +840,35 @@ async def measure(bench: Bench, mesh: Mesh) -> None:
 
 def _order(rows: Sequence[Row]) -> list[Row]:
     """Table order: embed x1, embed x16, generate, floor (stable within a scenario)."""
-    rank = {EMBED_1: 0, EMBED_16: 1, GENERATE: 2, FLOOR: 3}
+    rank = {EMBED_1: 0, EMBED_MIXED: 1, EMBED_16: 2, GENERATE: 3, FLOOR: 4}
     return sorted(rows, key=lambda r: rank.get(r.scenario, 9))
+
+
+# The CPU features that decide bfloat16 and int8 speed (AMX tiles, AVX-512 BF16 and VNNI).
+SPEED_FLAGS = ("amx_bf16", "amx_int8", "avx512_bf16", "avx512_vnni", "avx512f")
+
+
+def cpu_flags(cpuinfo: str | None = None) -> dict[str, bool]:
+    """Which of SPEED_FLAGS the CPU has (/proc/cpuinfo's first `flags` line)."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            cpuinfo = ""
+    flags: set[str] = set()
+    for line in cpuinfo.splitlines():
+        if line.startswith("flags"):
+            flags = set(line.partition(":")[2].split())
+            break
+    return {flag: flag in flags for flag in SPEED_FLAGS}
+
+
+def load_average() -> tuple[float, float, float] | None:
+    """The machine's 1, 5 and 15 minute load averages (the bench shares the machine)."""
+    try:
+        return os.getloadavg()
+    except OSError:
+        return None
 
 
 def _meta(options: Options, started: datetime, elapsed: float) -> dict[str, Any]:
@@ -729,6 +886,8 @@ def _meta(options: Options, started: datetime, elapsed: float) -> dict[str, Any]
         "quick": options.quick,
         "max_new_tokens": options.max_new_tokens,
         "phases": list(options.phases),
+        "cpu_flags": cpu_flags(),
+        "load_average_end": load_average(),
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "(unset: libgomp default)"),
         "models": {"embed": ENCODER, "generate": LLM},
         "versions": {
@@ -746,6 +905,7 @@ def run(options: Options) -> int:
     from services.cache.launcher import MemcachedNode, free_port
 
     started, t0 = datetime.now(), time.monotonic()
+    load_at_start = load_average()
 
     def on_sigterm(signum: int, frame: FrameType | None) -> None:
         raise KeyboardInterrupt
@@ -765,6 +925,12 @@ def run(options: Options) -> int:
             f"OMP_WAIT_POLICY {os.environ.get('OMP_WAIT_POLICY', 'unset')}, "
             f"{options.seconds:g} s per line{' (quick)' if options.quick else ''}; "
             f"service logs in {fleet.log_dir}"
+        )
+        flags = cpu_flags()
+        _say(
+            "cpu flags: "
+            + " ".join(f"{name}={'yes' if have else 'no'}" for name, have in flags.items())
+            + (f"; load average {load_at_start[0]:.2f}" if load_at_start else "")
         )
         node = MemcachedNode().start(port=free_port())
         mesh = start_mesh(fleet, options, node.address)
@@ -812,6 +978,13 @@ def run(options: Options) -> int:
     print(report.format_targets(targets))
     meta = _meta(options, started, time.monotonic() - t0)
     meta["load_generator_cpu_share"] = share
+    meta["load_average_start"] = load_at_start
+    end_load = meta.get("load_average_end")
+    if end_load:
+        print(
+            f"machine load average: {load_at_start[0] if load_at_start else float('nan'):.2f} "
+            f"at the start, {end_load[0]:.2f} at the end (1 minute)"
+        )
     if bench.crashed:
         meta["crashed"] = bench.crashed
         print(

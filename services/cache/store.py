@@ -7,15 +7,23 @@ raises on the first failure and then silently returns defaults while a node is i
 failed/dead bookkeeping is unlocked shared state, and it does not treat a connection closed by a
 dying server (``MemcacheUnexpectedCloseError``) as a node failure. So every per-node call goes
 through :meth:`CacheStore._call`, which counts the error and opens a per-node circuit breaker.
+
+pymemcache is synchronous: asyncio code uses :meth:`CacheStore.get_many_async` and
+:meth:`CacheStore.set_many_later`, which run on the store's own thread, so the event loop never
+waits on memcached. That thread runs them in the order they were asked for: a read asked for
+after a write sees it.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import contextvars
 import logging
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
 from hashlib import blake2b
@@ -30,6 +38,10 @@ from pymemcache.exceptions import MemcacheUnexpectedCloseError, MemcacheUnknownE
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
+
+# Writes queued on the store's thread beyond this many are dropped (counted as errors): a slow
+# cache must not hold an unbounded backlog of values nobody waits for.
+MAX_QUEUED_WRITES = 256
 
 # Errors that say the node (or our connection to it) is broken, as opposed to a bad request such
 # as an illegal key or an oversized value, which must not take a healthy node out of rotation.
@@ -139,6 +151,10 @@ class CacheStore:
                 default_noreply=False,
             )
         self._node_names: tuple[str, ...] = tuple(self._client.clients) if self._client else ()
+        # One thread: calls from asyncio code run there in the order they were made.
+        self._executor: ThreadPoolExecutor | None = None
+        self._executor_lock = threading.Lock()
+        self._queued_writes = 0
 
     @property
     def enabled(self) -> bool:
@@ -216,9 +232,64 @@ class CacheStore:
                 self._count(errors=1)
                 _mark_error(span)
 
+    # -- from asyncio code -------------------------------------------------------------------
+
+    async def get_many_async(self, keys: Sequence[str]) -> dict[str, bytes]:
+        """:meth:`get_many` on the store's thread; the event loop goes on meanwhile."""
+        if self._client is None or not keys:
+            return self.get_many(keys) if keys else {}
+        try:
+            return await self._on_thread(self.get_many, keys)
+        except RuntimeError:  # the store closed under us: a miss
+            return {}
+
+    def set_many_later(self, items: Mapping[str, bytes]) -> None:
+        """:meth:`set_many` on the store's thread, not waited for (it runs before any read asked
+        for afterwards). Beyond MAX_QUEUED_WRITES queued writes, the values are dropped."""
+        if self._client is None or not items:
+            return
+        with self._counter_lock:
+            if self._queued_writes >= MAX_QUEUED_WRITES:
+                self._errors += 1
+                return
+            self._queued_writes += 1
+        try:
+            future = self._thread().submit(contextvars.copy_context().run, self._write, items)
+        except RuntimeError:  # closed
+            with self._counter_lock:
+                self._queued_writes -= 1
+            return
+        future.add_done_callback(_ignore_result)
+
+    def _write(self, items: Mapping[str, bytes]) -> None:
+        try:
+            self.set_many(items)
+        finally:
+            with self._counter_lock:
+                self._queued_writes -= 1
+
+    async def _on_thread(self, fn: Callable[[Sequence[str]], T], arg: Sequence[str]) -> T:
+        # The caller's context goes along: the call's span is a child of the caller's span.
+        context = contextvars.copy_context()
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._thread(), context.run, fn, arg)
+
+    def _thread(self) -> ThreadPoolExecutor:
+        executor = self._executor
+        if executor is None:
+            with self._executor_lock:
+                if self._executor is None:
+                    self._executor = ThreadPoolExecutor(1, thread_name_prefix="cache")
+                executor = self._executor
+        return executor
+
     def close(self) -> None:
         """Close every connection; the store behaves as disabled afterwards."""
         client, self._client = self._client, None
+        executor, self._executor = self._executor, None
+        if executor is not None:
+            # Queued calls still run, on a store that is now disabled: they do nothing.
+            executor.shutdown(wait=False)
         if client is None:
             return
         for pooled in client.clients.values():
@@ -306,7 +377,7 @@ def _started_span(tracer: trace.Tracer, name: str, keys: int) -> Iterator[trace.
 
 
 def _get(client: PooledClient, key: str) -> bytes | None:
-    return client.get(key)  # type: ignore[no-any-return]
+    return client.get(key)
 
 
 def _set(client: PooledClient, key: str, value: bytes, expire: int) -> None:
@@ -314,11 +385,15 @@ def _set(client: PooledClient, key: str, value: bytes, expire: int) -> None:
 
 
 def _get_many(client: PooledClient, keys: list[str]) -> dict[str, bytes]:
-    return client.get_many(keys)  # type: ignore[no-any-return]
+    return client.get_many(keys)
 
 
 def _set_many(client: PooledClient, values: dict[str, bytes], expire: int) -> None:
     client.set_many(values, expire=expire)
+
+
+def _ignore_result(future: object) -> None:
+    """Writes nobody waits for: any outcome is already counted by set_many."""
 
 
 def _mark_error(span: trace.Span) -> None:

@@ -70,6 +70,8 @@ class RouterSettings:
     default_max_new_tokens: int = 64
     max_embed_inputs: int = 256  # texts per Embed request
     embed_segment_size: int = 32  # texts per segment scattered over the replicas
+    coalesce_max_tokens: int = 16_384  # rows x padded width of one coalesced Embed/Forward call
+    coalesce_in_flight: int = 2  # coalesced Embed/Forward calls in flight per worker
     max_input_chars: int = 100_000  # characters per text
     max_outstanding: int = 256  # requests in flight before RESOURCE_EXHAUSTED
     request_timeout_s: float = 120.0  # deadline when the client sets none

@@ -23,7 +23,6 @@ import struct
 from collections.abc import Iterable
 from importlib import metadata
 
-import numpy as np
 from grpc import aio
 
 from services.common.errors import InvalidArgument, NotFound
@@ -264,17 +263,14 @@ class KServeService(pb_grpc.GRPCInferenceServiceServicer):
             response.parameters["cached"].bool_param = generated.cached
         else:
             self._check_outputs(request, EMBEDDINGS_OUTPUT)
-            embedded = await self.inference.Embed(
-                inference_pb2.EmbedRequest(model=request.model_name, inputs=texts), context
-            )
-            matrix = np.asarray([e.values for e in embedded.embeddings], dtype="<f4")
-            matrix = matrix.reshape(len(texts), embedded.dim)
+            # Embed's own path without its message: the vectors go out as one raw FP32 block.
+            matrix, cached = await self.inference.embed_matrix(request.model_name, texts, context)
             response.outputs.add(
-                name=EMBEDDINGS_OUTPUT, datatype="FP32", shape=[len(texts), embedded.dim]
+                name=EMBEDDINGS_OUTPUT, datatype="FP32", shape=[len(texts), int(matrix.shape[1])]
             )
-            response.raw_output_contents.append(matrix.tobytes())
-            response.parameters["cached_inputs"].int64_param = embedded.cached_inputs
-            response.parameters["cached"].bool_param = embedded.cached
+            response.raw_output_contents.append(matrix.astype("<f4", copy=False).tobytes())
+            response.parameters["cached_inputs"].int64_param = cached
+            response.parameters["cached"].bool_param = cached == len(texts)
         return response
 
     @staticmethod

@@ -83,14 +83,19 @@ async def run_forward(
     pool_output: bool,
     timeout: float,
     hidden_dtype: str = "float32",
+    output_dtype: str = "float32",
 ) -> common_pb2.Tensor:
-    """Runs hops in order; the first takes input_ids or hidden_states, each next one the last's."""
+    """Runs hops in order; the first takes input_ids or hidden_states, each next one the last's.
+
+    Hidden states travel between stages as `hidden_dtype`; the last hop answers in
+    `output_dtype` (pooled vectors are float32 whatever travels between stages)."""
     current = hidden_states
+    last = len(hops) - 1
     for index, hop in enumerate(hops):
         request = worker_pb2.StageForwardRequest(
             span=common_pb2.Span(start=hop.span.start, end=hop.span.end),
-            pool=pool_output and index == len(hops) - 1,
-            hidden_dtype=hidden_dtype,
+            pool=pool_output and index == last,
+            hidden_dtype=output_dtype if index == last else hidden_dtype,
         )
         if index == 0 and input_ids is not None:
             request.input_ids.CopyFrom(input_ids)

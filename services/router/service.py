@@ -9,8 +9,8 @@ import asyncio
 import logging
 import math
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import TypeVar
+from collections.abc import AsyncIterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 from grpc import aio
@@ -24,7 +24,6 @@ from services.common.errors import (
     InvalidArgument,
     NotFound,
     ResourceExhausted,
-    ServiceError,
     Unavailable,
 )
 from services.common.metrics import (
@@ -34,29 +33,30 @@ from services.common.metrics import (
     TIME_TO_FIRST_TOKEN,
 )
 from services.common.settings import RouterSettings
-from services.common.tensors import from_numpy, validate
+from services.common.tensors import from_numpy, to_numpy, validate
 from services.common.types import ModelKind, SamplingParams, Span
 from services.pb.tessera.v1 import (
     common_pb2,
     inference_pb2,
     inference_pb2_grpc,
 )
+from services.router import routing
 from services.router.batcher import Finished, Generation, Generations
+from services.router.coalescer import BatchedEncoder, Coalescer, CoalescerConfig, VersionGone
 from services.router.frontends import Frontends, ModelFrontend
 from services.router.generation import TextAssembler
-from services.router.pipeline import HopFailed, _ForwardedInvalid, run_forward
 from services.router.pool import WorkerPool
 from services.router.routing import Chain
 from services.router.scheduler import MAX_PRIORITY, MIN_PRIORITY, SchedulerConfig
 
 log = logging.getLogger(__name__)
 tracer = trace.get_tracer("tessera.router")
-T = TypeVar("T")
 
 ROLES = frozenset({"system", "user", "assistant", "tool"})
 MAX_STOP_STRINGS = 16
 MAX_STOP_CHARS = 256
 RETRY_BUDGET = 2  # extra chains tried after a transport failure
+VERSION_ATTEMPTS = 3  # versions one Embed or Forward may start over on when its version goes
 TENANT_KEY = "x-tessera-tenant"
 MAX_TENANT_CHARS = 64
 
@@ -81,6 +81,11 @@ class Deadline:
             raise DeadlineExceeded("deadline passed before the work was done")
         return left
 
+    @property
+    def at(self) -> float:
+        """The deadline in event-loop time."""
+        return self._at
+
 
 class InferenceService(inference_pb2_grpc.InferenceServicer):
     """Validates, caches, routes and drives requests for every model."""
@@ -93,6 +98,19 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
         self.generations = Generations(pool, self._scheduler_config, settings.hidden_dtype)
         self.frontends = frontends
         self.cache = cache
+        self.coalescer = Coalescer(
+            pool,
+            CoalescerConfig(
+                max_rows=max(1, settings.embed_segment_size),
+                max_tokens=max(1, settings.coalesce_max_tokens),
+                in_flight=max(1, settings.coalesce_in_flight),
+                retries=RETRY_BUDGET,
+                hidden_dtype=settings.hidden_dtype,
+            ),
+        )
+        # Tokenizing runs here, batched, off the event loop (one thread: batches queue up).
+        self._tokenize_thread = ThreadPoolExecutor(1, thread_name_prefix="tokenize")
+        self._encoders: dict[ModelFrontend, BatchedEncoder] = {}
         self.outstanding = 0
         self.draining = False
         self._streams: dict[str, int] = {}  # open GenerateStream calls per client connection
@@ -152,28 +170,24 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
         ).inc()
         return value
 
-    def _cache_get_many(self, tier: str, keys: list[str]) -> dict[str, bytes]:
+    async def _cache_lookup(self, tier: str, keys: list[str]) -> dict[str, bytes]:
+        """One get_many on the cache's thread (the event loop goes on); failures are misses."""
         errors = self.cache.stats.errors
-        found = self.cache.get_many(keys)
+        found = await self.cache.get_many_async(keys)
         if self.cache.stats.errors > errors:
             CACHE_REQUESTS.labels(tier, "error").inc()
         CACHE_REQUESTS.labels(tier, "hit").inc(len(found))
         CACHE_REQUESTS.labels(tier, "miss").inc(len(keys) - len(found))
         return found
 
-    async def _on_chains(self, model: str, work: Callable[[Chain], Awaitable[T]]) -> T:
-        """Runs idempotent work on the least-loaded chain, moving on after transport failures."""
-        excluded: set[str] = set()
-        for attempt in range(RETRY_BUDGET + 1):
-            chain = self.pool.table.route(model, self.pool.load, exclude=frozenset(excluded))
-            try:
-                return await work(chain)
-            except HopFailed as failure:
-                log.warning("attempt %d on %s failed: %s", attempt + 1, chain.describe(), failure)
-                excluded.add(failure.address)
-                if attempt == RETRY_BUDGET:
-                    raise Unavailable(f"model {model!r}: {failure}") from None
-        raise AssertionError("unreachable")
+    def _cache_store(self, items: Mapping[str, bytes]) -> None:
+        """One set_many on the cache's thread, not waited for; it runs before later lookups."""
+        self.cache.set_many_later(items)
+
+    async def close(self) -> None:
+        """Ends calls in flight and the tokenizer's thread."""
+        await self.coalescer.close()
+        self._tokenize_thread.shutdown(wait=False, cancel_futures=True)
 
     # -- Generate ---------------------------------------------------------------------------
 
@@ -413,18 +427,46 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
     async def Embed(
         self, request: inference_pb2.EmbedRequest, context: aio.ServicerContext
     ) -> inference_pb2.EmbedResponse:
+        matrix, cached = await self.embed_matrix(request.model, request.inputs, context)
+        count = int(matrix.shape[0])
+        response = inference_pb2.EmbedResponse(
+            dim=int(matrix.shape[1]), cached_inputs=cached, cached=cached == count
+        )
+        if request.packed:
+            response.vectors = matrix.astype("<f4", copy=False).tobytes()
+        else:
+            response.embeddings.extend(
+                inference_pb2.Embedding(values=row) for row in matrix.tolist()
+            )
+        return response
+
+    async def embed_matrix(
+        self, model: str, inputs: Sequence[str], context: aio.ServicerContext
+    ) -> tuple[np.ndarray, int]:
+        """Embed's work (admission, validation, cache, coalesced calls): the vectors as float32
+        [len(inputs), dim] in input order, and how many inputs came from the cache tier."""
         self._admit()
         try:
-            return await self._embed(request, context)
+            deadline = Deadline(context, self.settings.request_timeout_s)
+            frontend = self._frontend(model, ModelKind.ENCODER)
+            texts = list(inputs)
+            self._check_texts(texts)
+            # Every vector of one answer comes from one version: the fingerprint is chosen once,
+            # keys and calls use it, and if its chains vanish mid-way the answer starts over on
+            # another version (cache hits included).
+            tried: set[str] = set()
+            for _ in range(VERSION_ATTEMPTS):
+                fingerprint = self._pick_version(model, tried)
+                try:
+                    return await self._embed_version(model, fingerprint, frontend, texts, deadline)
+                except VersionGone as gone:
+                    log.warning("%s; starting the answer again on another version", gone)
+                    tried.add(fingerprint)
+            raise Unavailable(f"model {model!r}: versions kept going away mid-request")
         finally:
             self.outstanding -= 1
 
-    async def _embed(
-        self, request: inference_pb2.EmbedRequest, context: aio.ServicerContext
-    ) -> inference_pb2.EmbedResponse:
-        deadline = Deadline(context, self.settings.request_timeout_s)
-        frontend = self._frontend(request.model, ModelKind.ENCODER)
-        texts = list(request.inputs)
+    def _check_texts(self, texts: list[str]) -> None:
         limits = self.settings
         if not texts:
             raise InvalidArgument("inputs is empty")
@@ -434,88 +476,76 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
                 f"limit (max_embed_inputs)"
             )
         for index, text in enumerate(texts):
-            if not text.strip():
-                raise InvalidArgument(f"inputs[{index}] is empty")
             if len(text) > limits.max_input_chars:
                 raise InvalidArgument(
                     f"inputs[{index}] is over {limits.max_input_chars} characters (max_input_chars)"
                 )
-        chain = self.pool.table.route(request.model, self.pool.load)
+            if not text.strip():
+                raise InvalidArgument(f"inputs[{index}] is empty")
+
+    def _pick_version(self, model: str, tried: set[str]) -> str:
+        """The fingerprint of the least-loaded chain (honouring a pinned version label),
+        avoiding versions that already went away during this request."""
+        table = self.pool.table
+        chain = table.route(model, self.pool.load)
+        if chain.fingerprint not in tried:
+            return chain.fingerprint
+        pinned = getattr(routing, "pinned_version", None)
+        label = pinned.get() if pinned is not None else None
+        for other in table.chains(model):
+            if other.fingerprint not in tried and label in (None, other.version):
+                return other.fingerprint
+        raise Unavailable(f"model {model!r}: no version is left to answer on")
+
+    async def _embed_version(
+        self,
+        model: str,
+        fingerprint: str,
+        frontend: ModelFrontend,
+        texts: list[str],
+        deadline: Deadline,
+    ) -> tuple[np.ndarray, int]:
+        unique = list(dict.fromkeys(texts)) if len(texts) > 1 else texts
+        found: dict[str, np.ndarray] = {}
+        keys: list[str] = []
         if self.cache.enabled:
-            keys = [embed_key(request.model, chain.fingerprint, t) for t in texts]
-            found = self._cache_get_many("embed", list(dict.fromkeys(keys)))
-        else:
-            keys, found = list(texts), {}
-        vectors: list[np.ndarray | None] = []
-        for key in keys:
-            raw = found.get(key)
-            vectors.append(decode_vector(raw) if raw is not None else None)
-        missing = [i for i, v in enumerate(vectors) if v is None]
+            keys = [embed_key(model, fingerprint, text) for text in unique]
+            hits = await self._cache_lookup("embed", keys)
+            for text, key in zip(unique, keys):
+                raw = hits.get(key)
+                vector = decode_vector(raw) if raw is not None else None
+                if vector is not None:
+                    found[text] = vector
+        missing = [i for i, text in enumerate(unique) if text not in found]
+        computed: np.ndarray | None = None
         if missing:
-            unique = list(dict.fromkeys(texts[i] for i in missing))
-            computed = await self._embed_segments(request.model, frontend, unique, deadline)
-            for i in missing:
-                vectors[i] = computed[texts[i]]
-            if self.cache.enabled:
-                self.cache.set_many({keys[i]: encode_vector(computed[texts[i]]) for i in missing})
-        dim = int(vectors[0].shape[0]) if vectors[0] is not None else 0
-        return inference_pb2.EmbedResponse(
-            embeddings=[
-                inference_pb2.Embedding(values=v.tolist()) for v in vectors if v is not None
-            ],
-            dim=dim,
-            cached_inputs=len(texts) - len(missing),
-            cached=not missing,
-        )
-
-    async def _embed_segments(
-        self, model: str, frontend: ModelFrontend, texts: list[str], deadline: Deadline
-    ) -> dict[str, np.ndarray]:
-        """Scatters texts in segments over the chains and gathers one vector per text.
-
-        Texts are sorted by length first so each segment pads to a similar length.
-        """
-        ids = frontend.encode_texts(texts)
-        order = sorted(range(len(texts)), key=lambda i: len(ids[i]))
-        size = max(1, self.settings.embed_segment_size)
-        segments = [order[i : i + size] for i in range(0, len(order), size)]
-
-        async def run(segment: list[int]) -> np.ndarray:
-            width = max(len(ids[i]) for i in segment)
-            batch = np.full((len(segment), width), frontend.pad_id, dtype=np.int64)
-            mask = np.zeros((len(segment), width), dtype=np.int64)
-            for row, i in enumerate(segment):
-                batch[row, : len(ids[i])] = ids[i]
-                mask[row, : len(ids[i])] = 1
-            ids_pb, mask_pb = from_numpy(batch), from_numpy(mask)
-
-            async def work(chain: Chain) -> common_pb2.Tensor:
-                return await run_forward(
-                    self.pool,
-                    chain.hops(),
-                    input_ids=ids_pb,
-                    hidden_states=None,
-                    attention_mask=mask_pb,
-                    pool_output=True,
-                    timeout=deadline.remaining(),
-                    hidden_dtype=self.settings.hidden_dtype,
+            ids = await self._encoder(frontend).encode([unique[i] for i in missing])
+            computed = await self.coalescer.embed(
+                model, fingerprint, ids, pad_id=frontend.pad_id, deadline=deadline.at
+            )
+            if keys:
+                self._cache_store(
+                    {keys[i]: encode_vector(computed[row]) for row, i in enumerate(missing)}
                 )
+        cached = sum(text in found for text in texts) if found else 0
+        if computed is not None and not found and unique is texts:
+            return computed, 0  # the common case: one copy of the vectors, the worker's
+        dim = int(computed.shape[1]) if computed is not None else len(next(iter(found.values())))
+        if computed is not None:
+            for row, i in enumerate(missing):
+                found[unique[i]] = computed[row]
+        matrix = np.empty((len(texts), dim), dtype=np.float32)
+        for row, text in enumerate(texts):
+            matrix[row] = found[text]
+        return matrix, cached
 
-            try:
-                pooled = await self._on_chains(model, work)
-            except _ForwardedInvalid as exc:
-                raise ServiceError(f"a worker rejected the router's batch: {exc}") from None
-            shape = validate(pooled, "pooled", ndim=2, dtypes=("float32",))
-            if shape[0] != len(segment):
-                raise ServiceError(f"a worker returned {shape[0]} vectors for {len(segment)}")
-            return np.frombuffer(pooled.data, dtype="<f4").reshape(shape)
-
-        results = await asyncio.gather(*(run(segment) for segment in segments))
-        vectors: dict[str, np.ndarray] = {}
-        for segment, matrix in zip(segments, results):
-            for row, i in enumerate(segment):
-                vectors[texts[i]] = matrix[row]
-        return vectors
+    def _encoder(self, frontend: ModelFrontend) -> BatchedEncoder:
+        encoder = self._encoders.get(frontend)
+        if encoder is None:
+            encoder = self._encoders[frontend] = BatchedEncoder(
+                frontend.encode_texts, self._tokenize_thread
+            )
+        return encoder
 
     # -- Forward ----------------------------------------------------------------------------
 
@@ -541,7 +571,9 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
             )
         span = Span(request.start, end)
         which = request.WhichOneof("input")
-        input_ids = hidden = mask = None
+        ids: np.ndarray | None = None
+        hidden = mask_pb = None
+        mask: np.ndarray | None = None
         ids_list: list[int] = []
         if which == "text":
             if span.start != 0:
@@ -552,10 +584,9 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
                 raise InvalidArgument(
                     f"text is over {self.settings.max_input_chars} characters (max_input_chars)"
                 )
-            ids, masks = frontend.encode_batch([request.text])
-            ids_list = ids[0]
-            input_ids = from_numpy(np.asarray(ids, dtype=np.int64))
-            mask = from_numpy(np.asarray(masks, dtype=np.int64))
+            ids_list = (await self._encoder(frontend).encode([request.text]))[0]
+            ids = np.asarray([ids_list], dtype=np.int64)
+            mask_pb = from_numpy(np.ones_like(ids))
         elif which == "hidden_states":
             if span.start == 0:
                 raise InvalidArgument("hidden_states input needs start > 0; layer 0 takes text")
@@ -572,6 +603,7 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
                 )
             if shape[0] == 0 or shape[1] == 0:
                 raise InvalidArgument("hidden_states is empty")
+            _check_finite(request.hidden_states)
             hidden = request.hidden_states
             if request.HasField("attention_mask"):
                 mask_shape = validate(
@@ -585,32 +617,40 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
                         f"attention_mask shape {list(mask_shape)} does not "
                         f"match hidden_states {list(shape[:2])}"
                     )
-                mask = request.attention_mask
+                mask = to_numpy(request.attention_mask, "attention_mask").astype(np.int64)
+                if mask.size and (int(mask.min()) < 0 or int(mask.max()) > 1):
+                    raise InvalidArgument("attention_mask values must be 0 or 1")
+                mask_pb = request.attention_mask
         else:
             raise InvalidArgument("send text or hidden_states")
 
-        async def work(chain: Chain) -> common_pb2.Tensor:
-            return await run_forward(
-                self.pool,
-                chain.hops(span),
-                input_ids=input_ids,
-                hidden_states=hidden,
-                attention_mask=mask,
-                pool_output=False,
-                timeout=deadline.remaining(),
-            )
-
-        try:
-            out = await self._on_chains(request.model, work)
-        except _ForwardedInvalid as exc:
-            raise InvalidArgument(str(exc)) from None
+        tried: set[str] = set()
+        for _ in range(VERSION_ATTEMPTS):
+            fingerprint = self._pick_version(request.model, tried)
+            try:
+                out = await self.coalescer.forward(
+                    request.model,
+                    fingerprint,
+                    span,
+                    ids=ids,
+                    hidden=hidden,
+                    mask=mask,
+                    pad_id=frontend.pad_id,
+                    deadline=deadline.at,
+                )
+                break
+            except VersionGone as gone:
+                log.warning("%s; running the Forward on another version", gone)
+                tried.add(fingerprint)
+        else:
+            raise Unavailable(f"model {request.model!r}: versions kept going away mid-request")
         response = inference_pb2.ForwardResponse(
             hidden_states=out,
             span=common_pb2.Span(start=span.start, end=span.end),
             input_ids=ids_list,
         )
-        if mask is not None:
-            response.attention_mask.CopyFrom(mask)
+        if mask_pb is not None:
+            response.attention_mask.CopyFrom(mask_pb)
         return response
 
     # -- ListModels -------------------------------------------------------------------------
@@ -643,3 +683,15 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
                     )
             response.models.append(status)
         return response
+
+
+def _check_finite(tensor: common_pb2.Tensor) -> None:
+    """Hidden states must be finite (the worker checks too, but one bad input must not cost
+    the work it would be coalesced with a second try)."""
+    if tensor.dtype == "bfloat16":
+        words = np.frombuffer(tensor.data, dtype="<u2")
+        bad = bool(np.any((words & 0x7F80) == 0x7F80))
+    else:
+        bad = not bool(np.isfinite(to_numpy(tensor, "hidden_states")).all())
+    if bad:
+        raise InvalidArgument("hidden_states: contains NaN or Inf")

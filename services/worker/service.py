@@ -22,7 +22,12 @@ from services.common.types import ModelKind, SamplingParams, Span, WorkerDescrip
 from services.pb.tessera.v1 import common_pb2, worker_pb2, worker_pb2_grpc
 from services.worker.batch import Row
 from services.worker.engine import GenerationEngine, StepOutput
-from services.worker.forwarding import ForwardItem, group_forward_items, run_forward_group
+from services.worker.forwarding import (
+    ForwardItem,
+    group_forward_items,
+    run_forward_group,
+    run_pooled,
+)
 from services.worker.stage import StageModel
 from services.worker.tensors import FLOAT_WIRE, from_torch, to_torch
 
@@ -77,6 +82,7 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         self._scheduler: asyncio.Task[None] | None = None
         self._labels = (descriptor.model, str(descriptor.span))
         self._queue_gauge = QUEUE_DEPTH.labels(*self._labels)
+        self._rows_histogram = BATCH_ROWS.labels(*self._labels, "forward")
         self._vocab = int(stage.vocab_size)
 
     # -- plumbing ---------------------------------------------------------------------------
@@ -373,35 +379,63 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         return await item.future
 
     async def _schedule(self) -> None:
-        """Takes every Forward queued, groups it into batches, runs them on the model thread."""
+        """Takes every Forward queued, plans it into passes, runs them on the model thread.
+
+        Work that arrives while the model is idle runs at once (no timer); work that arrives
+        during a pass is taken together when the pass ends."""
         while True:
             if not self._queue:
                 self._wake.clear()
                 await self._wake.wait()
-            if self.limits.max_wait_s > 0 and len(self._queue) < self.limits.max_batch:
-                await asyncio.sleep(self.limits.max_wait_s)
             items = [i for i in self._queue if not i.future.done()]
             self._queue.clear()
             self._queue_gauge.set(len(items))
-            for group in group_forward_items(items, self.limits.max_batch, MAX_TOKENS_PER_CALL):
-                started = time.perf_counter()
-                try:
-                    results = await self._run(run_forward_group, self.stage, group, mean_pool)
-                except Exception as exc:  # noqa: BLE001 - handed to every waiting handler
-                    for item in group:
-                        if not item.future.done():
-                            item.future.set_exception(exc)
-                    continue
-                finished = time.perf_counter()
-                rows = sum(i.rows for i in group)
-                BATCH_ROWS.labels(*self._labels, "forward").observe(rows)
-                for item, result in zip(group, results, strict=True):
-                    item.queue_ms = (started - item.enqueued) * 1e3
-                    item.compute_ms = (finished - started) * 1e3
-                    item.batch_rows = rows
-                    if not item.future.done():
-                        item.future.set_result(result)
+            pooled: dict[tuple[Span, bool, bool], list[ForwardItem]] = {}
+            unpooled: list[ForwardItem] = []
+            for item in items:
+                if item.pool:
+                    pooled.setdefault(item.key(), []).append(item)
+                else:
+                    unpooled.append(item)
+            groups: list[list[ForwardItem]] = list(pooled.values())
+            groups += group_forward_items(unpooled, self.limits.max_batch, MAX_TOKENS_PER_CALL)
+            for group in groups:
+                await self._run_group(group)
             self._queue_gauge.set(len(self._queue))
+
+    async def _run_group(self, group: list[ForwardItem]) -> None:
+        started = time.perf_counter()
+        passes: list[int] = []
+        try:
+            if group[0].pool:
+                results = await self._run(
+                    run_pooled,
+                    self.stage,
+                    group,
+                    mean_pool,
+                    self.limits.max_batch,
+                    MAX_TOKENS_PER_CALL,
+                    passes.append,
+                )
+            else:
+                results = await self._run(run_forward_group, self.stage, group, mean_pool)
+                passes.append(sum(i.rows for i in group))
+        except Exception as exc:  # noqa: BLE001 - handed to every waiting handler
+            for item in group:
+                if not item.future.done():
+                    item.future.set_exception(exc)
+            return
+        finished = time.perf_counter()
+        histogram = self._rows_histogram
+        for rows in passes:
+            histogram.observe(rows)
+        rows = sum(passes)
+        for item, result in zip(group, results, strict=True):
+            item.queue_ms = (started - item.enqueued) * 1e3
+            item.compute_ms = (finished - started) * 1e3
+            item.batch_rows = rows
+            if not item.future.done():
+                item.future.set_result(result)
 
     def shutdown(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)

@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from transformers import AutoTokenizer
 
 from tests.mesh import Mesh
 
@@ -85,7 +86,7 @@ def test_describe_inference(mesh: Mesh) -> None:
     assert request.returncode == 0 and "max_new_tokens" in request.stdout, request.stderr
 
 
-def test_generate_as_json(mesh: Mesh) -> None:
+def test_generate_as_json(mesh: Mesh, tiny_repo: Path) -> None:
     reply = call(
         mesh.address,
         "tessera.v1.Inference/Generate",
@@ -97,7 +98,10 @@ def test_generate_as_json(mesh: Mesh) -> None:
     tokens = reply["generated_tokens"]
     assert tokens == 4 if reply["finish_reason"] == "length" else 1 <= tokens <= 4
     assert len(reply["token_ids"]) == tokens and reply["prompt_tokens"] >= 1
-    assert isinstance(reply.get("text", ""), str)
+    # The text is the decode of the token ids (grpcurl leaves out an empty text).
+    tokenizer = AutoTokenizer.from_pretrained(tiny_repo / "tiny-llama")
+    ids = [int(t) for t in reply["token_ids"]]
+    assert reply.get("text", "") == tokenizer.decode(ids, skip_special_tokens=True)
 
 
 def test_generate_stream_as_json(mesh: Mesh) -> None:

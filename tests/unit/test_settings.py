@@ -70,14 +70,14 @@ def test_mesh_file_from_disk(tmp_path: Path) -> None:
         "router: {port: 6000, max_new_tokens: 16}\n"
         "cache: {nodes: ['10.0.0.1:11211', '10.0.0.2:11211']}\n"
         "workers:\n"
-        "  - {model: tiny-llama, layers: '0:2', port: 7001, max_sessions: 4}\n"
+        "  - {model: tiny-llama, layers: '0:2', port: 7001, max_rows: 4}\n"
         "  - {model: tiny-llama, layers: '2:4', port: 7002}\n"
     )
     mesh = load_mesh_file(path)
     assert mesh.router.port == 6000 and mesh.router.max_new_tokens == 16
     assert mesh.cache_nodes == ["10.0.0.1:11211", "10.0.0.2:11211"]
     assert _workers(mesh) == [("tiny-llama", "0:2", 7001), ("tiny-llama", "2:4", 7002)]
-    assert mesh.workers[0].max_sessions == 4 and mesh.workers[1].max_sessions == 64
+    assert mesh.workers[0].max_rows == 4 and mesh.workers[1].max_rows == 64
 
 
 def test_empty_file_and_sections() -> None:
@@ -102,9 +102,9 @@ def test_mesh_values_are_coerced_to_their_types() -> None:
 
 
 def test_dashes_name_the_same_setting() -> None:
-    mesh = load_mesh("router: {max-new-tokens: 8}\nworkers: [{model: m, max-sessions: 2}]\n")
+    mesh = load_mesh("router: {max-new-tokens: 8}\nworkers: [{model: m, max-rows: 2}]\n")
     assert mesh.router.max_new_tokens == 8
-    assert mesh.workers[0].max_sessions == 2
+    assert mesh.workers[0].max_rows == 2
 
 
 # -- unknown keys ----------------------------------------------------------------------------
@@ -134,12 +134,11 @@ def test_unknown_cache_keys_are_rejected() -> None:
         load_mesh("cache: {node: ['10.0.0.9:11211']}\n")
 
 
-def test_unquoted_layers_are_not_read_as_base_60() -> None:
-    try:
-        mesh = load_mesh("workers: [{model: m, layers: 15:30}]\n")
-    except ValueError:
-        return  # refusing it with a message is fine too
-    assert mesh.workers[0].layers == "15:30"
+def test_unquoted_layers_are_refused_not_read_as_base_60() -> None:
+    # YAML 1.1 reads 15:30 as the sexagesimal number 930: a mesh file must quote it.
+    with pytest.raises(ValueError, match="quote it"):
+        load_mesh("workers: [{model: m, layers: 15:30}]\n")
+    assert load_mesh("workers: [{model: m, layers: '15:30'}]\n").workers[0].layers == "15:30"
 
 
 def test_unknown_flags_and_env_keys_are_rejected_by_apply() -> None:

@@ -158,8 +158,10 @@ def generate_request(
 
 
 def embed_request(model: str, inputs: str | Sequence[str]) -> inference_pb2.EmbedRequest:
+    # Packed: the vectors come back as one float32 block, cheaper to build and to parse than
+    # a message per vector. A router that predates it ignores the flag and sends embeddings.
     return inference_pb2.EmbedRequest(
-        model=model, inputs=[inputs] if isinstance(inputs, str) else inputs
+        model=model, inputs=[inputs] if isinstance(inputs, str) else inputs, packed=True
     )
 
 
@@ -238,6 +240,17 @@ def chunk_result(chunk: inference_pb2.GenerateChunk) -> ChunkResult:
 
 
 def embed_result(reply: inference_pb2.EmbedResponse) -> EmbedResult:
+    if reply.vectors:
+        if reply.dim <= 0 or len(reply.vectors) % (4 * reply.dim):
+            raise TesseraError(grpc.StatusCode.INTERNAL, "packed vectors do not match dim")
+        matrix = np.frombuffer(reply.vectors, dtype="<f4").reshape(-1, reply.dim)
+        return EmbedResult(
+            embeddings=tuple(map(tuple, matrix.tolist())),
+            dim=reply.dim,
+            cached_inputs=reply.cached_inputs,
+            cached=reply.cached,
+            _matrix=matrix.astype(np.float32),
+        )
     return EmbedResult(
         embeddings=tuple(tuple(e.values) for e in reply.embeddings),
         dim=reply.dim,

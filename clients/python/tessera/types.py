@@ -65,9 +65,13 @@ class EmbedResult:
     dim: int
     cached_inputs: int  # inputs served from the cache tier
     cached: bool  # every input came from the cache tier
+    # The same vectors as received (a packed answer), so numpy() needs no conversion.
+    _matrix: np.ndarray | None = field(default=None, repr=False, compare=False)
 
     def numpy(self) -> np.ndarray:
         """The embeddings as a float32 [N, dim] array."""
+        if self._matrix is not None:
+            return self._matrix.copy()
         return np.asarray(self.embeddings, dtype=np.float32).reshape(len(self.embeddings), self.dim)
 
 

@@ -1,0 +1,632 @@
+"""Coalescing: concurrent stateless work (Embed, Forward) becomes a few large worker calls.
+
+Work for one model version (fingerprint), layer range, input kind and pooling shares a *lane*.
+A lane sends at once when a worker of its version is idle: there is no fixed wait. While calls
+are in flight it gathers what arrives, and sends it as the next call when capacity frees (at
+most `in_flight` calls per worker) or, with a call already in flight, once it holds its share
+of the lane's work (so two calls alternate on a worker and it never waits for the router). The
+rows of one call are sorted by length and right-padded; the answer is split back per request.
+The texts of one large request and those of many one-text requests go through the same lanes:
+a 256-text Embed is cut into calls of `max_rows` like any other work and spread over replicas.
+
+A call that fails at the transport is retried on another chain of the same version (a request
+never mixes versions); when none is left the request gets `VersionGone` and may start again on
+another version. A request whose deadline passes while queued gets DEADLINE_EXCEEDED and is not
+sent. Tokenizing is batched the same way (`BatchedEncoder`), on a thread, off the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextvars
+import itertools
+import logging
+import math
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import cast
+
+import numpy as np
+from opentelemetry import trace
+
+from services.common.errors import (
+    DeadlineExceeded,
+    InvalidArgument,
+    MissingSpanError,
+    ServiceError,
+    Unavailable,
+)
+from services.common.tensors import ITEMSIZE
+from services.common.types import Span
+from services.pb.tessera.v1 import common_pb2
+from services.router.pipeline import HopFailed, _ForwardedInvalid, run_forward
+from services.router.pool import WorkerPool
+from services.router.routing import Chain, RoutingTable
+
+log = logging.getLogger(__name__)
+tracer = trace.get_tracer("tessera.router")
+
+IDS = "ids"  # the input kind of lanes that start at layer 0 (token ids, not hidden states)
+_MASK_DTYPE = np.dtype("<i8")
+
+
+@dataclass(frozen=True, slots=True)
+class CoalescerConfig:
+    """How large a coalesced call may be and how many run at once."""
+
+    max_rows: int = 32  # rows (texts) per worker call
+    max_tokens: int = 16_384  # rows x padded width per worker call
+    in_flight: int = 2  # coalesced calls in flight per worker
+    retries: int = 2  # other chains of the same version tried after a transport failure
+    hidden_dtype: str = "float32"  # hidden states between the stages of a chain
+
+
+class VersionGone(Unavailable):
+    """No healthy chain of the version a request is pinned to is left (a rollout moved on)."""
+
+
+@dataclass(frozen=True, slots=True)
+class _LaneKey:
+    model: str
+    fingerprint: str
+    span: Span | None  # None: every layer
+    kind: str  # IDS, or the wire dtype of the hidden states that come in
+    pool: bool  # mean-pool + normalise on the last stage (Embed)
+
+
+class _Request:
+    """One caller's work in a lane; its parts' results land here."""
+
+    __slots__ = ("future", "deadline", "rows", "remaining", "result", "context")
+
+    def __init__(self, future: asyncio.Future[object], deadline: float, parts: int) -> None:
+        self.future = future
+        self.deadline = deadline  # loop time
+        self.rows = parts  # pooled lanes: one part per row of the result
+        self.remaining = parts
+        self.result: np.ndarray | None = None  # pooled lanes: [rows, dim] float32
+        self.context = contextvars.copy_context()  # its trace: calls are spans of its request
+
+    @property
+    def done(self) -> bool:
+        return self.future.done()
+
+
+class _Part:
+    """Rows of one request that travel together: one text (pooled) or a whole Forward input."""
+
+    __slots__ = ("request", "index", "rows", "width", "ids", "data", "mask")
+
+    def __init__(
+        self,
+        request: _Request,
+        index: int,
+        rows: int,
+        width: int,
+        *,
+        ids: Sequence[int] | np.ndarray | None = None,
+        data: np.ndarray | None = None,
+        mask: np.ndarray | None = None,
+    ) -> None:
+        self.request = request
+        self.index = index  # pooled lanes: the row of the request's result
+        self.rows = rows
+        self.width = width
+        self.ids = ids  # one row of token ids, or [rows, width] int64
+        self.data = data  # hidden states as raw bytes [rows, width, hidden x itemsize] uint8
+        self.mask = mask  # [rows, width] int64, None = all ones
+
+
+class _Lane:
+    __slots__ = ("key", "pad_id", "pending", "pending_rows", "in_flight_rows", "kicked")
+
+    def __init__(self, key: _LaneKey, pad_id: int) -> None:
+        self.key = key
+        self.pad_id = pad_id
+        self.pending: collections.deque[_Part] = collections.deque()
+        self.pending_rows = 0
+        self.in_flight_rows = 0
+        self.kicked = False  # a dispatch is scheduled for this turn of the event loop
+
+    def take(self, max_rows: int, max_tokens: int, now: float) -> list[_Part]:
+        """The oldest live parts that fit one call; parts of finished or expired requests go."""
+        taken: list[_Part] = []
+        rows = width = 0
+        while self.pending:
+            part = self.pending[0]
+            request = part.request
+            if request.done:
+                self.pending.popleft()
+                self.pending_rows -= part.rows
+                continue
+            if request.deadline <= now:
+                self.pending.popleft()
+                self.pending_rows -= part.rows
+                request.future.set_exception(
+                    DeadlineExceeded("deadline passed while waiting for a worker")
+                )
+                continue
+            new_rows, new_width = rows + part.rows, max(width, part.width)
+            if taken and (new_rows > max_rows or new_rows * new_width > max_tokens):
+                break
+            self.pending.popleft()
+            self.pending_rows -= part.rows
+            taken.append(part)
+            rows, width = new_rows, new_width
+        return taken
+
+
+class Coalescer:
+    """Lanes of pending work per (model, version, layers, input kind, pooling), and the calls."""
+
+    def __init__(self, pool: WorkerPool, config: CoalescerConfig = CoalescerConfig()) -> None:
+        self._pool = pool
+        self.config = config
+        self._lanes: dict[_LaneKey, _Lane] = {}
+        self._calls: collections.Counter[str] = collections.Counter()  # per worker address
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._chain_counts: tuple[RoutingTable | None, dict[tuple[str, str], int]] = (None, {})
+        pool.on_change(lambda _table: self._dispatch_all())
+
+    # -- entry points -----------------------------------------------------------------------
+
+    async def embed(
+        self,
+        model: str,
+        fingerprint: str,
+        rows: Sequence[Sequence[int]],
+        *,
+        pad_id: int,
+        deadline: float,
+    ) -> np.ndarray:
+        """Mean-pooled, normalised vectors [len(rows), dim] float32 for token-id rows."""
+        lane = self._lane(_LaneKey(model, fingerprint, None, IDS, True), pad_id)
+        request = self._request(deadline, len(rows))
+        for index, ids in enumerate(rows):
+            lane.pending.append(_Part(request, index, 1, len(ids), ids=ids))
+        lane.pending_rows += len(rows)
+        self._kick(lane)
+        result = await self._wait(request)
+        assert isinstance(result, np.ndarray)
+        return result
+
+    async def forward(
+        self,
+        model: str,
+        fingerprint: str,
+        span: Span,
+        *,
+        ids: np.ndarray | None = None,
+        hidden: common_pb2.Tensor | None = None,
+        mask: np.ndarray | None = None,
+        pad_id: int = 0,
+        deadline: float,
+    ) -> common_pb2.Tensor:
+        """Hidden states after `span` for token ids [b, t] (span starts at 0) or validated
+        hidden states [b, t, h]; `mask` [b, t] int64 or None (all ones)."""
+        if ids is not None:
+            rows, width = (int(d) for d in ids.shape)
+            kind, data = IDS, None
+        else:
+            assert hidden is not None
+            rows, width, size = (int(d) for d in hidden.shape)
+            kind = hidden.dtype
+            data = np.frombuffer(hidden.data, dtype=np.uint8).reshape(
+                rows, width, size * ITEMSIZE[kind]
+            )
+        lane = self._lane(_LaneKey(model, fingerprint, span, kind, False), pad_id)
+        request = self._request(deadline, 1)
+        lane.pending.append(_Part(request, 0, rows, width, ids=ids, data=data, mask=mask))
+        lane.pending_rows += rows
+        self._kick(lane)
+        result = await self._wait(request)
+        assert isinstance(result, common_pb2.Tensor)
+        return result
+
+    async def close(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    # -- requests ---------------------------------------------------------------------------
+
+    @staticmethod
+    def _request(deadline: float, parts: int) -> _Request:
+        return _Request(asyncio.get_running_loop().create_future(), deadline, parts)
+
+    @staticmethod
+    async def _wait(request: _Request) -> object:
+        left = request.deadline - asyncio.get_running_loop().time()
+        if left <= 0:
+            request.future.cancel()
+            raise DeadlineExceeded("deadline passed before the work was done")
+        try:
+            async with asyncio.timeout(left):
+                # Cancelling this wait (a client gone, a deadline) cancels the future: the
+                # request's queued parts are then dropped, never sent.
+                return await request.future
+        except TimeoutError:
+            raise DeadlineExceeded("deadline passed before the work was done") from None
+
+    def _lane(self, key: _LaneKey, pad_id: int) -> _Lane:
+        lane = self._lanes.get(key)
+        if lane is None:
+            lane = self._lanes[key] = _Lane(key, pad_id)
+        return lane
+
+    # -- dispatch ---------------------------------------------------------------------------
+
+    def _kick(self, lane: _Lane) -> None:
+        """Dispatches at the end of this turn of the event loop, not at once: requests that
+        became ready together (one tokenizer batch, one burst of arrivals) leave as one call.
+        No timer is involved, so an idle worker still gets the work right away."""
+        if not lane.kicked:
+            lane.kicked = True
+            asyncio.get_running_loop().call_soon(self._kicked, lane)
+
+    def _kicked(self, lane: _Lane) -> None:
+        lane.kicked = False
+        self._dispatch(lane)
+
+    def _dispatch_all(self) -> None:
+        for lane in list(self._lanes.values()):
+            if lane.pending:
+                self._dispatch(lane)
+
+    def _dispatch_version(self, model: str, fingerprint: str) -> None:
+        for lane in list(self._lanes.values()):
+            if lane.pending and lane.key.model == model and lane.key.fingerprint == fingerprint:
+                self._dispatch(lane)
+        # Lanes with nothing queued or in flight are dropped: they are cheap to make again.
+        for key in [k for k, v in self._lanes.items() if not v.pending and not v.in_flight_rows]:
+            del self._lanes[key]
+
+    def _dispatch(self, lane: _Lane) -> None:
+        """Sends what the lane holds while some worker of its version has capacity."""
+        config = self.config
+        loop = asyncio.get_running_loop()
+        while lane.pending_rows > 0:
+            chain = self._free_chain(lane)
+            if chain is None:
+                return
+            if any(self._calls[a] for a in chain.addresses):
+                # Busy: gather until the call holds this lane's share of the work in play, so
+                # calls alternate on the worker instead of a lone row going out at every turn.
+                slots = config.in_flight * self._chains_of(lane.key.model, lane.key.fingerprint)
+                share = math.ceil((lane.pending_rows + lane.in_flight_rows) / max(1, slots))
+                if lane.pending_rows < min(config.max_rows, share):
+                    return
+            parts = lane.take(config.max_rows, config.max_tokens, loop.time())
+            if not parts:
+                return
+            self._start(lane, chain, parts)
+
+    def _free_chain(self, lane: _Lane) -> Chain | None:
+        """The least-loaded chain of the lane's version with a free call slot on every worker;
+        None when all are busy. Fails the lane's work when the version has no chain left."""
+        key = lane.key
+        table = self._pool.table
+        full = frozenset(a for a, n in self._calls.items() if n >= self.config.in_flight)
+        try:
+            return _route(table, key.model, self._pool.load, key.fingerprint, full)
+        except MissingSpanError:
+            pass
+        if full:
+            try:
+                _route(table, key.model, self._pool.load, key.fingerprint, frozenset())
+                return None  # every chain of the version is at capacity: wait for a call
+            except MissingSpanError:
+                pass
+        gone = VersionGone(
+            f"model {key.model!r}: no healthy chain of version {key.fingerprint[:12]} is left"
+        )
+        while lane.pending:
+            part = lane.pending.popleft()
+            if not part.request.done:
+                part.request.future.set_exception(gone)
+        lane.pending_rows = 0
+        return None
+
+    def _chains_of(self, model: str, fingerprint: str) -> int:
+        table, counts = self._chain_counts
+        if table is not self._pool.table:
+            table, counts = self._pool.table, {}
+            self._chain_counts = (table, counts)
+        count = counts.get((model, fingerprint))
+        if count is None:
+            count = counts[(model, fingerprint)] = max(
+                1, sum(c.fingerprint == fingerprint for c in table.chains(model))
+            )
+        return count
+
+    # -- calls ------------------------------------------------------------------------------
+
+    def _start(self, lane: _Lane, chain: Chain, parts: list[_Part]) -> None:
+        rows = sum(p.rows for p in parts)
+        for address in chain.addresses:
+            self._calls[address] += 1
+        lane.in_flight_rows += rows
+        # The call is a span of its first request's trace (one request: exactly its trace).
+        context = parts[0].request.context.copy()
+        task = asyncio.get_running_loop().create_task(
+            self._call(lane, chain, parts, rows), context=context
+        )
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _call(self, lane: _Lane, chain: Chain, parts: list[_Part], rows: int) -> None:
+        try:
+            await self._run(lane, chain, parts)
+        except asyncio.CancelledError:
+            _fail(parts, Unavailable("router is shutting down"))
+            raise
+        except Exception as exc:  # noqa: BLE001 - every waiting request gets an answer
+            if not isinstance(exc, ServiceError):
+                log.exception("a coalesced call failed")
+                exc = ServiceError("a coalesced worker call failed")
+            _fail(parts, exc)
+        finally:
+            for address in chain.addresses:
+                self._calls[address] -= 1
+                if self._calls[address] <= 0:
+                    del self._calls[address]
+            lane.in_flight_rows -= rows
+            self._dispatch_version(lane.key.model, lane.key.fingerprint)
+
+    async def _run(self, lane: _Lane, chain: Chain, parts: list[_Part]) -> None:
+        parts = [p for p in parts if not p.request.done]
+        if not parts:
+            return
+        try:
+            out = await self._send(lane, chain, parts)
+        except _ForwardedInvalid as exc:
+            if lane.key.kind == IDS and lane.key.pool:
+                raise ServiceError(f"a worker rejected the router's batch: {exc}") from None
+            requests = list(dict.fromkeys(p.request for p in parts))
+            if len(requests) == 1:
+                raise InvalidArgument(str(exc)) from None
+            # One bad input must not fail the others it travelled with: each again, alone.
+            for request in requests:
+                own = [p for p in parts if p.request is request]
+                try:
+                    _deliver(lane, own, await self._send(lane, chain, own))
+                except ServiceError as alone:
+                    _fail(own, InvalidArgument(str(alone)) if _invalid(alone) else alone)
+            return
+        _deliver(lane, parts, out)
+
+    async def _send(self, lane: _Lane, chain: Chain, parts: list[_Part]) -> common_pb2.Tensor:
+        """One worker call for the parts (sorted by width), retried on other chains of the
+        same version after a transport failure."""
+        key = lane.key
+        parts.sort(key=lambda p: p.width)
+        ids, hidden, mask = _assemble(lane, parts)
+        loop = asyncio.get_running_loop()
+        timeout = max(p.request.deadline for p in parts) - loop.time()
+        excluded: set[str] = set()
+        current = chain
+        with tracer.start_as_current_span(
+            "coalesced call",
+            attributes={
+                "tessera.rows": sum(p.rows for p in parts),
+                "tessera.requests": len({id(p.request) for p in parts}),
+            },
+        ):
+            for attempt in range(self.config.retries + 1):
+                if timeout <= 0:
+                    raise DeadlineExceeded("deadline passed while waiting for a worker")
+                try:
+                    return await run_forward(
+                        self._pool,
+                        current.hops(key.span),
+                        input_ids=ids,
+                        hidden_states=hidden,
+                        attention_mask=mask,
+                        pool_output=key.pool,
+                        timeout=timeout,
+                        hidden_dtype=self.config.hidden_dtype if key.pool else "float32",
+                    )
+                except HopFailed as failure:
+                    log.warning(
+                        "attempt %d on %s failed: %s", attempt + 1, current.describe(), failure
+                    )
+                    excluded.add(failure.address)
+                    if attempt == self.config.retries:
+                        raise Unavailable(f"model {key.model!r}: {failure}") from None
+                    try:
+                        current = _route(
+                            self._pool.table,
+                            key.model,
+                            self._pool.load,
+                            key.fingerprint,
+                            frozenset(excluded),
+                        )
+                    except MissingSpanError:
+                        raise VersionGone(
+                            f"model {key.model!r}: no other chain of version "
+                            f"{key.fingerprint[:12]} after {failure}"
+                        ) from None
+                    timeout = max(p.request.deadline for p in parts) - loop.time()
+        raise AssertionError("unreachable")
+
+
+def _route(
+    table: RoutingTable,
+    model: str,
+    load: dict[str, int],
+    fingerprint: str,
+    exclude: frozenset[str],
+) -> Chain:
+    # The fingerprint pins the version; whatever version label the calling context pins (a
+    # KServe request's) was honoured when the request chose its fingerprint.
+    from services.router import routing
+
+    pinned = getattr(routing, "pinned_version", None)
+    token = pinned.set(None) if pinned is not None else None
+    try:
+        return table.route(model, load, exclude=exclude, fingerprint=fingerprint)
+    finally:
+        if token is not None:
+            pinned.reset(token)  # type: ignore[union-attr]
+
+
+def _invalid(error: ServiceError) -> bool:
+    return isinstance(error, _ForwardedInvalid | InvalidArgument)
+
+
+def _fail(parts: Sequence[_Part], error: BaseException) -> None:
+    for part in parts:
+        if not part.request.done:
+            part.request.future.set_exception(error)
+
+
+def _assemble(
+    lane: _Lane, parts: Sequence[_Part]
+) -> tuple[common_pb2.Tensor | None, common_pb2.Tensor | None, common_pb2.Tensor | None]:
+    """(input_ids, hidden_states, attention_mask) of one call: the parts' rows, in order,
+    right-padded to the widest with a mask that marks the padding."""
+    rows = sum(p.rows for p in parts)
+    width = max(p.width for p in parts)
+    mask = np.zeros((rows, width), dtype=_MASK_DTYPE)
+    row = 0
+    if lane.key.kind == IDS:
+        ids = np.full((rows, width), lane.pad_id, dtype=_MASK_DTYPE)
+        if lane.key.pool and rows == len(parts) and all(p.mask is None for p in parts):
+            # One text per part (Embed): fill every row's prefix in one vectorised step.
+            lengths = np.fromiter((p.width for p in parts), dtype=np.intp, count=rows)
+            real = np.arange(width) < lengths[:, None]
+            ids[real] = np.fromiter(
+                itertools.chain.from_iterable(cast(Sequence[int], p.ids) for p in parts),
+                dtype=_MASK_DTYPE,
+                count=int(lengths.sum()),
+            )
+            return _tensor("int64", ids), None, _tensor("int64", real.astype(_MASK_DTYPE))
+        for part in parts:
+            end = row + part.rows
+            ids[row:end, : part.width] = np.asarray(part.ids)
+            mask[row:end, : part.width] = 1 if part.mask is None else part.mask
+            row = end
+        return _tensor("int64", ids), None, _tensor("int64", mask)
+    first = parts[0]
+    assert first.data is not None
+    if len(parts) == 1:
+        data = first.data
+    else:
+        data = np.zeros((rows, width, first.data.shape[2]), dtype=np.uint8)
+        for part in parts:
+            end = row + part.rows
+            data[row:end, : part.width] = part.data
+            row = end
+    row = 0
+    for part in parts:
+        end = row + part.rows
+        mask[row:end, : part.width] = 1 if part.mask is None else part.mask
+        row = end
+    hidden_size = int(first.data.shape[2]) // ITEMSIZE[lane.key.kind]
+    hidden = common_pb2.Tensor(
+        dtype=lane.key.kind, shape=[rows, width, hidden_size], data=data.tobytes()
+    )
+    return None, hidden, _tensor("int64", mask)
+
+
+def _tensor(dtype: str, array: np.ndarray) -> common_pb2.Tensor:
+    return common_pb2.Tensor(dtype=dtype, shape=list(array.shape), data=array.tobytes())
+
+
+def _deliver(lane: _Lane, parts: Sequence[_Part], out: common_pb2.Tensor) -> None:
+    """Splits one call's answer back into its parts' requests."""
+    rows = sum(p.rows for p in parts)
+    shape = [int(d) for d in out.shape]
+    if lane.key.pool:
+        if out.dtype != "float32" or len(shape) != 2 or shape[0] != rows:
+            raise ServiceError(f"a worker returned pooled {out.dtype} {shape} for {rows} rows")
+        matrix = np.frombuffer(out.data, dtype="<f4")
+        if matrix.size != rows * shape[1]:
+            raise ServiceError("a worker returned a pooled tensor of the wrong size")
+        matrix = matrix.reshape(rows, shape[1])
+        for row, part in enumerate(parts):
+            request = part.request
+            if request.done:
+                continue
+            if request.result is None:
+                request.result = np.empty((request.rows, shape[1]), dtype=np.float32)
+            request.result[part.index] = matrix[row]
+            request.remaining -= 1
+            if request.remaining == 0:
+                request.future.set_result(request.result)
+        return
+    if len(shape) != 3 or shape[0] != rows or out.dtype not in ITEMSIZE:
+        raise ServiceError(f"a worker returned {out.dtype} {shape} for {rows} rows")
+    width, size = shape[1], shape[2]
+    if len(parts) == 1 and parts[0].width == width:
+        if not parts[0].request.done:
+            parts[0].request.future.set_result(out)
+        return
+    raw = np.frombuffer(out.data, dtype=np.uint8)
+    if raw.size != rows * width * size * ITEMSIZE[out.dtype]:
+        raise ServiceError("a worker returned hidden states of the wrong size")
+    raw = raw.reshape(rows, width, size * ITEMSIZE[out.dtype])
+    row = 0
+    for part in parts:
+        end = row + part.rows
+        if not part.request.done:
+            piece = raw[row:end, : part.width]
+            part.request.future.set_result(
+                common_pb2.Tensor(
+                    dtype=out.dtype, shape=[part.rows, part.width, size], data=piece.tobytes()
+                )
+            )
+        row = end
+
+
+class BatchedEncoder:
+    """Tokenizes on a thread, off the event loop, in batches: texts that arrive while one batch
+    is being tokenized form the next one (the tokenizer's batch call is much cheaper per text).
+    """
+
+    def __init__(
+        self, encode: Callable[[list[str]], list[list[int]]], executor: ThreadPoolExecutor
+    ) -> None:
+        self._encode = encode
+        self._executor = executor
+        self._waiting: list[tuple[list[str], asyncio.Future[list[list[int]]]]] = []
+        self._running = False
+
+    async def encode(self, texts: list[str]) -> list[list[int]]:
+        future: asyncio.Future[list[list[int]]] = asyncio.get_running_loop().create_future()
+        self._waiting.append((texts, future))
+        if not self._running:
+            self._next()
+        return await future
+
+    def _next(self) -> None:
+        batch = [(t, f) for t, f in self._waiting if not f.done()]
+        self._waiting = []
+        if not batch:
+            self._running = False
+            return
+        self._running = True
+        flat = [text for texts, _ in batch for text in texts]
+        job = asyncio.get_running_loop().run_in_executor(self._executor, self._encode, flat)
+        job.add_done_callback(lambda done: self._finish(done, batch))
+
+    def _finish(
+        self,
+        job: asyncio.Future[list[list[int]]],
+        batch: list[tuple[list[str], asyncio.Future[list[list[int]]]]],
+    ) -> None:
+        error = job.exception()
+        start = 0
+        for texts, future in batch:
+            if future.done():
+                start += len(texts)
+                continue
+            if error is not None:
+                future.set_exception(error)
+            else:
+                future.set_result(job.result()[start : start + len(texts)])
+            start += len(texts)
+        self._next()
