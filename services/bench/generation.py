@@ -145,6 +145,75 @@ async def measure_mesh(
     }
 
 
+def _status_kib(pid: int, field: str) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    return 0
+
+
+def measure_memory(
+    repository: str, frontend: ModelFrontend, threads: int, max_new: int
+) -> dict[str, float]:
+    """One 4,096-token prompt and 31 short ones at once on a replica whose KV budget fits them
+    as two batches (never padded together): the budget holds and peak RSS is reported."""
+    long_ids = frontend.encode_prompt(" ".join(["history"] * 4096))[:4096]
+    long_text = frontend.decode(long_ids)
+    shorts = prompts(31)
+    per_token = 2 * 30 * 3 * 64 * 4  # SmolLM2: layers x (K, V) x kv heads x head dim x fp32
+    short_len = max(len(frontend.encode_prompt(t)) for t in shorts) + max_new
+    budget = (len(long_ids) + 8 + max_new) * per_token + 31 * short_len * per_token
+    kv_mb = budget // 2**20 + 8
+    env = {
+        "OMP_WAIT_POLICY": "PASSIVE",
+        "TESSERA_WORKER_MAX_KV_MB": str(kv_mb),
+        "TESSERA_ROUTER_MAX_PROMPT_TOKENS": "8192",
+    }
+    fleet = Fleet(repository, env=env)
+    try:
+        address = start(fleet, [None], threads)
+        worker = next(c for c in fleet.children if c.name.startswith("w"))
+        assert worker.popen is not None
+        pid = worker.popen.pid
+        steady = _status_kib(pid, "VmRSS")
+        peak_kv = 0
+
+        async def run() -> StreamRun:
+            nonlocal peak_kv
+            from services.pb.tessera.v1 import worker_pb2, worker_pb2_grpc
+
+            done = asyncio.Event()
+
+            async def poll() -> None:
+                nonlocal peak_kv
+                async with aio.insecure_channel(worker.address) as channel:
+                    stub = worker_pb2_grpc.WorkerStub(channel)
+                    while not done.is_set():
+                        info = await stub.Info(worker_pb2.InfoRequest(), timeout=5)
+                        peak_kv = max(peak_kv, info.kv_tokens)
+                        await asyncio.sleep(0.05)
+
+            poller = asyncio.create_task(poll())
+            try:
+                return await streams(address, [long_text, *shorts], max_new)
+            finally:
+                done.set()
+                await poller
+
+        result = asyncio.run(run())
+        return {
+            "kv_budget_mb": kv_mb,
+            "peak_kv_mb": peak_kv * per_token / 2**20,
+            "rss_before_mb": steady / 1024,
+            "peak_rss_mb": _status_kib(pid, "VmHWM") / 1024,
+            "errors": result.errors,
+            "tokens": result.tokens,
+            "seconds": result.seconds,
+        }
+    finally:
+        fleet.stop_all()
+
+
 def start(fleet: Fleet, layers: Sequence[str | None], threads: int) -> str:
     router = fleet.router(f"router-{len(layers)}")
     router.wait_ready(time.monotonic() + 120)
@@ -174,6 +243,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--repository", default=os.environ.get("TESSERA_MODEL_REPOSITORY", "model-repository")
     )
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--memory", action="store_true", help="only the KV-budget scenario")
     args = parser.parse_args(argv)
     cores = os.cpu_count() or 1
     repeats = 1 if args.quick else 3
@@ -185,6 +255,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         "streams": args.streams,
         "max_new_tokens": args.max_new_tokens,
     }
+    if args.memory:
+        memory = measure_memory(args.repository, frontend, cores, args.max_new_tokens)
+        print(
+            f"memory: 1 x 4096-token prompt + 31 short, max_kv_mb {memory['kv_budget_mb']}: "
+            f"peak KV {memory['peak_kv_mb']:.0f} MiB, worker RSS {memory['rss_before_mb']:.0f} "
+            f"-> peak {memory['peak_rss_mb']:.0f} MiB, {memory['errors']} errors, "
+            f"{memory['tokens']} tokens in {memory['seconds']:.1f} s"
+        )
+        return 0 if memory["errors"] == 0 and memory["peak_kv_mb"] <= memory["kv_budget_mb"] else 1
     env = {"OMP_WAIT_POLICY": "PASSIVE"}
     fleet = Fleet(args.repository, env=env)
     try:

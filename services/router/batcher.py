@@ -58,6 +58,7 @@ GENERATION_QUEUE_SECONDS = Histogram(
 RETRY_BUDGET = 2  # chains a generation may fail over to
 STEP_TIMEOUT_S = 60.0  # one step of one batch; longer means the stage is stuck
 REFUSED_BACKOFF_S = 0.05  # an empty slot waits this long after a worker refused its prefill
+IDLE_EXIT_S = 30.0  # a slot loop with nothing to do for this long ends
 
 
 def _span_context(request: Request) -> trace.SpanContext:
@@ -128,7 +129,7 @@ class ChainEngine:
         self.scheduler = Scheduler(config)
         self.failed = False
         self._wakes = [asyncio.Event() for _ in self.scheduler.slots]
-        self._tasks: list[asyncio.Task[None]] = []
+        self._tasks: dict[int, asyncio.Task[None]] = {}
         self._ids = itertools.count()
         self._spans: dict[int, trace.Span] = {}
         self._prefix = f"{owner.router_id}-{uuid.uuid4().hex[:8]}"
@@ -148,12 +149,13 @@ class ChainEngine:
         generation.chain = self.chain
         self.owner.count(generation, +1)
         self._observe_queue()
-        if not self._tasks:
-            # Fresh contexts: slot loops must not carry the first request's trace forever.
-            self._tasks = [
-                asyncio.create_task(self._run(slot), context=contextvars.Context())
-                for slot in self.scheduler.slots
-            ]
+        for slot in self.scheduler.slots:
+            task = self._tasks.get(slot.index)
+            if task is None or task.done():
+                # A fresh context: a slot loop must not carry the first request's trace.
+                self._tasks[slot.index] = asyncio.create_task(
+                    self._run(slot), context=contextvars.Context()
+                )
         self._wake_all()
 
     def _wake_all(self) -> None:
@@ -174,7 +176,11 @@ class ChainEngine:
                 # Cleared before the turn: a submit during the turn's awaits is not lost.
                 wake.clear()
                 if not await self._iteration(slot) and not self.failed:
-                    await wake.wait()
+                    try:
+                        await asyncio.wait_for(wake.wait(), IDLE_EXIT_S)
+                    except TimeoutError:
+                        if not self.scheduler.all_requests():
+                            return  # an idle loop ends; the next submit starts it again
                     # Let requests parsed in the same instant join this prefill.
                     await asyncio.sleep(0)
         except HopFailed as failure:
@@ -350,6 +356,8 @@ class ChainEngine:
         try:
             return await call
         except DeadlineExceeded as error:
+            for address in self.chain.addresses:
+                self.owner.pool.mark_failed(address)
             raise HopFailed(self.chain.addresses[0], f"a step timed out: {error}") from None
 
     # -- failure -----------------------------------------------------------------------------
@@ -468,7 +476,7 @@ class Generations:
                 request.fail(error)
 
     async def close(self) -> None:
-        tasks = [t for e in self._engines.values() for t in e._tasks]
+        tasks = [t for e in self._engines.values() for t in e._tasks.values()]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
