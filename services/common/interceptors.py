@@ -13,6 +13,7 @@ interceptor see a `ServiceError` or any other exception, not yet the status the 
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
@@ -40,7 +41,7 @@ class AroundInterceptor(aio.ServerInterceptor):
 
     `around` may raise (or abort the context) before yielding to refuse the call; it must not
     swallow the handler's exception, only let it through or replace it with another. Streaming
-    handlers must be async generators (none here writes with `context.write`).
+    handlers may be async generators or coroutines that write with `context.write`.
     """
 
     def intercepts(self, method: str) -> bool:
@@ -89,6 +90,15 @@ def wrap_handler(
         return grpc.unary_unary_rpc_method_handler(unary_unary, deserializer, serializer)
     if handler.unary_stream:
         inner_us = handler.unary_stream
+        if not inspect.isasyncgenfunction(inner_us):
+            # A streaming handler that writes with context.write (grpc's health Watch).
+            async def unary_stream_writer(request: Any, context: aio.ServicerContext) -> Any:
+                async with around(Call(method, metadata, request, context)):
+                    return await inner_us(request, context)
+
+            return grpc.unary_stream_rpc_method_handler(
+                unary_stream_writer, deserializer, serializer
+            )
 
         async def unary_stream(request: Any, context: aio.ServicerContext) -> AsyncIterator[Any]:
             async with around(Call(method, metadata, request, context)):

@@ -298,3 +298,28 @@ def test_errors_are_mapped_on_every_handler_kind(
     if kind in ("ClientStream", "Bidi"):
         expected += ["INVALID_ARGUMENT", "INVALID_ARGUMENT"]
     assert codes == [*expected, "OK"]
+
+
+def test_health_watch_streams_through_the_interceptors() -> None:
+    """grpc's health Watch writes with context.write (no async generator): it must still work."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    async def main() -> list[int]:
+        served = await serve([], [], port=0)
+        try:
+            await served.set_status("", False)
+            async with aio.insecure_channel(f"127.0.0.1:{served.port}") as channel:
+                call = health_pb2_grpc.HealthStub(channel).Watch(
+                    health_pb2.HealthCheckRequest(service=""), timeout=5
+                )
+                seen = [(await call.read()).status]
+                await served.set_status("", True)
+                seen.append((await call.read()).status)
+                call.cancel()
+                return seen
+        finally:
+            await served.server.stop(0)
+
+
+    status = health_pb2.HealthCheckResponse
+    assert asyncio.run(main()) == [status.NOT_SERVING, status.SERVING]
