@@ -49,7 +49,7 @@ def text_message_bytes(texts: int, chars: int) -> int:
     4 UTF-8 bytes per character at worst, a tag and a length varint per string, and the margin.
 
     The router's largest legal request is an Embed of max_embed_inputs x max_input_chars: with
-    the defaults 256 x (4 x 100,000 + 6) + 64 KiB = 97.7 MiB (25.6 MB if every character is
+    the defaults 256 x (4 x 32,768 + 6) + 64 KiB = 32.1 MiB (8.4 MB if every character is
     ASCII). A prompt or a chat is at most max_input_chars per text and max_prompt_tokens in
     all, far below that.
     """

@@ -72,12 +72,12 @@ class RouterSettings:
     embed_segment_size: int = 32  # texts per segment scattered over the replicas
     coalesce_max_tokens: int = 16_384  # rows x padded width of one coalesced Embed/Forward call
     coalesce_in_flight: int = 2  # coalesced Embed/Forward calls in flight per worker
-    max_input_chars: int = 100_000  # characters per text
+    max_input_chars: int = 32_768  # characters per text (past the models' lengths already)
     max_outstanding: int = 256  # requests in flight before RESOURCE_EXHAUSTED
     request_timeout_s: float = 120.0  # deadline when the client sets none
     drain_s: float = 10.0
     # Largest gRPC message accepted or sent, MiB; 0 = the largest legal request, computed from
-    # max_embed_inputs x max_input_chars (server.py text_message_bytes: 97.7 MiB by default).
+    # max_embed_inputs x max_input_chars (server.py text_message_bytes: 32.1 MiB by default).
     max_message_mb: int = 0
     max_streams_per_connection: int = 64  # concurrent GenerateStream calls per client connection
     hidden_dtype: str = "float32"  # dtype of hidden states between stages
