@@ -7,6 +7,7 @@ import asyncio
 import os
 import sys
 
+from services.common.repository import PRECISIONS
 from services.common.settings import (
     RouterSettings,
     WorkerSettings,
@@ -69,6 +70,7 @@ def _cmd_worker(args: argparse.Namespace) -> int:
             "advertise": args.advertise,
             "threads": args.threads,
             "metrics_port": args.metrics_port,
+            "precision": args.precision,
         },
         "flags",
     )
@@ -155,6 +157,11 @@ def main(argv: list[str] | None = None) -> int:
     worker.add_argument("--repository")
     worker.add_argument("--threads", type=int, help="torch threads")
     worker.add_argument("--metrics-port", type=int, help="Prometheus port (-1 off, 0 any)")
+    worker.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        help="float32 (default, exact), bfloat16 or int8 (dynamic quantization of Linear layers)",
+    )
     worker.set_defaults(func=_cmd_worker)
 
     trace_view = sub.add_parser("trace", help="draw one request's trace as a waterfall")

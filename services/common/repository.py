@@ -57,21 +57,77 @@ def model_spec(repository: Path, name: str) -> ModelSpec:
     return ModelSpec(name, path, model_type, kind, num_layers, hidden, max_positions)
 
 
-def fingerprint(path: Path) -> str:
-    """sha256 over config.json and every weights file, in name order."""
+PRECISIONS = ("float32", "bfloat16", "int8")  # float32 is the default and the exact one
+
+# Files whose content changes what a model answers, besides the weights: the architecture, the
+# tokenizer (vocabulary, normalisation, special tokens, chat template), generation defaults and
+# sentence-transformers' pipeline (module list, pooling, max_seq_length).
+_OUTPUT_FILES = (
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.txt",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.model",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+    "chat_template.jinja",
+    "chat_template.json",
+    "modules.json",
+    "sentence_bert_config.json",
+    "config_sentence_transformers.json",
+)
+_OUTPUT_GLOBS = ("*.safetensors", "*.safetensors.index.json", "additional_chat_templates/*")
+
+
+def check_precision(precision: str) -> str:
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    return precision
+
+
+def fingerprinted_files(path: Path) -> list[Path]:
+    """Every file of a model folder that changes its outputs, in a stable order."""
+    files = {path / name for name in _OUTPUT_FILES if (path / name).is_file()}
+    for pattern in _OUTPUT_GLOBS:
+        files.update(f for f in path.glob(pattern) if f.is_file())
+    modules = path / "modules.json"
+    if modules.is_file():
+        # sentence-transformers modules (pooling, dense, normalize) keep their files in folders.
+        for module in json.loads(modules.read_text()):
+            folder = path / str(module.get("path") or "")
+            if folder != path and folder.is_dir():
+                files.update(f for f in folder.rglob("*") if f.is_file())
+    return sorted(files, key=lambda f: f.relative_to(path).as_posix())
+
+
+def fingerprint(path: Path, precision: str = "float32") -> str:
+    """sha256 over every file that changes outputs (name and content), then the precision.
+
+    Workers of one model that differ in any of these never join one chain or share cache keys.
+    """
+    check_precision(precision)
     digest = hashlib.sha256()
-    files = [path / "config.json", *sorted(path.glob("*.safetensors"))]
-    for file in files:
-        digest.update(file.name.encode() + b"\0")
+    for file in fingerprinted_files(path):
+        name = file.relative_to(path).as_posix().encode()
+        digest.update(name + b"\0" + str(file.stat().st_size).encode() + b"\0")
         with file.open("rb") as handle:
             while chunk := handle.read(_CHUNK):
                 digest.update(chunk)
+    digest.update(b"precision\0" + precision.encode())
     return digest.hexdigest()
 
 
-def version_of(path: Path, fingerprint_hex: str) -> str:
-    """The version label: VERSION file if the repository has one, else the fingerprint's head."""
+def version_of(path: Path, fingerprint_hex: str, precision: str = "float32") -> str:
+    """The version label: VERSION file if the repository has one, else the fingerprint's head.
+
+    A reduced precision is a version of its own (`v3+bfloat16`), so pinning a version never
+    mixes precisions even where the VERSION file is shared.
+    """
     version_file = path / "VERSION"
-    if version_file.is_file():
-        return version_file.read_text().strip()
-    return fingerprint_hex[:12]
+    label = version_file.read_text().strip() if version_file.is_file() else fingerprint_hex[:12]
+    return label if precision == "float32" else f"{label}+{check_precision(precision)}"

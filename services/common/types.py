@@ -65,6 +65,7 @@ class WorkerDescriptor:
     capacity: int
     hidden_size: int
     kv_token_budget: int = 0  # KV token slots (rows x columns) the worker holds at most
+    precision: str = "float32"  # float32 | bfloat16 | int8 (part of the fingerprint)
 
 
 @dataclass(frozen=True, slots=True)

@@ -4,21 +4,38 @@ A stage keeps transformers' model classes and calls their own forward, so splitt
 arithmetic: for a span [s, e) it keeps layers s..e-1 (re-indexed 0..e-s-1 so KV caches index
 them), replaces the input embeddings with a pass-through when s > 0 (hidden states arrive as
 `inputs_embeds`), and the final norm with an identity when e < num_layers.
+
+A stage holds only its span: the model is built as a skeleton without weights, the parts outside
+the span are dropped, and only the remaining tensors are read from the safetensors files
+(services/worker/loading.py) -- the embeddings on the first stage, the final norm and LM head on
+the last (a tied head is the embedding matrix, so a tied last stage reads that matrix too).
+
+Precision (services/common/repository.py PRECISIONS): float32 is exact; bfloat16 holds the
+Linear weights in bf16 and runs their matmuls in bf16; int8 dynamically quantizes them (qint8
+weights, per output channel). Everything else (embeddings, norms, residual stream, attention,
+KV cache) stays float32 (services/worker/precision.py says why), so hidden states enter and leave a
+stage as float32 whatever the precision (`dtype`), stages of one chain exchange the same tensors,
+and pooling runs in float32.
 """
 
 from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar, cast
 
 import torch
 from torch import nn
-from transformers import AutoModel, AutoModelForCausalLM, DynamicCache
+from transformers import DynamicCache, PreTrainedModel
 from transformers.cache_utils import Cache
 
-from services.common.repository import ModelSpec
+from services.common.repository import ModelSpec, check_precision
 from services.common.types import ModelKind, Span
+from services.worker.loading import materialize, parameter_names, skeleton
+from services.worker.precision import precision_transform, read_plan
+from services.worker.tensorfiles import TensorFiles
+
+_M = TypeVar("_M", bound=nn.Module)
 
 
 class _PassThroughEmbeddings(nn.Module):
@@ -27,6 +44,13 @@ class _PassThroughEmbeddings(nn.Module):
     def forward(self, inputs_embeds: torch.Tensor | None = None, **_: Any) -> torch.Tensor:
         assert inputs_embeds is not None
         return inputs_embeds
+
+
+class _NoEmbeddings(nn.Module):
+    """Stands in for a token embedding table a later stage does not hold."""
+
+    def forward(self, *_: Any, **__: Any) -> torch.Tensor:
+        raise ValueError("this stage holds no embeddings: send hidden states")
 
 
 class _ZeroPositions(nn.Module):
@@ -71,9 +95,9 @@ def _set(module: nn.Module, path: str, value: nn.Module) -> None:
     setattr(module, leaf, value)
 
 
-def _shallow_module_copy(module: nn.Module) -> nn.Module:
+def _shallow_module_copy(module: _M) -> _M:
     clone = copy.copy(module)
-    clone._modules = dict(module._modules)  # type: ignore[assignment]
+    clone._modules = dict(module._modules)
     return clone
 
 
@@ -96,31 +120,22 @@ class StageModel:
         spec: ModelSpec,
         span: Span,
         *,
-        dtype: torch.dtype = torch.float32,
+        precision: str = "float32",
         attn_implementation: str | None = None,
     ) -> None:
         if span.end > spec.num_layers:
             raise ValueError(f"span {span} is outside the {spec.num_layers} layers of {spec.name}")
         self.spec = spec
         self.span = span
-        self.dtype = dtype
+        self.precision = check_precision(precision)
+        self.dtype = torch.float32  # hidden states in and out, whatever the precision
         self.layout = _LAYOUTS[spec.model_type]
-        kwargs: dict[str, Any] = {"dtype": dtype}
-        if attn_implementation:
-            kwargs["attn_implementation"] = attn_implementation
-        if spec.kind is ModelKind.CAUSAL_LM:
-            full = AutoModelForCausalLM.from_pretrained(spec.path, **kwargs)
-            self.lm_head: nn.Module | None = full.get_output_embeddings()
-            base = full.base_model
-        else:
-            full = (
-                AutoModel.from_pretrained(spec.path, add_pooling_layer=False, **kwargs)
-                if spec.model_type in ("bert", "roberta")
-                else AutoModel.from_pretrained(spec.path)
-            )
-            self.lm_head = None
-            base = full
-        base.eval()
+
+        model = skeleton(spec, attn_implementation=attn_implementation)
+        names = parameter_names(model)  # the checkpoint's names, before layers are re-indexed
+        causal = spec.kind is ModelKind.CAUSAL_LM
+        base = cast(PreTrainedModel, model.base_model) if causal else model
+        head = model.get_output_embeddings() if causal and self.is_last else None
         all_layers = _get(base, self.layout.layers)
         self._layers: list[nn.Module] = [all_layers[i] for i in range(span.start, span.end)]
         # The layers outside the span are dropped; the layers kept are re-indexed from 0 so a
@@ -129,13 +144,42 @@ class StageModel:
         for index, layer in enumerate(self._layers):
             for sub in layer.modules():
                 if hasattr(sub, "layer_idx"):
-                    sub.layer_idx = index
+                    sub.layer_idx = index  # type: ignore[assignment]
+        if not self.is_first:
+            self._drop_embeddings(base)
+        if not self.is_last and self.layout.final_norm:
+            _set(base, self.layout.final_norm, nn.Identity())
+        holder = nn.ModuleDict({"base": base, **({"head": head} if head is not None else {})})
+        transform = precision_transform(precision)
+        materialize(
+            holder,
+            TensorFiles(spec.path),
+            names,
+            prefix=str(model.base_model_prefix or ""),
+            plan=read_plan(precision),
+            # Each layer is transformed as soon as it is read, so loading never holds the
+            # float32 copies of more than one layer beside the final weights.
+            units=[*self._layers, holder] if transform else (),
+            finish=transform,
+        )
+        del model, names
+        head = holder["head"] if head is not None else None
+        del holder
+        self.lm_head: nn.Module | None = head
+        base.eval()
         self._base = base
-        self._final_norm = _get(base, self.layout.final_norm) if self.layout.final_norm else None
         self.vocab_size = int(getattr(base.config, "vocab_size", 0))
-        self._views: dict[Span, nn.Module] = {}
+        self._views: dict[Span, PreTrainedModel] = {}
         self.main = self.view(span)
-        del full
+
+    def _drop_embeddings(self, base: nn.Module) -> None:
+        """A later stage receives hidden states: it holds no token (or position) tables."""
+        if self.spec.kind is ModelKind.ENCODER:
+            _set(base, self.layout.embeddings, _PassThroughEmbeddings())
+            return
+        _set(base, self.layout.embeddings, _NoEmbeddings())
+        if self.layout.position_table:
+            _set(base, self.layout.position_table, _ZeroPositions(self.spec.hidden_size))
 
     @property
     def is_first(self) -> bool:
@@ -152,10 +196,10 @@ class StageModel:
         heads = int(getattr(config, "num_attention_heads", 0) or getattr(config, "n_head", 1))
         kv_heads = int(getattr(config, "num_key_value_heads", 0) or heads)
         head_dim = int(getattr(config, "head_dim", 0) or self.spec.hidden_size // heads)
-        itemsize = torch.empty((), dtype=self.dtype).element_size()
+        itemsize = torch.empty((), dtype=torch.float32).element_size()  # KV stays float32
         return 2 * len(self.span) * kv_heads * head_dim * itemsize
 
-    def view(self, sub: Span) -> nn.Module:
+    def view(self, sub: Span) -> PreTrainedModel:
         """A base model that runs only layers sub ⊆ span, sharing this stage's weights."""
         if sub in self._views:
             return self._views[sub]
