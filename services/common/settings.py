@@ -22,6 +22,7 @@ def default_repository() -> str:
 class WorkerSettings:
     model: str = ""
     layers: str | None = None  # "START:END"; None = the whole model (a replica)
+    precision: str = "float32"  # float32 (exact) | bfloat16 | int8; part of the fingerprint
     host: str = "127.0.0.1"  # interface to bind
     port: int = 50061
     advertise: str | None = None  # host:port the router dials; default host:port

@@ -173,13 +173,25 @@ class KServeService(pb_grpc.GRPCInferenceServiceServicer):
                     name=EMBEDDINGS_OUTPUT, datatype="FP32", shape=[-1, frontend.spec.hidden_size]
                 )
             ]
+        # The protocol's metadata has no free-form field: a reduced precision extends the
+        # platform ("tessera/encoder/bfloat16"); float32, the exact default, keeps the plain one.
+        precision = self._precision(request.name, request.version)
+        platform = f"tessera/{frontend.kind.value}"
         return pb.ModelMetadataResponse(
             name=request.name,
             versions=self._versions(request.name, healthy_only=False),
-            platform=f"tessera/{frontend.kind.value}",
+            platform=platform if precision == "float32" else f"{platform}/{precision}",
             inputs=inputs,
             outputs=outputs,
         )
+
+    def _precision(self, model: str, version: str) -> str:
+        """The precision of `version`'s chains, else of the newest healthy (or any) chain."""
+        table = self.inference.pool.table
+        chains = [c for c in table.all_chains(model) if not version or c.version == version]
+        healthy = [c for c in table.chains(model) if not version or c.version == version]
+        chosen = (healthy or chains)[:1]
+        return chosen[0].workers[0].precision if chosen else "float32"
 
     # -- inference --------------------------------------------------------------------------
 

@@ -671,6 +671,7 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
                 version=(newest or members[0]).version,
                 fingerprint=newest.fingerprint if newest else members[0].fingerprint,
                 healthy=bool(healthy_chains),
+                precision=(newest.workers[0] if newest else members[0]).precision,
             )
             for chain in table.all_chains(model):
                 entry = status.chains.add(healthy=all(a in table.healthy for a in chain.addresses))

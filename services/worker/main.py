@@ -45,12 +45,13 @@ def build_service(settings: WorkerSettings, address: str) -> WorkerService:
         if settings.layers
         else Span(0, spec.num_layers)
     )
-    digest = fingerprint(spec.path)
-    stage = StageModel(spec, span)
+    # The precision is part of the fingerprint: chains and cache keys never mix precisions.
+    digest = fingerprint(spec.path, settings.precision)
+    stage = StageModel(spec, span, precision=settings.precision)
     descriptor = WorkerDescriptor(
         address=address,
         model=spec.name,
-        version=version_of(spec.path, digest),
+        version=version_of(spec.path, digest, settings.precision),
         fingerprint=digest,
         span=span,
         num_layers=spec.num_layers,
@@ -59,6 +60,7 @@ def build_service(settings: WorkerSettings, address: str) -> WorkerService:
         if spec.kind is ModelKind.CAUSAL_LM
         else settings.max_outstanding,
         hidden_size=spec.hidden_size,
+        precision=settings.precision,
     )
     limits = WorkerLimits(
         max_outstanding=settings.max_outstanding,
