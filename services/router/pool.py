@@ -36,6 +36,7 @@ def descriptor_from_info(info: worker_pb2.WorkerInfo, address: str) -> WorkerDes
         capacity=info.capacity,
         hidden_size=info.hidden_size,
         kv_token_budget=info.kv_token_budget,
+        precision=info.precision or "float32",  # workers from before precisions are float32
     )
 
 
