@@ -163,20 +163,50 @@ class TokenSet:
             matched |= hmac.compare_digest(candidate.encode(), token.encode())
         return matched
 
+    def shares_a_token_with(self, other: TokenSet) -> bool:
+        """Whether one token is in both sets (a user token must never be a worker token)."""
+        return bool((self._static | self._from_file) & (other._static | other._from_file))
+
+
+def bearer_token(metadata: Sequence[tuple[str, str | bytes]]) -> tuple[str, str]:
+    """(the `authorization` header, its bearer token or "") from a call's metadata."""
+    header = ""
+    for key, value in metadata:
+        if key == "authorization" and isinstance(value, str):
+            header = value
+    scheme, _, token = header.partition(" ")
+    return header, token.strip() if scheme.lower() == "bearer" else ""
+
 
 class AuthInterceptor(AroundInterceptor):
     """Checks `authorization: Bearer <token>` on protected services; probes stay open.
 
     Installed outside metrics and tracing: a refused call leaves no metric sample, no access
     line and no span, so unauthenticated clients cannot grow the label sets or the logs.
+
+    `required` (default: whether `tokens` has any) says whether the prefixes are protected at
+    all: the worker Registry stays closed when only user tokens are set. A token of `refused`
+    (valid elsewhere, e.g. a user token on the Registry) gets PERMISSION_DENIED and
+    `refused_message`; any other missing or unknown token gets UNAUTHENTICATED.
     """
 
-    def __init__(self, tokens: TokenSet, protected_prefixes: Sequence[str]) -> None:
+    def __init__(
+        self,
+        tokens: TokenSet,
+        protected_prefixes: Sequence[str],
+        *,
+        required: bool | None = None,
+        refused: TokenSet | None = None,
+        refused_message: str = "this token is not accepted here",
+    ) -> None:
         self._tokens = tokens
         self._prefixes = tuple(protected_prefixes)
+        self._required = tokens.enabled if required is None else required
+        self._refused = refused
+        self._refused_message = refused_message
 
     def intercepts(self, method: str) -> bool:
-        return self._tokens.enabled and method.startswith(self._prefixes)
+        return self._required and method.startswith(self._prefixes)
 
     async def intercept_service(
         self,
@@ -195,12 +225,10 @@ class AuthInterceptor(AroundInterceptor):
 
     @asynccontextmanager
     async def around(self, call: Call) -> AsyncIterator[None]:
-        header = ""
-        for key, value in call.metadata:
-            if key == "authorization" and isinstance(value, str):
-                header = value
-        scheme, _, token = header.partition(" ")
-        if not (scheme.lower() == "bearer" and token and self._tokens.accepts(token.strip())):
+        header, token = bearer_token(call.metadata)
+        if not (token and self._tokens.accepts(token)):
+            if token and self._refused is not None and self._refused.accepts(token):
+                await call.context.abort(grpc.StatusCode.PERMISSION_DENIED, self._refused_message)
             message = (
                 "missing bearer token: send metadata 'authorization: Bearer <token>'"
                 if not header

@@ -44,7 +44,7 @@ class WorkerSettings:
     router_ca: str = ""  # CA to verify routers when registering (TLS routers)
     client_cert: str = ""  # this worker's client certificate for routers
     client_key: str = ""
-    router_token: str = ""  # bearer token for routers that require one
+    router_token: str = ""  # worker token sent to routers (their worker_tokens), when they need one
     # Callers of tessera.v1.Worker/* must send `authorization: Bearer <one of these>` (the
     # router's worker_call_token); health and reflection stay open. Empty = no token needed
     # (mutual TLS through tls_client_ca authenticates callers too).
@@ -97,6 +97,18 @@ class RouterSettings:
     client_key: str = ""
     auth_tokens: list[str] = field(default_factory=list)  # accepted bearer tokens
     auth_token_file: str = ""  # file of bearer tokens, one per line, reloaded
+    # Registry/Register and Deregister accept only these (never a user token: PERMISSION_DENIED).
+    # With no token of either kind the registry is open (local development; logged at start).
+    worker_tokens: list[str] = field(default_factory=list)
+    worker_token_file: str = ""  # file of worker tokens, one per line, reloaded
+    # Fingerprints admitted besides the one the router's repository gives (e.g. the version being
+    # rolled out or back); model, span, layers and hidden size are still checked against it.
+    allowed_fingerprints: list[str] = field(default_factory=list)
+    admission_timeout_s: float = 10.0  # seconds for each call that admits a worker
+    recheck_s: float = 60.0  # seconds between probe requests re-run on admitted workers; 0 = off
+    max_registrations: int = 1024  # registered workers in all (static ones not counted)
+    max_registrations_per_model: int = 512
+    max_registrations_per_version: int = 256
     worker_call_token: str = ""  # bearer token sent on every worker call (caller_tokens there)
     max_concurrent_rpcs: int = 1024  # calls in flight, every method; beyond: RESOURCE_EXHAUSTED
     max_concurrent_streams: int = 128  # HTTP/2 streams open at once per client connection

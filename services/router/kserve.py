@@ -12,6 +12,8 @@ Tensors:
   generated_tokens, cached.
 - encoder models: input "text" BYTES [N]; output "embeddings" FP32 [N, dim] (mean pooling +
   L2 normalisation, equal to Embed). Response parameters: cached_inputs, cached.
+`model_version` pins the version: every chain the request runs on is of that version
+(routing.pin_version), or it fails UNAVAILABLE; an unknown version is NOT_FOUND.
 BYTES elements use the protocol's raw layout (4-byte little-endian length, then the bytes) in
 raw_input_contents / raw_output_contents; typed `contents.bytes_contents` input works too.
 """
@@ -31,6 +33,7 @@ from services.pb.kserve import grpc_predict_v2_pb2 as pb
 from services.pb.kserve import grpc_predict_v2_pb2_grpc as pb_grpc
 from services.pb.tessera.v1 import inference_pb2
 from services.router.frontends import ModelFrontend
+from services.router.routing import pin_version
 from services.router.service import InferenceService
 
 KSERVE_NAME = "inference.GRPCInferenceService"
@@ -134,8 +137,8 @@ class KServeService(pb_grpc.GRPCInferenceServiceServicer):
 
     def _versions(self, model: str, healthy_only: bool) -> list[str]:
         table = self.inference.pool.table
-        chains = table.chains(model) if healthy_only else table.all_chains(model)
-        return list(dict.fromkeys(chain.version for chain in chains))
+        versions = table.versions(model, healthy_only=healthy_only)
+        return list(dict.fromkeys(version for _, version in versions))
 
     async def ModelReady(
         self, request: pb.ModelReadyRequest, context: aio.ServicerContext
@@ -251,6 +254,18 @@ class KServeService(pb_grpc.GRPCInferenceServiceServicer):
         frontend = self._model(request.model_name, request.model_version)
         self._check_parameters(request, frontend.kind)
         texts, shape = self._texts(request)
+        with pin_version(request.model_version):
+            return await self._infer(request, frontend, texts, shape, context)
+
+    async def _infer(
+        self,
+        request: pb.ModelInferRequest,
+        frontend: ModelFrontend,
+        texts: list[str],
+        shape: list[int],
+        context: aio.ServicerContext,
+    ) -> pb.ModelInferResponse:
+        """ModelInfer under its version pin: every route it takes is on that version."""
         response = pb.ModelInferResponse(
             model_name=request.model_name,
             id=request.id,

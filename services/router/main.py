@@ -19,16 +19,52 @@ from services.common.security import (
 from services.common.server import serve, text_message_bytes
 from services.common.settings import RouterSettings
 from services.pb.tessera.v1 import inference_pb2_grpc, worker_pb2_grpc
+from services.router.admission import Admission
 from services.router.frontends import Frontends
 from services.router.kserve import KSERVE_NAME, KServeService
 from services.router.pool import WorkerPool
-from services.router.registry import RegistryService
+from services.router.registry import RegistryLimits, RegistryService
 from services.router.routing import RoutingTable
 from services.router.service import InferenceService
 
 log = logging.getLogger("tessera.router")
 SERVICE_NAME = "tessera.v1.Inference"
 REGISTRY_NAME = "tessera.v1.Registry"
+USER_PREFIXES = ("/tessera.v1.Inference/", "/inference.GRPCInferenceService/")
+REGISTRY_PREFIXES = ("/tessera.v1.Registry/",)
+
+
+def auth_interceptors(settings: RouterSettings) -> list[AuthInterceptor]:
+    """User tokens guard the public services; only worker tokens reach the Registry.
+
+    With no token of either kind everything is open (local development), which is logged;
+    with user tokens but no worker tokens the Registry is closed (only static workers serve).
+    """
+    users = TokenSet(settings.auth_tokens, settings.auth_token_file or None)
+    workers = TokenSet(settings.worker_tokens, settings.worker_token_file or None)
+    if users.shares_a_token_with(workers):
+        raise ValueError("a token is both a user token and a worker token; use distinct ones")
+    if not users.enabled and not workers.enabled:
+        log.warning(
+            "no auth_tokens or worker_tokens are set: anyone who reaches this router can "
+            "call it and register workers (fine for local development only)"
+        )
+    elif not workers.enabled:
+        log.warning(
+            "no worker_tokens are set: the Registry refuses every registration, so only "
+            "static workers serve"
+        )
+    return [
+        AuthInterceptor(users, USER_PREFIXES),
+        AuthInterceptor(
+            workers,
+            REGISTRY_PREFIXES,
+            required=users.enabled or workers.enabled,
+            refused=users,
+            refused_message="a user token cannot register or deregister workers; "
+            "workers send a worker token (the router's worker_tokens)",
+        ),
+    ]
 
 
 async def run_router(
@@ -43,10 +79,17 @@ async def run_router(
     max_message = settings.max_message_mb * 1024 * 1024 or text_message_bytes(
         settings.max_embed_inputs, settings.max_input_chars
     )
+    interceptors = auth_interceptors(settings)
     pool = WorkerPool(
         list(settings.workers),
+        admission=Admission(
+            Path(settings.repository),
+            frozenset(settings.allowed_fingerprints),
+            settings.admission_timeout_s,
+        ),
         probe_interval_s=settings.health_interval_s,
         ttl_s=settings.worker_ttl_s,
+        recheck_s=settings.recheck_s,
         credentials=channel_credentials(
             settings.worker_ca or None, settings.client_cert or None, settings.client_key or None
         ),
@@ -64,7 +107,16 @@ async def run_router(
     )
     frontends = Frontends(Path(settings.repository))
     inference = InferenceService(settings, pool, frontends, cache)
-    registry = RegistryService(pool, heartbeat_s=max(settings.worker_ttl_s / 3, 0.5))
+    registry = RegistryService(
+        pool,
+        heartbeat_s=max(settings.worker_ttl_s / 3, 0.5),
+        repository=Path(settings.repository),
+        limits=RegistryLimits(
+            total=settings.max_registrations,
+            per_model=settings.max_registrations_per_model,
+            per_version=settings.max_registrations_per_version,
+        ),
+    )
     served = await serve(
         [
             lambda s: inference_pb2_grpc.add_InferenceServicer_to_server(inference, s),
@@ -81,16 +133,7 @@ async def run_router(
             settings.tls_client_ca or None,
             require_client_cert=True,
         ),
-        interceptors=[
-            AuthInterceptor(
-                TokenSet(settings.auth_tokens, settings.auth_token_file or None),
-                [
-                    "/tessera.v1.Inference/",
-                    "/tessera.v1.Registry/",
-                    "/inference.GRPCInferenceService/",
-                ],
-            )
-        ],
+        interceptors=interceptors,
         known_models=lambda m: pool.table.knows(m) or (frontends.repository / m).is_dir(),
         max_message_bytes=max_message,
         max_concurrent_rpcs=settings.max_concurrent_rpcs,

@@ -25,6 +25,9 @@ CLOSE_TIMEOUT_S = 2.0  # a finished session's streams get this long to close cle
 RETRYABLE = frozenset(
     {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED, grpc.StatusCode.ABORTED}
 )
+# Codes no admitted worker may answer: the worker is dropped (admitted again only after it
+# passes admission) and the work is retried elsewhere, so the client never sees them.
+MISBEHAVING = frozenset({grpc.StatusCode.UNIMPLEMENTED})
 
 
 class HopFailed(Exception):
@@ -40,6 +43,9 @@ def translate(error: aio.AioRpcError, address: str, pool: WorkerPool) -> Excepti
     code = error.code()
     if code in RETRYABLE:
         pool.mark_failed(address)
+        return HopFailed(address, f"{code.name}: {error.details()}")
+    if code in MISBEHAVING:
+        pool.reject(address, f"a call was answered {code.name}")
         return HopFailed(address, f"{code.name}: {error.details()}")
     if code == grpc.StatusCode.DEADLINE_EXCEEDED:
         return DeadlineExceeded(f"deadline passed while worker {address} was working")

@@ -1,12 +1,30 @@
-"""Worker membership, channels, health probes and load counters; publishes RoutingTables."""
+"""Worker membership, admission, channels, health probes and load counters; publishes
+RoutingTables.
+
+Every worker (registered or static) goes through one state machine:
+
+    PENDING --admission passes--> ADMITTED --its answers disagree--> REJECTED
+       ^                             |                                 |
+       +---- re-registered as -------+                                 |
+       |     something else                                            |
+       +------------------- after a backoff ---------------------------+
+
+Only ADMITTED workers are in the RoutingTable (healthy or not); PENDING and REJECTED ones never
+see a request. Admission (services/router/admission.py) runs in its own task per worker, so a
+slow or silent worker never holds up the probe round. A registered worker that is not renewed
+expires; a departed worker's channel is closed after a grace period (calls in flight finish),
+and its stub and load counter are dropped.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any
 
 import grpc
 from grpc import aio
@@ -14,68 +32,104 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from services.common.security import open_channel
 from services.common.server import CHANNEL_OPTIONS
-from services.common.types import ModelKind, Span, WorkerDescriptor
+from services.common.types import WorkerDescriptor
 from services.pb.tessera.v1 import worker_pb2, worker_pb2_grpc
+from services.router.admission import (
+    Admission,
+    Rejected,
+    Unanswered,
+    check_address,
+    descriptor_from_info,
+    dial_target,
+    disagreements,
+)
 from services.router.routing import RoutingTable
 
 log = logging.getLogger(__name__)
 
 PROBE_TIMEOUT_S = 2.0
 SLOW_PROBES_TO_FAIL = 3
+RETIRE_GRACE_S = 30.0  # a departed worker's channel stays open this long for calls in flight
+MAX_RETRY_S = 30.0  # the longest wait before a refused worker is checked again
 
 
-def descriptor_from_info(info: worker_pb2.WorkerInfo, address: str) -> WorkerDescriptor:
-    return WorkerDescriptor(
-        address=address,
-        model=info.model,
-        version=info.version,
-        fingerprint=info.fingerprint,
-        span=Span(info.span.start, info.span.end),
-        num_layers=info.num_layers,
-        kind=ModelKind(info.kind),
-        capacity=info.capacity,
-        hidden_size=info.hidden_size,
-        kv_token_budget=info.kv_token_budget,
-        precision=info.precision or "float32",  # workers from before precisions are float32
-    )
+class State(StrEnum):
+    PENDING = "pending"  # known, not yet checked: takes no traffic
+    ADMITTED = "admitted"  # checked: in the routing table
+    REJECTED = "rejected"  # failed a check: takes no traffic, checked again after a backoff
 
 
 @dataclass
 class _Member:
     address: str
     static: bool
-    descriptor: WorkerDescriptor | None = None
+    owner: str = ""  # who registered it (a digest of the credential); "" for static ones
+    claimed: WorkerDescriptor | None = None  # what its registration says
+    descriptor: WorkerDescriptor | None = None  # what admission verified (ADMITTED only)
+    state: State = State.PENDING
     expires: float = float("inf")  # registrations expire unless renewed
     healthy: bool = False
     failures: int = 0
+    rejections: int = 0  # in a row: the backoff doubles with each
+    retry_at: float = 0.0
+    reason: str = ""
+    checked_at: float = 0.0  # when a real request last went through admission's checks
+    task: asyncio.Task[None] | None = None  # its admission or recheck in progress
+
+
+class _Load(dict[str, int]):
+    """Outstanding calls per worker. A missing worker counts 0; counters never go negative and
+    vanish at 0, so calls that outlive their worker's departure leave nothing behind."""
+
+    def __missing__(self, address: str) -> int:
+        return 0
+
+    def __setitem__(self, address: str, value: int) -> None:
+        if value > 0:
+            super().__setitem__(address, value)
+        else:
+            self.pop(address, None)
 
 
 class WorkerPool:
-    """Knows every worker (static or registered), probes their health, holds one channel each."""
+    """Knows every worker (static or registered), admits them, probes their health, holds one
+    channel each."""
 
     def __init__(
         self,
         static: list[str],
         *,
+        admission: Admission,
         probe_interval_s: float = 1.0,
         ttl_s: float = 6.0,
+        recheck_s: float = 60.0,
+        retire_s: float = RETIRE_GRACE_S,
         credentials: grpc.ChannelCredentials | None = None,
         max_message_bytes: int = 64 * 1024 * 1024,
         interceptors: Sequence[aio.ClientInterceptor] = (),
     ) -> None:
+        self.admission = admission
         self.probe_interval_s = probe_interval_s
         # On every worker channel: e.g. security.BearerToken, the credential workers require.
         self._interceptors = list(interceptors)
         self.ttl_s = ttl_s
+        self.recheck_s = recheck_s
+        self.retire_s = retire_s
         self._credentials = credentials
         self._options = [(k, v) for k, v in CHANNEL_OPTIONS if "message_length" not in k] + [
             ("grpc.max_send_message_length", max_message_bytes),
             ("grpc.max_receive_message_length", max_message_bytes),
         ]
-        self._members: dict[str, _Member] = {a: _Member(a, static=True) for a in static}
+        try:
+            self._members: dict[str, _Member] = {
+                check_address(a): _Member(a, static=True) for a in static
+            }
+        except Exception as exc:
+            raise ValueError(f"static workers: {exc}") from None
         self._channels: dict[str, aio.Channel] = {}
         self._stubs: dict[str, worker_pb2_grpc.WorkerStub] = {}
-        self.load: dict[str, int] = {}
+        self._retiring: dict[str, float] = {}  # address -> when its channel is closed
+        self.load: dict[str, int] = _Load()
         self.table = RoutingTable((), ())
         self._listeners: list[Callable[[RoutingTable], None]] = []
         self._task: asyncio.Task[None] | None = None
@@ -86,35 +140,85 @@ class WorkerPool:
     def stub(self, address: str) -> worker_pb2_grpc.WorkerStub:
         stub = self._stubs.get(address)
         if stub is None:
-            channel = open_channel(address, self._credentials, self._options, self._interceptors)
+            target = dial_target(address)
+            channel = open_channel(target, self._credentials, self._options, self._interceptors)
             self._channels[address] = channel
             stub = self._stubs[address] = worker_pb2_grpc.WorkerStub(channel)
+        if address in self._members:
+            self._retiring.pop(address, None)
+        elif address not in self._retiring:
+            # A call to a worker that already left (a generation finishing its steps).
+            self._retiring[address] = time.monotonic() + self.retire_s
         return stub
+
+    def has_channel(self, address: str) -> bool:
+        return address in self._channels
+
+    def _retire(self, address: str, grace_s: float) -> None:
+        if address in self._channels:
+            self._retiring[address] = time.monotonic() + grace_s
+
+    async def _close_retired(self) -> None:
+        now = time.monotonic()
+        for address in [a for a, at in self._retiring.items() if at <= now]:
+            del self._retiring[address]
+            self._stubs.pop(address, None)
+            channel = self._channels.pop(address, None)
+            if channel is not None:
+                await channel.close()
 
     # -- membership -------------------------------------------------------------------------
 
     def on_change(self, listener: Callable[[RoutingTable], None]) -> None:
         self._listeners.append(listener)
 
-    def register(self, info: worker_pb2.WorkerInfo) -> None:
-        address = info.address
+    def state(self, address: str) -> State | None:
+        member = self._members.get(address)
+        return member.state if member is not None else None
+
+    def owner(self, address: str) -> str | None:
+        """Who registered `address` (None: not registered; static workers are not)."""
+        member = self._members.get(address)
+        return member.owner if member is not None and not member.static else None
+
+    def claims(self) -> list[WorkerDescriptor]:
+        """What every registered (not static) worker claims, admitted or not."""
+        return [m.claimed for m in self._members.values() if m.claimed is not None]
+
+    def register(self, claim: WorkerDescriptor, owner: str = "") -> None:
+        """A registration or its renewal: a claim that admission checks before any traffic."""
+        address = claim.address
         member = self._members.get(address)
         if member is None:
-            member = self._members[address] = _Member(address, static=False)
-            log.info(
-                "worker %s joined: %s layers %d:%d",
+            self._members[address] = _Member(
                 address,
-                info.model,
-                info.span.start,
-                info.span.end,
+                static=False,
+                owner=owner,
+                claimed=claim,
+                expires=time.monotonic() + self.ttl_s,
             )
-        descriptor = descriptor_from_info(info, address)
-        if member.descriptor != descriptor:
-            member.descriptor = descriptor
-            self._publish()
-        if not member.static:
-            member.expires = time.monotonic() + self.ttl_s
-        if not member.healthy:
+            log.info(
+                "worker %s registered: %s %s layers %s; admitting it",
+                address,
+                claim.model,
+                claim.version,
+                claim.span,
+            )
+            self._changed.set()
+            return
+        if member.static:
+            # A static worker announcing itself: only a sign of life.
+            if member.state is State.ADMITTED and not member.healthy:
+                self._changed.set()
+            return
+        member.expires = time.monotonic() + self.ttl_s
+        if member.claimed is not None and disagreements(member.claimed, claim):
+            log.info("worker %s re-registered as %s layers %s", address, claim.model, claim.span)
+            member.claimed = claim
+            self._reset(member)
+            return
+        member.claimed = claim
+        if member.state is State.ADMITTED and not member.healthy:
             # A registration is a sign of life; the next probe confirms it.
             self._changed.set()
 
@@ -123,11 +227,12 @@ class WorkerPool:
         if member is None:
             return
         if member.static:
-            member.healthy = False
+            if member.healthy:
+                member.healthy = False
+                self._publish()
         else:
-            del self._members[address]
+            self._forget(address)
         log.info("worker %s left", address)
-        self._publish()
 
     def mark_failed(self, address: str) -> None:
         """A call to this worker failed at the transport: stop routing to it until it answers."""
@@ -138,17 +243,132 @@ class WorkerPool:
             self._publish()
             self._changed.set()
 
+    def reject(self, address: str, reason: str) -> None:
+        """A worker answered what no honest worker would: out of every chain until admitted
+        again (after a backoff)."""
+        member = self._members.get(address)
+        if member is not None and member.state is not State.REJECTED:
+            self._refuse(member, reason)
+
+    # -- state changes ----------------------------------------------------------------------
+
+    def _reset(self, member: _Member) -> None:
+        """Back to PENDING (its registration changed): out of the table, admitted afresh."""
+        was_listed = member.descriptor is not None
+        self._cancel(member)
+        member.state, member.descriptor, member.healthy = State.PENDING, None, False
+        member.rejections, member.retry_at = 0, 0.0
+        if was_listed:
+            self._publish()
+        self._changed.set()
+
+    def _refuse(self, member: _Member, reason: str) -> None:
+        was_listed = member.descriptor is not None
+        member.rejections += 1
+        wait = min(MAX_RETRY_S, max(self.probe_interval_s, 0.5) * 2 ** (member.rejections - 1))
+        first = member.state is not State.REJECTED or reason != member.reason
+        member.state, member.descriptor, member.healthy = State.REJECTED, None, False
+        member.retry_at, member.reason = time.monotonic() + wait, reason
+        (log.warning if first else log.debug)(
+            "worker %s %s: %s; checking it again in %.0f s",
+            member.address,
+            "dropped" if was_listed else "not admitted",
+            reason,
+            wait,
+        )
+        self._retire(member.address, self.retire_s if was_listed else 0.0)
+        if was_listed:
+            self._publish()
+
+    def _admit(self, member: _Member, descriptor: WorkerDescriptor) -> None:
+        member.state, member.descriptor = State.ADMITTED, descriptor
+        member.healthy, member.failures, member.rejections = True, 0, 0
+        member.checked_at, member.reason = time.monotonic(), ""
+        log.info(
+            "worker %s admitted: %s %s layers %s",
+            member.address,
+            descriptor.model,
+            descriptor.version,
+            descriptor.span,
+        )
+        self._publish()
+
+    def _forget(self, address: str) -> None:
+        member = self._members.pop(address, None)
+        if member is None:
+            return
+        self._cancel(member)
+        self.load.pop(address, None)
+        self._retire(address, self.retire_s)
+        if member.descriptor is not None:
+            self._publish()
+
+    @staticmethod
+    def _cancel(member: _Member) -> None:
+        if member.task is not None:
+            member.task.cancel()
+            member.task = None
+
     def _publish(self) -> None:
-        workers = [m.descriptor for m in self._members.values() if m.descriptor is not None]
-        healthy = [m.address for m in self._members.values() if m.healthy and m.descriptor]
-        self.table = RoutingTable(workers, healthy)
+        listed = [m for m in self._members.values() if m.state is State.ADMITTED and m.descriptor]
+        workers = [m.descriptor for m in listed if m.descriptor is not None]
+        self.table = RoutingTable(workers, [m.address for m in listed if m.healthy])
         for listener in self._listeners:
             listener(self.table)
+
+    # -- admission --------------------------------------------------------------------------
+
+    def _start(self, member: _Member, work: Callable[[_Member], Coroutine[Any, Any, None]]) -> None:
+        task = asyncio.create_task(work(member))
+        member.task = task
+
+        def done(_: asyncio.Future[None]) -> None:
+            if member.task is task:
+                member.task = None
+
+        task.add_done_callback(done)
+
+    def _current(self, member: _Member) -> bool:
+        return self._members.get(member.address) is member
+
+    async def _check_new(self, member: _Member) -> None:
+        claim = member.claimed
+        address = member.address
+        try:
+            stub = self.stub(address)
+            descriptor = await self.admission.verify(address, self._channels[address], stub, claim)
+        except Rejected as rejected:
+            if self._current(member) and member.claimed == claim:
+                self._refuse(member, str(rejected))
+            return
+        except Exception as exc:  # noqa: BLE001 - a bug here must not admit it or kill the pool
+            log.exception("admitting worker %s failed", address)
+            if self._current(member):
+                self._refuse(member, f"its admission failed ({type(exc).__name__})")
+            return
+        if self._current(member) and member.claimed == claim and member.state is not State.ADMITTED:
+            self._admit(member, descriptor)
+
+    async def _recheck(self, member: _Member) -> None:
+        descriptor = member.descriptor
+        if descriptor is None:
+            return
+        try:
+            await self.admission.probe(descriptor, self.stub(member.address))
+        except Unanswered:
+            member.checked_at = time.monotonic()  # busy or down: health probes judge that
+            return
+        except Rejected as rejected:
+            if self._current(member) and member.descriptor == descriptor:
+                self._refuse(member, str(rejected))
+            return
+        member.checked_at = time.monotonic()
 
     # -- probing ----------------------------------------------------------------------------
 
     async def _probe(self, member: _Member) -> bool | None:
-        """True: serving. False: down or not serving. None: no answer in time (a busy worker)."""
+        """True: serving. False: down or not serving. None: no answer in time (a busy worker).
+        A worker whose Info no longer matches what was admitted is dropped here."""
         stub = self.stub(member.address)
         channel = self._channels[member.address]
         try:
@@ -157,24 +377,56 @@ class WorkerPool:
             )
             if check.status != health_pb2.HealthCheckResponse.SERVING:
                 return False
-            if member.descriptor is None or member.static:
-                info = await stub.Info(worker_pb2.InfoRequest(), timeout=PROBE_TIMEOUT_S)
-                member.descriptor = descriptor_from_info(info, member.address)
-            return True
+            info = await stub.Info(worker_pb2.InfoRequest(), timeout=PROBE_TIMEOUT_S)
         except grpc.RpcError as error:
-            if error.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+            code = error.code() if isinstance(error, grpc.Call) else None
+            if code == grpc.StatusCode.DEADLINE_EXCEEDED:
                 return None
+            if code == grpc.StatusCode.UNIMPLEMENTED:
+                self.reject(member.address, "it no longer answers Info (UNIMPLEMENTED)")
             return False
+        admitted = member.descriptor
+        if admitted is None or member.state is not State.ADMITTED:
+            return False
+        try:
+            now = descriptor_from_info(info, member.address)
+        except Rejected as rejected:
+            self.reject(member.address, str(rejected))
+            return False
+        differ = disagreements(now, admitted)
+        if differ:
+            self.reject(member.address, "its Info changed since admission: " + "; ".join(differ))
+            return False
+        if now != admitted:  # capacity or KV budget: not identity, just news
+            member.descriptor = now
+        return True
 
     async def probe_all(self) -> None:
         now = time.monotonic()
         for address in [a for a, m in self._members.items() if m.expires < now]:
             log.info("worker %s expired (no heartbeat for %.0f s)", address, self.ttl_s)
-            del self._members[address]
-        members = list(self._members.values())
+            self._forget(address)
+        await self._close_retired()
+        for member in list(self._members.values()):
+            if member.task is not None:
+                continue
+            if member.state is State.PENDING or (
+                member.state is State.REJECTED and member.retry_at <= now
+            ):
+                self._start(member, self._check_new)
+            elif (
+                member.state is State.ADMITTED
+                and member.healthy
+                and self.recheck_s > 0
+                and now - member.checked_at >= self.recheck_s
+            ):
+                self._start(member, self._recheck)
+        members = [m for m in self._members.values() if m.state is State.ADMITTED]
         before = [(m.address, m.healthy, m.descriptor) for m in members]
         results = await asyncio.gather(*(self._probe(m) for m in members))
         for member, ok in zip(members, results):
+            if member.state is not State.ADMITTED:
+                continue  # dropped while probing
             if ok is None:
                 # A slow answer is not a dead worker: only several in a row take it out.
                 member.failures += 1
@@ -184,7 +436,7 @@ class WorkerPool:
                 member.healthy = ok
                 member.failures = 0 if ok else member.failures + 1
         after = [(m.address, m.healthy, m.descriptor) for m in members]
-        if before != after or len(members) != len(self.table.workers):
+        if before != after:
             self._publish()
 
     async def _loop(self) -> None:
@@ -210,5 +462,9 @@ class WorkerPool:
                 await self._task
             except asyncio.CancelledError:
                 pass
+        tasks = [m.task for m in self._members.values() if m.task is not None]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
         for channel in self._channels.values():
             await channel.close()

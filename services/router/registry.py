@@ -1,49 +1,161 @@
-"""The Registry servicer on the router: workers announce themselves and renew by heartbeat."""
+"""The Registry servicer on the router: workers announce themselves and renew by heartbeat.
+
+A registration is a claim, bounded and validated here, that the pool's admission checks before
+the worker takes any traffic. The router's AuthInterceptor lets only worker tokens through
+(services/router/main.py); an address stays bound to the credential that registered it, so
+another worker token can neither take it over nor deregister it.
+"""
 
 from __future__ import annotations
 
+import hashlib
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
 from grpc import aio
 
-from services.common.errors import InvalidArgument
-from services.common.types import ModelKind
+from services.common.errors import InvalidArgument, NotFound, ResourceExhausted, ServiceError
+from services.common.repository import PRECISIONS
+from services.common.security import bearer_token
+from services.common.types import ModelKind, Span, WorkerDescriptor
 from services.pb.tessera.v1 import worker_pb2, worker_pb2_grpc
+from services.router.admission import check_address
 from services.router.pool import WorkerPool
 
 MAX_LAYERS = 4096
+MAX_LABEL_CHARS = 128  # model, version and fingerprint
+MAX_HIDDEN_SIZE = 1 << 16
+MAX_CAPACITY = 1 << 20
+_MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+class PermissionDenied(ServiceError):
+    code = grpc.StatusCode.PERMISSION_DENIED
+
+
+@dataclass(frozen=True, slots=True)
+class RegistryLimits:
+    """How many registered workers the router keeps (static ones are not counted)."""
+
+    total: int = 1024
+    per_model: int = 512
+    per_version: int = 256  # per model and fingerprint
+
+
+def claim_from(info: worker_pb2.WorkerInfo) -> WorkerDescriptor:
+    """The registration as a descriptor, every field bounded; raises InvalidArgument."""
+    address = check_address(info.address)
+    if not info.model or len(info.model) > MAX_LABEL_CHARS or not _MODEL_NAME.match(info.model):
+        raise InvalidArgument(
+            f"a registration needs a model name of 1 to {MAX_LABEL_CHARS} letters, digits, "
+            f"'.', '_' or '-'"
+        )
+    if (
+        not 0 < info.num_layers <= MAX_LAYERS
+        or not 0 <= info.span.start < info.span.end <= info.num_layers
+    ):
+        raise InvalidArgument(
+            f"span [{info.span.start}, {info.span.end}) must lie inside "
+            f"[0, num_layers] with 0 < num_layers <= {MAX_LAYERS}"
+        )
+    if not 0 < info.hidden_size <= MAX_HIDDEN_SIZE:
+        raise InvalidArgument(f"hidden_size must be in [1, {MAX_HIDDEN_SIZE}]")
+    for name in ("version", "fingerprint"):
+        value = getattr(info, name)
+        if not value or len(value) > MAX_LABEL_CHARS or not value.isprintable():
+            raise InvalidArgument(f"{name} must be 1 to {MAX_LABEL_CHARS} printable characters")
+    if not 0 <= info.capacity <= MAX_CAPACITY or info.kv_token_budget < 0:
+        raise InvalidArgument(f"capacity must be in [0, {MAX_CAPACITY}], kv_token_budget >= 0")
+    try:
+        kind = ModelKind(info.kind)
+    except ValueError:
+        raise InvalidArgument(f"unknown model kind {info.kind[:32]!r}") from None
+    precision = info.precision or "float32"
+    if precision not in PRECISIONS:
+        raise InvalidArgument(f"precision must be one of {', '.join(PRECISIONS)}")
+    return WorkerDescriptor(
+        address=address,
+        model=info.model,
+        version=info.version,
+        fingerprint=info.fingerprint,
+        span=Span(info.span.start, info.span.end),
+        num_layers=info.num_layers,
+        kind=kind,
+        capacity=info.capacity,
+        hidden_size=info.hidden_size,
+        kv_token_budget=info.kv_token_budget,
+        precision=precision,
+    )
+
+
+def _credential(context: aio.ServicerContext) -> str:
+    """Who is calling: a digest of the bearer token ("" without one), never the token."""
+    _, token = bearer_token(tuple(context.invocation_metadata() or ()))
+    return hashlib.sha256(token.encode()).hexdigest()[:32] if token else ""
 
 
 class RegistryService(worker_pb2_grpc.RegistryServicer):
     """Workers announce themselves here and renew by heartbeat."""
 
-    def __init__(self, pool: WorkerPool, heartbeat_s: float) -> None:
+    def __init__(
+        self,
+        pool: WorkerPool,
+        heartbeat_s: float,
+        repository: Path,
+        limits: RegistryLimits | None = None,
+    ) -> None:
         self.pool = pool
         self.heartbeat_s = heartbeat_s
+        self.repository = repository
+        self.limits = limits or RegistryLimits()
+
+    def _check_room(self, claim: WorkerDescriptor) -> None:
+        claims = self.pool.claims()
+        same_model = [c for c in claims if c.model == claim.model]
+        same_version = [c for c in same_model if c.fingerprint == claim.fingerprint]
+        for count, limit, what in (
+            (len(claims), self.limits.total, "registered workers (max_registrations)"),
+            (
+                len(same_model),
+                self.limits.per_model,
+                f"workers of model {claim.model!r} (max_registrations_per_model)",
+            ),
+            (
+                len(same_version),
+                self.limits.per_version,
+                f"workers of this version of {claim.model!r} (max_registrations_per_version)",
+            ),
+        ):
+            if count >= limit:
+                raise ResourceExhausted(f"the router already has {limit} {what}")
+
+    def _check_owner(self, address: str, credential: str) -> None:
+        owner = self.pool.owner(address)
+        if owner is not None and owner != credential:
+            raise PermissionDenied(
+                f"worker {address} was registered with another credential; only that one may "
+                f"renew or deregister it"
+            )
 
     async def Register(
         self, request: worker_pb2.RegisterRequest, context: aio.ServicerContext
     ) -> worker_pb2.RegisterResponse:
-        info = request.worker
-        if not info.address or not info.model or len(info.model) > 128:
-            raise InvalidArgument("a registration needs an address and a model name")
-        if (
-            not 0 < info.num_layers <= MAX_LAYERS
-            or not 0 <= info.span.start < info.span.end <= info.num_layers
-        ):
-            raise InvalidArgument(
-                f"span [{info.span.start}, {info.span.end}) must lie inside "
-                f"[0, num_layers] with 0 < num_layers <= {MAX_LAYERS}"
-            )
-        if info.hidden_size <= 0:
-            raise InvalidArgument("hidden_size must be positive")
-        try:
-            ModelKind(info.kind)
-        except ValueError:
-            raise InvalidArgument(f"unknown model kind {info.kind!r}") from None
-        self.pool.register(info)
+        claim = claim_from(request.worker)
+        if not (self.repository / claim.model / "config.json").is_file():
+            raise NotFound(f"model {claim.model!r} is not in this router's model repository")
+        credential = _credential(context)
+        self._check_owner(claim.address, credential)
+        if self.pool.state(claim.address) is None:
+            self._check_room(claim)
+        self.pool.register(claim, credential)
         return worker_pb2.RegisterResponse(heartbeat_seconds=self.heartbeat_s)
 
     async def Deregister(
         self, request: worker_pb2.DeregisterRequest, context: aio.ServicerContext
     ) -> worker_pb2.DeregisterResponse:
-        self.pool.deregister(request.address)
+        address = check_address(request.address)
+        self._check_owner(address, _credential(context))
+        self.pool.deregister(address)
         return worker_pb2.DeregisterResponse()

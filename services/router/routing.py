@@ -1,20 +1,45 @@
 """Pure planning: which workers form chains for a model, and which chain a request takes.
 
-A RoutingTable is an immutable snapshot of the live membership; the pool swaps it whole when
+A RoutingTable is an immutable snapshot of the admitted membership; the pool swaps it whole when
 membership or health changes. Chains only join stages of the same fingerprint, so during a
 rolling update a request runs on a complete old chain or a complete new one, never a mix.
+
+Planning is dynamic programming over layer boundaries, never an enumeration of every path:
+- `route` finds the least-loaded chain in one backward pass over a version's workers (cost of
+  the cheapest way from each boundary to the last layer, and how many ways reach that cost),
+  then walks forward drawing uniformly among the cheapest chains: O(workers) per call.
+- `chains` / `all_chains` list at most MAX_CHAINS_PER_MODEL chains (ListModels shows no more:
+  the listing is capped, not the routing). The walk only follows stages from whose end the last
+  layer is reachable, so every partial path it opens completes: at most cap x num_layers steps,
+  however many registrations there are or how many dead ends a version has.
 """
 
 from __future__ import annotations
 
 import random
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass, field
 
 from services.common.errors import MissingSpanError
 from services.common.types import Hop, Span, WorkerDescriptor
 
-MAX_CHAINS_PER_MODEL = 64
+MAX_CHAINS_PER_MODEL = 64  # chains listed per model (ListModels, health); routing sees them all
+
+# The model version requests in this context must run on (KServe's model_version). Read by
+# RoutingTable.route when no version is passed, so every route of one request honours it.
+pinned_version: ContextVar[str | None] = ContextVar("tessera_pinned_version", default=None)
+
+
+@contextmanager
+def pin_version(version: str | None) -> Iterator[None]:
+    """Routes in this block (and tasks started in it) use chains of `version` only."""
+    token = pinned_version.set(version or None)
+    try:
+        yield
+    finally:
+        pinned_version.reset(token)
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,25 +71,153 @@ class Chain:
         return " => ".join(f"{w.span} via {w.address}" for w in self.workers)
 
 
-def _tilings(
-    workers: list[WorkerDescriptor], num_layers: int
-) -> list[tuple[WorkerDescriptor, ...]]:
-    by_start: dict[int, list[WorkerDescriptor]] = {}
-    for worker in workers:
-        by_start.setdefault(worker.span.start, []).append(worker)
-    found: list[tuple[WorkerDescriptor, ...]] = []
+@dataclass
+class PlanStats:
+    """Work the planner did: what a test of planning cost counts instead of timing it."""
 
-    def extend(prefix: tuple[WorkerDescriptor, ...], at: int) -> None:
-        if len(found) >= MAX_CHAINS_PER_MODEL:
-            return
-        if at == num_layers:
-            found.append(prefix)
-            return
-        for worker in by_start.get(at, ()):
-            extend(prefix + (worker,), worker.span.end)
+    partial_paths: int = 0  # chain prefixes opened while listing chains
+    stages_scanned: int = 0  # (boundary, worker) pairs looked at by the passes
 
-    extend((), 0)
-    return found
+
+@dataclass(frozen=True)
+class _Version:
+    """The workers of one model version (fingerprint), indexed by the layer they start at."""
+
+    model: str
+    fingerprint: str
+    version: str
+    num_layers: int
+    by_start: Mapping[int, tuple[WorkerDescriptor, ...]]
+    starts_desc: tuple[int, ...] = field(init=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "starts_desc", tuple(sorted(self.by_start, reverse=True)))
+
+    @classmethod
+    def of(cls, workers: list[WorkerDescriptor]) -> _Version:
+        first = workers[0]
+        by_start: dict[int, list[WorkerDescriptor]] = {}
+        for worker in sorted(workers, key=lambda w: (w.span.start, w.span.end, w.address)):
+            by_start.setdefault(worker.span.start, []).append(worker)
+        return cls(
+            first.model,
+            first.fingerprint,
+            first.version,
+            first.num_layers,
+            {start: tuple(ws) for start, ws in by_start.items()},
+        )
+
+    def finishing(
+        self, usable: Callable[[WorkerDescriptor], bool], stats: PlanStats
+    ) -> frozenset[int]:
+        """Boundaries from which usable stages reach the last layer (one backward pass)."""
+        done = {self.num_layers}
+        for start in self.starts_desc:  # a stage ends after it starts: ends are decided first
+            for worker in self.by_start[start]:
+                stats.stages_scanned += 1
+                if worker.span.end in done and usable(worker):
+                    done.add(start)
+                    break
+        return frozenset(done)
+
+    def chains(
+        self, usable: Callable[[WorkerDescriptor], bool], stats: PlanStats
+    ) -> Iterator[Chain]:
+        """Every chain of usable stages, lazily, never opening a prefix that cannot finish."""
+        finishing = self.finishing(usable, stats)
+        if 0 not in finishing:
+            return
+        # Iterative depth-first walk: (prefix, stages left to try at the prefix's end).
+        stack: list[tuple[tuple[WorkerDescriptor, ...], Iterator[WorkerDescriptor]]] = [
+            ((), iter(self.by_start.get(0, ())))
+        ]
+        stats.partial_paths += 1
+        while stack:
+            prefix, candidates = stack[-1]
+            for worker in candidates:
+                stats.stages_scanned += 1
+                if worker.span.end not in finishing or not usable(worker):
+                    continue
+                path = (*prefix, worker)
+                stats.partial_paths += 1
+                if worker.span.end == self.num_layers:
+                    yield Chain(self.model, self.fingerprint, self.version, path)
+                else:
+                    stack.append((path, iter(self.by_start.get(worker.span.end, ()))))
+                break
+            else:
+                stack.pop()
+
+    def cheapest(
+        self,
+        usable: Callable[[WorkerDescriptor], bool],
+        load: Mapping[str, int],
+        stats: PlanStats,
+    ) -> tuple[dict[int, int], dict[int, int]]:
+        """For each boundary: the least total load to the last layer, and how many chains
+        reach it (one backward pass)."""
+        cost = {self.num_layers: 0}
+        ways = {self.num_layers: 1}
+        for start in self.starts_desc:
+            best: int | None = None
+            count = 0
+            for worker in self.by_start[start]:
+                stats.stages_scanned += 1
+                end = worker.span.end
+                if end not in cost or not usable(worker):
+                    continue
+                total = load.get(worker.address, 0) + cost[end]
+                if best is None or total < best:
+                    best, count = total, ways[end]
+                elif total == best:
+                    count += ways[end]
+            if best is not None:
+                cost[start], ways[start] = best, count
+        return cost, ways
+
+    def draw(
+        self,
+        usable: Callable[[WorkerDescriptor], bool],
+        load: Mapping[str, int],
+        cost: dict[int, int],
+        ways: dict[int, int],
+        rng: random.Random | None = None,
+    ) -> Chain:
+        """One of the cheapest chains, each equally likely (forward walk over `cost`)."""
+        rand = rng or random
+        at, path = 0, []
+        while at != self.num_layers:
+            options = [
+                w
+                for w in self.by_start[at]
+                if w.span.end in cost
+                and usable(w)
+                and load.get(w.address, 0) + cost[w.span.end] == cost[at]
+            ]
+            pick = rand.randrange(sum(ways[w.span.end] for w in options))
+            for worker in options:
+                pick -= ways[worker.span.end]
+                if pick < 0:
+                    break
+            path.append(worker)
+            at = worker.span.end
+        return Chain(self.model, self.fingerprint, self.version, tuple(path))
+
+
+def _round_robin(sources: list[Iterator[Chain]], cap: int) -> tuple[Chain, ...]:
+    """Up to `cap` chains taken in turn from each version, so every version is listed."""
+    found: list[Chain] = []
+    live = list(sources)
+    while live and len(found) < cap:
+        for source in list(live):
+            chain = next(source, None)
+            if chain is None:
+                live.remove(source)
+                continue
+            found.append(chain)
+            if len(found) == cap:
+                break
+    return tuple(found)
 
 
 def _missing(workers: Iterable[WorkerDescriptor], num_layers: int) -> str:
@@ -88,26 +241,28 @@ def _missing(workers: Iterable[WorkerDescriptor], num_layers: int) -> str:
 class RoutingTable:
     """model -> chains over healthy workers; immutable."""
 
-    def __init__(self, workers: Iterable[WorkerDescriptor], healthy: Iterable[str]) -> None:
+    def __init__(
+        self,
+        workers: Iterable[WorkerDescriptor],
+        healthy: Iterable[str],
+        *,
+        max_listed: int = MAX_CHAINS_PER_MODEL,
+    ) -> None:
         self.workers = tuple(workers)
-        healthy_set = set(healthy)
-        self.healthy = frozenset(healthy_set)
-        self._chains: dict[str, tuple[Chain, ...]] = {}
+        self.healthy = frozenset(healthy)
+        self.max_listed = max_listed
+        self.stats = PlanStats()
         by_model: dict[str, list[WorkerDescriptor]] = {}
         for worker in self.workers:
             by_model.setdefault(worker.model, []).append(worker)
         self.by_model = {m: tuple(ws) for m, ws in by_model.items()}
+        self._versions: dict[str, tuple[_Version, ...]] = {}
         for model, members in by_model.items():
-            chains: list[Chain] = []
             by_print: dict[str, list[WorkerDescriptor]] = {}
             for worker in members:
-                if worker.address in healthy_set:
-                    by_print.setdefault(worker.fingerprint, []).append(worker)
-            for digest, group in sorted(by_print.items()):
-                num_layers = group[0].num_layers
-                for tiling in _tilings(group, num_layers):
-                    chains.append(Chain(model, digest, group[0].version, tiling))
-            self._chains[model] = tuple(chains)
+                by_print.setdefault(worker.fingerprint, []).append(worker)
+            self._versions[model] = tuple(_Version.of(by_print[d]) for d in sorted(by_print))
+        self._listed: dict[tuple[str, bool], tuple[Chain, ...]] = {}
 
     def models(self) -> list[str]:
         return sorted(self.by_model)
@@ -115,20 +270,34 @@ class RoutingTable:
     def knows(self, model: str) -> bool:
         return model in self.by_model
 
+    def _is_healthy(self, worker: WorkerDescriptor) -> bool:
+        return worker.address in self.healthy
+
+    def _listing(self, model: str, healthy_only: bool) -> tuple[Chain, ...]:
+        key = (model, healthy_only)
+        listed = self._listed.get(key)
+        if listed is None:
+            usable = self._is_healthy if healthy_only else (lambda _: True)
+            sources = [v.chains(usable, self.stats) for v in self._versions.get(model, ())]
+            listed = self._listed[key] = _round_robin(sources, self.max_listed)
+        return listed
+
     def chains(self, model: str) -> tuple[Chain, ...]:
-        return self._chains.get(model, ())
+        """Healthy chains, at most `max_listed` (every version with one is among them)."""
+        return self._listing(model, healthy_only=True)
 
     def all_chains(self, model: str) -> list[Chain]:
-        """Every tiling regardless of health, for ListModels."""
-        members = self.by_model.get(model, ())
-        chains = []
-        by_print: dict[str, list[WorkerDescriptor]] = {}
-        for worker in members:
-            by_print.setdefault(worker.fingerprint, []).append(worker)
-        for digest, group in sorted(by_print.items()):
-            for tiling in _tilings(group, group[0].num_layers):
-                chains.append(Chain(model, digest, group[0].version, tiling))
-        return chains
+        """Chains regardless of health, for ListModels; at most `max_listed`."""
+        return list(self._listing(model, healthy_only=False))
+
+    def versions(self, model: str, *, healthy_only: bool = True) -> list[tuple[str, str]]:
+        """(fingerprint, version) of each version with a full chain, in fingerprint order."""
+        usable = self._is_healthy if healthy_only else (lambda _: True)
+        return [
+            (v.fingerprint, v.version)
+            for v in self._versions.get(model, ())
+            if 0 in v.finishing(usable, self.stats)
+        ]
 
     def route(
         self,
@@ -137,27 +306,42 @@ class RoutingTable:
         *,
         exclude: frozenset[str] = frozenset(),
         fingerprint: str | None = None,
+        version: str | None = None,
+        rng: random.Random | None = None,
     ) -> Chain:
-        """The healthy chain with the least outstanding work (random among equals).
+        """The healthy chain with the least outstanding work (uniformly among equals).
 
-        `fingerprint` pins the model version (a resumed generation must not change weights).
+        `fingerprint` pins the model version (a resumed generation must not change weights);
+        `version` pins it by label (default: `pinned_version` of the calling context).
         Raises MissingSpanError naming the uncovered layers when no chain is left.
         """
+        if version is None:
+            version = pinned_version.get()
+
+        def usable(worker: WorkerDescriptor) -> bool:
+            return worker.address in self.healthy and worker.address not in exclude
+
         candidates = [
-            c
-            for c in self.chains(model)
-            if not exclude.intersection(c.addresses)
-            and (fingerprint is None or c.fingerprint == fingerprint)
+            v
+            for v in self._versions.get(model, ())
+            if (fingerprint is None or v.fingerprint == fingerprint)
+            and (version is None or v.version == version)
         ]
-        if not candidates:
-            members = [
-                w
-                for w in self.by_model.get(model, ())
-                if w.address in self.healthy and w.address not in exclude
-            ]
+        plans = [(v, *v.cheapest(usable, load, self.stats)) for v in candidates]
+        plans = [(v, cost, ways) for v, cost, ways in plans if 0 in cost]
+        if not plans:
+            members = [w for v in candidates for ws in v.by_start.values() for w in ws if usable(w)]
             num_layers = self.by_model[model][0].num_layers if model in self.by_model else 0
-            raise MissingSpanError(model, _missing(members, num_layers) if num_layers else "all")
-        best = min(sum(load.get(a, 0) for a in c.addresses) for c in candidates)
-        return random.choice(
-            [c for c in candidates if sum(load.get(a, 0) for a in c.addresses) == best]
-        )
+            missing = _missing(members, num_layers) if num_layers else "all"
+            if version is not None:
+                missing += f" (of version {version!r})"
+            raise MissingSpanError(model, missing)
+        best = min(cost[0] for _, cost, _ in plans)
+        cheapest = [(v, cost, ways) for v, cost, ways in plans if cost[0] == best]
+        rand = rng or random
+        pick = rand.randrange(sum(ways[0] for _, _, ways in cheapest))
+        for v, cost, ways in cheapest:
+            pick -= ways[0]
+            if pick < 0:
+                return v.draw(usable, load, cost, ways, rng)
+        raise AssertionError("unreachable")

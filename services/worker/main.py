@@ -121,7 +121,14 @@ async def _register_loop(
                     warned.discard(router)
                 except grpc.RpcError as exc:
                     if router not in warned:
-                        log.warning("cannot register with router %s: %s", router, exc.code())
+                        # The router says which credential it wants (router_token must be one
+                        # of its worker_tokens; a user token is PERMISSION_DENIED).
+                        log.warning(
+                            "cannot register with router %s: %s %s",
+                            router,
+                            exc.code(),
+                            exc.details() if isinstance(exc, grpc.Call) else "",
+                        )
                         warned.add(router)
             try:
                 await asyncio.wait_for(stop.wait(), timeout=wait)

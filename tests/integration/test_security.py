@@ -288,8 +288,10 @@ def token_mesh(
     token_file = tmp_path_factory.mktemp("tokens") / "tokens.txt"
     token_file.write_text(f"# comment lines are ignored\n{FILE_TOKEN_OLD}\n")
     env = {
-        "TESSERA_ROUTER_AUTH_TOKENS": ",".join([*STATIC_TOKENS, WORKER_TOKEN]),
+        "TESSERA_ROUTER_AUTH_TOKENS": ",".join(STATIC_TOKENS),
         "TESSERA_ROUTER_AUTH_TOKEN_FILE": str(token_file),
+        # Registration takes a worker token, never a user token (test_registry.py).
+        "TESSERA_ROUTER_WORKER_TOKENS": WORKER_TOKEN,
     }
     with Mesh(tiny_repo, env=env) as mesh:
         router = mesh.start_router()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import random
 from collections import Counter
 from collections.abc import Iterable
 
@@ -11,7 +12,13 @@ import pytest
 
 from services.common.errors import MissingSpanError, Unavailable
 from services.common.types import Hop, ModelKind, Span, WorkerDescriptor
-from services.router.routing import Chain, RoutingTable
+from services.router.routing import (
+    MAX_CHAINS_PER_MODEL,
+    Chain,
+    RoutingTable,
+    pin_version,
+    pinned_version,
+)
 
 L = 6
 MODEL = "tiny-llama"
@@ -244,3 +251,185 @@ def test_table_is_a_snapshot() -> None:
     assert routes(t.chains(MODEL)) == {("a",)}
     with pytest.raises(AttributeError):
         t.chains(MODEL)[0].model = "x"  # type: ignore[misc]
+
+
+# -- planning by dynamic programming ---------------------------------------------------------
+
+
+def _tilings(ws: list[WorkerDescriptor], num_layers: int = L) -> list[tuple[WorkerDescriptor, ...]]:
+    """Every tiling by brute force over permutations: the independent reference."""
+    found = []
+    for n in range(1, len(ws) + 1):
+        for combo in itertools.permutations(ws, n):
+            if (
+                combo[0].span.start == 0
+                and combo[-1].span.end == num_layers
+                and all(x.span.end == y.span.start for x, y in itertools.pairwise(combo))
+                and len({w.fingerprint for w in combo}) == 1
+            ):
+                found.append(combo)
+    return found
+
+
+def test_route_is_a_least_loaded_chain_and_draws_every_one_of_them() -> None:
+    rng = random.Random(7)
+    spans = ["0:6", "0:3", "3:6", "0:2", "2:6", "2:4", "4:6", "0:1", "1:3", "3:5", "5:6"]
+    for case in range(40):
+        ws = [
+            worker(f"w{i}", rng.choice(spans), fingerprint=rng.choice(["fp-a", "fp-b"]))
+            for i in range(rng.randint(1, 7))
+        ]
+        load = {w.address: rng.randint(0, 3) for w in ws}
+        reference = _tilings(ws)
+        t = table(ws)
+        if not reference:
+            with pytest.raises(MissingSpanError):
+                t.route(MODEL, load)
+            continue
+        cost = {c: sum(load[w.address] for w in c) for c in reference}
+        best = min(cost.values())
+        cheapest = {tuple(w.address for w in c) for c in reference if cost[c] == best}
+        drawn = Counter(t.route(MODEL, load, rng=rng).addresses for _ in range(60 * len(cheapest)))
+        assert set(drawn) == cheapest, case
+        # Uniform among the cheapest: none drawn far less often than its share.
+        assert min(drawn.values()) >= 20, (case, drawn)
+
+
+def test_listing_is_capped_distinct_and_lists_every_version() -> None:
+    # 3 copies of each layer of 6 is 3^6 = 729 chains of version a; version b has 1.
+    ws = [
+        worker(f"a{layer}-{copy}", f"{layer}:{layer + 1}")
+        for layer in range(L)
+        for copy in range(3)
+    ]
+    ws.append(worker("b", "0:6", fingerprint="fp-b"))
+    t = table(ws)
+    listed = t.all_chains(MODEL)
+    assert len(listed) == MAX_CHAINS_PER_MODEL
+    assert len(routes(listed)) == len(listed)
+    for chain in listed:
+        assert_tiles(chain)
+    assert {c.fingerprint for c in listed} == {"fp-a", "fp-b"}
+    assert {c.fingerprint for c in t.chains(MODEL)} == {"fp-a", "fp-b"}
+    assert t.versions(MODEL) == [("fp-a", "fp-a"), ("fp-b", "fp-b")]
+
+
+def test_versions_lists_only_versions_with_a_full_healthy_chain() -> None:
+    ws = [
+        worker("a1", "0:3"),
+        worker("a2", "3:6"),
+        worker("b1", "0:3", fingerprint="fp-b"),  # fp-b never reaches layer 6
+        worker("c1", "0:6", fingerprint="fp-c"),
+    ]
+    t = table(ws, healthy=["a1", "a2", "b1"])
+    assert t.versions(MODEL) == [("fp-a", "fp-a")]
+    assert t.versions(MODEL, healthy_only=False) == [("fp-a", "fp-a"), ("fp-c", "fp-c")]
+    assert t.versions("nope") == []
+
+
+def test_a_version_pin_routes_on_that_version_only() -> None:
+    ws = [
+        worker("o1", "0:6", fingerprint="fp-old"),
+        worker("n1", "0:3", fingerprint="fp-new"),
+        worker("n2", "3:6", fingerprint="fp-new"),
+    ]
+    t = table(ws)
+    load = {"o1": 0, "n1": 5, "n2": 5}  # unpinned, the old replica always wins
+    assert all(t.route(MODEL, load).addresses == ("o1",) for _ in range(20))
+    assert all(t.route(MODEL, load, version="fp-new").addresses == ("n1", "n2") for _ in range(20))
+    with pin_version("fp-new"):
+        assert all(t.route(MODEL, load).addresses == ("n1", "n2") for _ in range(20))
+        # An explicit fingerprint of another version finds nothing under the pin.
+        with pytest.raises(MissingSpanError) as info:
+            t.route(MODEL, load, fingerprint="fp-old")
+        assert "version 'fp-new'" in info.value.message
+    assert pinned_version.get() is None
+    assert t.route(MODEL, load).addresses == ("o1",)
+    with pin_version(""):  # an empty model_version pins nothing
+        assert t.route(MODEL, load).addresses == ("o1",)
+    with pytest.raises(MissingSpanError):
+        t.route(MODEL, load, version="fp-none")
+
+
+def _two_hundred(num_layers: int = 30) -> list[WorkerDescriptor]:
+    """200 overlapping registrations of one model: version a tiles [0, 30) in many ways,
+    version b has 4 stages on each of layers 0..24 and nothing that reaches the last layer."""
+    ws: list[WorkerDescriptor] = []
+    for layer in range(num_layers):
+        for copy in range(3):
+            ws.append(worker(f"a{layer}.{copy}", f"{layer}:{layer + 1}", num_layers=num_layers))
+    for start in range(0, num_layers, 3):
+        end = min(start + 3, num_layers)
+        ws.append(worker(f"a{start}+{end}", f"{start}:{end}", num_layers=num_layers))
+    while len(ws) < 200:
+        layer = (len(ws) - 100) // 4
+        ws.append(
+            worker(
+                f"b{layer}.{len(ws)}",
+                f"{layer}:{layer + 1}",
+                fingerprint="fp-b",
+                num_layers=num_layers,
+            )
+        )
+    assert len(ws) == 200 and max(w.span.end for w in ws if w.fingerprint == "fp-b") < 30
+    return ws
+
+
+def _prefixes(ws: list[WorkerDescriptor], fingerprint: str) -> int:
+    """How many chain prefixes from layer 0 exist (what exhaustive enumeration opens)."""
+    ways = Counter({0: 1})
+    total = 0
+    for start in range(30):
+        for w in ws:
+            if w.fingerprint == fingerprint and w.span.start == start and ways[start]:
+                ways[w.span.end] += ways[start]
+                total += ways[start]
+    return total
+
+
+def test_planning_200_registrations_explores_polynomially_many_paths() -> None:
+    ws = _two_hundred()
+    t = table(ws)
+    # Single-layer stages are busy, the 3-layer ones idle, the dead-end version idlest of all:
+    # the one cheapest chain is the ten 3-layer stages; with one of them loaded, its three
+    # layers go to single-layer stages instead.
+    load = {w.address: 0 if "+" in w.address or w.fingerprint == "fp-b" else 1 for w in ws}
+    load["a9+12"] = 5
+    routed = [t.route(MODEL, load) for _ in range(100)]
+    listed = t.all_chains(MODEL)
+    healthy = t.chains(MODEL)
+    versions = t.versions(MODEL)
+    # Right answers: only version a has chains; route takes the least-loaded one.
+    assert versions == [("fp-a", "fp-a")]
+    assert {c.fingerprint for c in routed + listed + list(healthy)} == {"fp-a"}
+    for chain in routed + listed:
+        assert_tiles(chain, 30)
+    assert all(sum(load[a] for a in c.addresses) == 3 for c in routed)
+    assert all(len(c.workers) == 12 and "a9+12" not in c.addresses for c in routed)
+    assert len({c.addresses for c in routed}) > 1  # 27 cheapest chains, drawn at random
+    assert len(listed) == MAX_CHAINS_PER_MODEL
+    # Cost: each listing opens at most cap x num_layers prefixes (every one completes) ...
+    assert t.stats.partial_paths <= 2 * (MAX_CHAINS_PER_MODEL * 30 + 1)
+    # ... and each route scans every stage a constant number of times.
+    assert t.stats.stages_scanned <= 100 * 3 * 200 + 2 * (200 + MAX_CHAINS_PER_MODEL * 30 * 8) + 200
+    # Exhaustive enumeration would open astronomically many prefixes, the dead-end version's
+    # alone 4^28-ish: the bound above is what makes 200 registrations cheap.
+    assert _prefixes(ws, "fp-b") > 10**15
+    assert _prefixes(ws, "fp-b") > 10**9 * t.stats.partial_paths
+
+
+def test_planning_cost_grows_polynomially_with_layers() -> None:
+    """Doubling the dead-end version's depth must not double the work per added layer."""
+    work = []
+    for depth in (10, 20, 28):
+        ws = [worker("r", "0:30", num_layers=30)] + [
+            worker(f"b{layer}.{copy}", f"{layer}:{layer + 1}", fingerprint="fp-b", num_layers=30)
+            for layer in range(depth)
+            for copy in range(4)
+        ]
+        t = table(ws)
+        t.route(MODEL, {})
+        t.all_chains(MODEL)
+        work.append(t.stats.partial_paths + t.stats.stages_scanned)
+    # Linear in the number of registrations (4 per layer), nowhere near 4^depth.
+    assert work[2] <= 4 * work[0]
