@@ -359,22 +359,32 @@ def _env_overrides(settings: object, prefix: str, skip: set[str]) -> dict[str, s
     return env
 
 
-def _call_token_env(mesh: MeshSettings) -> tuple[dict[str, str], dict[str, str]]:
-    """(router env, worker env) so the workers take calls only from this mesh's router.
+def _mesh_tokens(mesh: MeshSettings) -> tuple[dict[str, str], dict[str, str]]:
+    """(router env, worker env): fresh per-run tokens so that only this mesh's processes talk.
 
-    Anything on this machine can reach the workers' loopback ports; unless the mesh file
-    configures caller credentials itself, a fresh token per run is the router's
-    worker_call_token and every worker's only caller token.
+    Anything on this machine can reach the loopback ports. Unless the mesh file configures them:
+    the router's worker_call_token is every worker's only caller token (workers take calls only
+    from this router), and the router's only worker token is what the workers register with
+    (nothing else can register a worker).
     """
-    if mesh.router.worker_call_token or any(
-        w.caller_tokens or w.caller_token_file for w in mesh.workers
+    router: dict[str, str] = {}
+    worker: dict[str, str] = {}
+    if not (
+        mesh.router.worker_call_token
+        or any(w.caller_tokens or w.caller_token_file for w in mesh.workers)
     ):
-        return {}, {}
-    token = secrets.token_urlsafe(24)
-    return (
-        {"TESSERA_ROUTER_WORKER_CALL_TOKEN": token},
-        {"TESSERA_WORKER_CALLER_TOKENS": token},
-    )
+        token = secrets.token_urlsafe(24)
+        router["TESSERA_ROUTER_WORKER_CALL_TOKEN"] = token
+        worker["TESSERA_WORKER_CALLER_TOKENS"] = token
+    if not (
+        mesh.router.worker_tokens
+        or mesh.router.worker_token_file
+        or any(w.router_token for w in mesh.workers)
+    ):
+        token = secrets.token_urlsafe(24)
+        router["TESSERA_ROUTER_WORKER_TOKENS"] = token
+        worker["TESSERA_WORKER_ROUTER_TOKEN"] = token
+    return router, worker
 
 
 def _children(mesh: MeshSettings, repository: str) -> list[Child]:
@@ -382,7 +392,7 @@ def _children(mesh: MeshSettings, repository: str) -> list[Child]:
     router = mesh.router
     router_address = f"127.0.0.1:{router.port}"
     python = [sys.executable, "-m", "services.cli"]
-    router_token, worker_token = _call_token_env(mesh)
+    router_token, worker_token = _mesh_tokens(mesh)
     children = [
         Child(
             f"router on {router.host}:{router.port}",

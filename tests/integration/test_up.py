@@ -388,8 +388,9 @@ def _tiny_mesh(tmp_path: Path) -> tuple[Path, int, int]:
 
 
 def _assert_only_the_router_calls_the_workers(router_port: int, worker_port: int) -> None:
-    """`up` gives its router a fresh caller token for its workers: the router's calls work,
-    anyone else's are UNAUTHENTICATED (health stays open)."""
+    """`up` gives its router a fresh caller token for its workers and a fresh worker token for
+    its registry: the router's calls work, anyone else's are UNAUTHENTICATED (health stays open),
+    and nobody else can register a worker with the router."""
     with grpc.insecure_channel(f"127.0.0.1:{router_port}") as channel:
         reply = inference_pb2_grpc.InferenceStub(channel).Embed(
             inference_pb2.EmbedRequest(model="tiny-bert", inputs=["the cat"]), timeout=30
@@ -399,6 +400,22 @@ def _assert_only_the_router_calls_the_workers(router_port: int, worker_port: int
     with grpc.insecure_channel(f"127.0.0.1:{worker_port}") as channel:
         with pytest.raises(grpc.RpcError) as refused:
             worker_pb2_grpc.WorkerStub(channel).Info(worker_pb2.InfoRequest(), timeout=10)
+        assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    rogue = worker_pb2.WorkerInfo(
+        model="tiny-bert",
+        version="v",
+        fingerprint="f" * 64,
+        num_layers=4,
+        kind="encoder",
+        hidden_size=32,
+        address="127.0.0.1:1",
+        span={"start": 0, "end": 4},
+    )
+    with grpc.insecure_channel(f"127.0.0.1:{router_port}") as channel:
+        with pytest.raises(grpc.RpcError) as refused:
+            worker_pb2_grpc.RegistryStub(channel).Register(
+                worker_pb2.RegisterRequest(worker=rogue), timeout=10
+            )
         assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
 
 
