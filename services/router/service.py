@@ -15,6 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 from grpc import aio
 from opentelemetry import trace
+from prometheus_client import Counter
 
 from services.cache.codec import decode_vector, encode_vector
 from services.cache.keys import embed_key, generate_key
@@ -46,7 +47,7 @@ from services.router.coalescer import BatchedEncoder, Coalescer, CoalescerConfig
 from services.router.frontends import Frontends, ModelFrontend
 from services.router.generation import TextAssembler
 from services.router.pool import WorkerPool
-from services.router.routing import Chain
+from services.router.routing import Chain, RoutingTable
 from services.router.scheduler import MAX_PRIORITY, MIN_PRIORITY, SchedulerConfig
 
 log = logging.getLogger(__name__)
@@ -111,6 +112,8 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
         # Tokenizing runs here, batched, off the event loop (one thread: batches queue up).
         self._tokenize_thread = ThreadPoolExecutor(1, thread_name_prefix="tokenize")
         self._encoders: dict[ModelFrontend, BatchedEncoder] = {}
+        self._cache_counters: dict[tuple[str, str], Counter] = {}
+        self._fingerprints: tuple[RoutingTable | None, dict[str, tuple[str, ...]]] = (None, {})
         self.outstanding = 0
         self.draining = False
         self._streams: dict[str, int] = {}  # open GenerateStream calls per client connection
@@ -172,17 +175,25 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
 
     async def _cache_lookup(self, tier: str, keys: list[str]) -> dict[str, bytes]:
         """One get_many on the cache's thread (the event loop goes on); failures are misses."""
-        errors = self.cache.stats.errors
+        errors = self.cache.errors
         found = await self.cache.get_many_async(keys)
-        if self.cache.stats.errors > errors:
-            CACHE_REQUESTS.labels(tier, "error").inc()
-        CACHE_REQUESTS.labels(tier, "hit").inc(len(found))
-        CACHE_REQUESTS.labels(tier, "miss").inc(len(keys) - len(found))
+        if self.cache.errors > errors:
+            self._cache_counter(tier, "error").inc()
+        if found:
+            self._cache_counter(tier, "hit").inc(len(found))
+        if len(found) < len(keys):
+            self._cache_counter(tier, "miss").inc(len(keys) - len(found))
         return found
 
-    def _cache_store(self, items: Mapping[str, bytes]) -> None:
-        """One set_many on the cache's thread, not waited for; it runs before later lookups."""
-        self.cache.set_many_later(items)
+    def _cache_counter(self, tier: str, result: str) -> Counter:
+        counter = self._cache_counters.get((tier, result))
+        if counter is None:
+            counter = self._cache_counters[(tier, result)] = CACHE_REQUESTS.labels(tier, result)
+        return counter
+
+    async def _cache_store(self, items: Mapping[str, bytes]) -> None:
+        """One set_many on the cache's thread (the event loop goes on); failures are ignored."""
+        await self.cache.set_many_async(items)
 
     async def close(self) -> None:
         """Ends calls in flight and the tokenizer's thread."""
@@ -487,15 +498,31 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
         """The fingerprint of the least-loaded chain (honouring a pinned version label),
         avoiding versions that already went away during this request."""
         table = self.pool.table
+        pinned = getattr(routing, "pinned_version", None)
+        label = pinned.get() if pinned is not None else None
+        if label is None and not tried:
+            # One version serving (the usual case): no need to weigh chains to know it.
+            only = self._served_fingerprints(table, model)
+            if len(only) == 1:
+                return only[0]
         chain = table.route(model, self.pool.load)
         if chain.fingerprint not in tried:
             return chain.fingerprint
-        pinned = getattr(routing, "pinned_version", None)
-        label = pinned.get() if pinned is not None else None
         for other in table.chains(model):
             if other.fingerprint not in tried and label in (None, other.version):
                 return other.fingerprint
         raise Unavailable(f"model {model!r}: no version is left to answer on")
+
+    def _served_fingerprints(self, table: RoutingTable, model: str) -> tuple[str, ...]:
+        """Fingerprints with a healthy chain, computed once per routing table."""
+        cached_table, prints = self._fingerprints
+        if cached_table is not table:
+            prints = {}
+            self._fingerprints = (table, prints)
+        found = prints.get(model)
+        if found is None:
+            found = prints[model] = tuple(dict.fromkeys(c.fingerprint for c in table.chains(model)))
+        return found
 
     async def _embed_version(
         self,
@@ -524,7 +551,7 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
                 model, fingerprint, ids, pad_id=frontend.pad_id, deadline=deadline.at
             )
             if keys:
-                self._cache_store(
+                await self._cache_store(
                     {keys[i]: encode_vector(computed[row]) for row, i in enumerate(missing)}
                 )
         cached = sum(text in found for text in texts) if found else 0

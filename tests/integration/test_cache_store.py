@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import threading
 import time
@@ -244,3 +245,68 @@ def test_run_nodes_stops_on_signal(capsys: pytest.CaptureFixture[str]) -> None:
     assert "10.1.2.3:11211 is not local" in out
     with pytest.raises(OSError):
         socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+
+
+def test_async_calls_round_trip_in_order(node: MemcachedNode) -> None:
+    async def main() -> None:
+        with CacheStore([node.address]) as store:
+            items = {k: k.encode() for k in keys(50, "async")}
+            await store.set_many_async(items)
+            assert await store.get_many_async(list(items) + ["test:absent"]) == items
+            # Asked for in this order, run in this order: the read sees the write before it.
+            writes = [store.set_many_async({"test:order": str(i).encode()}) for i in range(20)]
+            read = store.get_many_async(["test:order"])
+            *_, found = await asyncio.gather(*writes, read)
+            assert found == {"test:order": b"19"}
+            assert store.stats == CacheStats(hits=51, misses=1, errors=0)
+
+    asyncio.run(main())
+
+
+def test_async_calls_on_a_disabled_or_closed_store() -> None:
+    async def main() -> None:
+        with CacheStore([]) as store:
+            await store.set_many_async({"test:a": b"x"})
+            assert await store.get_many_async(["test:a"]) == {}
+
+    asyncio.run(main())
+
+
+def test_async_get_does_not_block_the_event_loop(silent_server: str) -> None:
+    """memcached that never answers: the loop keeps running until the call times out, and
+    the answer is a miss counted as an error."""
+    timeout_s = 1.0
+
+    async def main() -> None:
+        with CacheStore([silent_server], timeout_s=timeout_s, dead_timeout_s=30) as store:
+            ticks = 0
+            lookup = asyncio.ensure_future(store.get_many_async(["test:a"]))
+            while not lookup.done():
+                await asyncio.sleep(0.01)
+                ticks += 1
+            assert await lookup == {}
+            # Blocking would have frozen the loop for the whole timeout: no tick at all.
+            assert ticks >= 10, f"the event loop ran {ticks} times during a {timeout_s} s call"
+            assert store.stats.errors == 1
+
+    asyncio.run(main())
+
+
+def test_async_spans_are_children_of_the_caller(node: MemcachedNode) -> None:
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    tracer = provider.get_tracer("test")
+
+    async def main() -> None:
+        with CacheStore([node.address], tracer=tracer) as store:
+            with tracer.start_as_current_span("request"):
+                await store.set_many_async({"test:a": b"1"})
+                await store.get_many_async(["test:a"])
+
+    asyncio.run(main())
+    spans = {s.name: s for s in exporter.get_finished_spans()}
+    request = spans["request"]
+    for name in ("cache.set_many", "cache.get_many"):
+        assert spans[name].parent is not None
+        assert spans[name].parent.span_id == request.context.span_id

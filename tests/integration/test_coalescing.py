@@ -165,7 +165,7 @@ def test_sixty_cached_and_four_new_computes_four(
     first = asyncio.run(embed_all(m.address, [texts[:60]]))[0]
     assert first.cached_inputs == 0
     calls_before, rows_before = worker_counts(worker)
-    # The first answer's cache writes are not waited for: a later lookup still sees them.
+    # The first answer was cached before it was sent: every one of its texts is a hit now.
     reply = asyncio.run(embed_all(m.address, [texts]))[0]
     calls_after, rows_after = worker_counts(worker)
     assert reply.cached_inputs == 60 and not reply.cached
