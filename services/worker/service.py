@@ -120,6 +120,7 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
             kv_token_budget=self.engine.budget_tokens,
             kv_tokens=self.engine.kv_tokens,
             live_batches=len(self.engine.batches),
+            precision=d.precision,
         )
 
     def _sub_span(self, span: common_pb2.Span | None) -> Span:

@@ -320,6 +320,5 @@ def test_health_watch_streams_through_the_interceptors() -> None:
         finally:
             await served.server.stop(0)
 
-
     status = health_pb2.HealthCheckResponse
     assert asyncio.run(main()) == [status.NOT_SERVING, status.SERVING]
