@@ -280,15 +280,23 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         try:
             with tracer.start_as_current_span(f"stage.{name}") as span:
                 span.set_attribute("tessera.span", str(self.stage.span))
-                started = time.perf_counter()
-                out = await self._run(fn, *args)
-                span.set_attribute("tessera.compute_ms", (time.perf_counter() - started) * 1e3)
-            rows = (
-                len(out.tokens)
-                if out.tokens is not None
-                else (int(out.hidden.shape[0]) if out.hidden is not None else 0)
-            )
-            span.set_attribute("tessera.batch_rows", rows)
+                submitted = time.perf_counter()
+                began: list[float] = []
+
+                def timed() -> StepOutput:
+                    began.append(time.perf_counter())
+                    return fn(*args)
+
+                out = await self._run(timed)
+                done = time.perf_counter()
+                span.set_attribute("tessera.queue_ms", (began[0] - submitted) * 1e3)
+                span.set_attribute("tessera.compute_ms", (done - began[0]) * 1e3)
+                rows = (
+                    len(out.tokens)
+                    if out.tokens is not None
+                    else (int(out.hidden.shape[0]) if out.hidden is not None else 0)
+                )
+                span.set_attribute("tessera.batch_rows", rows)
             BATCH_ROWS.labels(*self._labels, name).observe(rows)
             return out
         finally:
