@@ -322,57 +322,63 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
                         cached=True,
                     )
                     return
-        loop = asyncio.get_running_loop()
-        generation = Generation(
-            model,
-            request_id=self.generations.new_id(),
-            prompt=prompt_ids,
-            max_new=max_new,
-            sampling=sampling,
-            eos=frontend.eos_token_ids,
-            arrived=loop.time(),
-            deadline=loop.time() + deadline.remaining(),
-            priority=priority,
-            tenant=_tenant(context),
-        )
-        self.generations.submit(generation, fingerprint=fingerprint)
-        assembler = TextAssembler(frontend, stop)
-        last_token_at: float | None = None
-        finish = ""
-        sent_ids = 0
-        try:
-            while not finish:
-                event = await generation.next(deadline.remaining())
-                if isinstance(event, Finished):
-                    finish = event.reason
-                    break
-                now = time.perf_counter()
-                if last_token_at is None:
-                    TIME_TO_FIRST_TOKEN.labels(model).observe(now - started)
-                else:
-                    INTER_TOKEN_SECONDS.labels(model).observe(now - last_token_at)
-                last_token_at = now
-                GENERATED_TOKENS.labels(model).inc()
-                if event in frontend.eos_token_ids:
-                    assembler.token_ids.append(event)
-                    continue
-                assembler.add(event)
-                if assembler.stopped:
-                    finish = "stop"
-                    break
-                piece = assembler.take(final=False)
-                new_ids = assembler.token_ids[sent_ids:]
-                sent_ids = len(assembler.token_ids)
-                yield inference_pb2.GenerateChunk(
-                    text=piece,
-                    token_ids=new_ids,
-                    prompt_tokens=len(prompt_ids),
-                    generated_tokens=len(assembler.token_ids),
-                )
-        finally:
-            # A stop string, a client that left or an error: the row leaves at the next step.
-            if finish != "eos" and finish != "length":
-                generation.cancel()
+        with tracer.start_as_current_span(
+            "generate",
+            attributes={"tessera.model": model, "tessera.prompt_tokens": len(prompt_ids)},
+        ) as span:
+            loop = asyncio.get_running_loop()
+            generation = Generation(
+                model,
+                request_id=self.generations.new_id(),
+                prompt=prompt_ids,
+                max_new=max_new,
+                sampling=sampling,
+                eos=frontend.eos_token_ids,
+                arrived=loop.time(),
+                deadline=loop.time() + deadline.remaining(),
+                priority=priority,
+                tenant=_tenant(context),
+            )
+            self.generations.submit(generation, fingerprint=fingerprint)
+            if generation.chain is not None:
+                span.add_event("route", {"tessera.route": generation.chain.describe()})
+            assembler = TextAssembler(frontend, stop)
+            last_token_at: float | None = None
+            finish = ""
+            sent_ids = 0
+            try:
+                while not finish:
+                    event = await generation.next(deadline.remaining())
+                    if isinstance(event, Finished):
+                        finish = event.reason
+                        break
+                    now = time.perf_counter()
+                    if last_token_at is None:
+                        TIME_TO_FIRST_TOKEN.labels(model).observe(now - started)
+                    else:
+                        INTER_TOKEN_SECONDS.labels(model).observe(now - last_token_at)
+                    last_token_at = now
+                    GENERATED_TOKENS.labels(model).inc()
+                    if event in frontend.eos_token_ids:
+                        assembler.token_ids.append(event)
+                        continue
+                    assembler.add(event)
+                    if assembler.stopped:
+                        finish = "stop"
+                        break
+                    piece = assembler.take(final=False)
+                    new_ids = assembler.token_ids[sent_ids:]
+                    sent_ids = len(assembler.token_ids)
+                    yield inference_pb2.GenerateChunk(
+                        text=piece,
+                        token_ids=new_ids,
+                        prompt_tokens=len(prompt_ids),
+                        generated_tokens=len(assembler.token_ids),
+                    )
+            finally:
+                # A stop string, a client that left or an error: the row leaves at the next step.
+                if finish != "eos" and finish != "length":
+                    generation.cancel()
         piece = assembler.take(final=True)
         yield inference_pb2.GenerateChunk(
             text=piece,
