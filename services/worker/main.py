@@ -245,20 +245,32 @@ class _Late(worker_pb2_grpc.WorkerServicer):
             raise Unavailable("worker is still loading its model")
         return service
 
-    async def Info(self, request, context):  # type: ignore[no-untyped-def]
+    async def Info(
+        self, request: worker_pb2.InfoRequest, context: aio.ServicerContext
+    ) -> worker_pb2.WorkerInfo:
         return await self._service().Info(request, context)
 
-    async def Forward(self, request, context):  # type: ignore[no-untyped-def]
+    async def Forward(
+        self, request: worker_pb2.StageForwardRequest, context: aio.ServicerContext
+    ) -> worker_pb2.StageForwardResponse:
         return await self._service().Forward(request, context)
 
-    async def Prefill(self, request, context):  # type: ignore[no-untyped-def]
+    async def Prefill(
+        self, request: worker_pb2.PrefillRequest, context: aio.ServicerContext
+    ) -> worker_pb2.StepResult:
         return await self._service().Prefill(request, context)
 
-    async def Decode(self, request, context):  # type: ignore[no-untyped-def]
+    async def Decode(
+        self, request: worker_pb2.DecodeRequest, context: aio.ServicerContext
+    ) -> worker_pb2.StepResult:
         return await self._service().Decode(request, context)
 
-    async def Filter(self, request, context):  # type: ignore[no-untyped-def]
+    async def Filter(
+        self, request: worker_pb2.FilterRequest, context: aio.ServicerContext
+    ) -> worker_pb2.FilterResponse:
         return await self._service().Filter(request, context)
 
-    async def Clear(self, request, context):  # type: ignore[no-untyped-def]
+    async def Clear(
+        self, request: worker_pb2.ClearRequest, context: aio.ServicerContext
+    ) -> worker_pb2.ClearResponse:
         return await self._service().Clear(request, context)

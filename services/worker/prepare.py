@@ -77,7 +77,7 @@ def _build_smollm2(out: Path) -> dict[str, str]:
         raise ValueError(f"{_SMOLLM2_GGUF} carries no chat template")
     # The weights are already de-quantised fp32 tensors; only the GGUF quantizer marker remains,
     # and save_pretrained refuses to serialise a model that has one ("not serializable").
-    model.hf_quantizer = None
+    setattr(model, "hf_quantizer", None)  # noqa: B010 - the attribute is typed non-optional
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     model.save_pretrained(out)
