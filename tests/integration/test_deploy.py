@@ -397,6 +397,37 @@ def test_containers_start_the_cli_with_valid_settings(
     assert spans["all-minilm-l6-v2"] == [(0, None)]
 
 
+def test_registration_and_worker_calls_need_the_secret_tokens(
+    workloads: list[dict[str, Any]],
+) -> None:
+    """Routers admit only workers that register with the worker token, and workers take calls
+    only with the call token: both come from one Secret the operator creates (no default)."""
+    wanted = {
+        "router": {
+            "TESSERA_ROUTER_WORKER_TOKENS": "worker-token",
+            "TESSERA_ROUTER_WORKER_CALL_TOKEN": "call-token",
+        },
+        "worker": {
+            "TESSERA_WORKER_ROUTER_TOKEN": "worker-token",
+            "TESSERA_WORKER_CALLER_TOKENS": "call-token",
+        },
+    }
+    seen = set()
+    for workload in filter(_is_tessera, workloads):
+        role = workload["metadata"]["labels"]["app.kubernetes.io/component"]
+        refs = {
+            e["name"]: e["valueFrom"]["secretKeyRef"]
+            for e in _container(workload)["env"]
+            if "secretKeyRef" in e.get("valueFrom", {})
+        }
+        for name, key in wanted[role].items():
+            assert refs.get(name) == {"name": "tessera-tokens", "key": key}, _name(workload)
+        seen.add(role)
+    assert seen == {"router", "worker"}
+    # The Secret is not in the manifests: a committed default would be a known token.
+    assert not [d for d in _docs(K8S) if d["kind"] == "Secret"]
+
+
 def test_router_replicas_match_the_worker_registration_list(
     workloads: list[dict[str, Any]], k8s_docs: list[dict[str, Any]]
 ) -> None:
