@@ -1,10 +1,11 @@
 """Stateless span runs (Embed, Forward) that arrive together run as few forward passes.
 
-Pooled work (Embed) is planned row by row: every row of every queued item is trimmed to its own
-length (its mask), the rows are sorted by length and cut into passes where the padding a pass
-would carry costs more than starting another pass (`plan_rows`, a cost model measured on this
-CPU), then each row's vector goes back to its item. A router's coalesced call of 32 texts of
-mixed length thus runs as a few length-homogeneous passes instead of one padded to the longest.
+Pooled work (Embed) is planned row by row (`PooledRows`): every row of every queued item is
+trimmed to its own length (its mask), the rows are sorted by length and cut into passes where
+the padding a pass would carry costs more than starting another pass (`plan_rows`, priced by
+`PassCost`, which learns what a pass costs on this CPU), and one pass runs at a time, re-planned
+with whatever arrived meanwhile; each row's vector goes back to its item. A router's coalesced
+calls of mixed lengths thus run as length-homogeneous passes drawn from all the rows queued.
 
 Unpooled work (Forward) keeps every item whole (its hidden states are returned for every
 position it sent): items with the same layer range and input kind are padded on the right into
@@ -14,6 +15,7 @@ one batch, grouped by length first so short inputs don't pay for long ones.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -24,12 +26,13 @@ from services.common.types import Span
 from services.worker.stage import StageModel
 
 MAX_PADDING_WASTE = 0.25  # share of padded tokens an unpooled group may carry before it splits
-# What one more forward pass costs beyond its tokens, in tokens: the fixed part of a pass
-# (Python and kernel launch overhead, small-matrix inefficiency). Measured for MiniLM on the
-# 2-core bench machine (services/bench: T(rows, width) ~ a + b x rows x width): about 120 tokens.
-PASS_COST_TOKENS = 120
+# What one more forward pass costs beyond its tokens, in tokens, until PassCost has learnt it:
+# the fixed part of a pass (Python and dispatch overhead, small-matrix inefficiency). MiniLM on
+# the 2-core bench machine, T(rows, width) ~ a + b x rows x width: 70-120 tokens.
+PASS_COST_TOKENS = 96
 
 Pool = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+_ARRIVALS = itertools.count()  # the order rows arrived in, over every queue
 
 
 @dataclass
@@ -127,71 +130,170 @@ def plan_rows(
     return passes
 
 
-def _row_lengths(mask: torch.Tensor | None, rows: int, width: int) -> list[int]:
-    """Each row's length up to its last real token (right padding after it is dropped)."""
-    if mask is None:
-        return [width] * rows
-    positions = torch.arange(1, width + 1, dtype=torch.int64)
-    return (mask.to(torch.int64) * positions).amax(dim=1).clamp(min=1).tolist()
+class PassCost:
+    """What one more forward pass costs, in tokens, learnt from the passes this worker runs.
+
+    Fits seconds = fixed + per_token x padded_tokens over recent passes (exponentially weighted
+    least squares) and prices a pass at fixed / per_token tokens: the padding worth avoiding by
+    starting another pass. It depends on the CPU, the model and the precision, so it is measured
+    rather than set; until enough varied passes are seen it is PASS_COST_TOKENS.
+    """
+
+    def __init__(
+        self,
+        prior: float = PASS_COST_TOKENS,
+        decay: float = 0.99,
+        bounds: tuple[float, float] = (16, 512),
+    ) -> None:
+        self.prior = prior
+        self.decay = decay
+        self.bounds = bounds
+        self._n = self._x = self._y = self._xx = self._xy = 0.0
+
+    def observe(self, tokens: int, seconds: float) -> None:
+        d = self.decay
+        self._n = self._n * d + 1
+        self._x = self._x * d + tokens
+        self._y = self._y * d + seconds
+        self._xx = self._xx * d + tokens * tokens
+        self._xy = self._xy * d + tokens * seconds
+
+    @property
+    def tokens(self) -> float:
+        n = self._n
+        if n < 16:
+            return self.prior
+        mean_x, mean_y = self._x / n, self._y / n
+        var = self._xx / n - mean_x * mean_x
+        if var <= (0.25 * mean_x) ** 2:  # passes all alike: no slope to learn from
+            return self.prior
+        slope = (self._xy / n - mean_x * mean_y) / var
+        fixed = mean_y - slope * mean_x
+        if slope <= 0:
+            return self.prior
+        low, high = self.bounds
+        return min(max(fixed / slope, low), high)
 
 
-def run_pooled(
-    stage: StageModel,
-    items: Sequence[ForwardItem],
-    pool_fn: Pool,
-    max_rows: int,
-    max_tokens: int,
-    observe: Callable[[int], None] | None = None,
-) -> list[torch.Tensor]:
-    """Pooled vectors for items of one layer range and input kind, planned row by row;
-    `observe(rows)` is told each pass's row count."""
-    lengths: list[int] = []
-    sources: list[torch.Tensor] = []
-    masks: list[torch.Tensor | None] = []
-    for item in items:
-        lengths += _row_lengths(item.mask, item.rows, item.width)
-        sources.append(item.source)
-        masks.append(item.mask)
-    width = max(item.width for item in items)
-    if len(items) == 1:
-        batch, mask = sources[0], masks[0]
-    else:
-        batch = torch.cat([_pad(s, width) for s in sources], dim=0)
-        if all(m is None for m in masks) and all(i.width == width for i in items):
-            mask = None
+@dataclass(eq=False)
+class _Row:
+    item: ForwardItem
+    index: int  # the row within its item
+    length: int  # up to its last real token
+    order: int  # arrival order: the oldest row is always in the next pass
+
+
+@dataclass
+class Pass:
+    """Rows of pooled items to run together, trimmed to the longest of them."""
+
+    rows: list[_Row]
+    width: int
+
+    @property
+    def tokens(self) -> int:
+        return len(self.rows) * self.width
+
+
+class PooledRows:
+    """Rows of pooled work (Embed) waiting for the model, one pass at a time.
+
+    Every row is trimmed to its own length (its mask). Each pass is planned over every row
+    waiting (`plan_rows`) and is the planned group holding the oldest row, so nothing waits
+    forever, and rows that arrive during a pass are planned with the rest for the next one:
+    a worker fed by coalesced calls keeps choosing length-homogeneous passes from everything
+    it holds instead of running each call alone.
+    """
+
+    def __init__(self) -> None:
+        self._rows: list[_Row] = []
+        self._results: dict[int, torch.Tensor | None] = {}
+        self._left: dict[int, int] = {}
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    @property
+    def oldest(self) -> int:
+        """Arrival order of the oldest row waiting (queues compete by it)."""
+        return min((r.order for r in self._rows), default=-1)
+
+    def add(self, item: ForwardItem) -> None:
+        rows, width = item.rows, item.width
+        if item.mask is None:
+            lengths = [width] * rows
         else:
-            filled = [
-                m if m is not None else torch.ones(i.rows, i.width, dtype=torch.int64)
-                for m, i in zip(masks, items)
-            ]
-            mask = torch.cat([_pad(m, width) for m in filled], dim=0)
-    order = sorted(range(len(lengths)), key=lengths.__getitem__)
-    sorted_lengths = [lengths[i] for i in order]
-    out: torch.Tensor | None = None
-    sub = items[0].sub
-    for start, end in plan_rows(sorted_lengths, max_rows, max_tokens):
-        rows = order[start:end]
-        pass_width = sorted_lengths[end - 1]
-        index = torch.tensor(rows, dtype=torch.int64)
-        part = batch.index_select(0, index)[:, :pass_width]
-        part_mask = None if mask is None else mask.index_select(0, index)[:, :pass_width]
-        full = part_mask is None or bool(part_mask.all())
-        hidden = stage.run(part, attention_mask=None if full else part_mask, sub=sub)
-        if part_mask is None:
-            part_mask = torch.ones(len(rows), pass_width, dtype=torch.int64)
-        vectors = pool_fn(hidden, part_mask)
-        if out is None:
-            out = torch.empty(len(lengths), vectors.shape[1], dtype=vectors.dtype)
-        out[index] = vectors
-        if observe is not None:
-            observe(len(rows))
-    assert out is not None
-    results: list[torch.Tensor] = []
-    row = 0
-    for item in items:
-        results.append(out[row : row + item.rows])
-        row += item.rows
-    return results
+            positions = torch.arange(1, width + 1, dtype=torch.int64)
+            lengths = (item.mask * positions).amax(dim=1).clamp(min=1).tolist()
+        for index, length in enumerate(lengths):
+            self._rows.append(_Row(item, index, int(length), next(_ARRIVALS)))
+        self._results[id(item)] = None
+        self._left[id(item)] = rows
+
+    def next_pass(self, max_rows: int, max_tokens: int, pass_cost: float) -> Pass | None:
+        live = [r for r in self._rows if not r.item.future.done()]
+        for gone in {id(r.item) for r in self._rows if r.item.future.done()}:
+            self._results.pop(gone, None)
+            self._left.pop(gone, None)
+        if not live:
+            self._rows = []
+            return None
+        live.sort(key=lambda r: (r.length, r.order))
+        oldest = min(live, key=lambda r: r.order)
+        plan = plan_rows([r.length for r in live], max_rows, max_tokens, round(pass_cost))
+        at = live.index(oldest)
+        start, end = next((s, e) for s, e in plan if s <= at < e)
+        chosen = live[start:end]
+        taken = set(map(id, chosen))
+        self._rows = [r for r in live if id(r) not in taken]
+        return Pass(chosen, chosen[-1].length)
+
+    def finish(self, done: Pass, vectors: torch.Tensor) -> list[tuple[ForwardItem, torch.Tensor]]:
+        """Files a pass's vectors under their items; returns the items now complete."""
+        complete: list[tuple[ForwardItem, torch.Tensor]] = []
+        for row, vector in zip(done.rows, vectors, strict=True):
+            key = id(row.item)
+            if key not in self._left:
+                continue  # its item left (cancelled) meanwhile
+            result = self._results[key]
+            if result is None:
+                result = self._results[key] = vectors.new_empty(row.item.rows, vectors.shape[1])
+            result[row.index] = vector
+            self._left[key] -= 1
+            if not self._left[key]:
+                del self._left[key]
+                self._results.pop(key)
+                complete.append((row.item, result))
+        return complete
+
+    def fail(self, done: Pass) -> list[ForwardItem]:
+        """The items a failed pass touched; their other rows are dropped too."""
+        items = list({id(r.item): r.item for r in done.rows}.values())
+        keys = {id(i) for i in items}
+        self._rows = [r for r in self._rows if id(r.item) not in keys]
+        for key in keys:
+            self._results.pop(key, None)
+            self._left.pop(key, None)
+        return items
+
+
+def run_pass(stage: StageModel, work: Pass, pool_fn: Pool) -> torch.Tensor:
+    """Runs one pass (on the model thread): the rows trimmed to the pass's width, padded on the
+    right where shorter, then pooled. Returns [rows, dim]."""
+    first = work.rows[0].item
+    width = work.width
+    sample = first.source
+    batch = sample.new_zeros((len(work.rows), width, *sample.shape[2:]))
+    mask = torch.zeros(len(work.rows), width, dtype=torch.int64)
+    for row, r in enumerate(work.rows):
+        batch[row, : r.length] = r.item.source[r.index, : r.length]
+        if r.item.mask is None:
+            mask[row, : r.length] = 1
+        else:
+            mask[row, : r.length] = r.item.mask[r.index, : r.length]
+    full = bool(mask.all())
+    hidden = stage.run(batch, attention_mask=None if full else mask, sub=first.sub)
+    return pool_fn(hidden, mask)
 
 
 def _pad(tensor: torch.Tensor, width: int) -> torch.Tensor:

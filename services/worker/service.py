@@ -24,9 +24,11 @@ from services.worker.batch import Row
 from services.worker.engine import GenerationEngine, StepOutput
 from services.worker.forwarding import (
     ForwardItem,
+    PassCost,
+    PooledRows,
     group_forward_items,
     run_forward_group,
-    run_pooled,
+    run_pass,
 )
 from services.worker.stage import StageModel
 from services.worker.tensors import FLOAT_WIRE, from_torch, to_torch
@@ -83,6 +85,7 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         self._labels = (descriptor.model, str(descriptor.span))
         self._queue_gauge = QUEUE_DEPTH.labels(*self._labels)
         self._rows_histogram = BATCH_ROWS.labels(*self._labels, "forward")
+        self._pass_cost = PassCost()
         self._vocab = int(stage.vocab_size)
 
     # -- plumbing ---------------------------------------------------------------------------
@@ -388,57 +391,70 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         return await item.future
 
     async def _schedule(self) -> None:
-        """Takes every Forward queued, plans it into passes, runs them on the model thread.
+        """Runs queued Forward work on the model thread, one pass at a time.
 
-        Work that arrives while the model is idle runs at once (no timer); work that arrives
-        during a pass is taken together when the pass ends."""
+        Work that arrives while the model is idle runs at once (no timer). Pooled work (Embed)
+        is re-planned before every pass with whatever arrived during the last one; unpooled
+        work (Forward) runs in length-grouped batches of whole items."""
+        pooled: dict[tuple[Span, bool, bool], PooledRows] = {}
         while True:
-            if not self._queue:
+            if not self._queue and not any(pooled.values()):
                 self._wake.clear()
                 await self._wake.wait()
-            items = [i for i in self._queue if not i.future.done()]
-            self._queue.clear()
-            self._queue_gauge.set(len(items))
-            pooled: dict[tuple[Span, bool, bool], list[ForwardItem]] = {}
             unpooled: list[ForwardItem] = []
-            for item in items:
+            for item in self._queue:
+                if item.future.done():
+                    continue
                 if item.pool:
-                    pooled.setdefault(item.key(), []).append(item)
+                    pooled.setdefault(item.key(), PooledRows()).add(item)
                 else:
                     unpooled.append(item)
-            groups: list[list[ForwardItem]] = list(pooled.values())
-            groups += group_forward_items(unpooled, self.limits.max_batch, MAX_TOKENS_PER_CALL)
-            for group in groups:
+            self._queue.clear()
+            self._queue_gauge.set(len(unpooled) + sum(map(len, pooled.values())))
+            for group in group_forward_items(unpooled, self.limits.max_batch, MAX_TOKENS_PER_CALL):
                 await self._run_group(group)
-            self._queue_gauge.set(len(self._queue))
+            waiting = [rows for rows in pooled.values() if rows]
+            if waiting:
+                await self._run_pass(min(waiting, key=lambda rows: rows.oldest))
+            for key in [k for k, rows in pooled.items() if not rows]:
+                del pooled[key]
+
+    async def _run_pass(self, rows: PooledRows) -> None:
+        work = rows.next_pass(self.limits.max_batch, MAX_TOKENS_PER_CALL, self._pass_cost.tokens)
+        if work is None:
+            return
+        started = time.perf_counter()
+        try:
+            vectors = await self._run(run_pass, self.stage, work, mean_pool)
+        except Exception as exc:  # noqa: BLE001 - handed to every waiting handler
+            for item in rows.fail(work):
+                if not item.future.done():
+                    item.future.set_exception(exc)
+            return
+        finished = time.perf_counter()
+        self._pass_cost.observe(work.tokens, finished - started)
+        self._rows_histogram.observe(len(work.rows))
+        for item in {id(r.item): r.item for r in work.rows}.values():
+            if not item.queue_ms:
+                item.queue_ms = (started - item.enqueued) * 1e3
+            item.batch_rows = len(work.rows)
+        for item, result in rows.finish(work, vectors):
+            item.compute_ms = (finished - item.enqueued) * 1e3 - item.queue_ms
+            if not item.future.done():
+                item.future.set_result(result)
 
     async def _run_group(self, group: list[ForwardItem]) -> None:
         started = time.perf_counter()
-        passes: list[int] = []
         try:
-            if group[0].pool:
-                results = await self._run(
-                    run_pooled,
-                    self.stage,
-                    group,
-                    mean_pool,
-                    self.limits.max_batch,
-                    MAX_TOKENS_PER_CALL,
-                    passes.append,
-                )
-            else:
-                results = await self._run(run_forward_group, self.stage, group, mean_pool)
-                passes.append(sum(i.rows for i in group))
+            results = await self._run(run_forward_group, self.stage, group, mean_pool)
         except Exception as exc:  # noqa: BLE001 - handed to every waiting handler
             for item in group:
                 if not item.future.done():
                     item.future.set_exception(exc)
             return
         finished = time.perf_counter()
-        histogram = self._rows_histogram
-        for rows in passes:
-            histogram.observe(rows)
-        rows = sum(passes)
+        rows = sum(i.rows for i in group)
+        self._rows_histogram.observe(rows)
         for item, result in zip(group, results, strict=True):
             item.queue_ms = (started - item.enqueued) * 1e3
             item.compute_ms = (finished - started) * 1e3

@@ -136,7 +136,7 @@ def test_concurrent_one_text_embeds_share_worker_calls(
     calls = calls_after - calls_before
     # Every text was computed once, in far fewer worker calls than requests.
     assert rows_after - rows_before == len(texts)
-    assert calls <= len(texts) // 4, f"{calls} worker calls for {len(texts)} requests"
+    assert calls < len(texts) / 2, f"{calls} worker calls for {len(texts)} requests"
     got = np.stack([vectors(r)[0] for r in replies])
     np.testing.assert_allclose(got, reference.embed(texts), rtol=0, atol=1e-5)
 
