@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
 import threading
 import time
@@ -14,7 +15,7 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from pymemcache.client.base import Client
 
-from services.cache.launcher import MemcachedNode, free_port, run_nodes, split_address
+from services.cache.launcher import MemcachedNode, free_port, split_address
 from services.cache.store import CacheStats, CacheStore
 
 pytestmark = pytest.mark.timeout(60)
@@ -229,22 +230,44 @@ def test_node_reports_a_port_in_use(node: MemcachedNode) -> None:
     assert node.running
 
 
-def test_run_nodes_stops_on_signal(capsys: pytest.CaptureFixture[str]) -> None:
-    import os
+def test_tessera_cache_stops_its_nodes_on_sigterm() -> None:
+    """`tessera cache` as its own process: SIGTERM stops it (exit 0) and its memcached."""
+    import re
     import signal
+    import subprocess
+    import sys
+    import time
 
     port = free_port()
-    timer = threading.Timer(1.0, os.kill, args=(os.getpid(), signal.SIGTERM))
-    timer.start()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "services.cli", "cache", f"127.0.0.1:{port}", "10.1.2.3:11211"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
-        assert run_nodes([f"127.0.0.1:{port}", "10.1.2.3:11211"]) == 0
+        assert proc.stdout is not None
+        lines: list[str] = []
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and not (
+            any("ready on" in line for line in lines) and any("not local" in line for line in lines)
+        ):
+            lines.append(proc.stdout.readline())
+        ready = next(line for line in lines if "ready on" in line)
+        assert f"ready on 127.0.0.1:{port}" in ready
+        assert any("10.1.2.3:11211 is not local" in line for line in lines)
+        memcached = int(re.search(r"pid (\d+)", ready).group(1))  # type: ignore[union-attr]
+        socket.create_connection(("127.0.0.1", port), timeout=2).close()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=15) == 0
     finally:
-        timer.cancel()
-    out = capsys.readouterr().out
-    assert f"ready on 127.0.0.1:{port}" in out
-    assert "10.1.2.3:11211 is not local" in out
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
     with pytest.raises(OSError):
         socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+    with pytest.raises(ProcessLookupError):
+        os.kill(memcached, 0)
 
 
 def test_async_calls_round_trip_in_order(node: MemcachedNode) -> None:
