@@ -17,6 +17,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import grpc
 import numpy as np
 import pytest
 import torch
@@ -335,3 +336,40 @@ def test_a_hanging_cache_does_not_block_the_router(
                 )
 
         asyncio.run(main())
+
+
+def test_a_request_past_its_deadline_while_queued_is_never_sent(real_repo: Path) -> None:
+    """A one-text Embed queued behind a long one: its deadline passes while it waits, it gets
+    DEADLINE_EXCEEDED, and its text never reaches the worker (the worker's rows show it)."""
+    model = "all-minilm-l6-v2"
+    rng = random.Random(7)
+    words = ["river", "station", "report", "garden", "engine", "winter", "market", "signal"]
+    # 256 texts past the model's 256 tokens: 8 calls of 32 full-length rows, each a while.
+    long_texts = [f"{i} " + " ".join(rng.choice(words) for _ in range(400)) for i in range(256)]
+    with Mesh(real_repo, env=ROUTER_ENV) as m:
+        m.start_router()
+        worker = m.start_worker(model, env=WORKER_ENV)
+        m.wait_model(model)
+        metrics = metrics_address(worker)
+
+        async def main() -> tuple[object, object]:
+            async with aio.insecure_channel(m.address) as channel:
+                stub = inference_pb2_grpc.InferenceStub(channel)
+                big = asyncio.ensure_future(
+                    stub.Embed(
+                        inference_pb2.EmbedRequest(model=model, inputs=long_texts), timeout=300
+                    )
+                )
+                await asyncio.sleep(0.5)  # its first calls are in flight, the rest queued
+                hurried = stub.Embed(
+                    inference_pb2.EmbedRequest(model=model, inputs=["a short text"]), timeout=0.2
+                )
+                return await asyncio.gather(big, hurried, return_exceptions=True)
+
+        _, rows_before = worker_counts(metrics)
+        big, hurried = asyncio.run(main())
+        _, rows_after = worker_counts(metrics)
+    assert isinstance(big, inference_pb2.EmbedResponse) and big.dim > 0
+    assert isinstance(hurried, aio.AioRpcError)
+    assert hurried.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert rows_after - rows_before == len(long_texts)
