@@ -27,6 +27,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from services.common.errors import InvalidArgument
 from services.common.repository import PRECISIONS, ModelSpec, fingerprint, model_spec, version_of
+from services.common.telemetry import outgoing_metadata
 from services.common.tensors import from_numpy, to_numpy, validate
 from services.common.types import ModelKind, Span, WorkerDescriptor
 from services.pb.tessera.v1 import common_pb2, worker_pb2, worker_pb2_grpc
@@ -283,11 +284,15 @@ class Admission:
         """Health SERVING, then what its Info says (raises Rejected)."""
         try:
             check = await health_pb2_grpc.HealthStub(channel).Check(
-                health_pb2.HealthCheckRequest(service=""), timeout=self.timeout_s
+                health_pb2.HealthCheckRequest(service=""),
+                timeout=self.timeout_s,
+                metadata=outgoing_metadata(),
             )
             if check.status != health_pb2.HealthCheckResponse.SERVING:
                 raise Rejected("its health is not SERVING")
-            info = await stub.Info(worker_pb2.InfoRequest(), timeout=self.timeout_s)
+            info = await stub.Info(
+                worker_pb2.InfoRequest(), timeout=self.timeout_s, metadata=outgoing_metadata()
+            )
         except grpc.RpcError as error:
             raise _failed("it did not answer", error) from None
         return descriptor_from_info(info, address)
@@ -318,7 +323,9 @@ class Admission:
     async def probe(self, worker: WorkerDescriptor, stub: worker_pb2_grpc.WorkerStub) -> None:
         """One real Forward on the worker's span; raises Rejected unless its answer is sound."""
         try:
-            answer = await stub.Forward(probe_request(worker), timeout=self.timeout_s)
+            answer = await stub.Forward(
+                probe_request(worker), timeout=self.timeout_s, metadata=outgoing_metadata()
+            )
         except grpc.RpcError as error:
             raise _failed("its probe request failed", error) from None
         check_probe_answer(worker, answer)

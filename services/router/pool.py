@@ -29,6 +29,7 @@ from typing import Any
 import grpc
 from grpc import aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from opentelemetry import trace
 
 from services.common.security import open_channel
 from services.common.server import CHANNEL_OPTIONS
@@ -46,6 +47,7 @@ from services.router.admission import (
 from services.router.routing import RoutingTable
 
 log = logging.getLogger(__name__)
+tracer = trace.get_tracer("tessera.router")
 
 PROBE_TIMEOUT_S = 2.0
 SLOW_PROBES_TO_FAIL = 3
@@ -336,7 +338,11 @@ class WorkerPool:
         address = member.address
         try:
             stub = self.stub(address)
-            descriptor = await self.admission.verify(address, self._channels[address], stub, claim)
+            # One trace per admission: its Health, Info and probe Forward are children of it.
+            with tracer.start_as_current_span("admission", attributes={"tessera.worker": address}):
+                descriptor = await self.admission.verify(
+                    address, self._channels[address], stub, claim
+                )
         except Rejected as rejected:
             if self._current(member) and member.claimed == claim:
                 self._refuse(member, str(rejected))
@@ -354,7 +360,10 @@ class WorkerPool:
         if descriptor is None:
             return
         try:
-            await self.admission.probe(descriptor, self.stub(member.address))
+            with tracer.start_as_current_span(
+                "admission.recheck", attributes={"tessera.worker": member.address}
+            ):
+                await self.admission.probe(descriptor, self.stub(member.address))
         except Unanswered:
             member.checked_at = time.monotonic()  # busy or down: health probes judge that
             return

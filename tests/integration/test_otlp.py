@@ -27,11 +27,12 @@ from tests.mesh import Mesh
 GENERATE = "tessera.v1.Inference/Generate"
 PREFILL = "tessera.v1.Worker/Prefill"
 DECODE = "tessera.v1.Worker/Decode"
-# Roots of traces that are not client requests to check: worker registration and probes, and
-# the ListModels calls the test makes while waiting for the model.
-# Besides requests: background calls, the test's probes, and one trace per running batch.
+# Roots of traces that are not client requests to check: worker registration, the router's
+# admission of each worker (and its re-checks), health probes' Info calls, the ListModels calls
+# the test makes while waiting for the model, and one trace per running batch.
 OTHER_ROOTS = (
     "tessera.v1.Registry/",
+    "admission",
     "tessera.v1.Worker/Info",
     "tessera.v1.Inference/ListModels",
     "batch",
