@@ -171,6 +171,7 @@ class Fleet:
         *,
         layers: str | None = None,
         threads: int | None = None,
+        precision: str | None = None,
     ) -> Child:
         args = [
             "worker",
@@ -189,6 +190,8 @@ class Fleet:
             args += ["--layers", layers]
         if threads:
             args += ["--threads", str(threads)]
+        if precision:
+            args += ["--precision", precision]
         return self._add(Child(name, self._cli(*args), self.env, self._log(name)))
 
     def echo(self, name: str = "echo") -> Child:

@@ -24,6 +24,7 @@ LIMIT = "in-process limit"
 LIMIT_1 = "in-process batch 1"  # one text per call: the latency a c=1 request is held to
 DIRECT = "direct to worker"
 ROUTER = "router -> replica"
+ROUTER_BF16 = "router -> bf16 replica"
 KSERVE = "KServe ModelInfer (tritonclient)"
 MIXED = "60 cached + 4 new"
 FOUR_NEW = "4 new (uncached)"
@@ -385,6 +386,53 @@ def embed_targets(rows: Sequence[Row]) -> list[Target]:
     ]
 
 
+def _items_ratio(row: Row | None, reference: Row | None) -> float | None:
+    return ratio(row.items_s, reference.items_s) if row and reference else None
+
+
+def generate_targets(rows: Sequence[Row]) -> list[Target]:
+    """The generation targets (issue 10), over the replica and the two-stage chain."""
+    targets = []
+    limit_16 = find(rows, GENERATE, LIMIT, 16)
+    for path, name, solo_bound in ((ROUTER, "replica", 0.95), (CHAIN, "chain", 0.9)):
+        one, sixteen = find(rows, GENERATE, path, 1), find(rows, GENERATE, path, 16)
+        wide = find(rows, GENERATE, path, 64)
+        targets += [
+            _at_least(
+                f"generate via {name} c=16 vs limit", sixteen.ratio if sixteen else None, 0.9
+            ),
+            _at_least(f"generate via {name} c=1 vs limit", one.ratio if one else None, solo_bound),
+            _at_least(
+                f"generate via {name} c=16 vs c=1 tok/s", _items_ratio(sixteen, one), 6.0, "x"
+            ),
+            _at_least(
+                f"generate via {name} c=64 vs c=16 tok/s", _items_ratio(wide, sixteen), 1.0, "x"
+            ),
+            _at_most(
+                f"generate via {name} c=64 errors",
+                float(wide.errors) if wide is not None else None,
+                0.0,
+            ),
+            _at_most(
+                f"generate via {name} c=16 ttft p50 vs in-process prefill of 16 (closed loop)",
+                ratio(sixteen.ttft_p50_ms, limit_16.ttft_p50_ms)
+                if sixteen and limit_16 and sixteen.ttft_p50_ms and limit_16.ttft_p50_ms
+                else None,
+                1.5,
+                "x",
+            ),
+        ]
+    targets.append(
+        _at_least(
+            "generate chain vs replica c=16 tok/s (stretch)",
+            _items_ratio(find(rows, GENERATE, CHAIN, 16), find(rows, GENERATE, ROUTER, 16)),
+            1.1,
+            "x",
+        )
+    )
+    return targets
+
+
 def evaluate_targets(rows: Sequence[Row]) -> list[Target]:
     """The issues' targets, checked against one run's rows."""
 
@@ -397,11 +445,14 @@ def evaluate_targets(rows: Sequence[Row]) -> list[Target]:
     targets = embed_targets(rows)
     targets += [
         _at_least("embed x16 via router c=8 vs limit", ratio_of(EMBED_16, ROUTER, 8), 0.9),
-        _at_least("generate via router c=16 vs limit", ratio_of(GENERATE, ROUTER, 16), 0.8),
+        _at_least(
+            "embed x1 bf16 replica c=64 vs float32 replica c=64",
+            _items_ratio(find(rows, EMBED_1, ROUTER_BF16, 64), find(rows, EMBED_1, ROUTER, 64)),
+            1.3,
+            "x",
+        ),
     ]
-    one, sixteen = find(rows, GENERATE, ROUTER, 1), find(rows, GENERATE, ROUTER, 16)
-    scale = ratio(sixteen.items_s, one.items_s) if one and sixteen else None
-    targets.append(_at_least("generate via router c=16 vs c=1 tok/s", scale, 5.0, "x"))
+    targets += generate_targets(rows)
     targets.append(
         _at_most(
             "router overhead c=1 (ms) vs bare round trip", router_overhead_ms(rows), floor, " ms"

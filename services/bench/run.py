@@ -54,6 +54,7 @@ from services.bench.report import (
     LIMIT_1,
     MIXED,
     ROUTER,
+    ROUTER_BF16,
     ROUTER_HEALTH,
     Row,
 )
@@ -80,7 +81,7 @@ class Options:
     omp_wait_policy: str = "passive"
     embed_concurrency: tuple[int, ...] = (1, 16, 64)
     embed16_concurrency: int = 8
-    streams: tuple[int, ...] = (1, 4, 16)
+    streams: tuple[int, ...] = (1, 16, 64)
     text_pool: int = 8192
     hit_pool: int = 512
     prompt_pool: int = 2048
@@ -139,6 +140,7 @@ def options_from_args(args: argparse.Namespace) -> Options:
     )
     if quick:
         options.text_pool, options.hit_pool, options.prompt_pool = 2048, 256, 256
+        options.streams = (1, 4)
     return options
 
 
@@ -156,6 +158,8 @@ class Mesh:
     cache: Child
     chain: Child | None
     encoder: Child | None
+    bf16: Child | None  # a router with one bfloat16 MiniLM replica of its own
+    encoder_bf16: Child | None
     replica: Child | None
     stages: list[Child]
 
@@ -168,13 +172,25 @@ def start_mesh(fleet: Fleet, options: Options, cache_address: str) -> Mesh:
     plain = fleet.router("router-plain")
     cache = fleet.router("router-cache", cache=[cache_address])
     chain = fleet.router("router-chain") if want_generate else None
-    for child in (echo, plain, cache, chain):
+    bf16 = fleet.router("router-bf16") if want_embed else None
+    for child in (echo, plain, cache, chain, bf16):
         if child is not None:
             child.wait_ready(deadline)
     both = [plain.address, cache.address]
     encoder = (
         fleet.worker("worker-minilm", ENCODER, both, threads=options.threads)
         if want_embed
+        else None
+    )
+    encoder_bf16 = (
+        fleet.worker(
+            "worker-minilm-bf16",
+            ENCODER,
+            [bf16.address],
+            threads=options.threads,
+            precision="bfloat16",
+        )
+        if bf16 is not None
         else None
     )
     replica = stages = None
@@ -189,12 +205,12 @@ def start_mesh(fleet: Fleet, options: Options, cache_address: str) -> Mesh:
             )
             for span in (f"0:{half}", f"{half}:{layers}")
         ]
-    return Mesh(echo, plain, cache, chain, encoder, replica, stages or [])
+    return Mesh(echo, plain, cache, chain, encoder, bf16, encoder_bf16, replica, stages or [])
 
 
 def wait_workers(mesh: Mesh) -> None:
     deadline = time.monotonic() + START_TIMEOUT_S
-    for child in (mesh.encoder, mesh.replica, *mesh.stages):
+    for child in (mesh.encoder, mesh.encoder_bf16, mesh.replica, *mesh.stages):
         if child is not None:
             child.wait_ready(deadline)
 
@@ -446,6 +462,7 @@ class Bench:
         worker: aio.Channel,
         echo: aio.Channel,
         plain_address: str,
+        bf16: aio.Channel | None,
     ) -> None:
         from services.bench.limits import (
             EmbedLimit,
@@ -546,6 +563,7 @@ class Bench:
             ROUTER: [m.plain, encoder],
             KSERVE: [m.plain, encoder],
             CACHE: [m.cache, encoder],
+            ROUTER_BF16: [c for c in (m.bf16, m.encoder_bf16) if c is not None],
         }
         kserve = await self._kserve(plain_address, pool)
         lines: list[tuple[str, load.Call | None]] = [
@@ -554,6 +572,10 @@ class Bench:
             (KSERVE, kserve[0] if kserve else None),
             (CACHE, load.embed_call(cached, hits_x1, expect_cached=True)),
         ]
+        if bf16 is not None:
+            # The same texts through a router whose one replica runs in bfloat16; its ratio is
+            # to the float32 limit, and it sits next to the float32 router line.
+            lines.insert(2, (ROUTER_BF16, load.embed_call(bf16, router_x1)))
         try:
             for path, call in lines:
                 for c in o.embed_concurrency:
@@ -820,9 +842,12 @@ async def measure(bench: Bench, mesh: Mesh) -> None:
 
     try:
         plain, cached = channel(mesh.plain), channel(mesh.cache)
+        bf16 = channel(mesh.bf16) if mesh.bf16 is not None else None
         if mesh.encoder is not None:
             await wait_model(plain, ENCODER, fleet)
             await wait_model(cached, ENCODER, fleet)
+        if bf16 is not None:
+            await wait_model(bf16, ENCODER, fleet)
         if mesh.replica is not None and mesh.chain is not None:
             chain = channel(mesh.chain)
             await wait_model(plain, LLM, fleet)
@@ -836,7 +861,7 @@ async def measure(bench: Bench, mesh: Mesh) -> None:
         if "floor" in options.phases:
             await bench.floor(echo, plain)
         if "embed" in options.phases and mesh.encoder is not None:
-            await bench.embed(plain, cached, channel(mesh.encoder), echo, mesh.plain.address)
+            await bench.embed(plain, cached, channel(mesh.encoder), echo, mesh.plain.address, bf16)
         if "generate" in options.phases and mesh.replica is not None:
             await bench.generate(plain, chain, cached)
     finally:

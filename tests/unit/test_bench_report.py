@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -13,6 +14,7 @@ from services.bench import report, workload
 from services.bench.report import (
     BARE,
     CACHE,
+    CHAIN,
     DIRECT,
     EMBED_1,
     EMBED_16,
@@ -26,6 +28,7 @@ from services.bench.report import (
     MIXED,
     OVERHEAD,
     ROUTER,
+    ROUTER_BF16,
     Row,
     make_row,
 )
@@ -65,6 +68,8 @@ def _row(
     group: str | None = None,
     is_limit: bool = False,
     unit: str = "texts",
+    ttft_ms: float | None = None,
+    errors: int = 0,
 ) -> Row:
     return Row(
         scenario=scenario,
@@ -79,6 +84,8 @@ def _row(
         p99_ms=2 * p50_ms,
         group=group,
         is_limit=is_limit,
+        ttft_p50_ms=ttft_ms,
+        errors=errors,
     )
 
 
@@ -153,8 +160,30 @@ def test_format_table_aligns_columns_and_separates_scenarios() -> None:
     assert lines[2][end - 4 : end] == "1.00" and lines[3][end - 4 : end] == "0.81"
 
 
+def _generate_rows(c64_errors: int) -> list[Row]:
+    def gen(path: str, n: int, items_s: float, **more: Any) -> Row:
+        group = f"generate c{n}"
+        return _row(GENERATE, path, n, items_s=items_s, unit="tokens", group=group, **more)
+
+    return [
+        gen(LIMIT, 1, 40.0, is_limit=True),
+        gen(LIMIT, 16, 400.0, is_limit=True, ttft_ms=1000.0),
+        gen(LIMIT, 64, 600.0, is_limit=True),
+        gen(ROUTER, 1, 39.0, p50_ms=800.0),  # 0.975 of the limit
+        gen(ROUTER, 16, 380.0, ttft_ms=1200.0),  # 0.95, 9.7x one stream
+        gen(ROUTER, 64, 500.0, errors=c64_errors),
+        gen(CHAIN, 1, 37.0),  # 0.925
+        gen(CHAIN, 16, 420.0, ttft_ms=1300.0),  # 1.105x the replica
+        gen(CHAIN, 64, 520.0),
+    ]
+
+
 def _full_rows(
-    *, router_c64: float = 180.0, floor_ms: float = 0.5, mixed_ms: float = 11.0
+    *,
+    router_c64: float = 180.0,
+    floor_ms: float = 0.5,
+    mixed_ms: float = 11.0,
+    gen_c64_errors: int = 0,
 ) -> list[Row]:
     rows = [
         _row(EMBED_1, LIMIT, None, items_s=200.0, group=EMBED_1, is_limit=True),
@@ -171,11 +200,8 @@ def _full_rows(
         _row(EMBED_MIXED, FOUR_NEW, 1, items_s=4 * 100.0, p50_ms=10.0),
         _row(EMBED_16, LIMIT, None, items_s=300.0, group=EMBED_16, is_limit=True),
         _row(EMBED_16, ROUTER, 8, items_s=280.0, group=EMBED_16),
-        _row(
-            GENERATE, LIMIT, 16, items_s=400.0, group="generate c16", is_limit=True, unit="tokens"
-        ),
-        _row(GENERATE, ROUTER, 1, items_s=40.0, p50_ms=800.0, unit="tokens"),
-        _row(GENERATE, ROUTER, 16, items_s=330.0, unit="tokens", group="generate c16"),
+        _row(EMBED_1, ROUTER_BF16, 64, items_s=1.4 * router_c64, group=EMBED_1),
+        *_generate_rows(gen_c64_errors),
         _row(GENERATE, CACHE, 1, items_s=4000.0, p50_ms=0.7, unit="tokens"),
         _row(FLOOR, BARE, 1, items_s=2000.0, p50_ms=floor_ms, unit="calls"),
     ]
@@ -196,6 +222,8 @@ def test_targets_say_by_how_much_they_miss() -> None:
     c64 = targets["embed x1 via router c=64 vs limit"]
     assert c64.ok is False and c64.measured == pytest.approx(0.51)
     assert c64.detail == "short by 40%"
+    # The bf16 line is 1.4x whatever the float32 line measured: the ratio is between the two.
+    assert targets["embed x1 bf16 replica c=64 vs float32 replica c=64"].ok is True
     overhead = targets["router overhead c=1 (ms) vs bare round trip"]
     assert overhead.ok is False and overhead.measured == pytest.approx(0.4)
     assert overhead.detail == "over by 100%"
@@ -203,6 +231,19 @@ def test_targets_say_by_how_much_they_miss() -> None:
     assert targets["router overhead c=1 (ms), interleaved"].ok is True
     text = report.format_targets(list(targets.values()))
     assert "[MISS] embed x1 via router c=64 vs limit: 0.510 (want >= 0.85) short by 40%" in text
+
+
+def test_generation_targets_cover_replica_chain_and_errors() -> None:
+    targets = {t.name: t for t in report.evaluate_targets(_full_rows(gen_c64_errors=3))}
+    assert targets["generate via replica c=16 vs limit"].measured == pytest.approx(0.95)
+    assert targets["generate via chain c=1 vs limit"].measured == pytest.approx(0.925)
+    assert targets["generate via replica c=16 vs c=1 tok/s"].measured == pytest.approx(380 / 39)
+    ttft = targets["generate via chain c=16 ttft p50 vs in-process prefill of 16 (closed loop)"]
+    assert ttft.ok is True and ttft.measured == pytest.approx(1.3)
+    assert targets["generate chain vs replica c=16 tok/s (stretch)"].ok is True
+    errors = targets["generate via replica c=64 errors"]
+    assert errors.ok is False and errors.measured == 3
+    assert targets["generate via chain c=64 errors"].ok is True
 
 
 def test_targets_not_measured() -> None:
