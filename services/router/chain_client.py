@@ -2,8 +2,9 @@
 
 One unary call per stage per step, each carrying the whole batch; the router relays hidden
 states from stage to stage and the last stage's sampled tokens back to stage 0. Worker errors
-become what the router acts on (`pipeline.translate`): HopFailed after a transport failure
-(fail over), ResourceExhausted when a worker's KV budget is full (wait), ServiceError otherwise.
+become what the router acts on (`pipeline.translate`): HopFailed after a transport failure or
+an answer of the wrong shape (that worker is dropped too), so the batch fails over;
+ResourceExhausted when a worker's KV budget is full (wait); ServiceError otherwise.
 """
 
 from __future__ import annotations
@@ -14,12 +15,11 @@ from collections.abc import Sequence
 import numpy as np
 from grpc import aio
 
-from services.common.errors import ServiceError
 from services.common.telemetry import outgoing_metadata
 from services.common.tensors import from_numpy
 from services.common.types import SamplingParams
 from services.pb.tessera.v1 import common_pb2, worker_pb2
-from services.router.pipeline import translate
+from services.router.pipeline import HopFailed, malformed, translate
 from services.router.pool import WorkerPool
 from services.router.routing import Chain
 
@@ -35,8 +35,12 @@ def sampling_pb(params: SamplingParams) -> worker_pb2.Sampling:
     return sampling
 
 
+def request_width(feeds: Sequence[Sequence[int]]) -> int:
+    return max(len(f) for f in feeds)
+
+
 def left_padded(feeds: Sequence[Sequence[int]], pad_id: int = 0) -> common_pb2.Tensor:
-    width = max(len(f) for f in feeds)
+    width = request_width(feeds)
     ids = np.full((len(feeds), width), pad_id, dtype=np.int64)
     for row, feed in enumerate(feeds):
         ids[row, width - len(feed) :] = feed
@@ -61,11 +65,21 @@ class ChainClient:
         except aio.AioRpcError as error:
             raise translate(error, address, self.pool) from None
 
-    def _tokens(self, result: worker_pb2.StepResult, rows: int) -> list[int]:
+    def _misbehaved(self, address: str, problem: str) -> HopFailed:
+        """A worker's answer cannot be right: it is dropped and the batch fails over."""
+        self.pool.reject(address, problem)
+        return HopFailed(address, problem)
+
+    def _hidden(self, address: str, result: worker_pb2.StepResult, rows: int, width: int) -> None:
+        problem = malformed(result.hidden_states, rows, width, self.hidden_dtype)
+        if problem:
+            raise self._misbehaved(address, f"its hidden states answer {problem}")
+
+    def _tokens(self, address: str, result: worker_pb2.StepResult, rows: int) -> list[int]:
         tokens = list(result.token_ids)
-        if len(tokens) != rows:
-            raise ServiceError(
-                f"the last stage returned {len(tokens)} tokens for a batch of {rows} rows"
+        if len(tokens) != rows or any(t < 0 for t in tokens):
+            raise self._misbehaved(
+                address, f"it returned {len(tokens)} token ids (or a negative one) for {rows} rows"
             )
         return tokens
 
@@ -99,8 +113,10 @@ class ChainClient:
                 assert hidden is not None
                 request.hidden_states.CopyFrom(hidden)
             result = await self._call(address, "Prefill", request, timeout)  # type: ignore[assignment]
+            if index < len(self.addresses) - 1:
+                self._hidden(address, result, len(rows), int(request_width(feeds)))
             hidden = result.hidden_states
-        return self._tokens(result, len(rows))
+        return self._tokens(self.addresses[-1], result, len(rows))
 
     async def decode(
         self, batch_ids: Sequence[str], tokens: Sequence[int], timeout: float
@@ -116,8 +132,10 @@ class ChainClient:
                 assert hidden is not None
                 request.hidden_states.CopyFrom(hidden)
             result = await self._call(address, "Decode", request, timeout)  # type: ignore[assignment]
+            if index < len(self.addresses) - 1:
+                self._hidden(address, result, len(tokens), 1)
             hidden = result.hidden_states
-        return self._tokens(result, len(tokens))
+        return self._tokens(self.addresses[-1], result, len(tokens))
 
     async def filter(self, batch_id: str, keep: Sequence[int]) -> None:
         request = worker_pb2.FilterRequest(batch_id=batch_id, keep=keep)

@@ -11,8 +11,14 @@ import grpc
 from grpc import aio
 from opentelemetry import trace
 
-from services.common.errors import DeadlineExceeded, ResourceExhausted, ServiceError
+from services.common.errors import (
+    DeadlineExceeded,
+    InvalidArgument,
+    ResourceExhausted,
+    ServiceError,
+)
 from services.common.telemetry import outgoing_metadata
+from services.common.tensors import validate
 from services.common.types import Hop
 from services.pb.tessera.v1 import common_pb2, worker_pb2
 from services.router.pool import WorkerPool
@@ -96,6 +102,9 @@ async def run_forward(
     Hidden states travel between stages as `hidden_dtype`; the last hop answers in
     `output_dtype` (pooled vectors are float32 whatever travels between stages)."""
     current = hidden_states
+    first = input_ids if input_ids is not None else hidden_states
+    assert first is not None
+    rows, width = int(first.shape[0]), int(first.shape[1])
     last = len(hops) - 1
     for index, hop in enumerate(hops):
         request = worker_pb2.StageForwardRequest(
@@ -124,5 +133,26 @@ async def run_forward(
             except aio.AioRpcError as error:
                 raise translate(error, hop.address, pool) from None
         current = response.hidden_states
+        pooled = request.pool
+        problem = malformed(current, rows, None if pooled else width, request.hidden_dtype)
+        if problem:
+            # An admitted worker that answers garbage is not to be trusted with more work: it
+            # is dropped (until it passes admission again) and the work goes to another chain.
+            pool.reject(hop.address, f"its Forward answer {problem}")
+            raise HopFailed(hop.address, f"malformed answer: {problem}")
     assert current is not None
     return current
+
+
+def malformed(tensor: common_pb2.Tensor, rows: int, width: int | None, dtype: str) -> str:
+    """What is wrong with a Forward answer for `rows` x `width` inputs ('' if nothing):
+    pooled answers (width None) are [rows, H], others [rows, width, H], all in `dtype`."""
+    try:
+        shape = validate(tensor, "hidden_states", dtypes=(dtype,))
+    except InvalidArgument as exc:
+        return exc.message[:200]
+    want = (rows,) if width is None else (rows, width)
+    if len(shape) != len(want) + 1 or shape[: len(want)] != want or shape[-1] <= 0:
+        wanted = [*want, "H"]
+        return f"has shape {list(shape)[:8]}, not {wanted}"
+    return ""

@@ -65,7 +65,9 @@ class FakeWorker(worker_pb2_grpc.WorkerServicer):
     """Claims `info`; counts calls. Modes: "honest" answers Forward with well-formed tensors
     (pooled: `vector`), "unimplemented" answers UNIMPLEMENTED to every Worker call but Info,
     "turncoat" is honest for its first Forward (the router's probe) and UNIMPLEMENTED after,
-    "poisoned" is honest for its first Forward and answers NaNs after."""
+    "poisoned" is honest for its first Forward and answers NaNs after, "malformed" is honest for
+    its first Forward and then answers a tensor of shape [0, 2**62, H] with no data (and a
+    Prefill with no tokens)."""
 
     def __init__(self, info: worker_pb2.WorkerInfo, mode: str, vector: np.ndarray | None) -> None:
         self.info = info
@@ -103,6 +105,9 @@ class FakeWorker(worker_pb2_grpc.WorkerServicer):
             hidden = np.tile(self.vector, (hidden.shape[0], 1))
         if poison:
             hidden = np.full_like(hidden, np.nan)
+        if self.mode == "malformed" and self.calls["Forward"] > 1:
+            bad = common_pb2.Tensor(dtype="float32", shape=[0, 2**62, self.info.hidden_size])
+            return worker_pb2.StageForwardResponse(hidden_states=bad)
         return worker_pb2.StageForwardResponse(hidden_states=from_numpy(hidden))
 
     async def _refuse(self, name: str, context: aio.ServicerContext) -> Any:
@@ -110,6 +115,9 @@ class FakeWorker(worker_pb2_grpc.WorkerServicer):
         await context.abort(grpc.StatusCode.UNIMPLEMENTED, "Method not found!")
 
     async def Prefill(self, request: Any, context: aio.ServicerContext) -> Any:
+        if self.mode == "malformed":  # no token for any row of the batch
+            self.calls["Prefill"] += 1
+            return worker_pb2.StepResult()
         return await self._refuse("Prefill", context)
 
     async def Decode(self, request: Any, context: aio.ServicerContext) -> Any:
@@ -421,6 +429,47 @@ def test_a_worker_that_turns_unimplemented_is_dropped_and_no_request_fails(
     assert turncoat.requests >= 1, "no request reached the turncoat"  # odds 2^-20
     assert turncoat.address not in listed_addresses(mesh)
     assert logged(mesh, f"worker {turncoat.address} dropped: a call was answered UNIMPLEMENTED")
+
+
+def test_a_worker_answering_malformed_tensors_is_dropped_and_no_request_fails(
+    mesh: Mesh, fleet: Fleet, tiny_repo: Path
+) -> None:
+    """Passes admission, then answers shapes that overflow: retried elsewhere, never INTERNAL."""
+    claim = info_of(_bert(mesh))
+    liar = fleet.add(claim, "malformed", np.eye(1, 32, dtype=np.float32)[0])
+    register(mesh, liar.info)
+    wait_until(lambda: liar.address in listed_addresses(mesh), 30, "the liar admitted")
+    texts = [[t, f"{t} {i}"] for i, t in enumerate(TEXTS * 7)][:20]
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(lambda ts: embed(mesh, ts), texts))
+    for got, ts in zip(results, texts):
+        np.testing.assert_allclose(
+            got, reference_embeddings(tiny_repo / "tiny-bert", ts), atol=1e-5
+        )
+    assert liar.requests >= 1, "no request reached the liar"  # odds 2^-20
+    assert liar.address not in listed_addresses(mesh)
+    assert logged(mesh, f"worker {liar.address} dropped: its Forward answer")
+
+
+def test_a_last_stage_answering_no_tokens_is_dropped_and_every_generation_completes(
+    mesh: Mesh, fleet: Fleet, tiny_repo: Path
+) -> None:
+    liar = fleet.add(info_of(mesh.workers[1].address), "malformed")
+    register(mesh, liar.info)
+    wait_until(lambda: liar.address in listed_addresses(mesh), 30, "the liar admitted")
+    prompts = [f"the cat sat {i}" for i in range(12)]
+
+    def generate(prompt: str) -> list[int]:
+        request = inference_pb2.GenerateRequest(model="tiny-llama", prompt=prompt, max_new_tokens=4)
+        return list(mesh.stub().Generate(request, timeout=60, metadata=bearer(USER)).token_ids)
+
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(generate, prompts))
+    for got, prompt in zip(results, prompts):
+        assert got == reference_greedy(tiny_repo / "tiny-llama", prompt, 4)
+    assert liar.calls["Prefill"] >= 1, "no generation reached the liar"
+    assert liar.address not in listed_addresses(mesh)
+    assert logged(mesh, f"worker {liar.address} dropped: it returned 0 token ids")
 
 
 def test_kserve_model_version_pins_the_version(mesh: Mesh, fleet: Fleet, tiny_repo: Path) -> None:
