@@ -18,7 +18,7 @@ from pymemcache.client.base import Client
 from services.cache.launcher import MemcachedNode, free_port, split_address
 from services.cache.store import CacheStats, CacheStore
 
-pytestmark = pytest.mark.timeout(60)
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(60)]
 
 DEAD_TIMEOUT_S = 0.5
 

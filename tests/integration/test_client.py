@@ -30,7 +30,7 @@ from services.common.security import make_dev_certs
 from services.pb.tessera.v1 import inference_pb2, inference_pb2_grpc, worker_pb2, worker_pb2_grpc
 from tests.mesh import ROOT, Mesh, wait_until
 
-pytestmark = pytest.mark.timeout(300)
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
 TEXTS = ["the cat sat on the mat", "hello", "paris is the capital of france"]
 

@@ -26,6 +26,8 @@ from services.cache.launcher import MemcachedNode, free_port
 from services.pb.tessera.v1 import inference_pb2, inference_pb2_grpc, worker_pb2, worker_pb2_grpc
 from tests.mesh import Mesh, Proc
 
+pytestmark = pytest.mark.slow  # starts meshes of real processes; not in the fast tier
+
 WORDS = [
     "the",
     "cat",

@@ -24,7 +24,7 @@ from tessera import Client
 
 from tests.mesh import ROOT, Mesh
 
-pytestmark = pytest.mark.timeout(300)
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
 TEXTS = ["the cat sat on the mat", "hello", "paris is the capital of france"]
 

@@ -18,7 +18,7 @@ from tessera import Client
 
 from tests.mesh import ROOT, Mesh
 
-pytestmark = pytest.mark.timeout(300)
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
 EXAMPLE = ROOT / "examples" / "node"
 PROTOS = ROOT / "protos"

@@ -24,6 +24,8 @@ from services.pb.tessera.v1 import inference_pb2
 from services.tracing import waterfall
 from tests.mesh import Mesh
 
+pytestmark = pytest.mark.slow  # starts meshes of real processes; not in the fast tier
+
 GENERATE = "tessera.v1.Inference/Generate"
 PREFILL = "tessera.v1.Worker/Prefill"
 DECODE = "tessera.v1.Worker/Decode"

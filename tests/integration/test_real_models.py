@@ -21,7 +21,7 @@ ENCODER = "all-minilm-l6-v2"
 RPC_TIMEOUT_S = 120
 
 # The first test also pays for the mesh start (three model loads on a small machine).
-pytestmark = pytest.mark.timeout(420)
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(420)]
 
 PROMPTS = ["The capital of France is", "Once upon a time, there was a", "def fibonacci(n):"]
 CHATS = [

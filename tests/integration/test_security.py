@@ -17,7 +17,7 @@ from services.common.security import make_dev_certs
 from services.pb.tessera.v1 import inference_pb2, inference_pb2_grpc, worker_pb2, worker_pb2_grpc
 from tests.mesh import Mesh, secure_channel, wait_model_on, wait_until
 
-pytestmark = pytest.mark.timeout(300)
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
 HI = inference_pb2.GenerateRequest(model="tiny-llama", prompt="hello world", max_new_tokens=3)
 

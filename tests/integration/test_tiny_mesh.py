@@ -16,6 +16,8 @@ from services.common.tensors import from_numpy, to_numpy
 from services.pb.tessera.v1 import common_pb2, inference_pb2
 from tests.mesh import Mesh
 
+pytestmark = pytest.mark.slow  # starts meshes of real processes; not in the fast tier
+
 PROMPTS = ["the cat sat on the mat", "hello world", "what is the capital of france ?"]
 
 

@@ -27,6 +27,8 @@ from services.cache.launcher import MemcachedNode, free_port
 from services.pb.tessera.v1 import inference_pb2, inference_pb2_grpc, worker_pb2, worker_pb2_grpc
 from tests.mesh import ROOT, metric, scrape, service_env, wait_until
 
+pytestmark = pytest.mark.slow  # starts meshes of real processes; not in the fast tier
+
 READY_TIMEOUT_S = 240.0
 STOP_TIMEOUT_S = 30.0
 
