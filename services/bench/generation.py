@@ -5,7 +5,8 @@
 Two meshes, one after the other (never both loaded at once): a router with one SmolLM2 replica
 (torch threads = cores) and a router with a two-stage chain [0,15) [15,30) (threads = cores / 2
 each, so the chain uses the same cores). The in-process limit is `model.generate` of the same
-prompts, greedy, with the replica's thread count, measured while the mesh is idle. Tokens are
+prompts, greedy, with the replica's thread count, run in this process between the served
+measurements while the mesh is idle, so each ratio pairs runs made minutes apart at most. Tokens are
 counted up to and including each row's first end-of-sequence token on both sides.
 """
 
@@ -104,35 +105,49 @@ def p50(values: Sequence[float]) -> float:
     return statistics.median(values) if values else float("nan")
 
 
-def measure_limit(
-    path: Path, frontend: ModelFrontend, texts: list[str], max_new: int, threads: int, repeats: int
-) -> dict[str, float]:
-    torch.set_num_threads(threads)
-    limit = GenerateLimit(path, frontend.eos_token_ids, frontend.pad_id)
-    rows = [frontend.encode_prompt(t) for t in texts]
-    limit.generate(rows[:2], 4)  # warm-up
-    batch = [limit.generate(rows, max_new) for _ in range(repeats)]
-    solo = [limit.generate(rows[:1], max_new) for _ in range(repeats)]
-    ids, mask = left_pad(rows, frontend.pad_id)
-    with torch.inference_mode():
-        prefill = []
-        for _ in range(repeats):
+class Limit:
+    """The in-process reference: transformers' batched generate of the same prompts, loaded
+    once, run between served measurements while the mesh is idle (paired, on a machine whose
+    speed drifts)."""
+
+    def __init__(
+        self, path: Path, frontend: ModelFrontend, texts: list[str], max_new: int, threads: int
+    ) -> None:
+        torch.set_num_threads(threads)
+        self.generate = GenerateLimit(path, frontend.eos_token_ids, frontend.pad_id)
+        self.rows = [frontend.encode_prompt(t) for t in texts]
+        self.pad_id = frontend.pad_id
+        self.max_new = max_new
+        self.generate.generate(self.rows[:2], 4)  # warm-up
+
+    def batch_tok_s(self) -> float:
+        tokens, seconds, _ = self.generate.generate(self.rows, self.max_new)
+        return tokens / seconds
+
+    def solo_tok_s(self) -> float:
+        tokens, seconds, _ = self.generate.generate(self.rows[:1], self.max_new)
+        return tokens / seconds
+
+    def prefill_s(self) -> float:
+        ids, mask = left_pad(self.rows, self.pad_id)
+        with torch.inference_mode():
             started = time.perf_counter()
-            limit.model(input_ids=ids, attention_mask=mask, logits_to_keep=1)
-            prefill.append(time.perf_counter() - started)
-    return {
-        "batch_tok_s": p50([t / s for t, s, _ in batch]),
-        "solo_tok_s": p50([t / s for t, s, _ in solo]),
-        "batched_prefill_s": p50(prefill),
-    }
+            self.generate.model(input_ids=ids, attention_mask=mask, logits_to_keep=1)
+            return time.perf_counter() - started
 
 
 async def measure_mesh(
-    address: str, texts: list[str], max_new: int, repeats: int
+    address: str, texts: list[str], max_new: int, repeats: int, limit: Limit
 ) -> dict[str, float]:
+    """Each repeat: one stream, then the in-process batch-1 generate; the 16 streams, then the
+    in-process batch generate and batched prefill. Ratios are of the paired medians."""
     await streams(address, texts[:4], 4)  # warm-up
-    solo = [await streams(address, texts[:1], max_new) for _ in range(repeats)]
-    many = [await streams(address, texts, max_new) for _ in range(repeats)]
+    solo, many, limits = [], [], []
+    for _ in range(repeats):
+        solo.append(await streams(address, texts[:1], max_new))
+        limit_solo = limit.solo_tok_s()
+        many.append(await streams(address, texts, max_new))
+        limits.append((limit_solo, limit.batch_tok_s(), limit.prefill_s()))
     wide = await streams(address, [f"{t} ({i})" for i in range(4) for t in texts], max_new)
     return {
         "solo_tok_s": p50([r.rate for r in solo]),
@@ -142,6 +157,9 @@ async def measure_mesh(
         "wide_tok_s": wide.rate,
         "wide_errors": wide.errors,
         "many_errors": sum(r.errors for r in many),
+        "limit_solo_tok_s": p50([x[0] for x in limits]),
+        "limit_batch_tok_s": p50([x[1] for x in limits]),
+        "limit_prefill_s": p50([x[2] for x in limits]),
     }
 
 
@@ -265,38 +283,41 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         return 0 if memory["errors"] == 0 and memory["peak_kv_mb"] <= memory["kv_budget_mb"] else 1
     env = {"OMP_WAIT_POLICY": "PASSIVE"}
+    limit = Limit(spec.path, frontend, texts, args.max_new_tokens, cores)
     fleet = Fleet(args.repository, env=env)
     try:
         replica = start(fleet, [None], cores)
-        results["replica"] = asyncio.run(measure_mesh(replica, texts, args.max_new_tokens, repeats))
+        results["replica"] = asyncio.run(
+            measure_mesh(replica, texts, args.max_new_tokens, repeats, limit)
+        )
         fleet.stop_all()
         fleet = Fleet(args.repository, env=env)
         chain = start(fleet, ["0:15", "15:30"], max(1, cores // 2))
-        results["chain"] = asyncio.run(measure_mesh(chain, texts, args.max_new_tokens, repeats))
-        fleet.stop_all()
-        results["limit"] = measure_limit(
-            spec.path, frontend, texts, args.max_new_tokens, cores, repeats
+        results["chain"] = asyncio.run(
+            measure_mesh(chain, texts, args.max_new_tokens, repeats, limit)
         )
     finally:
         fleet.stop_all()
-    limit = results["limit"]
-    assert isinstance(limit, dict)
-    print(
-        f"in-process: batch {args.streams} {limit['batch_tok_s']:.1f} tok/s, batch 1 "
-        f"{limit['solo_tok_s']:.1f} tok/s, batched prefill {limit['batched_prefill_s']:.3f} s"
-    )
     for name in ("replica", "chain"):
         r = results[name]
         assert isinstance(r, dict)
         print(
             f"{name:8s} {args.streams} streams {r['many_tok_s']:.1f} tok/s = "
-            f"{r['many_tok_s'] / limit['batch_tok_s']:.2f}x limit, "
+            f"{r['many_tok_s'] / r['limit_batch_tok_s']:.2f}x in-process batch "
+            f"{args.streams} ({r['limit_batch_tok_s']:.1f}), "
             f"{r['many_tok_s'] / r['solo_tok_s']:.1f}x one stream; one stream "
-            f"{r['solo_tok_s']:.1f} tok/s = {r['solo_tok_s'] / limit['solo_tok_s']:.2f}x; "
-            f"TTFT p50 {r['ttft_p50_s']:.3f} s = "
-            f"{r['ttft_p50_s'] / limit['batched_prefill_s']:.2f}x batched prefill; "
-            f"{4 * args.streams} streams {r['wide_tok_s']:.1f} tok/s, {r['wide_errors']} errors"
+            f"{r['solo_tok_s']:.1f} tok/s = {r['solo_tok_s'] / r['limit_solo_tok_s']:.2f}x "
+            f"in-process batch 1 ({r['limit_solo_tok_s']:.1f}); TTFT p50 {r['ttft_p50_s']:.3f} s "
+            f"= {r['ttft_p50_s'] / r['limit_prefill_s']:.2f}x batched prefill "
+            f"({r['limit_prefill_s']:.3f} s); {4 * args.streams} streams "
+            f"{r['wide_tok_s']:.1f} tok/s, {r['wide_errors']} errors"
         )
+    chain_r, replica_r = results["chain"], results["replica"]
+    assert isinstance(chain_r, dict) and isinstance(replica_r, dict)
+    print(
+        f"chain vs replica at {args.streams} streams: "
+        f"{chain_r['many_tok_s'] / replica_r['many_tok_s']:.2f}x"
+    )
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(results, indent=2, default=lambda o: asdict(o)))

@@ -59,6 +59,12 @@ RETRY_BUDGET = 2  # chains a generation may fail over to
 STEP_TIMEOUT_S = 60.0  # one step of one batch; longer means the stage is stuck
 REFUSED_BACKOFF_S = 0.05  # an empty slot waits this long after a worker refused its prefill
 IDLE_EXIT_S = 30.0  # a slot loop with nothing to do for this long ends
+# An idle slot woken by a request waits for the others of the same burst (clients that start
+# together are parsed over a few ms) so that they share one prefill instead of one prefilling
+# alone while the rest wait for it: until no request came for GATHER_QUIET_S, at most
+# GATHER_MAX_S. A lone request pays GATHER_QUIET_S once, against a prefill of 100+ ms.
+GATHER_QUIET_S = 0.005
+GATHER_MAX_S = 0.05
 
 
 def _span_context(request: Request) -> trace.SpanContext:
@@ -133,6 +139,7 @@ class ChainEngine:
         self._ids = itertools.count()
         self._spans: dict[int, trace.Span] = {}
         self._prefix = f"{owner.router_id}-{uuid.uuid4().hex[:8]}"
+        self._submitted = 0  # requests ever submitted: a burst is over when it stops moving
 
     @property
     def load(self) -> int:
@@ -146,6 +153,7 @@ class ChainEngine:
                 f"({self.scheduler.config.budget_tokens} token slots)"
             )
         self.scheduler.submit(generation)
+        self._submitted += 1
         generation.chain = self.chain
         self.owner.count(generation, +1)
         self._observe_queue()
@@ -169,9 +177,19 @@ class ChainEngine:
 
     # -- the slot loop -----------------------------------------------------------------------
 
+    async def _gather(self) -> None:
+        """Returns once a burst of submissions has stopped (or GATHER_MAX_S has passed)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + GATHER_MAX_S
+        seen = -1
+        while seen != self._submitted and loop.time() < deadline:
+            seen = self._submitted
+            await asyncio.sleep(GATHER_QUIET_S)
+
     async def _run(self, slot: Slot) -> None:
         wake = self._wakes[slot.index]
         try:
+            await self._gather()  # a new loop starts on a submit: its burst joins the prefill
             while not self.failed:
                 # Cleared before the turn: a submit during the turn's awaits is not lost.
                 wake.clear()
@@ -181,8 +199,7 @@ class ChainEngine:
                     except TimeoutError:
                         if not self.scheduler.all_requests():
                             return  # an idle loop ends; the next submit starts it again
-                    # Let requests parsed in the same instant join this prefill.
-                    await asyncio.sleep(0)
+                    await self._gather()
         except HopFailed as failure:
             self._fail_over(failure)
         except asyncio.CancelledError:
