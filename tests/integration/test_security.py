@@ -15,7 +15,14 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from services.common.security import make_dev_certs
 from services.pb.tessera.v1 import inference_pb2, inference_pb2_grpc, worker_pb2, worker_pb2_grpc
-from tests.mesh import Mesh, secure_channel, wait_model_on, wait_until
+from tests.mesh import (
+    Mesh,
+    metrics_address,
+    scrape,
+    secure_channel,
+    wait_model_on,
+    wait_until,
+)
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
@@ -294,7 +301,7 @@ def token_mesh(
         "TESSERA_ROUTER_WORKER_TOKENS": WORKER_TOKEN,
     }
     with Mesh(tiny_repo, env=env) as mesh:
-        router = mesh.start_router()
+        router = mesh.start_router("--metrics-port", "0")
         worker = mesh.start_worker("tiny-llama", env={"TESSERA_WORKER_ROUTER_TOKEN": WORKER_TOKEN})
         wait_model_on(
             mesh.channel(),
@@ -347,6 +354,45 @@ def test_missing_or_wrong_token_is_unauthenticated(token_mesh: tuple[Mesh, Path]
             timeout=10,
         )
     assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+def test_unauthenticated_calls_leave_the_metrics_unchanged(token_mesh: tuple[Mesh, Path]) -> None:
+    """300 calls with no token (or a wrong one) and unique 20 kB model names: not one series or
+    value of the router's tessera_* metrics changes (but the worker's heartbeats to the
+    registry, which go on meanwhile)."""
+    mesh, _ = token_mesh
+    assert mesh.router is not None
+    address = metrics_address(mesh.router)
+
+    def tessera_samples() -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+        return {
+            (s.name, tuple(sorted(s.labels.items()))): s.value
+            for s in scrape(address)
+            if s.name.startswith("tessera_") and s.labels.get("service") != "tessera.v1.Registry"
+        }
+
+    before = tessera_samples()
+    stub = mesh.stub()
+    refused = 0
+    for i in range(300):
+        name = f"attacker-{i}-" + "m" * 20_000
+        metadata = None if i % 2 else _bearer("wrong-token")
+        with pytest.raises(grpc.RpcError) as caught:
+            if i % 3:
+                stub.Embed(
+                    inference_pb2.EmbedRequest(model=name, inputs=["x"]),
+                    timeout=10,
+                    metadata=metadata,
+                )
+            else:
+                stub.Generate(
+                    inference_pb2.GenerateRequest(model=name), timeout=10, metadata=metadata
+                )
+        refused += caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert refused == 300
+    after = tessera_samples()
+    assert after == before, {k: v for k, v in after.items() if before.get(k) != v}
+    assert not any("attacker" in v for _, labels in after for _, v in labels)
 
 
 def test_right_tokens_work(token_mesh: tuple[Mesh, Path]) -> None:
