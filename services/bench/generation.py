@@ -232,11 +232,28 @@ def measure_memory(
         fleet.stop_all()
 
 
-def start(fleet: Fleet, layers: Sequence[str | None], threads: int) -> str:
-    router = fleet.router(f"router-{len(layers)}")
+def start(
+    fleet: Fleet,
+    layers: Sequence[str | None],
+    threads: int,
+    *,
+    model: str = LLM,
+    precision: str | None = None,
+) -> str:
+    """A router and workers for `layers` of `model`; returns the router's address once the
+    model is healthy on it."""
+    tag = f"{len(layers)}-{precision or 'float32'}"
+    router = fleet.router(f"router-{tag}")
     router.wait_ready(time.monotonic() + 120)
     workers = [
-        fleet.worker(f"w{len(layers)}-{i}", LLM, [router.address], layers=span, threads=threads)
+        fleet.worker(
+            f"w{tag}-{i}",
+            model,
+            [router.address],
+            layers=span,
+            threads=threads,
+            precision=precision,
+        )
         for i, span in enumerate(layers)
     ]
     for worker in workers:
@@ -246,7 +263,7 @@ def start(fleet: Fleet, layers: Sequence[str | None], threads: int) -> str:
         stub = inference_pb2_grpc.InferenceStub(channel)
         while time.monotonic() < deadline:
             listed = stub.ListModels(inference_pb2.ListModelsRequest(), timeout=5)
-            if any(m.name == LLM and m.healthy for m in listed.models):
+            if any(m.name == model and m.healthy for m in listed.models):
                 return router.address
             time.sleep(0.2)
     raise RuntimeError("the mesh did not become healthy")
