@@ -15,39 +15,36 @@ import asyncio
 import itertools
 import os
 import statistics
-import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 
 from grpc import aio
 
 from services.bench import workload
 from services.bench.generation import start
+from services.bench.load import closed_loop, embed_call
 from services.bench.procs import Fleet
-from services.pb.tessera.v1 import inference_pb2, inference_pb2_grpc
+from services.pb.tessera.v1 import inference_pb2
 
 ENCODER = "all-minilm-l6-v2"
 
 
 async def embeds_per_second(
-    address: str, texts: Iterator[str], seconds: float, concurrency: int
+    address: str,
+    requests: list[inference_pb2.EmbedRequest],
+    seconds: float,
+    concurrency: int,
+    start_index: int,
 ) -> float:
     async with aio.insecure_channel(address) as channel:
-        stub = inference_pb2_grpc.InferenceStub(channel)
-        end = time.perf_counter() + seconds
-        done = 0
-
-        async def caller() -> None:
-            nonlocal done
-            while time.perf_counter() < end:
-                request = inference_pb2.EmbedRequest(
-                    model=ENCODER, inputs=[next(texts)], packed=True
-                )
-                await stub.Embed(request, timeout=60)
-                done += 1
-
-        started = time.perf_counter()
-        await asyncio.gather(*(caller() for _ in range(concurrency)))
-        return done / (time.perf_counter() - started)
+        outcome = await closed_loop(
+            embed_call(channel, requests),
+            concurrency=concurrency,
+            seconds=seconds,
+            start_index=start_index,
+        )
+    if outcome.errors:
+        raise RuntimeError(f"{outcome.errors} Embed calls failed: {dict(outcome.error_kinds)}")
+    return outcome.items / outcome.wall_s
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -61,17 +58,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     threads = os.cpu_count() or 1
-    texts = itertools.cycle(workload.texts(20_000, seed=11))
+    requests = [
+        inference_pb2.EmbedRequest(model=ENCODER, inputs=[t], packed=True)
+        for t in workload.texts(20_000, seed=11)
+    ]
+    offsets = itertools.count(0, 5_000)  # each line starts on texts no line before it sent
     fleet = Fleet(args.repository, env={"OMP_WAIT_POLICY": "PASSIVE"})
     try:
         exact = start(fleet, [None], threads, model=ENCODER)
         reduced = start(fleet, [None], threads, model=ENCODER, precision=args.precision)
         for address in (exact, reduced):  # warm-up, outside the clock
-            asyncio.run(embeds_per_second(address, texts, 2.0, args.concurrency))
+            asyncio.run(embeds_per_second(address, requests, 2.0, args.concurrency, next(offsets)))
         ratios = []
         for round_ in range(args.rounds):
-            base = asyncio.run(embeds_per_second(exact, texts, args.seconds, args.concurrency))
-            other = asyncio.run(embeds_per_second(reduced, texts, args.seconds, args.concurrency))
+            base, other = (
+                asyncio.run(
+                    embeds_per_second(
+                        address, requests, args.seconds, args.concurrency, next(offsets)
+                    )
+                )
+                for address in (exact, reduced)
+            )
             ratios.append(other / base)
             print(
                 f"round {round_}: float32 {base:.1f}/s, {args.precision} {other:.1f}/s, "

@@ -409,6 +409,17 @@ def test_a_rogue_answering_unimplemented_never_fails_a_request(
     assert rogue.address not in listed_addresses(mesh)
 
 
+def _concurrent_embeds_equal_the_reference(mesh: Mesh, tiny_repo: Path) -> None:
+    """20 two-text Embeds, 4 at a time, each equal to sentence-transformers' vectors."""
+    texts = [[t, f"{t} {i}"] for i, t in enumerate(TEXTS * 7)][:20]
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(lambda ts: embed(mesh, ts), texts))
+    for got, ts in zip(results, texts):
+        np.testing.assert_allclose(
+            got, reference_embeddings(tiny_repo / "tiny-bert", ts), atol=1e-5
+        )
+
+
 def test_a_worker_that_turns_unimplemented_is_dropped_and_no_request_fails(
     mesh: Mesh, fleet: Fleet, tiny_repo: Path
 ) -> None:
@@ -418,13 +429,7 @@ def test_a_worker_that_turns_unimplemented_is_dropped_and_no_request_fails(
     register(mesh, turncoat.info)
     wait_until(lambda: turncoat.address in listed_addresses(mesh), 30, "the turncoat admitted")
     want = reference_embeddings(tiny_repo / "tiny-bert", TEXTS)
-    texts = [[t, f"{t} {i}"] for i, t in enumerate(TEXTS * 7)][:20]
-    with ThreadPoolExecutor(4) as pool:
-        results = list(pool.map(lambda ts: embed(mesh, ts), texts))
-    for got, ts in zip(results, texts):
-        np.testing.assert_allclose(
-            got, reference_embeddings(tiny_repo / "tiny-bert", ts), atol=1e-5
-        )
+    _concurrent_embeds_equal_the_reference(mesh, tiny_repo)
     np.testing.assert_allclose(embed(mesh, TEXTS), want, rtol=0, atol=1e-5)
     assert turncoat.requests >= 1, "no request reached the turncoat"  # odds 2^-20
     assert turncoat.address not in listed_addresses(mesh)
@@ -439,13 +444,7 @@ def test_a_worker_answering_malformed_tensors_is_dropped_and_no_request_fails(
     liar = fleet.add(claim, "malformed", np.eye(1, 32, dtype=np.float32)[0])
     register(mesh, liar.info)
     wait_until(lambda: liar.address in listed_addresses(mesh), 30, "the liar admitted")
-    texts = [[t, f"{t} {i}"] for i, t in enumerate(TEXTS * 7)][:20]
-    with ThreadPoolExecutor(4) as pool:
-        results = list(pool.map(lambda ts: embed(mesh, ts), texts))
-    for got, ts in zip(results, texts):
-        np.testing.assert_allclose(
-            got, reference_embeddings(tiny_repo / "tiny-bert", ts), atol=1e-5
-        )
+    _concurrent_embeds_equal_the_reference(mesh, tiny_repo)
     assert liar.requests >= 1, "no request reached the liar"  # odds 2^-20
     assert liar.address not in listed_addresses(mesh)
     assert logged(mesh, f"worker {liar.address} dropped: its Forward answer")
