@@ -19,7 +19,7 @@ from services.common.telemetry import outgoing_metadata
 from services.common.tensors import from_numpy
 from services.common.types import SamplingParams
 from services.pb.tessera.v1 import common_pb2, worker_pb2
-from services.router.pipeline import HopFailed, malformed, translate
+from services.router.pipeline import malformed, misbehaved, translate
 from services.router.pool import WorkerPool
 from services.router.routing import Chain
 
@@ -35,12 +35,8 @@ def sampling_pb(params: SamplingParams) -> worker_pb2.Sampling:
     return sampling
 
 
-def request_width(feeds: Sequence[Sequence[int]]) -> int:
-    return max(len(f) for f in feeds)
-
-
 def left_padded(feeds: Sequence[Sequence[int]], pad_id: int = 0) -> common_pb2.Tensor:
-    width = request_width(feeds)
+    width = max(len(f) for f in feeds)
     ids = np.full((len(feeds), width), pad_id, dtype=np.int64)
     for row, feed in enumerate(feeds):
         ids[row, width - len(feed) :] = feed
@@ -65,21 +61,18 @@ class ChainClient:
         except aio.AioRpcError as error:
             raise translate(error, address, self.pool) from None
 
-    def _misbehaved(self, address: str, problem: str) -> HopFailed:
-        """A worker's answer cannot be right: it is dropped and the batch fails over."""
-        self.pool.reject(address, problem)
-        return HopFailed(address, problem)
-
     def _hidden(self, address: str, result: worker_pb2.StepResult, rows: int, width: int) -> None:
         problem = malformed(result.hidden_states, rows, width, self.hidden_dtype)
         if problem:
-            raise self._misbehaved(address, f"its hidden states answer {problem}")
+            raise misbehaved(self.pool, address, f"its hidden states answer {problem}")
 
     def _tokens(self, address: str, result: worker_pb2.StepResult, rows: int) -> list[int]:
         tokens = list(result.token_ids)
         if len(tokens) != rows or any(t < 0 for t in tokens):
-            raise self._misbehaved(
-                address, f"it returned {len(tokens)} token ids (or a negative one) for {rows} rows"
+            raise misbehaved(
+                self.pool,
+                address,
+                f"it returned {len(tokens)} token ids (or a negative one) for {rows} rows",
             )
         return tokens
 
@@ -114,7 +107,7 @@ class ChainClient:
                 request.hidden_states.CopyFrom(hidden)
             result = await self._call(address, "Prefill", request, timeout)  # type: ignore[assignment]
             if index < len(self.addresses) - 1:
-                self._hidden(address, result, len(rows), int(request_width(feeds)))
+                self._hidden(address, result, len(rows), max(len(f) for f in feeds))
             hidden = result.hidden_states
         return self._tokens(self.addresses[-1], result, len(rows))
 

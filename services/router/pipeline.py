@@ -44,6 +44,13 @@ class HopFailed(Exception):
         self.address = address
 
 
+def misbehaved(pool: WorkerPool, address: str, problem: str) -> HopFailed:
+    """An admitted worker answered what no honest one would: it is dropped (until it passes
+    admission again) and the work is retried on another chain."""
+    pool.reject(address, problem)
+    return HopFailed(address, problem)
+
+
 def translate(error: aio.AioRpcError, address: str, pool: WorkerPool) -> Exception:
     """Maps a worker's status to what the router does with it."""
     code = error.code()
@@ -136,10 +143,7 @@ async def run_forward(
         pooled = request.pool
         problem = malformed(current, rows, None if pooled else width, request.hidden_dtype)
         if problem:
-            # An admitted worker that answers garbage is not to be trusted with more work: it
-            # is dropped (until it passes admission again) and the work goes to another chain.
-            pool.reject(hop.address, f"its Forward answer {problem}")
-            raise HopFailed(hop.address, f"malformed answer: {problem}")
+            raise misbehaved(pool, hop.address, f"its Forward answer {problem}")
     assert current is not None
     return current
 
