@@ -7,7 +7,6 @@ import asyncio
 import os
 import sys
 
-from services.common.repository import PRECISIONS
 from services.common.settings import (
     RouterSettings,
     WorkerSettings,
@@ -15,6 +14,7 @@ from services.common.settings import (
     apply_env,
     default_repository,
 )
+from services.common.types import PRECISIONS
 
 
 def _setup_logging(service: str, level: str) -> None:

@@ -233,24 +233,36 @@ class CacheStore:
 
     # -- from asyncio code -------------------------------------------------------------------
 
+    async def get_async(self, key: str) -> bytes | None:
+        """:meth:`get` on the store's thread; the event loop goes on meanwhile."""
+        return await self._threaded(partial(self.get, key), None)
+
+    async def set_async(self, key: str, value: bytes) -> None:
+        """:meth:`set` on the store's thread; the event loop goes on meanwhile."""
+        await self._threaded(partial(self.set, key, value), None)
+
     async def get_many_async(self, keys: Sequence[str]) -> dict[str, bytes]:
         """:meth:`get_many` on the store's thread; the event loop goes on meanwhile."""
-        if self._client is None or not keys:
-            return self.get_many(keys) if keys else {}
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[dict[str, bytes]] = loop.create_future()
-        if not self._thread().put((self.get_many, keys, future, loop)):
-            return {}  # the store closed under us: a miss
-        return await future
+        if not keys:
+            return {}
+        return await self._threaded(partial(self.get_many, keys), {})
 
     async def set_many_async(self, items: Mapping[str, bytes]) -> None:
         """:meth:`set_many` on the store's thread; the event loop goes on meanwhile."""
-        if self._client is None or not items:
-            return
+        if items:
+            await self._threaded(partial(self.set_many, items), None)
+
+    async def _threaded(self, call: Callable[[], T], default: T) -> T:
+        """call() on the store's thread, its spans in the caller's trace; `default` when the
+        store is closed or disabled, or the call fails unexpectedly."""
+        if self._client is None:
+            return default
         loop = asyncio.get_running_loop()
-        future: asyncio.Future[None] = loop.create_future()
-        if self._thread().put((self.set_many, items, future, loop)):
-            await future
+        future: asyncio.Future[T] = loop.create_future()
+        job = _Job(contextvars.copy_context(), call, default, future, loop)
+        if not self._thread().put(job):
+            return default  # the store closed under us: a miss
+        return await future
 
     def _thread(self) -> _StoreThread:
         thread = self._worker
@@ -382,12 +394,11 @@ class _StoreThread:
         self._thread = threading.Thread(target=self._run, name="cache", daemon=True)
         self._thread.start()
 
-    def put(self, job: tuple[Callable[[Any], Any], Any, Any, Any]) -> bool:
-        """Queues (fn, argument, future or None, loop or None); False once stopped."""
+    def put(self, job: _Job) -> bool:
+        """Queues a job; False once stopped."""
         if self._stopped:
             return False
-        fn, argument, future, loop = job
-        self._queue.put(_Job(contextvars.copy_context(), fn, argument, future, loop))
+        self._queue.put(job)
         return True
 
     def stop(self) -> None:
@@ -397,22 +408,21 @@ class _StoreThread:
     def _run(self) -> None:
         while (job := self._queue.get()) is not None:
             try:
-                result = job.context.run(job.fn, job.argument)
+                result = job.context.run(job.call)
             except BaseException as exc:  # noqa: BLE001 - the caller gets a miss, never a raise
                 logger.warning("cache call failed unexpectedly: %s", exc)
-                result = {} if job.future is not None else None
-            if job.future is not None and job.loop is not None:
-                with contextlib.suppress(RuntimeError):  # the caller's loop is gone
-                    job.loop.call_soon_threadsafe(_resolve, job.future, result)
+                result = job.default
+            with contextlib.suppress(RuntimeError):  # the caller's loop is gone
+                job.loop.call_soon_threadsafe(_resolve, job.future, result)
 
 
 @dataclass(slots=True)
 class _Job:
     context: contextvars.Context
-    fn: Callable[[Any], Any]
-    argument: Any
-    future: asyncio.Future[Any] | None
-    loop: asyncio.AbstractEventLoop | None
+    call: Callable[[], Any]
+    default: Any
+    future: asyncio.Future[Any]
+    loop: asyncio.AbstractEventLoop
 
 
 def _resolve(future: asyncio.Future[Any], result: Any) -> None:

@@ -19,6 +19,7 @@ class ServiceError(Exception):
     """An error the client should see, with its status code and a human message."""
 
     code: grpc.StatusCode = grpc.StatusCode.INTERNAL
+    trailing: tuple[tuple[str, str], ...] = ()  # trailing metadata sent with the status
 
     def __init__(self, message: str) -> None:
         super().__init__(message)
@@ -43,6 +44,19 @@ class Unavailable(ServiceError):
 
 class DeadlineExceeded(ServiceError):
     code = grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+DRAINING_KEY = "tessera-draining"
+
+
+class Draining(Unavailable):
+    """The server is draining: it finishes what it holds and takes no new work.
+
+    UNAVAILABLE (try elsewhere) marked in the trailing metadata, so a caller can tell a server
+    that is leaving in good order from one that is gone: the router sends new work elsewhere
+    and lets the rows this worker holds finish where they are."""
+
+    trailing = ((DRAINING_KEY, "1"),)
 
 
 class MissingSpanError(Unavailable):
@@ -105,7 +119,8 @@ async def _abort_for(exc: Exception, context: aio.ServicerContext, method: str) 
     if status is None:
         log.exception("unexpected error in %s", method)
         status = _internal(method)
-    await context.abort(*status)
+    trailing = exc.trailing if isinstance(exc, ServiceError) else ()
+    await context.abort(*status, trailing_metadata=trailing)
 
 
 _UNDECODABLE = object()

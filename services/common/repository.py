@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from services.common.errors import NotFound
-from services.common.types import ModelKind
+from services.common.types import PRECISIONS, ModelKind
 
 ENCODER_TYPES = {"bert", "roberta"}
 CAUSAL_TYPES = {"llama", "gpt2"}
@@ -56,8 +56,6 @@ def model_spec(repository: Path, name: str) -> ModelSpec:
         max_positions -= int(config.get("pad_token_id", 1)) + 1
     return ModelSpec(name, path, model_type, kind, num_layers, hidden, max_positions)
 
-
-PRECISIONS = ("float32", "bfloat16", "int8")  # float32 is the default and the exact one
 
 # Files whose content changes what a model answers, besides the weights: the architecture, the
 # tokenizer (vocabulary, normalisation, special tokens, chat template), generation defaults and

@@ -34,7 +34,6 @@ class WorkerSettings:
     max_kv_mb: int = 2048  # MiB of KV cache over every batch, padding included
     batch_idle_s: float = 60.0  # seconds before a batch no router steps is freed
     max_batch: int = 32  # rows (texts or sessions) per forward pass
-    max_wait_ms: float = 1.0  # milliseconds to wait for more work before a batch runs
     drain_s: float = 10.0  # seconds to finish work on SIGTERM
     threads: int = 0  # torch intra-op threads; 0 = torch's default
     metrics_port: int = -1  # Prometheus /metrics port; -1 = off, 0 = any free port
@@ -88,6 +87,14 @@ class RouterSettings:
     waiting_served_ratio: float = 1.2  # prefill early only for this many waiting per running row
     max_waiting_steps: int = 20  # ... or once this many decode steps have run since the last
     aging_s: float = 2.0  # seconds of waiting that raise a generation's priority by one
+    retries: int = 2  # other chains a request may go on to after a worker fails its work
+    # A worker call unanswered after stuck_factor x the slowest recent call of its kind (per unit
+    # of work; at least stuck_step_min_s) gets its worker's health checked: a worker that answers
+    # is busy and is waited for (up to stuck_step_max_s), one that misses two checks is stuck:
+    # marked failed, and only the chains through it move. A client's deadline is never used.
+    stuck_step_min_s: float = 2.0
+    stuck_factor: float = 10.0
+    stuck_step_max_s: float = 120.0
     metrics_port: int = -1  # Prometheus /metrics port; -1 = off, 0 = any free port
     tls_cert: str = ""  # public port certificate (PEM); empty = plaintext
     tls_key: str = ""

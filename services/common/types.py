@@ -1,9 +1,17 @@
-"""Frozen value types of the request path. No I/O here."""
+"""Frozen value types of the request path, and their conversions to and from the wire. No I/O.
+
+Each type that crosses a wire converts itself (`from_pb` / `to_pb`) and validates itself, so the
+router and the worker read one rule set.
+"""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from enum import StrEnum
+
+from services.common.errors import InvalidArgument
+from services.pb.tessera.v1 import inference_pb2, worker_pb2
 
 
 class ModelKind(StrEnum):
@@ -67,6 +75,48 @@ class WorkerDescriptor:
     kv_token_budget: int = 0  # KV token slots (rows x columns) the worker holds at most
     precision: str = "float32"  # float32 | bfloat16 | int8 (part of the fingerprint)
 
+    @classmethod
+    def from_pb(cls, info: worker_pb2.WorkerInfo, address: str | None = None) -> WorkerDescriptor:
+        """What a WorkerInfo says, dialled at `address` (default: the address it names).
+
+        Raises ValueError naming the first field that is malformed."""
+        precision = info.precision or "float32"
+        if precision not in PRECISIONS:
+            raise ValueError(f"unknown precision {precision[:32]!r}")
+        return cls(
+            address=info.address if address is None else address,
+            model=info.model,
+            version=info.version,
+            fingerprint=info.fingerprint,
+            span=Span(info.span.start, info.span.end),
+            num_layers=info.num_layers,
+            kind=ModelKind(info.kind),
+            capacity=info.capacity,
+            hidden_size=info.hidden_size,
+            kv_token_budget=info.kv_token_budget,
+            precision=precision,
+        )
+
+    def to_pb(self) -> worker_pb2.WorkerInfo:
+        """The identity and capacity fields of a WorkerInfo (live counters are the worker's)."""
+        info = worker_pb2.WorkerInfo(
+            model=self.model,
+            version=self.version,
+            fingerprint=self.fingerprint,
+            num_layers=self.num_layers,
+            kind=self.kind.value,
+            capacity=self.capacity,
+            hidden_size=self.hidden_size,
+            address=self.address,
+            kv_token_budget=self.kv_token_budget,
+            precision=self.precision,
+        )
+        info.span.start, info.span.end = self.span.start, self.span.end
+        return info
+
+
+PRECISIONS = ("float32", "bfloat16", "int8")  # float32 is the default and the exact one
+
 
 @dataclass(frozen=True, slots=True)
 class Hop:
@@ -76,12 +126,27 @@ class Hop:
     span: Span
 
 
+MAX_TEMPERATURE = 100.0
+
+
 @dataclass(frozen=True, slots=True)
 class SamplingParams:
-    temperature: float = 0.0
-    top_k: int = 0
-    top_p: float = 1.0
-    seed: int | None = None
+    """How the last stage picks each token. Invalid values cannot be constructed."""
+
+    temperature: float = 0.0  # 0 = greedy
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0  # 1 = off; in (0, 1]
+    seed: int | None = None  # seeded draws depend only on (seed, position)
+
+    def __post_init__(self) -> None:
+        if not math.isfinite(self.temperature) or not 0 <= self.temperature <= MAX_TEMPERATURE:
+            raise InvalidArgument(
+                f"temperature must be in [0, {MAX_TEMPERATURE:g}], got {self.temperature}"
+            )
+        if not math.isfinite(self.top_p) or not 0 < self.top_p <= 1:
+            raise InvalidArgument(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise InvalidArgument(f"top_k must be >= 0, got {self.top_k}")
 
     @property
     def greedy(self) -> bool:
@@ -90,3 +155,31 @@ class SamplingParams:
     @property
     def deterministic(self) -> bool:
         return self.greedy or self.seed is not None
+
+    @classmethod
+    def from_request(cls, request: inference_pb2.GenerateRequest) -> SamplingParams:
+        """A public GenerateRequest's sampling fields (unset = the defaults above)."""
+        return cls(
+            temperature=float(request.temperature) if request.HasField("temperature") else 0.0,
+            top_k=int(request.top_k) if request.HasField("top_k") else 0,
+            top_p=float(request.top_p) if request.HasField("top_p") else 1.0,
+            seed=int(request.seed) if request.HasField("seed") else None,
+        )
+
+    @classmethod
+    def from_pb(cls, sampling: worker_pb2.Sampling) -> SamplingParams:
+        """The worker wire form: every field is sent (to_pb), so none has a default here."""
+        return cls(
+            temperature=float(sampling.temperature),
+            top_k=int(sampling.top_k),
+            top_p=float(sampling.top_p),
+            seed=int(sampling.seed) if sampling.HasField("seed") else None,
+        )
+
+    def to_pb(self) -> worker_pb2.Sampling:
+        sampling = worker_pb2.Sampling(
+            temperature=self.temperature, top_k=self.top_k, top_p=self.top_p
+        )
+        if self.seed is not None:
+            sampling.seed = self.seed
+        return sampling

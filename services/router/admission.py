@@ -26,10 +26,10 @@ from grpc import aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from services.common.errors import InvalidArgument
-from services.common.repository import PRECISIONS, ModelSpec, fingerprint, model_spec, version_of
+from services.common.repository import ModelSpec, fingerprint, model_spec, version_of
 from services.common.telemetry import outgoing_metadata
 from services.common.tensors import from_numpy, to_numpy, validate
-from services.common.types import ModelKind, Span, WorkerDescriptor
+from services.common.types import ModelKind, WorkerDescriptor
 from services.pb.tessera.v1 import common_pb2, worker_pb2, worker_pb2_grpc
 
 PROBE_TOKENS = 4  # tokens per admission probe
@@ -103,23 +103,8 @@ def dial_target(address: str) -> str:
 
 def descriptor_from_info(info: worker_pb2.WorkerInfo, address: str) -> WorkerDescriptor:
     """What a WorkerInfo says, at the address the router dials (raises Rejected if malformed)."""
-    precision = info.precision or "float32"
-    if precision not in PRECISIONS:
-        raise Rejected(f"its Info names an unknown precision {precision[:32]!r}")
     try:
-        return WorkerDescriptor(
-            address=address,
-            model=info.model,
-            version=info.version,
-            fingerprint=info.fingerprint,
-            span=Span(info.span.start, info.span.end),
-            num_layers=info.num_layers,
-            kind=ModelKind(info.kind),
-            capacity=info.capacity,
-            hidden_size=info.hidden_size,
-            kv_token_budget=info.kv_token_budget,
-            precision=precision,
-        )
+        return WorkerDescriptor.from_pb(info, address)
     except ValueError as exc:
         raise Rejected(f"its Info is malformed: {exc}") from None
 

@@ -1,38 +1,32 @@
 """Driving one chain's generation batches over gRPC: prefill, decode, filter, clear.
 
-One unary call per stage per step, each carrying the whole batch; the router relays hidden
-states from stage to stage and the last stage's sampled tokens back to stage 0. Worker errors
-become what the router acts on (`pipeline.translate`): HopFailed after a transport failure or
-an answer of the wrong shape (that worker is dropped too), so the batch fails over;
-ResourceExhausted when a worker's KV budget is full (wait); ServiceError otherwise.
+One unary call per stage per step, each carrying the whole batch, through the hop relay
+(`relay.py`): hidden states go from stage to stage and the last stage's sampled tokens come
+back. A failed call raises its `Fault` (faults.py); nothing here decides who pays for it.
+
+A step that is overdue (`StepTimes`, learnt from the steps each worker answered) has its worker's
+health checked; a client's deadline never bounds a step: one request's short deadline must not
+fail a healthy stage.
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 from grpc import aio
 
 from services.common.telemetry import outgoing_metadata
 from services.common.tensors import from_numpy
-from services.common.types import SamplingParams
 from services.pb.tessera.v1 import common_pb2, worker_pb2
-from services.router.pipeline import malformed, misbehaved, translate
 from services.router.pool import WorkerPool
+from services.router.relay import StepTimes, malformed, relay
 from services.router.routing import Chain
+from services.router.scheduler import Decode, Drop, Prefill
 
-FILTER_TIMEOUT_S = 10.0
-
-
-def sampling_pb(params: SamplingParams) -> worker_pb2.Sampling:
-    sampling = worker_pb2.Sampling(
-        temperature=params.temperature, top_k=params.top_k, top_p=params.top_p
-    )
-    if params.seed is not None:
-        sampling.seed = params.seed
-    return sampling
+CLEAR_TIMEOUT_S = 10.0
 
 
 def left_padded(feeds: Sequence[Sequence[int]], pad_id: int = 0) -> common_pb2.Tensor:
@@ -46,104 +40,124 @@ def left_padded(feeds: Sequence[Sequence[int]], pad_id: int = 0) -> common_pb2.T
 class ChainClient:
     """The stages of one chain, called in order for each step of a batch."""
 
-    def __init__(self, pool: WorkerPool, chain: Chain, hidden_dtype: str = "float32") -> None:
+    def __init__(
+        self, pool: WorkerPool, chain: Chain, times: StepTimes, hidden_dtype: str = "float32"
+    ) -> None:
         self.pool = pool
         self.chain = chain
+        self.times = times
         self.hidden_dtype = hidden_dtype
         self.addresses = chain.addresses
+        self._last = len(self.addresses) - 1
 
-    async def _call(self, address: str, method: str, request: object, timeout: float) -> object:
-        stub = self.pool.stub(address)
-        try:
-            return await getattr(stub, method)(
-                request, timeout=timeout, metadata=outgoing_metadata()
-            )
-        except aio.AioRpcError as error:
-            raise translate(error, address, self.pool) from None
+    async def _relay(
+        self, method: str, kind: str, work: int, rows: int, width: int, build: Any
+    ) -> worker_pb2.StepResult:
+        def check(index: int, answer: worker_pb2.StepResult) -> str:
+            if index < self._last:
+                problem = malformed(answer.hidden_states, rows, width, self.hidden_dtype)
+                return f"its hidden states answer {problem}" if problem else ""
+            tokens = answer.token_ids
+            if len(tokens) != rows or any(t < 0 for t in tokens):
+                return f"it returned {len(tokens)} token ids (or a negative one) for {rows} rows"
+            return ""
 
-    def _hidden(self, address: str, result: worker_pb2.StepResult, rows: int, width: int) -> None:
-        problem = malformed(result.hidden_states, rows, width, self.hidden_dtype)
-        if problem:
-            raise misbehaved(self.pool, address, f"its hidden states answer {problem}")
+        result: worker_pb2.StepResult = await relay(
+            self.pool,
+            self.addresses,
+            method,
+            build,
+            check,
+            timeout=lambda _: self.times.policy.max_s,
+            timeout_is_stuck=True,
+            stuck_after=lambda address: self.times.overdue(address, kind, work),
+            observe=lambda address, seconds: self.times.observe(address, kind, work, seconds),
+        )
+        return result
 
-    def _tokens(self, address: str, result: worker_pb2.StepResult, rows: int) -> list[int]:
-        tokens = list(result.token_ids)
-        if len(tokens) != rows or any(t < 0 for t in tokens):
-            raise misbehaved(
-                self.pool,
-                address,
-                f"it returned {len(tokens)} token ids (or a negative one) for {rows} rows",
-            )
-        return tokens
-
-    async def prefill(
-        self,
-        batch_id: str,
-        request_ids: Sequence[int],
-        feeds: Sequence[Sequence[int]],
-        max_tokens: Sequence[int],
-        sampling: Sequence[SamplingParams],
-        timeout: float,
-    ) -> list[int]:
+    async def prefill(self, prefill: Prefill) -> list[int]:
         """Runs left-padded prompts through every stage; returns each row's first token."""
+        requests = prefill.requests
+        feeds = [r.feed for r in requests]
+        width = max(len(f) for f in feeds)
         rows = [
             worker_pb2.PrefillRow(
-                request_id=rid, length=len(feed), max_tokens=limit, sampling=sampling_pb(params)
+                request_id=r.request_id,
+                length=len(r.feed),
+                max_tokens=r.max_tokens,
+                sampling=r.sampling.to_pb(),
             )
-            for rid, feed, limit, params in zip(
-                request_ids, feeds, max_tokens, sampling, strict=True
-            )
+            for r in requests
         ]
-        hidden: common_pb2.Tensor | None = None
-        result = worker_pb2.StepResult()
-        for index, address in enumerate(self.addresses):
+
+        def build(index: int, hidden: common_pb2.Tensor | None) -> worker_pb2.PrefillRequest:
             request = worker_pb2.PrefillRequest(
-                batch_id=batch_id, rows=rows, hidden_dtype=self.hidden_dtype
+                batch_id=prefill.batch_id,
+                rows=rows,
+                hidden_dtype=self.hidden_dtype,
+                merge_into=prefill.merge_into,
             )
             if index == 0:
                 request.input_ids.CopyFrom(left_padded(feeds))
             else:
                 assert hidden is not None
                 request.hidden_states.CopyFrom(hidden)
-            result = await self._call(address, "Prefill", request, timeout)  # type: ignore[assignment]
-            if index < len(self.addresses) - 1:
-                self._hidden(address, result, len(rows), max(len(f) for f in feeds))
-            hidden = result.hidden_states
-        return self._tokens(self.addresses[-1], result, len(rows))
+            return request
 
-    async def decode(
-        self, batch_ids: Sequence[str], tokens: Sequence[int], timeout: float
-    ) -> list[int]:
-        """One step: the tokens sampled last step in, the next tokens out (merging batch_ids)."""
-        hidden: common_pb2.Tensor | None = None
-        result = worker_pb2.StepResult()
-        for index, address in enumerate(self.addresses):
-            request = worker_pb2.DecodeRequest(batch_ids=batch_ids, hidden_dtype=self.hidden_dtype)
+        result = await self._relay("Prefill", "prefill", len(rows) * width, len(rows), width, build)
+        return list(result.token_ids)
+
+    async def decode(self, step: Decode) -> list[int]:
+        """One step: the tokens sampled last step in, the next tokens out (merging batches)."""
+        count = len(step.tokens)
+
+        def build(index: int, hidden: common_pb2.Tensor | None) -> worker_pb2.DecodeRequest:
+            request = worker_pb2.DecodeRequest(
+                batch_ids=step.batch_ids, hidden_dtype=self.hidden_dtype
+            )
             if index == 0:
-                request.input_ids.CopyFrom(from_numpy(np.asarray(tokens, dtype=np.int64)))
+                request.input_ids.CopyFrom(from_numpy(np.asarray(step.tokens, dtype=np.int64)))
             else:
                 assert hidden is not None
                 request.hidden_states.CopyFrom(hidden)
-            result = await self._call(address, "Decode", request, timeout)  # type: ignore[assignment]
-            if index < len(self.addresses) - 1:
-                self._hidden(address, result, len(tokens), 1)
-            hidden = result.hidden_states
-        return self._tokens(self.addresses[-1], result, len(tokens))
+            return request
 
-    async def filter(self, batch_id: str, keep: Sequence[int]) -> None:
-        request = worker_pb2.FilterRequest(batch_id=batch_id, keep=keep)
-        await asyncio.gather(
-            *(self._call(a, "Filter", request, FILTER_TIMEOUT_S) for a in self.addresses)
-        )
+        result = await self._relay("Decode", "decode", count, count, 1, build)
+        return list(result.token_ids)
+
+    async def filter(self, drop: Drop) -> None:
+        """Rows leave the batch on every stage at once (an empty keep clears it)."""
+        if not drop.keep:
+            await self.clear([drop.batch_id])
+            return
+        request = worker_pb2.FilterRequest(batch_id=drop.batch_id, keep=drop.keep)
+        work = len(drop.keep)
+
+        async def one(address: str) -> None:
+            await relay(
+                self.pool,
+                [address],
+                "Filter",
+                lambda _index, _hidden: request,
+                lambda _index, _answer: "",
+                timeout=lambda _: self.times.policy.max_s,
+                timeout_is_stuck=True,
+                stuck_after=lambda a: self.times.overdue(a, "filter", work),
+                observe=lambda a, seconds: self.times.observe(a, "filter", work, seconds),
+            )
+
+        await asyncio.gather(*(one(a) for a in self.addresses))
 
     async def clear(self, batch_ids: Sequence[str]) -> None:
         """Frees batches on every stage that still answers; failures are left to expiry."""
+        if not batch_ids:
+            return
         request = worker_pb2.ClearRequest(batch_ids=batch_ids)
 
         async def one(address: str) -> None:
             try:
                 await self.pool.stub(address).Clear(
-                    request, timeout=FILTER_TIMEOUT_S, metadata=outgoing_metadata()
+                    request, timeout=CLEAR_TIMEOUT_S, metadata=outgoing_metadata()
                 )
             except aio.AioRpcError:
                 pass

@@ -37,14 +37,16 @@ from services.common.errors import (
     DeadlineExceeded,
     InvalidArgument,
     MissingSpanError,
+    ResourceExhausted,
     ServiceError,
     Unavailable,
 )
 from services.common.tensors import ITEMSIZE
 from services.common.types import Span
-from services.pb.tessera.v1 import common_pb2
-from services.router.pipeline import HopFailed, _ForwardedInvalid, run_forward
+from services.pb.tessera.v1 import common_pb2, worker_pb2
+from services.router.faults import DeadlinePassed, Fault, InputRefused, StageFull
 from services.router.pool import WorkerPool
+from services.router.relay import StepTimes, malformed, relay
 from services.router.routing import Chain, RoutingTable
 
 log = logging.getLogger(__name__)
@@ -166,11 +168,17 @@ class _Lane:
 class Coalescer:
     """Lanes of pending work per (model, version, layers, input kind, pooling), and the calls."""
 
-    def __init__(self, pool: WorkerPool, config: CoalescerConfig = CoalescerConfig()) -> None:
+    def __init__(
+        self,
+        pool: WorkerPool,
+        config: CoalescerConfig = CoalescerConfig(),
+        times: StepTimes | None = None,
+    ) -> None:
         self._pool = pool
         self.config = config
+        self._times = times or StepTimes()  # when a call is overdue (its worker is checked)
         self._lanes: dict[_LaneKey, _Lane] = {}
-        self._calls: collections.Counter[str] = collections.Counter()  # per worker address
+        self._book = pool.book  # calls in flight per worker, for the in_flight limit
         self._tasks: set[asyncio.Task[None]] = set()
         self._chains_cache: tuple[
             RoutingTable | None, dict[tuple[str, str], tuple[Chain, ...] | None]
@@ -300,7 +308,7 @@ class Coalescer:
             chain = self._free_chain(lane)
             if chain is None:
                 return
-            if any(self._calls[a] for a in chain.addresses):
+            if any(self._book.calls(a) for a in chain.addresses):
                 # Busy: gather until the call holds this lane's share of the work in play, so
                 # calls alternate on the worker instead of a lone row going out at every turn.
                 slots = config.in_flight * self._chains_of(lane.key.model, lane.key.fingerprint)
@@ -318,26 +326,26 @@ class Coalescer:
         key = lane.key
         chains = self._version_chains(key.model, key.fingerprint)
         limit = self.config.in_flight
-        calls = self._calls
+        calls = self._book.calls
         if chains is None:  # more chains than a listing holds: the planner picks
             table, load = self._pool.table, self._pool.load
-            full = frozenset(a for a, n in calls.items() if n >= limit)
+            full = frozenset(a for a in load if calls(a) >= limit)
             try:
-                return _route(table, key.model, load, key.fingerprint, full)
+                return table.route(key.model, load, exclude=full, fingerprint=key.fingerprint)
             except MissingSpanError:
                 pass
             if full:
                 try:
-                    _route(table, key.model, load, key.fingerprint, frozenset())
+                    table.route(key.model, load, fingerprint=key.fingerprint)
                     return None  # every chain of the version is at capacity: wait for a call
                 except MissingSpanError:
                     pass
         elif chains:
-            free = [c for c in chains if all(calls[a] < limit for a in c.addresses)]
+            free = [c for c in chains if all(calls(a) < limit for a in c.addresses)]
             if len(free) <= 1:
                 return free[0] if free else None
             load = self._pool.load
-            costs = [sum(calls[a] + load.get(a, 0) for a in c.addresses) for c in free]
+            costs = [sum(load.get(a, 0) for a in c.addresses) for c in free]
             best = min(costs)
             return random.choice([c for c, cost in zip(free, costs) if cost == best])
         gone = VersionGone(
@@ -377,8 +385,7 @@ class Coalescer:
 
     def _start(self, lane: _Lane, chain: Chain, parts: list[_Part]) -> None:
         rows = sum(p.rows for p in parts)
-        for address in chain.addresses:
-            self._calls[address] += 1
+        self._book.acquire(chain.addresses)
         lane.in_flight_rows += rows
         # The call is a span of its first request's trace (one request: exactly its trace).
         context = parts[0].request.context.copy()
@@ -400,10 +407,7 @@ class Coalescer:
                 exc = ServiceError("a coalesced worker call failed")
             _fail(parts, exc)
         finally:
-            for address in chain.addresses:
-                self._calls[address] -= 1
-                if self._calls[address] <= 0:
-                    del self._calls[address]
+            self._book.release(chain.addresses)
             lane.in_flight_rows -= rows
             self._dispatch_version(lane.key.model, lane.key.fingerprint)
 
@@ -413,19 +417,21 @@ class Coalescer:
             return
         try:
             out = await self._send(lane, chain, parts)
-        except _ForwardedInvalid as exc:
+        except _Refused as exc:
             if lane.key.kind == IDS and lane.key.pool:
                 raise ServiceError(f"a worker rejected the router's batch: {exc}") from None
             requests = list(dict.fromkeys(p.request for p in parts))
             if len(requests) == 1:
-                raise InvalidArgument(str(exc)) from None
+                raise InvalidArgument(exc.message) from None
             # One bad input must not fail the others it travelled with: each again, alone.
             for request in requests:
                 own = [p for p in parts if p.request is request]
                 try:
                     _deliver(lane, own, await self._send(lane, chain, own))
-                except ServiceError as alone:
-                    _fail(own, InvalidArgument(str(alone)) if _invalid(alone) else alone)
+                except _Refused as alone:
+                    _fail(own, InvalidArgument(alone.message))
+                except ServiceError as failed:
+                    _fail(own, failed)
             return
         _deliver(lane, parts, out)
 
@@ -450,67 +456,114 @@ class Coalescer:
                 if timeout <= 0:
                     raise DeadlineExceeded("deadline passed while waiting for a worker")
                 try:
-                    return await run_forward(
-                        self._pool,
-                        current.hops(key.span),
-                        input_ids=ids,
-                        hidden_states=hidden,
-                        attention_mask=mask,
-                        pool_output=key.pool,
-                        timeout=timeout,
-                        hidden_dtype=self.config.hidden_dtype if key.pool else "float32",
-                    )
-                except HopFailed as failure:
+                    return await self._relay(current, key, ids, hidden, mask, timeout)
+                except (InputRefused, DeadlinePassed, StageFull) as fault:
+                    raise _failure(fault) from None
+                except Fault as fault:
+                    # Down, stuck, draining, misbehaving, or failed inside: the worker's
+                    # standing follows the fault; the work goes to another chain of its version.
+                    self._pool.apply_blame(fault)
                     log.warning(
-                        "attempt %d on %s failed: %s", attempt + 1, current.describe(), failure
+                        "attempt %d on %s failed: %s", attempt + 1, current.describe(), fault
                     )
-                    excluded.add(failure.address)
+                    excluded.add(fault.address)
                     if attempt == self.config.retries:
-                        raise Unavailable(f"model {key.model!r}: {failure}") from None
+                        raise Unavailable(f"model {key.model!r}: {fault}") from None
                     try:
-                        current = _route(
-                            self._pool.table,
+                        current = self._pool.table.route(
                             key.model,
                             self._pool.load,
-                            key.fingerprint,
-                            frozenset(excluded),
+                            exclude=frozenset(excluded),
+                            fingerprint=key.fingerprint,
                         )
                     except MissingSpanError:
                         raise VersionGone(
                             f"model {key.model!r}: no other chain of version "
-                            f"{key.fingerprint[:12]} after {failure}"
+                            f"{key.fingerprint[:12]} after {fault}"
                         ) from None
                     timeout = max(p.request.deadline for p in parts) - loop.time()
         raise AssertionError("unreachable")
 
+    async def _relay(
+        self,
+        chain: Chain,
+        key: _LaneKey,
+        ids: common_pb2.Tensor | None,
+        hidden: common_pb2.Tensor | None,
+        mask: common_pb2.Tensor | None,
+        timeout: float,
+    ) -> common_pb2.Tensor:
+        """One coalesced call through the chain's hops (cut to the lane's layers). Hidden
+        states travel as `hidden_dtype` between Embed's stages; the last hop answers float32."""
+        hops = chain.hops(key.span)
+        last = len(hops) - 1
+        first = ids if ids is not None else hidden
+        assert first is not None
+        rows, width = int(first.shape[0]), int(first.shape[1])
+        between = self.config.hidden_dtype if key.pool else "float32"
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
 
-def _route(
-    table: RoutingTable,
-    model: str,
-    load: dict[str, int],
-    fingerprint: str,
-    exclude: frozenset[str],
-) -> Chain:
-    # The fingerprint pins the version; whatever version label the calling context pins (a
-    # KServe request's) was honoured when the request chose its fingerprint.
-    from services.router import routing
+        def dtype(index: int) -> str:
+            return "float32" if index == last else between
 
-    pinned = getattr(routing, "pinned_version", None)
-    token = pinned.set(None) if pinned is not None else None
-    try:
-        return table.route(model, load, exclude=exclude, fingerprint=fingerprint)
-    finally:
-        if token is not None:
-            pinned.reset(token)  # type: ignore[union-attr]
+        def build(index: int, previous: common_pb2.Tensor | None) -> worker_pb2.StageForwardRequest:
+            hop = hops[index]
+            request = worker_pb2.StageForwardRequest(
+                span=common_pb2.Span(start=hop.span.start, end=hop.span.end),
+                pool=key.pool and index == last,
+                hidden_dtype=dtype(index),
+            )
+            if index == 0 and ids is not None:
+                request.input_ids.CopyFrom(ids)
+            else:
+                source = previous if index else hidden
+                assert source is not None
+                request.hidden_states.CopyFrom(source)
+            if mask is not None:
+                request.attention_mask.CopyFrom(mask)
+            return request
+
+        def check(index: int, answer: worker_pb2.StageForwardResponse) -> str:
+            pooled = key.pool and index == last
+            problem = malformed(answer.hidden_states, rows, None if pooled else width, dtype(index))
+            return f"its Forward answer {problem}" if problem else ""
+
+        answer = await relay(
+            self._pool,
+            [hop.address for hop in hops],
+            "Forward",
+            build,
+            check,
+            timeout=lambda _: deadline - loop.time(),
+            timeout_is_stuck=False,
+            stuck_after=lambda address: self._times.overdue(address, "forward", rows * width),
+            observe=lambda address, s: self._times.observe(address, "forward", rows * width, s),
+            hop_spans=[f"hop {hop.span}" for hop in hops],
+        )
+        hidden_states: common_pb2.Tensor = answer.hidden_states
+        return hidden_states
+
+
+class _Refused(ServiceError):
+    """A worker refused a call's input (INVALID_ARGUMENT): the client's own, when the input came
+    from it (Forward); the router's bug otherwise."""
+
+    code = InvalidArgument.code
+
+
+def _failure(fault: Fault) -> ServiceError:
+    """What a fault that no other chain would answer differently means for the call's requests."""
+    if isinstance(fault, InputRefused):
+        return _Refused(fault.detail)
+    if isinstance(fault, DeadlinePassed):
+        return DeadlineExceeded(f"deadline passed while worker {fault.address} was working")
+    return ResourceExhausted(fault.detail or f"worker {fault.address} is at capacity")
 
 
 def _expire(future: asyncio.Future[object]) -> None:
     if not future.done():
         future.set_exception(DeadlineExceeded("deadline passed before the work was done"))
-
-
-def _invalid(error: ServiceError) -> bool:
-    return isinstance(error, _ForwardedInvalid | InvalidArgument)
 
 
 def _fail(parts: Sequence[_Part], error: BaseException) -> None:

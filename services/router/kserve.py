@@ -13,7 +13,7 @@ Tensors:
 - encoder models: input "text" BYTES [N]; output "embeddings" FP32 [N, dim] (mean pooling +
   L2 normalisation, equal to Embed). Response parameters: cached_inputs, cached.
 `model_version` pins the version: every chain the request runs on is of that version
-(routing.pin_version), or it fails UNAVAILABLE; an unknown version is NOT_FOUND.
+(passed down as an argument), or it fails UNAVAILABLE; an unknown version is NOT_FOUND.
 BYTES elements use the protocol's raw layout (4-byte little-endian length, then the bytes) in
 raw_input_contents / raw_output_contents; typed `contents.bytes_contents` input works too.
 """
@@ -33,7 +33,6 @@ from services.pb.kserve import grpc_predict_v2_pb2 as pb
 from services.pb.kserve import grpc_predict_v2_pb2_grpc as pb_grpc
 from services.pb.tessera.v1 import inference_pb2
 from services.router.frontends import ModelFrontend
-from services.router.routing import pin_version
 from services.router.service import InferenceService
 
 KSERVE_NAME = "inference.GRPCInferenceService"
@@ -154,7 +153,7 @@ class KServeService(pb_grpc.GRPCInferenceServiceServicer):
         return pb.ModelReadyResponse(ready=ready)
 
     def _model(self, name: str, version: str) -> ModelFrontend:
-        frontend = self.inference._frontend(name)
+        frontend = self.inference.inputs.frontend(name)
         if version and version not in self._versions(name, healthy_only=False):
             raise NotFound(
                 f"model {name!r} has no version {version!r}; ModelMetadata lists its versions"
@@ -254,8 +253,7 @@ class KServeService(pb_grpc.GRPCInferenceServiceServicer):
         frontend = self._model(request.model_name, request.model_version)
         self._check_parameters(request, frontend.kind)
         texts, shape = self._texts(request)
-        with pin_version(request.model_version):
-            return await self._infer(request, frontend, texts, shape, context)
+        return await self._infer(request, frontend, texts, shape, context)
 
     async def _infer(
         self,
@@ -265,7 +263,7 @@ class KServeService(pb_grpc.GRPCInferenceServiceServicer):
         shape: list[int],
         context: aio.ServicerContext,
     ) -> pb.ModelInferResponse:
-        """ModelInfer under its version pin: every route it takes is on that version."""
+        """ModelInfer on its pinned version (model_version), if any."""
         response = pb.ModelInferResponse(
             model_name=request.model_name,
             id=request.id,
@@ -279,8 +277,8 @@ class KServeService(pb_grpc.GRPCInferenceServiceServicer):
                     f"a causal-lm model takes one prompt per request; input "
                     f"{INPUT!r} has shape {shape}"
                 )
-            generated = await self.inference.Generate(
-                self._generate_request(request, texts[0]), context
+            generated = await self.inference.generate(
+                self._generate_request(request, texts[0]), context, request.model_version or None
             )
             response.outputs.add(name=TEXT_OUTPUT, datatype="BYTES", shape=shape or [1])
             response.raw_output_contents.append(serialize_bytes([generated.text.encode()]))
@@ -291,7 +289,9 @@ class KServeService(pb_grpc.GRPCInferenceServiceServicer):
         else:
             self._check_outputs(request, EMBEDDINGS_OUTPUT)
             # Embed's own path without its message: the vectors go out as one raw FP32 block.
-            matrix, cached = await self.inference.embed_matrix(request.model_name, texts, context)
+            matrix, cached = await self.inference.embed_matrix(
+                request.model_name, texts, context, request.model_version or None
+            )
             response.outputs.add(
                 name=EMBEDDINGS_OUTPUT, datatype="FP32", shape=[len(texts), int(matrix.shape[1])]
             )

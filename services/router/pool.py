@@ -21,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
@@ -44,6 +44,7 @@ from services.router.admission import (
     dial_target,
     disagreements,
 )
+from services.router.faults import Blame, Fault
 from services.router.routing import RoutingTable
 
 log = logging.getLogger(__name__)
@@ -79,18 +80,87 @@ class _Member:
     task: asyncio.Task[None] | None = None  # its admission or recheck in progress
 
 
-class _Load(dict[str, int]):
-    """Outstanding calls per worker. A missing worker counts 0; counters never go negative and
-    vanish at 0, so calls that outlive their worker's departure leave nothing behind."""
+class _Counts(dict[str, int]):
+    """Counts per worker. A missing worker counts 0; counters never go negative and vanish at
+    0, so work that outlives its worker's departure leaves nothing behind."""
 
     def __missing__(self, address: str) -> int:
         return 0
 
-    def __setitem__(self, address: str, value: int) -> None:
-        if value > 0:
-            super().__setitem__(address, value)
-        else:
-            self.pop(address, None)
+    def add(self, addresses: Iterable[str], delta: int) -> None:
+        for address in addresses:
+            value = self[address] + delta
+            if value > 0:
+                self[address] = value
+            else:
+                self.pop(address, None)
+
+
+@dataclass(frozen=True)
+class Holding:
+    """What one generation engine holds on each worker of its chain."""
+
+    addresses: tuple[str, ...]
+    requests: int = 0  # generations it runs or queues (what routing balances)
+    rows: int = 0  # rows in its batches on the workers
+    tokens: int = 0  # KV token slots of its batches on the workers
+
+
+class LoadBook:
+    """The one ledger of outstanding work per worker, which routing and admission read.
+
+    Stateless calls (coalesced Embed and Forward) are acquired and released per call; each
+    generation engine sets its `Holding` whenever what it holds changes. `load` (what routing
+    balances) is calls in flight plus generations; `rows` and `tokens` let chains that share a
+    stage share its capacity and KV budget."""
+
+    def __init__(self) -> None:
+        self._load = _Counts()
+        self._calls = _Counts()
+        self._rows = _Counts()
+        self._tokens = _Counts()
+        self._holdings: dict[object, Holding] = {}
+
+    @property
+    def load(self) -> Mapping[str, int]:
+        return self._load
+
+    def acquire(self, addresses: Sequence[str]) -> None:
+        """A stateless call to these workers starts."""
+        self._calls.add(addresses, 1)
+        self._load.add(addresses, 1)
+
+    def release(self, addresses: Sequence[str]) -> None:
+        self._calls.add(addresses, -1)
+        self._load.add(addresses, -1)
+
+    def calls(self, address: str) -> int:
+        """Stateless calls in flight on the worker."""
+        return self._calls[address]
+
+    def hold(self, holder: object, holding: Holding) -> None:
+        """What `holder` (a generation engine) holds now, replacing what it held before."""
+        before = self._holdings.pop(holder, None)
+        if before is not None:
+            self._apply(before, -1)
+        if holding.requests or holding.rows or holding.tokens:
+            self._holdings[holder] = holding
+            self._apply(holding, 1)
+
+    def _apply(self, holding: Holding, sign: int) -> None:
+        for address in holding.addresses:
+            self._load.add([address], sign * holding.requests)
+            self._rows.add([address], sign * holding.rows)
+            self._tokens.add([address], sign * holding.tokens)
+
+    def others(self, holder: object, address: str) -> tuple[int, int]:
+        """(rows, tokens) that holders other than `holder` have on the worker."""
+        own = self._holdings.get(holder)
+        rows, tokens = self._rows[address], self._tokens[address]
+        if own is not None and address in own.addresses:
+            rows -= own.rows
+            tokens -= own.tokens
+        return rows, tokens
 
 
 class WorkerPool:
@@ -131,7 +201,7 @@ class WorkerPool:
         self._channels: dict[str, aio.Channel] = {}
         self._stubs: dict[str, worker_pb2_grpc.WorkerStub] = {}
         self._retiring: dict[str, float] = {}  # address -> when its channel is closed
-        self.load: dict[str, int] = _Load()
+        self.book = LoadBook()
         self.table = RoutingTable((), ())
         self._listeners: list[Callable[[RoutingTable], None]] = []
         self._task: asyncio.Task[None] | None = None
@@ -152,6 +222,10 @@ class WorkerPool:
             # A call to a worker that already left (a generation finishing its steps).
             self._retiring[address] = time.monotonic() + self.retire_s
         return stub
+
+    def _channel(self, address: str) -> aio.Channel:
+        self.stub(address)
+        return self._channels[address]
 
     def has_channel(self, address: str) -> bool:
         return address in self._channels
@@ -236,14 +310,37 @@ class WorkerPool:
             self._forget(address)
         log.info("worker %s left", address)
 
-    def mark_failed(self, address: str) -> None:
-        """A call to this worker failed at the transport: stop routing to it until it answers."""
+    @property
+    def load(self) -> Mapping[str, int]:
+        """Outstanding work per worker (the book's), which chain choice balances."""
+        return self.book.load
+
+    def apply_blame(self, fault: Fault) -> None:
+        """The one consequence a fault has for the worker it came from (faults.py's table)."""
+        if fault.blame is Blame.DOWN:
+            self.mark_failed(fault.address, str(fault))
+        elif fault.blame is Blame.DRAINING:
+            self.mark_draining(fault.address)
+        elif fault.blame is Blame.REJECT:
+            self.reject(fault.address, fault.detail)
+
+    def mark_failed(self, address: str, reason: str = "a call failed") -> None:
+        """A call to this worker failed at the transport or got stuck: stop routing to it
+        until a probe finds it serving."""
         member = self._members.get(address)
         if member is not None and member.healthy:
             member.healthy = False
-            log.warning("worker %s marked unhealthy after a failed call", address)
+            log.warning("worker %s marked unhealthy: %s", address, reason)
             self._publish()
             self._changed.set()
+
+    def mark_draining(self, address: str) -> None:
+        """The worker is draining: new work goes elsewhere; what it holds finishes there."""
+        member = self._members.get(address)
+        if member is not None and member.healthy:
+            member.healthy = False
+            log.info("worker %s is draining: no new work goes to it", address)
+            self._publish()
 
     def reject(self, address: str, reason: str) -> None:
         """A worker answered what no honest worker would: out of every chain until admitted
@@ -300,7 +397,6 @@ class WorkerPool:
         if member is None:
             return
         self._cancel(member)
-        self.load.pop(address, None)
         self._retire(address, self.retire_s)
         if member.descriptor is not None:
             self._publish()
@@ -374,6 +470,22 @@ class WorkerPool:
         member.checked_at = time.monotonic()
 
     # -- probing ----------------------------------------------------------------------------
+
+    async def alive(self, address: str) -> bool:
+        """Whether the worker answers a health check in time (serving or draining: a worker
+        busy with long work still answers, since checks never wait for its model thread)."""
+        try:
+            await health_pb2_grpc.HealthStub(self._channel(address)).Check(
+                health_pb2.HealthCheckRequest(service=""), timeout=PROBE_TIMEOUT_S
+            )
+        except grpc.RpcError as error:
+            code = error.code() if isinstance(error, grpc.Call) else None
+            return code not in (
+                grpc.StatusCode.DEADLINE_EXCEEDED,
+                grpc.StatusCode.UNAVAILABLE,
+                grpc.StatusCode.CANCELLED,
+            )
+        return True
 
     async def _probe(self, member: _Member) -> bool | None:
         """True: serving. False: down or not serving. None: no answer in time (a busy worker).

@@ -17,9 +17,8 @@ import grpc
 from grpc import aio
 
 from services.common.errors import InvalidArgument, NotFound, ResourceExhausted, ServiceError
-from services.common.repository import PRECISIONS
 from services.common.security import bearer_token
-from services.common.types import ModelKind, Span, WorkerDescriptor
+from services.common.types import WorkerDescriptor
 from services.pb.tessera.v1 import worker_pb2, worker_pb2_grpc
 from services.router.admission import check_address
 from services.router.pool import WorkerPool
@@ -69,25 +68,9 @@ def claim_from(info: worker_pb2.WorkerInfo) -> WorkerDescriptor:
     if not 0 <= info.capacity <= MAX_CAPACITY or info.kv_token_budget < 0:
         raise InvalidArgument(f"capacity must be in [0, {MAX_CAPACITY}], kv_token_budget >= 0")
     try:
-        kind = ModelKind(info.kind)
-    except ValueError:
-        raise InvalidArgument(f"unknown model kind {info.kind[:32]!r}") from None
-    precision = info.precision or "float32"
-    if precision not in PRECISIONS:
-        raise InvalidArgument(f"precision must be one of {', '.join(PRECISIONS)}")
-    return WorkerDescriptor(
-        address=address,
-        model=info.model,
-        version=info.version,
-        fingerprint=info.fingerprint,
-        span=Span(info.span.start, info.span.end),
-        num_layers=info.num_layers,
-        kind=kind,
-        capacity=info.capacity,
-        hidden_size=info.hidden_size,
-        kv_token_budget=info.kv_token_budget,
-        precision=precision,
-    )
+        return WorkerDescriptor.from_pb(info, address)
+    except ValueError as exc:
+        raise InvalidArgument(f"a registration is malformed: {exc}") from None
 
 
 def _credential(context: aio.ServicerContext) -> str:

@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from contextlib import contextmanager
-from contextvars import ContextVar
 from dataclasses import dataclass, field
 
 from services.common.errors import MissingSpanError
@@ -27,19 +25,13 @@ from services.common.types import Hop, Span, WorkerDescriptor
 
 MAX_CHAINS_PER_MODEL = 64  # chains listed per model (ListModels, health); routing sees them all
 
-# The model version requests in this context must run on (KServe's model_version). Read by
-# RoutingTable.route when no version is passed, so every route of one request honours it.
-pinned_version: ContextVar[str | None] = ContextVar("tessera_pinned_version", default=None)
 
+@dataclass(frozen=True, slots=True)
+class VersionChoice:
+    """The version a request runs on, chosen once; `chain` when choosing already routed it."""
 
-@contextmanager
-def pin_version(version: str | None) -> Iterator[None]:
-    """Routes in this block (and tasks started in it) use chains of `version` only."""
-    token = pinned_version.set(version or None)
-    try:
-        yield
-    finally:
-        pinned_version.reset(token)
+    fingerprint: str
+    chain: Chain | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -263,6 +255,7 @@ class RoutingTable:
                 by_print.setdefault(worker.fingerprint, []).append(worker)
             self._versions[model] = tuple(_Version.of(by_print[d]) for d in sorted(by_print))
         self._listed: dict[tuple[str, bool], tuple[Chain, ...]] = {}
+        self._version_list: dict[tuple[str, bool], list[tuple[str, str]]] = {}
 
     def models(self) -> list[str]:
         return sorted(self.by_model)
@@ -292,12 +285,16 @@ class RoutingTable:
 
     def versions(self, model: str, *, healthy_only: bool = True) -> list[tuple[str, str]]:
         """(fingerprint, version) of each version with a full chain, in fingerprint order."""
-        usable = self._is_healthy if healthy_only else (lambda _: True)
-        return [
-            (v.fingerprint, v.version)
-            for v in self._versions.get(model, ())
-            if 0 in v.finishing(usable, self.stats)
-        ]
+        key = (model, healthy_only)
+        found = self._version_list.get(key)
+        if found is None:
+            usable = self._is_healthy if healthy_only else (lambda _: True)
+            found = self._version_list[key] = [
+                (v.fingerprint, v.version)
+                for v in self._versions.get(model, ())
+                if 0 in v.finishing(usable, self.stats)
+            ]
+        return list(found)
 
     def route(
         self,
@@ -312,11 +309,9 @@ class RoutingTable:
         """The healthy chain with the least outstanding work (uniformly among equals).
 
         `fingerprint` pins the model version (a resumed generation must not change weights);
-        `version` pins it by label (default: `pinned_version` of the calling context).
+        `version` pins it by label (KServe's model_version).
         Raises MissingSpanError naming the uncovered layers when no chain is left.
         """
-        if version is None:
-            version = pinned_version.get()
 
         def usable(worker: WorkerDescriptor) -> bool:
             return worker.address in self.healthy and worker.address not in exclude
@@ -345,3 +340,35 @@ class RoutingTable:
             if pick < 0:
                 return v.draw(usable, load, cost, ways, rng)
         raise AssertionError("unreachable")
+
+    def pick_version(
+        self,
+        model: str,
+        load: Mapping[str, int],
+        *,
+        version: str | None = None,
+        avoid: frozenset[str] = frozenset(),
+    ) -> VersionChoice:
+        """The version a request runs on, chosen once before its cache lookup: the only healthy
+        one without weighing chains, else the version of the least-loaded chain (routed then).
+        With no healthy chain it is a version the table knows (a cached answer may still
+        serve); a model the table does not know raises MissingSpanError. `version` pins a
+        label; `avoid` holds fingerprints that went away during this request."""
+        healthy = [
+            f for f, label in self.versions(model) if f not in avoid and version in (None, label)
+        ]
+        if len(healthy) == 1:
+            return VersionChoice(healthy[0])
+        if healthy:
+            chain = self.route(model, load, version=version)
+            if chain.fingerprint not in avoid:
+                return VersionChoice(chain.fingerprint, chain)
+            return VersionChoice(healthy[0])
+        known = [
+            f
+            for f, label in self.versions(model, healthy_only=False)
+            if f not in avoid and version in (None, label)
+        ]
+        if known:
+            return VersionChoice(known[0])
+        return VersionChoice(self.route(model, load, version=version).fingerprint)

@@ -1,17 +1,24 @@
-"""Scheduling generations on one chain: pure policy, no sockets, no asyncio.
+"""Scheduling generations on one chain: pure policy and the only writer of their state.
 
-A chain runs its generations as a few micro-batches (``Slot``). Each slot is one batch on every
-stage of the chain; the driver (``batcher.py``) steps each slot in its own loop, so with two
-stages one slot's step runs on stage 0 while the other's runs on stage 1. Between steps a slot
-asks the scheduler what to do: drop rows that finished or left, and prefill waiting requests
-that then merge into it at the next step (TGI's continuous batching).
+No sockets, no asyncio. vLLM's shape: the driver (`engine.py`) asks for a `Plan`, executes it
+on the workers, and reports each result back (`prefilled`, `decoded`, `refused`, `lost`, ...);
+only these methods change a request or a slot, and each returns the `Output`s (tokens, ends,
+errors) the driver hands to the requests' streams.
 
-Admission is by the chain's KV budget in token slots, counted the way the workers allocate:
-a batch of n rows holds n x (longest row + longest remaining generation) slots, padding included.
-A request waits while it does not fit; only a full wait queue refuses one.
+A chain runs its generations as a few micro-batches (`Slot`). Each slot is one batch on every
+stage of the chain; the driver steps each slot in its own loop, so with two stages one slot's
+step runs on stage 0 while the other's runs on stage 1. Between steps a slot drops rows that
+finished or left, and prefills waiting requests that merge into it at the next decode (TGI's
+continuous batching).
+
+Admission is by KV token slots, counted the way the workers allocate: a batch of n rows holds
+n x (longest row + longest remaining generation) slots, padding included. The driver passes the
+`Room` this chain may use now: the smallest stage's budget less what the router's other chains
+hold on that stage, so chains that share a stage share its budget. A request waits while it
+does not fit; only a full wait queue refuses one.
 
 Order in the wait queue: effective priority first (the request's priority plus one level per
-``aging_s`` waited, up to the highest priority waiting, so nothing starves), then the tenant
+`aging_s` waited, up to the highest priority waiting, so nothing starves), then the tenant
 with the smallest share (rows running now plus recent admissions, decaying), then arrival.
 """
 
@@ -21,7 +28,7 @@ import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
-from services.common.errors import ResourceExhausted
+from services.common.errors import DeadlineExceeded, ResourceExhausted, ServiceError, Unavailable
 from services.common.types import SamplingParams
 
 MIN_PRIORITY, MAX_PRIORITY = -100, 100
@@ -29,7 +36,7 @@ MIN_PRIORITY, MAX_PRIORITY = -100, 100
 
 @dataclass(eq=False)
 class Request:
-    """One generation as the scheduler sees it. The driver appends tokens to `generated`."""
+    """One generation as the scheduler sees it; only the scheduler changes it."""
 
     request_id: int
     prompt: list[int]
@@ -42,7 +49,8 @@ class Request:
     tenant: str = ""
     generated: list[int] = field(default_factory=list)
     cancelled: bool = False  # the client left or a stop string ended it
-    failovers: int = 0
+    retries: int = 0  # prefills run again after a fault (a moved chain, a lost batch)
+    admitted_at: float | None = None  # when its first prefill was planned
 
     @property
     def max_tokens(self) -> int:
@@ -70,6 +78,16 @@ class Request:
         return "eos" if self.generated and self.generated[-1] in self.eos else "length"
 
 
+@dataclass(frozen=True, slots=True)
+class Output:
+    """What one request's stream receives: a token, its end, or the error that ended it."""
+
+    request_id: int
+    token: int | None = None
+    finished: str = ""  # "eos" or "length"
+    error: ServiceError | None = None
+
+
 def kv_cost(lengths: Sequence[int], limits: Sequence[int]) -> int:
     """Token slots a batch of rows with these KV lengths and max_tokens is allocated."""
     if not lengths:
@@ -86,7 +104,7 @@ class Slot:
     index: int
     batch_id: str | None = None
     rows: list[Request] = field(default_factory=list)
-    pending: list[Request] = field(default_factory=list)  # prefilled, merged at the next step
+    pending: list[Request] = field(default_factory=list)  # prefilled, merged at the next decode
     pending_batch_id: str | None = None
     steps_since_prefill: int = 0
 
@@ -99,6 +117,9 @@ class Slot:
     @property
     def size(self) -> int:
         return len(self.rows) + len(self.pending)
+
+    def batch_ids(self) -> list[str]:
+        return [b for b in (self.batch_id, self.pending_batch_id) if b]
 
 
 @dataclass(frozen=True)
@@ -113,14 +134,50 @@ class SchedulerConfig:
     max_waiting_steps: int = 20  # TGI's max_waiting_tokens: or after this many decode steps
     aging_s: float = 2.0  # one priority level gained per this many seconds waited
     share_half_life_s: float = 10.0  # how fast a tenant's recent share is forgotten
+    max_retries: int = 2  # prefills a request may run again after faults before it fails
+    batch_prefix: str = "b"  # batch ids are `<prefix>-<n>`, unique per router and chain
+
+
+@dataclass(frozen=True, slots=True)
+class Room:
+    """What this chain may hold now over all its slots (its share of shared stages)."""
+
+    tokens: int
+    rows: int
+
+
+@dataclass(frozen=True)
+class Drop:
+    """Rows leave a batch: keep these request ids in row order (none: the batch is cleared)."""
+
+    batch_id: str
+    keep: list[int]
+
+
+@dataclass(frozen=True)
+class Prefill:
+    """Waiting requests prefilled as a new batch, merged into `merge_into` at the next decode."""
+
+    batch_id: str
+    requests: list[Request]
+    merge_into: str
+
+
+@dataclass(frozen=True)
+class Decode:
+    """One step of every row: the batches named (merged, in order, into the first)."""
+
+    batch_ids: list[str]
+    tokens: list[int]  # each row's last sampled token, in row order
 
 
 @dataclass
 class Plan:
     """What a slot does before its next decode step."""
 
-    drop: list[Request]  # rows leaving the batch (finished, cancelled, past deadline)
-    prefill: list[Request]  # waiting requests to prefill into a new batch, merged next step
+    outputs: list[Output]  # rows that left the batch (finished, cancelled, past deadline)
+    drop: Drop | None
+    prefill: Prefill | None
 
 
 class Scheduler:
@@ -130,7 +187,9 @@ class Scheduler:
         self.config = config
         self.waiting: list[Request] = []
         self.slots = [Slot(i) for i in range(max(1, config.slots))]
+        self._prefilling: dict[int, Prefill] = {}  # slot index -> its prefill in flight
         self._shares: dict[str, tuple[float, float]] = {}  # tenant -> (share, as of time)
+        self._batches = 0
 
     # -- the wait queue ----------------------------------------------------------------------
 
@@ -144,6 +203,12 @@ class Scheduler:
     def fits_alone(self, request: Request) -> bool:
         """Whether the request could ever run here (alone on an idle chain)."""
         return kv_cost([len(request.feed)], [request.max_tokens]) <= self.config.budget_tokens
+
+    def cancel(self, request_id: int) -> None:
+        """The client left or a stop string ended it: it leaves at its slot's next turn."""
+        for request in self.requests():
+            if request.request_id == request_id:
+                request.cancelled = True
 
     def share(self, tenant: str, now: float) -> float:
         value, at = self._shares.get(tenant, (0.0, now))
@@ -163,9 +228,8 @@ class Scheduler:
 
     def _running_by_tenant(self) -> dict[str, int]:
         running: dict[str, int] = {}
-        for slot in self.slots:
-            for row in (*slot.rows, *slot.pending):
-                running[row.tenant] = running.get(row.tenant, 0) + 1
+        for row in self._placed():
+            running[row.tenant] = running.get(row.tenant, 0) + 1
         return running
 
     def _next(self, candidates: list[Request], running: dict[str, int], now: float) -> Request:
@@ -180,55 +244,94 @@ class Scheduler:
             ),
         )
 
-    def expired(self, now: float) -> list[Request]:
-        """Waiting requests that were cancelled or ran out of time: out of the queue."""
+    def expire(self, now: float) -> list[Output]:
+        """Waiting requests that were cancelled or ran out of time leave the queue."""
         gone = [r for r in self.waiting if r.cancelled or now >= r.deadline]
-        if gone:
-            self.waiting = [r for r in self.waiting if not (r.cancelled or now >= r.deadline)]
-        return gone
+        if not gone:
+            return []
+        self.waiting = [r for r in self.waiting if not (r.cancelled or now >= r.deadline)]
+        return [_left(r, now) for r in gone]
 
     # -- planning ----------------------------------------------------------------------------
 
-    def leaving(self, slot: Slot, now: float) -> list[Request]:
-        return [r for r in slot.rows if r.done or r.cancelled or now >= r.deadline]
+    def plan(self, slot: Slot, now: float, room: Room) -> Plan:
+        """Rows leave `slot` (done, cancelled, late) and waiting requests are admitted to it.
 
-    def plan(self, slot: Slot, now: float) -> Plan:
-        """Rows to drop from `slot` and requests to prefill into it, before its next step."""
-        drop = self.leaving(slot, now)
-        staying = [r for r in slot.rows if not any(r is d for d in drop)]
-        return Plan(drop, self._admit(slot, staying, now))
+        The leaving rows are out of the slot when this returns; the admitted requests are the
+        slot's prefill in flight until `prefilled` or a fault reports back."""
+        leaving = [r for r in slot.rows if r.done or r.cancelled or now >= r.deadline]
+        drop: Drop | None = None
+        if leaving:
+            slot.rows = [r for r in slot.rows if not any(r is g for g in leaving)]
+            if slot.batch_id is not None:
+                drop = Drop(slot.batch_id, [r.request_id for r in slot.rows])
+                if not slot.rows:
+                    slot.batch_id = None
+        picked = self._admit(slot, now, room)
+        prefill = None
+        if picked:
+            self._batches += 1
+            prefill = Prefill(
+                f"{self.config.batch_prefix}-{self._batches}", picked, slot.batch_id or ""
+            )
+            self._prefilling[slot.index] = prefill
+            for request in picked:
+                if request.admitted_at is None:
+                    request.admitted_at = now
+        return Plan([_left(r, now) for r in leaving], drop, prefill)
 
-    def _others_cost(self, slot: Slot) -> int:
-        return sum(s.cost() for s in self.slots if s is not slot)
+    def _placed(self) -> Iterable[Request]:
+        """Every request in a slot or in a prefill in flight."""
+        for slot in self.slots:
+            yield from slot.rows
+            yield from slot.pending
+        for prefill in self._prefilling.values():
+            yield from prefill.requests
 
-    def _others_rows(self, slot: Slot) -> int:
-        return sum(s.size for s in self.slots if s is not slot)
+    def _slot_cost(self, slot: Slot) -> int:
+        prefill = self._prefilling.get(slot.index)
+        if prefill is None:
+            return slot.cost()
+        lengths = [r.kv_length for r in slot.rows]
+        lengths += [len(r.feed) for r in (*slot.pending, *prefill.requests)]
+        limits = [r.max_tokens for r in (*slot.rows, *slot.pending, *prefill.requests)]
+        return kv_cost(lengths, limits)
+
+    def cost(self) -> int:
+        """Token slots this chain's batches hold (or will at their next merge)."""
+        return sum(self._slot_cost(s) for s in self.slots)
+
+    def rows(self) -> int:
+        """Rows this chain holds on its workers (or is prefilling)."""
+        return sum(1 for _ in self._placed())
 
     def _fits(
-        self, slot_rows: list[Request], picked: list[Request], others_cost: int, others_rows: int
+        self, slot: Slot, picked: list[Request], others_cost: int, others_rows: int, room: Room
     ) -> bool:
-        cfg = self.config
-        lengths = [r.kv_length for r in slot_rows] + [len(r.feed) for r in picked]
-        limits = [r.max_tokens for r in slot_rows] + [r.max_tokens for r in picked]
-        if others_cost + kv_cost(lengths, limits) > cfg.budget_tokens:
+        lengths = [r.kv_length for r in slot.rows] + [len(r.feed) for r in picked]
+        limits = [r.max_tokens for r in slot.rows] + [r.max_tokens for r in picked]
+        if others_cost + kv_cost(lengths, limits) > room.tokens:
             return False
-        if others_rows + len(slot_rows) + len(picked) > cfg.max_rows:
+        if others_rows + len(slot.rows) + len(picked) > room.rows:
             return False
         width = max(len(r.feed) for r in picked)
-        return len(picked) * width <= cfg.max_prefill_tokens or len(picked) == 1
+        return len(picked) * width <= self.config.max_prefill_tokens or len(picked) == 1
 
-    def _admit(self, slot: Slot, staying: list[Request], now: float) -> list[Request]:
+    def _admit(self, slot: Slot, now: float, room: Room) -> list[Request]:
         cfg = self.config
-        if not self.waiting:
+        if not self.waiting or slot.index in self._prefilling or slot.pending:
             return []
-        others_cost, others_rows = self._others_cost(slot), self._others_rows(slot)
+        others = [s for s in self.slots if s is not slot]
+        others_cost = sum(self._slot_cost(s) for s in others)
+        others_rows = sum(s.size + len(self._prefill_of(s)) for s in others)
+        staying = slot.rows
         if cfg.balanced:
             total = others_rows + len(staying) + len(self.waiting)
             quota = math.ceil(total / len(self.slots)) - len(staying)
         else:
             quota = cfg.max_rows
             head = self._next(self.waiting, self._running_by_tenant(), now)
-            if slot.index > 0 and not staying and self._primary_takes(head):
+            if slot.index > 0 and not staying and self._primary_takes(head, room):
                 return []  # slot 0 takes it at its next step; this slot is for overflow
         if quota <= 0:
             return []
@@ -243,7 +346,7 @@ class Scheduler:
         running = self._running_by_tenant()
         while candidates and len(picked) < quota:
             request = self._next(candidates, running, now)
-            if not self._fits(staying, [*picked, request], others_cost, others_rows):
+            if not self._fits(slot, [*picked, request], others_cost, others_rows, room):
                 break  # strict order: a big request is not overtaken by smaller ones
             picked.append(request)
             candidates.remove(request)
@@ -253,28 +356,140 @@ class Scheduler:
             self._charge(request.tenant, now)
         return picked
 
-    def _primary_takes(self, head: Request) -> bool:
+    def _prefill_of(self, slot: Slot) -> list[Request]:
+        prefill = self._prefilling.get(slot.index)
+        return prefill.requests if prefill is not None else []
+
+    def _primary_takes(self, head: Request, room: Room) -> bool:
         primary = self.slots[0]
-        staying = [r for r in (*primary.rows, *primary.pending) if not (r.done or r.cancelled)]
-        return self._fits(staying, [head], self._others_cost(primary), self._others_rows(primary))
+        if primary.index in self._prefilling or primary.pending:
+            return False
+        others = [s for s in self.slots if s is not primary]
+        return self._fits(
+            primary,
+            [head],
+            sum(self._slot_cost(s) for s in others),
+            sum(s.size + len(self._prefill_of(s)) for s in others),
+            room,
+        )
 
-    # -- bookkeeping the driver reports ------------------------------------------------------
+    # -- results the driver reports ----------------------------------------------------------
 
-    def requeue(self, requests: Iterable[Request]) -> None:
-        """Puts requests back (a worker refused the prefill for memory): they keep their place."""
-        self.waiting.extend(requests)
+    def prefilled(
+        self, slot: Slot, prefill: Prefill, tokens: Sequence[int], now: float
+    ) -> tuple[list[Output], Drop | None]:
+        """A prefill's first tokens: delivered; rows done at once never join the batch (the
+        Drop filters them out of the new batch)."""
+        del self._prefilling[slot.index]
+        outputs: list[Output] = []
+        for request, token in zip(prefill.requests, tokens, strict=True):
+            if not request.cancelled:
+                request.generated.append(token)
+                outputs.append(Output(request.request_id, token=token))
+        staying = [r for r in prefill.requests if not (r.done or r.cancelled)]
+        outputs += [_left(r, now) for r in prefill.requests if r.done or r.cancelled]
+        slot.steps_since_prefill = 0
+        drop = None
+        if len(staying) < len(prefill.requests):
+            drop = Drop(prefill.batch_id, [r.request_id for r in staying])
+        if staying:
+            slot.pending, slot.pending_batch_id = staying, prefill.batch_id
+        return outputs, drop
 
-    def all_requests(self) -> list[Request]:
-        return [*self.waiting, *(r for s in self.slots for r in (*s.rows, *s.pending))]
+    def decode(self, slot: Slot) -> Decode | None:
+        """The slot's next step, merging its pending batch; None when it holds no rows."""
+        rows = [*slot.rows, *slot.pending]
+        if not rows:
+            return None
+        return Decode(slot.batch_ids(), [r.generated[-1] for r in rows])
 
-    def take_all(self) -> list[Request]:
-        """Everything this chain holds, for failover elsewhere; the chain is left empty."""
-        requests = self.all_requests()
+    def decoded(self, slot: Slot, tokens: Sequence[int]) -> list[Output]:
+        """A step's tokens, one per row in row order; the pending batch is now merged."""
+        rows = [*slot.rows, *slot.pending]
+        slot.batch_id = slot.batch_id or slot.pending_batch_id
+        slot.rows, slot.pending, slot.pending_batch_id = rows, [], None
+        slot.steps_since_prefill += 1
+        outputs: list[Output] = []
+        for request, token in zip(rows, tokens, strict=True):
+            if not request.cancelled:
+                request.generated.append(token)
+                outputs.append(Output(request.request_id, token=token))
+        return outputs
+
+    def refused(self, slot: Slot, prefill: Prefill) -> list[str]:
+        """A stage refused the prefill (its memory, or it is draining): the requests wait again
+        in their places. Returns the batch to clear on the stages that took it."""
+        del self._prefilling[slot.index]
+        self.waiting[:0] = prefill.requests
+        return [prefill.batch_id]
+
+    def merge_refused(self, slot: Slot) -> list[str]:
+        """The first stage refused to merge the pending batch (its memory): the pending rows
+        wait again (their first tokens are kept and prefilled with the prompt next time) and
+        the running batch goes on. Returns the batch to clear."""
+        cleared = [slot.pending_batch_id] if slot.pending_batch_id else []
+        self.waiting[:0] = slot.pending
+        slot.pending, slot.pending_batch_id = [], None
+        return cleared
+
+    def lost(self, slot: Slot, error: ServiceError, now: float) -> tuple[list[Output], list[str]]:
+        """A stage lost the slot's batches (or failed inside a step): every row of the slot is
+        prefilled again here with what it generated so far; a row out of retries fails with
+        `error`. Returns the outputs and the batches to clear on every stage."""
+        prefill = self._prefilling.pop(slot.index, None)
+        requests = [*slot.rows, *slot.pending, *(prefill.requests if prefill else ())]
+        cleared = slot.batch_ids() + ([prefill.batch_id] if prefill else [])
+        slot.rows, slot.pending = [], []
+        slot.batch_id = slot.pending_batch_id = None
+        outputs: list[Output] = []
+        again: list[Request] = []
+        for request in requests:
+            if request.done or request.cancelled or now >= request.deadline:
+                outputs.append(_left(request, now))
+            elif request.retries >= self.config.max_retries:
+                outputs.append(Output(request.request_id, error=error))
+            else:
+                request.retries += 1
+                again.append(request)
+        self.waiting[:0] = again
+        return outputs, cleared
+
+    def failed(self, slot: Slot, error: ServiceError) -> tuple[list[Output], list[str]]:
+        """The slot's rows fail with `error` (a step the workers refused as invalid: the
+        router's own bug, never another request's). Returns the batches to clear."""
+        prefill = self._prefilling.pop(slot.index, None)
+        requests = [*slot.rows, *slot.pending, *(prefill.requests if prefill else ())]
+        cleared = slot.batch_ids() + ([prefill.batch_id] if prefill else [])
+        slot.rows, slot.pending = [], []
+        slot.batch_id = slot.pending_batch_id = None
+        return [Output(r.request_id, error=error) for r in requests], cleared
+
+    def take_waiting(self) -> list[Request]:
+        """The waiting requests, for another chain (a stage of this one is draining)."""
+        waiting, self.waiting = self.waiting, []
+        return waiting
+
+    def take_all(self) -> tuple[list[Request], list[str]]:
+        """Everything this chain holds, for another chain (a stage failed), and the batches to
+        clear on the stages that survive; the chain is left empty."""
+        requests = [*self.waiting, *self._placed()]
+        cleared = [b for s in self.slots for b in s.batch_ids()]
+        cleared += [p.batch_id for p in self._prefilling.values()]
         self.waiting = []
+        self._prefilling.clear()
         for slot in self.slots:
             slot.rows, slot.pending = [], []
             slot.batch_id = slot.pending_batch_id = None
-        return requests
+        return requests, cleared
+
+    # -- views -------------------------------------------------------------------------------
+
+    def requests(self) -> list[Request]:
+        return [*self.waiting, *self._placed()]
+
+    def busy(self, slot: Slot) -> bool:
+        """Whether the slot holds rows or a prefill in flight."""
+        return bool(slot.rows or slot.pending or slot.index in self._prefilling)
 
     def queue_depths(self, bucket: Callable[[int], str]) -> dict[str, int]:
         depths: dict[str, int] = {}
@@ -282,3 +497,14 @@ class Scheduler:
             key = bucket(request.priority)
             depths[key] = depths.get(key, 0) + 1
         return depths
+
+
+def _left(request: Request, now: float) -> Output:
+    """The output of a request that leaves: finished, past its deadline, or cancelled."""
+    if request.done:
+        return Output(request.request_id, finished=request.finish_reason)
+    if now >= request.deadline and not request.cancelled:
+        return Output(
+            request.request_id, error=DeadlineExceeded("deadline passed while generating")
+        )
+    return Output(request.request_id, error=Unavailable("generation cancelled"))

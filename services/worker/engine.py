@@ -50,12 +50,15 @@ class GenerationEngine:
         self.max_rows = max_rows
         self.idle_s = idle_s
         self.batches: dict[str, StageBatch] = {}
+        # Token slots set aside for a batch's merge into a running one (prefill's merge_into):
+        # held until the merge happens or the batch goes, so the merge is never refused.
+        self.reserved: dict[str, int] = {}
 
     # -- accounting --------------------------------------------------------------------------
 
     @property
     def kv_tokens(self) -> int:
-        return sum(b.kv_tokens for b in self.batches.values())
+        return sum(b.kv_tokens for b in self.batches.values()) + sum(self.reserved.values())
 
     @property
     def rows(self) -> int:
@@ -84,7 +87,9 @@ class GenerationEngine:
 
     # -- steps -------------------------------------------------------------------------------
 
-    def prefill(self, batch_id: str, rows: list[Row], inputs: torch.Tensor) -> StepOutput:
+    def prefill(
+        self, batch_id: str, rows: list[Row], inputs: torch.Tensor, merge_into: str = ""
+    ) -> StepOutput:
         if batch_id in self.batches:
             raise InvalidArgument(f"batch {batch_id[:80]!r} already exists")
         width = int(inputs.shape[1])
@@ -98,23 +103,37 @@ class GenerationEngine:
                 f"a row may reach {longest} tokens, over the model's "
                 f"{self.stage.spec.max_positions} positions"
             )
-        self._reserve(len(rows) * capacity_for(rows, width), len(rows))
+        own = len(rows) * capacity_for(rows, width)
+        extra = self._merge_extra(merge_into, rows, width, own)
+        self._reserve(own + extra, len(rows))
         batch, hidden = StageBatch.prefill(self.stage, batch_id, rows, inputs)
         self.batches[batch_id] = batch
+        if extra:
+            self.reserved[batch_id] = extra
         return self._output(batch, hidden)
+
+    def _merge_extra(self, merge_into: str, rows: list[Row], width: int, own: int) -> int:
+        """Slots the merge of a new batch into `merge_into` takes beyond both batches' own."""
+        target = self.batches.get(merge_into) if merge_into else None
+        if target is None:
+            return 0
+        merged = [*target.rows, *rows]
+        length = max(target.cache.length, width)
+        return max(0, len(merged) * capacity_for(merged, length) - target.kv_tokens - own)
 
     def decode(self, batch_ids: Sequence[str], inputs: torch.Tensor) -> StepOutput:
         if len(set(batch_ids)) != len(batch_ids):
             raise InvalidArgument("batch_ids repeat a batch")
         parts = [self._take(b) for b in batch_ids]
         if len(parts) > 1:
-            before = sum(p.kv_tokens for p in parts)
+            held = sum(p.kv_tokens + self.reserved.get(p.batch_id, 0) for p in parts)
             rows = [r for p in parts for r in p.rows]
             length = max(p.cache.length for p in parts)
-            self._reserve(len(rows) * capacity_for(rows, length) - before, 0)
+            self._reserve(len(rows) * capacity_for(rows, length) - held, 0)
             merged = StageBatch.concatenate(parts)
             for part in parts:
                 del self.batches[part.batch_id]
+                self.reserved.pop(part.batch_id, None)
             self.batches[merged.batch_id] = merged
             parts = [merged]
         batch = parts[0]
@@ -142,6 +161,7 @@ class GenerationEngine:
             raise InvalidArgument("keep names request ids that are not in the batch")
         if not keep:
             del self.batches[batch_id]
+            self.reserved.pop(batch_id, None)
             return 0
         if len(set(keep)) == len(batch):
             batch.last_used = time.monotonic()
@@ -152,6 +172,7 @@ class GenerationEngine:
     def clear(self, batch_ids: Sequence[str]) -> None:
         for batch_id in batch_ids:
             self.batches.pop(batch_id, None)
+            self.reserved.pop(batch_id, None)
 
     def expire(self, now: float | None = None) -> list[str]:
         """Frees batches no router has touched for idle_s (a router that died or forgot)."""

@@ -68,7 +68,6 @@ def build_service(settings: WorkerSettings, address: str) -> WorkerService:
         max_kv_bytes=settings.max_kv_mb * 1024 * 1024,
         batch_idle_s=settings.batch_idle_s,
         max_batch=settings.max_batch,
-        max_wait_s=settings.max_wait_ms / 1000,
     )
     service = WorkerService(stage, descriptor, limits)
     warm_up(stage)

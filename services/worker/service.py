@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from grpc import aio
 from opentelemetry import trace
 
-from services.common.errors import InvalidArgument, ResourceExhausted, Unavailable
+from services.common.errors import Draining, InvalidArgument, ResourceExhausted
 from services.common.metrics import BATCH_ROWS, KV_CACHE_BYTES, LIVE_SESSIONS, QUEUE_DEPTH
 from services.common.types import ModelKind, SamplingParams, Span, WorkerDescriptor
 from services.pb.tessera.v1 import common_pb2, worker_pb2, worker_pb2_grpc
@@ -49,7 +49,6 @@ class WorkerLimits:
     max_kv_bytes: int = 2 * 1024**3  # bytes of KV cache over every batch, padding included
     batch_idle_s: float = 60.0  # a batch no router steps for this long is freed
     max_batch: int = 32  # rows (texts) in one Forward pass
-    max_wait_s: float = 0.001  # wait this long for more work before a batch runs
 
 
 def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -99,7 +98,7 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
     def _admit(self, *, new_work: bool = True) -> None:
         """Counts a request in; refuses new work while draining (UNAVAILABLE: try elsewhere)."""
         if new_work and self.draining:
-            raise Unavailable("worker is draining and takes no new work")
+            raise Draining("worker is draining and takes no new work")
         if self.outstanding >= self.limits.max_outstanding:
             raise ResourceExhausted(
                 f"worker queue is full ({self.outstanding} requests, max_outstanding)"
@@ -107,24 +106,13 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         self.outstanding += 1
 
     def info(self) -> worker_pb2.WorkerInfo:
-        d = self.descriptor
-        return worker_pb2.WorkerInfo(
-            model=d.model,
-            version=d.version,
-            fingerprint=d.fingerprint,
-            span=common_pb2.Span(start=d.span.start, end=d.span.end),
-            num_layers=d.num_layers,
-            kind=d.kind.value,
-            capacity=d.capacity,
-            outstanding=self.outstanding,
-            live_sessions=self.engine.rows,
-            hidden_size=d.hidden_size,
-            address=d.address,
-            kv_token_budget=self.engine.budget_tokens,
-            kv_tokens=self.engine.kv_tokens,
-            live_batches=len(self.engine.batches),
-            precision=d.precision,
-        )
+        info = self.descriptor.to_pb()
+        info.kv_token_budget = self.engine.budget_tokens
+        info.outstanding = self.outstanding
+        info.live_sessions = self.engine.rows
+        info.kv_tokens = self.engine.kv_tokens
+        info.live_batches = len(self.engine.batches)
+        return info
 
     def _sub_span(self, span: common_pb2.Span | None) -> Span:
         if span is None or (span.start == 0 and span.end == 0):
@@ -251,19 +239,15 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
             raise InvalidArgument("a prefill needs rows")
         if len({r.request_id for r in request.rows}) != len(request.rows):
             raise InvalidArgument("request ids repeat within the batch")
-        rows = []
-        for r in request.rows:
-            s = r.sampling
-            params = SamplingParams(
-                temperature=s.temperature,
-                top_k=s.top_k,
-                top_p=s.top_p if s.top_p > 0 else 1.0,
-                seed=s.seed if s.HasField("seed") else None,
+        return [
+            Row(
+                int(r.request_id),
+                int(r.length),
+                int(r.max_tokens),
+                SamplingParams.from_pb(r.sampling),
             )
-            if not 0 <= params.temperature <= 100 or params.top_k < 0 or not params.top_p <= 1:
-                raise InvalidArgument("sampling parameters out of range")
-            rows.append(Row(int(r.request_id), int(r.length), int(r.max_tokens), params))
-        return rows
+            for r in request.rows
+        ]
 
     def _result(self, out: StepOutput, wire: str) -> worker_pb2.StepResult:
         result = worker_pb2.StepResult(batch_id=out.batch_id, kv_tokens=out.kv_tokens)
@@ -336,7 +320,8 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         if int(inputs.shape[0]) != len(rows):
             raise InvalidArgument(f"{int(inputs.shape[0])} input rows for {len(rows)} rows")
         self._check_length(len(rows), int(inputs.shape[1]))
-        out = await self._step("prefill", self.engine.prefill, batch_id, rows, inputs)
+        merge_into = request.merge_into[:MAX_BATCH_ID_CHARS]
+        out = await self._step("prefill", self.engine.prefill, batch_id, rows, inputs, merge_into)
         return self._result(out, wire)
 
     async def Decode(

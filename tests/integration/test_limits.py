@@ -35,17 +35,13 @@ LIMITS = {
     "TESSERA_ROUTER_MAX_STREAMS_PER_CONNECTION": "2",
     "TESSERA_ROUTER_MAX_INPUT_CHARS": "200",
 }
-SLOW_STEP_MS = 150  # the llama worker waits this long for company before each batch
 
 
 @pytest.fixture(scope="module")
 def limited(tiny_repo: Path) -> Iterator[Mesh]:
     with Mesh(tiny_repo, env=LIMITS) as mesh:
         mesh.start_router()
-        # A slow decode step keeps generation streams open long enough to overlap.
-        mesh.start_worker(
-            "tiny-llama", wait=False, env={"TESSERA_WORKER_MAX_WAIT_MS": str(SLOW_STEP_MS)}
-        )
+        mesh.start_worker("tiny-llama", wait=False)
         mesh.start_worker("tiny-bert", wait=False)
         for proc in mesh.workers:
             proc.wait_ready()

@@ -26,7 +26,7 @@ from services.router.admission import (
     disagreements,
     probe_request,
 )
-from services.router.pool import WorkerPool
+from services.router.pool import Holding, WorkerPool
 
 SPEC = ModelSpec("m", Path("/nowhere/m"), "bert", ModelKind.ENCODER, 6, 32, 128)
 EXPECTED = Expected(SPEC, "f" * 64, "ffffffffffff")
@@ -196,12 +196,30 @@ def test_probe_answers_must_have_the_right_dtype_shape_and_values() -> None:
 
 def test_load_counters_never_go_negative_and_vanish_at_zero() -> None:
     pool = WorkerPool([], admission=Admission(Path("/nowhere"), frozenset(), 1.0))
-    pool.load["a"] = pool.load.get("a", 0) + 1
-    assert pool.load == {"a": 1}
-    pool.load["a"] -= 1
+    pool.book.acquire(["a"])
+    assert pool.load == {"a": 1} and pool.book.calls("a") == 1
+    pool.book.release(["a"])
     assert pool.load == {}
-    pool.load["gone"] -= 1  # a call that outlived its worker's departure
-    assert pool.load == {} and pool.load.get("gone", 0) == 0
+    pool.book.release(["gone"])  # a call that outlived its worker's departure
+    assert pool.load == {} and pool.load.get("gone", 0) == 0 and pool.book.calls("gone") == 0
+
+
+def test_holdings_of_chains_that_share_a_stage_add_up() -> None:
+    """Two generation engines on chains through one stage: the book sums what they hold there,
+    and each sees only the other's share (what its own admission must leave room for)."""
+    book = WorkerPool([], admission=Admission(Path("/nowhere"), frozenset(), 1.0)).book
+    first, second = object(), object()
+    book.hold(first, Holding(("s0", "shared"), requests=3, rows=2, tokens=100))
+    book.hold(second, Holding(("s1", "shared"), requests=1, rows=1, tokens=40))
+    assert book.load == {"s0": 3, "s1": 1, "shared": 4}
+    assert book.others(first, "shared") == (1, 40)
+    assert book.others(second, "shared") == (2, 100)
+    assert book.others(first, "s0") == (0, 0)
+    book.hold(first, Holding(("s0", "shared"), requests=1, rows=1, tokens=30))  # replaces
+    assert book.others(second, "shared") == (1, 30)
+    book.hold(first, Holding(("s0", "shared")))  # nothing held: gone from the book
+    book.hold(second, Holding(("s1", "shared")))
+    assert book.load == {} and book.others(first, "shared") == (0, 0)
 
 
 def test_static_workers_must_be_host_port() -> None:

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 
 from services.common.repository import model_spec
+from services.router.detokenize import TextAssembler
 from services.router.frontends import ModelFrontend
-from services.router.generation import TextAssembler
 from tests.tiny_models import VOCAB
 
 WORDS = [t for t in VOCAB if t.isalpha() and len(t) > 1]

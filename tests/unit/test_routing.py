@@ -16,8 +16,6 @@ from services.router.routing import (
     MAX_CHAINS_PER_MODEL,
     Chain,
     RoutingTable,
-    pin_version,
-    pinned_version,
 )
 
 L = 6
@@ -337,18 +335,38 @@ def test_a_version_pin_routes_on_that_version_only() -> None:
     load = {"o1": 0, "n1": 5, "n2": 5}  # unpinned, the old replica always wins
     assert all(t.route(MODEL, load).addresses == ("o1",) for _ in range(20))
     assert all(t.route(MODEL, load, version="fp-new").addresses == ("n1", "n2") for _ in range(20))
-    with pin_version("fp-new"):
-        assert all(t.route(MODEL, load).addresses == ("n1", "n2") for _ in range(20))
-        # An explicit fingerprint of another version finds nothing under the pin.
-        with pytest.raises(MissingSpanError) as info:
-            t.route(MODEL, load, fingerprint="fp-old")
-        assert "version 'fp-new'" in info.value.message
-    assert pinned_version.get() is None
+    # A fingerprint of another version finds nothing under the pin.
+    with pytest.raises(MissingSpanError) as info:
+        t.route(MODEL, load, fingerprint="fp-old", version="fp-new")
+    assert "version 'fp-new'" in info.value.message
     assert t.route(MODEL, load).addresses == ("o1",)
-    with pin_version(""):  # an empty model_version pins nothing
-        assert t.route(MODEL, load).addresses == ("o1",)
     with pytest.raises(MissingSpanError):
         t.route(MODEL, load, version="fp-none")
+
+
+def test_a_version_is_picked_once_and_known_versions_serve_the_cache() -> None:
+    ws = [
+        worker("o1", "0:6", fingerprint="fp-old"),
+        worker("n1", "0:3", fingerprint="fp-new"),
+        worker("n2", "3:6", fingerprint="fp-new"),
+    ]
+    load = {"o1": 0, "n1": 5, "n2": 5}
+    both = table(ws)
+    # Two healthy versions: the least-loaded chain decides, and it comes routed already.
+    choice = both.pick_version(MODEL, load)
+    assert choice.fingerprint == "fp-old" and choice.chain is not None
+    assert choice.chain.addresses == ("o1",)
+    assert both.pick_version(MODEL, load, version="fp-new").fingerprint == "fp-new"
+    assert both.pick_version(MODEL, load, avoid=frozenset({"fp-old"})).fingerprint == "fp-new"
+    # One healthy version: no chain is weighed.
+    assert table(ws, healthy={"n1", "n2"}).pick_version(MODEL, load).chain is None
+    # None healthy: a version the table knows still names the cache key; routing then fails.
+    dead = table(ws, healthy=set())
+    assert dead.pick_version(MODEL, load).fingerprint in {"fp-old", "fp-new"}
+    with pytest.raises(MissingSpanError):
+        dead.route(MODEL, load)
+    with pytest.raises(MissingSpanError):
+        table([]).pick_version(MODEL, load)
 
 
 def _two_hundred(num_layers: int = 30) -> list[WorkerDescriptor]:

@@ -253,10 +253,15 @@ class PrefillRequest(_message.Message):
     INPUT_IDS_FIELD_NUMBER: _builtins.int
     HIDDEN_STATES_FIELD_NUMBER: _builtins.int
     HIDDEN_DTYPE_FIELD_NUMBER: _builtins.int
+    MERGE_INTO_FIELD_NUMBER: _builtins.int
     batch_id: _builtins.str
     """chosen by the router; unique per router"""
     hidden_dtype: _builtins.str
     """dtype for hidden states sent back; default float32"""
+    merge_into: _builtins.str
+    """The running batch this one merges into at its first decode. The worker reserves the merged
+    batch's memory now, so the merge is never refused for memory once the prefill is accepted.
+    """
     @_builtins.property
     def rows(self) -> _containers.RepeatedCompositeFieldContainer[Global___PrefillRow]: ...
     @_builtins.property
@@ -275,10 +280,11 @@ class PrefillRequest(_message.Message):
         input_ids: _common_pb2.Tensor | None = ...,
         hidden_states: _common_pb2.Tensor | None = ...,
         hidden_dtype: _builtins.str = ...,
+        merge_into: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["hidden_states", b"hidden_states", "input_ids", b"input_ids"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_id", b"batch_id", "hidden_dtype", b"hidden_dtype", "hidden_states", b"hidden_states", "input_ids", b"input_ids", "rows", b"rows"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_id", b"batch_id", "hidden_dtype", b"hidden_dtype", "hidden_states", b"hidden_states", "input_ids", b"input_ids", "merge_into", b"merge_into", "rows", b"rows"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
