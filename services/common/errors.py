@@ -67,6 +67,14 @@ class MissingSpanError(Unavailable):
         self.model = model
 
 
+def status_code(error: BaseException) -> grpc.StatusCode | None:
+    """The status of a failed call, sync (grpc.Call) or asyncio (AioRpcError, which is not a
+    grpc.Call); None when the error carries none."""
+    code = getattr(error, "code", None)
+    value = code() if callable(code) else None
+    return value if isinstance(value, grpc.StatusCode) else None
+
+
 # Codes of a failed downstream call that the client may act on, so they reach it unchanged.
 _PASSED_THROUGH = frozenset(
     {

@@ -25,7 +25,7 @@ import numpy as np
 from grpc import aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from services.common.errors import InvalidArgument
+from services.common.errors import InvalidArgument, status_code
 from services.common.repository import ModelSpec, fingerprint, model_spec, version_of
 from services.common.telemetry import outgoing_metadata
 from services.common.tensors import from_numpy, to_numpy, validate
@@ -57,7 +57,7 @@ _NO_VERDICT = frozenset(
 
 
 def _failed(what: str, error: grpc.RpcError) -> Rejected:
-    code = error.code() if isinstance(error, grpc.Call) else None
+    code = status_code(error)
     name = code.name if isinstance(code, grpc.StatusCode) else "no status"
     kind = Unanswered if code in _NO_VERDICT else Rejected
     return kind(f"{what} ({name})")

@@ -12,7 +12,7 @@ fail a healthy stage.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -51,7 +51,14 @@ class ChainClient:
         self._last = len(self.addresses) - 1
 
     async def _relay(
-        self, method: str, kind: str, work: int, rows: int, width: int, build: Any
+        self,
+        method: str,
+        kind: str,
+        work: int,
+        rows: int,
+        width: int,
+        build: Any,
+        wanted: Callable[[], bool] | None = None,
     ) -> worker_pb2.StepResult:
         def check(index: int, answer: worker_pb2.StepResult) -> str:
             if index < self._last:
@@ -72,6 +79,7 @@ class ChainClient:
             timeout_is_stuck=True,
             stuck_after=lambda address: self.times.overdue(address, kind, work),
             observe=lambda address, seconds: self.times.observe(address, kind, work, seconds),
+            wanted=wanted,
         )
         return result
 
@@ -104,7 +112,13 @@ class ChainClient:
                 request.hidden_states.CopyFrom(hidden)
             return request
 
-        result = await self._relay("Prefill", "prefill", len(rows) * width, len(rows), width, build)
+        def wanted() -> bool:
+            """A later stage prefills only while some row still wants its answer."""
+            now = asyncio.get_running_loop().time()
+            return any(not r.cancelled and now < r.deadline for r in requests)
+
+        work = len(rows) * width
+        result = await self._relay("Prefill", "prefill", work, len(rows), width, build, wanted)
         return list(result.token_ids)
 
     async def decode(self, step: Decode) -> list[int]:

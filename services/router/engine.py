@@ -38,6 +38,7 @@ from services.common.errors import (
 )
 from services.router.chain_client import ChainClient
 from services.router.faults import (
+    Abandoned,
     BatchLost,
     Blame,
     Fault,
@@ -380,6 +381,8 @@ class ChainEngine:
                 self._clear(self.scheduler.merge_refused(slot))
             else:  # a later stage refused what the first one did: the slot starts again
                 self._lost(slot, fault, now)
+        elif isinstance(fault, Abandoned) and prefill is not None:
+            self._clear(self.scheduler.refused(slot, prefill))  # they leave at the next turn
         elif isinstance(fault, InputRefused):
             log.error("a worker refused the router's step on %s: %s", self.chain.describe(), fault)
             outputs, cleared = self.scheduler.failed(
@@ -600,9 +603,10 @@ class Generations:
                         generation, Unavailable(f"model {chain.model!r}: worker {address} failed")
                     )
                     continue
-                log.info(
-                    "generation %d resumes on another chain after %d tokens",
+                log.warning(
+                    "generation %d on %s failed after %d tokens; resuming on another chain",
                     request.request_id,
+                    chain.describe(),
                     len(request.generated),
                 )
             try:

@@ -18,6 +18,8 @@ knows which rows were in the call decides what happens to them:
   input, or else the router's bug).
 - DeadlinePassed (DEADLINE_EXCEEDED under the caller's own deadline): nothing; the call's
   requests fail with DEADLINE_EXCEEDED.
+- Abandoned (every row of a prefill left before its next hop): nothing; the rows leave as any
+  cancelled or late row does.
 
 A client's deadline never becomes a step's timeout: generation steps run under the stuck-stage
 timeout (learnt from observed step times), so one short deadline cannot fail a healthy stage.
@@ -46,6 +48,7 @@ class Fault(Exception):
     """A worker call that gave no usable answer."""
 
     blame = Blame.NONE
+    reconnect = False  # the connection itself may be dead: the next call makes a fresh one
 
     def __init__(self, address: str, detail: str) -> None:
         super().__init__(f"worker {address}: {detail}")
@@ -59,6 +62,7 @@ class StageDown(Fault):
 
 class StageStuck(Fault):
     blame = Blame.DOWN
+    reconnect = True  # a partitioned link keeps a dead TCP connection for minutes
 
 
 class StageDraining(Fault):
@@ -84,6 +88,11 @@ class InputRefused(Fault):
 
 class DeadlinePassed(Fault):
     """The caller's own deadline passed while the worker worked."""
+
+
+class Abandoned(Fault):
+    """Every row of a prefill left (cancelled, or past its deadline) before its next hop: the
+    later stages are spared the work. Nobody is at fault."""
 
 
 def _draining(error: aio.AioRpcError) -> bool:

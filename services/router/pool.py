@@ -31,6 +31,7 @@ from grpc import aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from opentelemetry import trace
 
+from services.common.errors import status_code
 from services.common.security import open_channel
 from services.common.server import CHANNEL_OPTIONS
 from services.common.types import WorkerDescriptor
@@ -191,6 +192,9 @@ class WorkerPool:
         self._options = [(k, v) for k, v in CHANNEL_OPTIONS if "message_length" not in k] + [
             ("grpc.max_send_message_length", max_message_bytes),
             ("grpc.max_receive_message_length", max_message_bytes),
+            # A worker back from an outage is dialled again within seconds, not gRPC's 2 min.
+            ("grpc.initial_reconnect_backoff_ms", 500),
+            ("grpc.max_reconnect_backoff_ms", 5_000),
         ]
         try:
             self._members: dict[str, _Member] = {
@@ -201,6 +205,7 @@ class WorkerPool:
         self._channels: dict[str, aio.Channel] = {}
         self._stubs: dict[str, worker_pb2_grpc.WorkerStub] = {}
         self._retiring: dict[str, float] = {}  # address -> when its channel is closed
+        self._closing: set[asyncio.Task[None]] = set()
         self.book = LoadBook()
         self.table = RoutingTable((), ())
         self._listeners: list[Callable[[RoutingTable], None]] = []
@@ -226,6 +231,16 @@ class WorkerPool:
     def _channel(self, address: str) -> aio.Channel:
         self.stub(address)
         return self._channels[address]
+
+    def _drop_channel(self, address: str) -> None:
+        """Closes the worker's channel (its calls end CANCELLED); the next call dials anew."""
+        self._stubs.pop(address, None)
+        self._retiring.pop(address, None)
+        channel = self._channels.pop(address, None)
+        if channel is not None:
+            task = asyncio.get_running_loop().create_task(channel.close())
+            self._closing.add(task)
+            task.add_done_callback(self._closing.discard)
 
     def has_channel(self, address: str) -> bool:
         return address in self._channels
@@ -317,6 +332,8 @@ class WorkerPool:
 
     def apply_blame(self, fault: Fault) -> None:
         """The one consequence a fault has for the worker it came from (faults.py's table)."""
+        if fault.reconnect:
+            self._drop_channel(fault.address)
         if fault.blame is Blame.DOWN:
             self.mark_failed(fault.address, str(fault))
         elif fault.blame is Blame.DRAINING:
@@ -479,7 +496,7 @@ class WorkerPool:
                 health_pb2.HealthCheckRequest(service=""), timeout=PROBE_TIMEOUT_S
             )
         except grpc.RpcError as error:
-            code = error.code() if isinstance(error, grpc.Call) else None
+            code = status_code(error)
             return code not in (
                 grpc.StatusCode.DEADLINE_EXCEEDED,
                 grpc.StatusCode.UNAVAILABLE,
@@ -500,7 +517,7 @@ class WorkerPool:
                 return False
             info = await stub.Info(worker_pb2.InfoRequest(), timeout=PROBE_TIMEOUT_S)
         except grpc.RpcError as error:
-            code = error.code() if isinstance(error, grpc.Call) else None
+            code = status_code(error)
             if code == grpc.StatusCode.DEADLINE_EXCEEDED:
                 return None
             if code == grpc.StatusCode.UNIMPLEMENTED:

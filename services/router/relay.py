@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import logging
 import time
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
@@ -23,9 +24,10 @@ from services.common.errors import InvalidArgument
 from services.common.telemetry import outgoing_metadata
 from services.common.tensors import validate
 from services.pb.tessera.v1 import common_pb2
-from services.router.faults import StageMisbehaved, StageStuck, classify
+from services.router.faults import Abandoned, StageMisbehaved, StageStuck, classify
 from services.router.pool import WorkerPool
 
+log = logging.getLogger(__name__)
 tracer = trace.get_tracer("tessera.router")
 
 PROBE_EVERY_S = 1.0  # health checks of a worker whose call is overdue
@@ -49,6 +51,7 @@ async def relay(
     stuck_after: Callable[[str], float],
     observe: Callable[[str, float], None] | None = None,
     hop_spans: Sequence[str] = (),
+    wanted: Callable[[], bool] | None = None,
 ) -> Any:
     """Calls `method` on each address in order; returns the last answer.
 
@@ -57,10 +60,12 @@ async def relay(
     `stuck_after(address)` seconds (learnt from observed times) has its worker's health checked;
     a worker that answers neither is stuck (`StageStuck`), one that answers is busy and is
     waited for. `hop_spans` names a span per hop (Forward's); generation steps are traced by
-    their caller."""
+    their caller. `wanted()` false before a later hop abandons the work (`Abandoned`)."""
     hidden: common_pb2.Tensor | None = None
     answer: Any = None
     for index, address in enumerate(addresses):
+        if index and wanted is not None and not wanted():
+            raise Abandoned(address, "every row left before this hop")
         request = build(index, hidden)
         span = (
             tracer.start_as_current_span(hop_spans[index], attributes={"tessera.worker": address})
@@ -99,15 +104,16 @@ class StuckPolicy:
     """When a call that has not been answered makes the router check its worker's health, and
     how long a worker that stays healthy may take before its call counts as stuck anyway."""
 
-    min_s: float = 2.0  # never check before this (a busy machine slows every step a little)
+    min_s: float = 2.0  # never check before this (and the first call of a kind waits this long)
     factor: float = 10.0  # times the slowest recent call of its kind, per unit of work
     max_s: float = 120.0  # a call of a healthy worker (a deadlocked model thread) fails here
 
 
 class StepTimes:
     """Observed call times per worker and kind of call, and when the next one is overdue:
-    `factor` x the slowest recent seconds per unit of work x its work, at least `min_s`
-    (`max_s` before any call of its kind was observed)."""
+    `factor` x the slowest recent seconds per unit of work x its work, at least `min_s` (and
+    `min_s` before any call of its kind was observed: an overdue call only gets its worker's
+    health checked, so checking early costs a health check, never a failure)."""
 
     WINDOW = 32  # recent steps remembered per worker and kind
 
@@ -120,7 +126,7 @@ class StepTimes:
         rates = self._rates.get((address, kind))
         policy = self.policy
         if not rates:
-            return policy.max_s
+            return policy.min_s
         return min(policy.max_s, max(policy.min_s, policy.factor * max(rates) * max(1, work)))
 
     def observe(self, address: str, kind: str, work: int, seconds: float) -> None:
@@ -153,6 +159,7 @@ class _Watchdog:
         self._task = asyncio.get_running_loop().create_task(self._watch())
 
     async def _watch(self) -> None:
+        log.info("a call to worker %s is overdue; checking its health", self._address)
         missed = 0
         while True:
             missed = 0 if await self._pool.alive(self._address) else missed + 1

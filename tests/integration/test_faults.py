@@ -675,31 +675,47 @@ def _prefills(proc: Proc) -> int:
     return sum('"rpc": "/tessera.v1.Worker/Prefill"' in line for line in proc.lines)
 
 
+def _decodes(proc: Proc) -> int:
+    """Decode calls the worker answered, from its access log."""
+    return sum('"rpc": "/tessera.v1.Worker/Decode"' in line for line in proc.lines)
+
+
 def test_deadline_shorter_than_the_work_frees_sessions(capped: Mesh) -> None:
     stub = capped.stub()
     request = inference_pb2.GenerateRequest(
         model="tiny-llama", prompt=GREEDY_PROMPT, max_new_tokens=250
     )
+    first = capped.workers[0]
+    # The undisturbed run: its time and its decode steps are the yardstick.
+    start = time.monotonic()
+    assert stub.Generate(request, timeout=60).generated_tokens == 250
+    undisturbed = time.monotonic() - start
+    wait_until(lambda: _live_sessions(capped) == [0, 0], 10, "the undisturbed run's rows freed")
     prefills = sum(_prefills(p) for p in capped.workers)
+    decodes = _decodes(first)
+
     start = time.monotonic()
     with pytest.raises(grpc.RpcError) as caught:
-        stub.Generate(request, timeout=0.3)
+        stub.Generate(request, timeout=undisturbed / 4)
     assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED, describe(caught.value)
-    assert time.monotonic() - start < 1.5
-    # The request was running on the workers when its deadline passed (prefilled on both).
+    assert time.monotonic() - start < undisturbed
+    # The request was running on the workers when its deadline passed (prefilled on both) ...
     wait_until(
         lambda: sum(_prefills(p) for p in capped.workers) >= prefills + 2, 5, "the prefills logged"
     )
-    wait_until(lambda: _live_sessions(capped) == [0, 0], 5, "rows freed after the deadline")
+    # ... and its rows left at the next step: far fewer steps than the whole run took.
+    wait_until(lambda: _live_sessions(capped) == [0, 0], 30, "rows freed after the deadline")
+    assert _decodes(first) - decodes < 250 * 3 // 4
 
-    # A client that cancels a stream frees the sessions too.
+    # A client that cancels a stream frees the sessions too, as early.
+    decodes = _decodes(first)
     stream = stub.GenerateStream(request, timeout=60)
     next(stream)
     assert sum(_live_sessions(capped)) > 0
     stream.cancel()
-    wait_until(lambda: _live_sessions(capped) == [0, 0], 5, "rows freed after a cancel")
-    # The work finished well within its budget when undisturbed; the chain still serves.
-    assert stub.Generate(request, timeout=30).generated_tokens == 250
+    wait_until(lambda: _live_sessions(capped) == [0, 0], 30, "rows freed after a cancel")
+    assert _decodes(first) - decodes < 250 * 3 // 4
+    assert stub.Generate(request, timeout=30).generated_tokens == 250  # the chain still serves
 
 
 def test_no_chain_left_is_unavailable_naming_the_span(capped: Mesh) -> None:
