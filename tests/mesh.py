@@ -33,6 +33,7 @@ class Proc:
 
     args: list[str]
     env: dict[str, str]
+    prefix: list[str] = field(default_factory=list)  # e.g. `ip netns exec NAME`
     popen: subprocess.Popen[str] = field(init=False)
     address: str = ""
     lines: list[str] = field(default_factory=list)
@@ -40,7 +41,7 @@ class Proc:
 
     def start(self) -> Proc:
         self.popen = subprocess.Popen(
-            [sys.executable, "-m", "services.cli", *self.args],
+            [*self.prefix, sys.executable, "-m", "services.cli", *self.args],
             cwd=ROOT,
             env=self.env,
             stdout=subprocess.PIPE,

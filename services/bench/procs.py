@@ -172,6 +172,7 @@ class Fleet:
         layers: str | None = None,
         threads: int | None = None,
         precision: str | None = None,
+        env: dict[str, str] | None = None,
     ) -> Child:
         args = [
             "worker",
@@ -192,7 +193,9 @@ class Fleet:
             args += ["--threads", str(threads)]
         if precision:
             args += ["--precision", precision]
-        return self._add(Child(name, self._cli(*args), self.env, self._log(name)))
+        return self._add(
+            Child(name, self._cli(*args), {**self.env, **(env or {})}, self._log(name))
+        )
 
     def echo(self, name: str = "echo") -> Child:
         return self._add(Child(name, ["-m", "services.bench.echo"], self.env, self._log(name)))

@@ -53,6 +53,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
 S = grpc.StatusCode
 HIDDEN = 32
+GREEDY = worker_pb2.Sampling(top_p=1.0)  # sampling every valid prefill row sends
 POSITIONS = 256  # tiny-llama's max_position_embeddings
 # Tiny models answer in milliseconds; a call this long is a hang.
 CALL_TIMEOUT = 5.0
@@ -839,7 +840,7 @@ class Scenario:
         sampling = worker_pb2.Sampling(
             temperature=float(rng.choice([0.0, 0.0, 1e-30, 0.5, 1.0, 7.5, 100.0])),
             top_k=int(rng.choice([0, 1, 5, len(VOCAB), 10**6, 2**31 - 1])),
-            top_p=float(rng.choice([0.0, 1e-7, 0.5, 0.9, 1.0])),
+            top_p=float(rng.choice([1e-7, 0.5, 0.9, 1.0])),
         )
         if rng.integers(2):
             sampling.seed = int(rng.integers(-(2**63), 2**63 - 1, dtype=np.int64))
@@ -898,7 +899,7 @@ class Scenario:
             case "top_k":
                 row.sampling.top_k = int(rng.choice([-1, -(2**31)]))
             case "top_p":
-                row.sampling.top_p = float(rng.choice([1.5, math.nan, math.inf]))
+                row.sampling.top_p = float(rng.choice([0.0, 1.5, math.nan, math.inf]))
             case "no_rows":
                 del request.rows[:]
             case "no_tensor":
@@ -1250,7 +1251,7 @@ VALID_PREFIX: dict[str, Message] = {
     ),
     "/tessera.v1.Worker/Prefill": worker_pb2.PrefillRequest(
         batch_id="raw-prefill",
-        rows=[worker_pb2.PrefillRow(request_id=1, length=2, max_tokens=4)],
+        rows=[worker_pb2.PrefillRow(request_id=1, length=2, max_tokens=4, sampling=GREEDY)],
         hidden_states=common_pb2.Tensor(
             dtype="float32", shape=[1, 2, HIDDEN], data=_RAW_HIDDEN.tobytes()
         ),
@@ -1695,7 +1696,7 @@ def _prefill_rows(
     request = worker_pb2.PrefillRequest(
         batch_id=batch_id,
         rows=[
-            worker_pb2.PrefillRow(request_id=i, length=1, max_tokens=max_tokens)
+            worker_pb2.PrefillRow(request_id=i, length=1, max_tokens=max_tokens, sampling=GREEDY)
             for i in range(rows)
         ],
     )

@@ -14,8 +14,6 @@ import os
 import random
 import re
 import subprocess
-import sys
-import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -27,7 +25,7 @@ import pytest
 from services.pb.tessera.v1 import inference_pb2
 from tests.integration.test_faults import GREEDY_PROMPT, stream_tokens, worker_info
 from tests.integration.test_isolation import _streams
-from tests.mesh import ROOT, Mesh, Proc
+from tests.mesh import Mesh, Proc
 
 pytestmark = pytest.mark.slow
 
@@ -77,26 +75,6 @@ def link(name: str, state: str) -> None:
     ip("netns", "exec", name, "ip", "link", "set", device.group(1), state)
 
 
-class NamespacedWorker(Proc):
-    """A worker process started inside a network namespace."""
-
-    def __init__(self, args: list[str], env: dict[str, str], netns: str) -> None:
-        super().__init__(args, env)
-        self.netns = netns
-
-    def start(self) -> Proc:
-        self.popen = subprocess.Popen(
-            ["ip", "netns", "exec", self.netns, sys.executable, "-m", "services.cli", *self.args],
-            cwd=ROOT,
-            env=self.env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        threading.Thread(target=self._pump, daemon=True).start()
-        return self
-
-
 def _prefills(proc: Proc) -> int:
     return sum('"rpc": "/tessera.v1.Worker/Prefill"' in line for line in list(proc.lines))
 
@@ -115,7 +93,7 @@ def test_a_partitioned_stage_is_failed_over_and_taken_back(tiny_repo: Path) -> N
         mesh.start_router()
         mesh.start_worker("tiny-llama", "0:2")
         mesh.start_worker("tiny-llama", "2:4")
-        far = NamespacedWorker(
+        far = Proc(
             [
                 "worker",
                 "--model",
@@ -130,7 +108,7 @@ def test_a_partitioned_stage_is_failed_over_and_taken_back(tiny_repo: Path) -> N
                 str(tiny_repo),
             ],
             mesh.env,
-            netns,
+            prefix=["ip", "netns", "exec", netns],
         )
         mesh.workers.append(far)
         far.start().wait_ready()
