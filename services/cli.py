@@ -10,11 +10,10 @@ import sys
 from services.common.settings import (
     RouterSettings,
     WorkerSettings,
-    apply,
-    apply_env,
+    add_flags,
     default_repository,
+    settings_from,
 )
-from services.common.types import PRECISIONS
 
 
 def _setup_logging(service: str, level: str) -> None:
@@ -33,19 +32,7 @@ def _cmd_router(args: argparse.Namespace) -> int:
     from services.common.telemetry import setup_tracing, shutdown_tracing
     from services.router.main import run_router
 
-    settings = apply_env(RouterSettings(), "TESSERA_ROUTER_")
-    apply(
-        settings,
-        {
-            "host": args.host,
-            "port": args.port,
-            "repository": args.repository,
-            "workers": args.workers,
-            "cache_nodes": args.cache,
-            "metrics_port": args.metrics_port,
-        },
-        "flags",
-    )
+    settings = settings_from(RouterSettings, args)
     setup_tracing("tessera-router")
     try:
         return asyncio.run(run_router(settings))
@@ -57,23 +44,7 @@ def _cmd_worker(args: argparse.Namespace) -> int:
     from services.common.telemetry import setup_tracing, shutdown_tracing
     from services.worker.main import run_worker
 
-    settings = apply_env(WorkerSettings(), "TESSERA_WORKER_")
-    apply(
-        settings,
-        {
-            "model": args.model,
-            "layers": args.layers,
-            "host": args.host,
-            "port": args.port,
-            "routers": args.router,
-            "repository": args.repository,
-            "advertise": args.advertise,
-            "threads": args.threads,
-            "metrics_port": args.metrics_port,
-            "precision": args.precision,
-        },
-        "flags",
-    )
+    settings = settings_from(WorkerSettings, args)
     if not settings.model:
         raise SystemExit("tessera worker: --model is required")
     setup_tracing(f"tessera-worker-{settings.model}-{settings.layers or 'replica'}")
@@ -138,30 +109,18 @@ def main(argv: list[str] | None = None) -> int:
     up.add_argument("--repository", default=default_repository())
     up.set_defaults(func=_cmd_up)
 
-    router = sub.add_parser("router", help="start the router")
-    router.add_argument("--host")
-    router.add_argument("--port", type=int)
-    router.add_argument("--repository")
-    router.add_argument("--workers", help="static worker addresses, comma-separated")
-    router.add_argument("--cache", help="memcached nodes host:port, comma-separated")
-    router.add_argument("--metrics-port", type=int, help="Prometheus port (-1 off, 0 any)")
+    router = sub.add_parser(
+        "router", help="start the router", description="Every router setting, as a flag."
+    )
+    add_flags(router, RouterSettings)
     router.set_defaults(func=_cmd_router)
 
-    worker = sub.add_parser("worker", help="start one worker (a stage or a replica)")
-    worker.add_argument("--model")
-    worker.add_argument("--layers", help="START:END; omit for a replica")
-    worker.add_argument("--host")
-    worker.add_argument("--port", type=int)
-    worker.add_argument("--router", help="router addresses to register with, comma-separated")
-    worker.add_argument("--advertise", help="host:port the router should dial")
-    worker.add_argument("--repository")
-    worker.add_argument("--threads", type=int, help="torch threads")
-    worker.add_argument("--metrics-port", type=int, help="Prometheus port (-1 off, 0 any)")
-    worker.add_argument(
-        "--precision",
-        choices=PRECISIONS,
-        help="float32 (default, exact), bfloat16 or int8 (dynamic quantization of Linear layers)",
+    worker = sub.add_parser(
+        "worker",
+        help="start one worker (a stage or a replica)",
+        description="Every worker setting, as a flag.",
     )
+    add_flags(worker, WorkerSettings)
     worker.set_defaults(func=_cmd_worker)
 
     trace_view = sub.add_parser("trace", help="draw one request's trace as a waterfall")

@@ -37,8 +37,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from services.cache.launcher import (
     MemcachedNode,
     die_with_parent,
+    free_port,
     is_local_address,
-    served_pid,
     split_address,
 )
 from services.common.settings import MeshSettings, load_mesh_file
@@ -166,6 +166,7 @@ class CacheChild:
 
     def __init__(self, address: str) -> None:
         self.name = f"memcached on {address}"
+        self.address = address
         self._host, self._port = split_address(address)
         self._node = MemcachedNode(die_with_parent=True)
 
@@ -292,26 +293,18 @@ def _port_answers(host: str, port: int) -> bool:
         return False
 
 
-def _local_cache_node(address: str) -> CacheChild | None:
-    """Starts memcached on a local address; None when one already answers there.
-
-    Installing Debian's memcached package starts a system memcached on 127.0.0.1:11211, the
-    default address: reusing it beats failing, and it is not ours to stop.
-    """
+def _local_cache_node(address: str) -> CacheChild:
+    """Starts memcached on a local address, or on a free port of that host when the address
+    is taken: never adopts a memcached it did not start (anything on the machine could have
+    started one there; installing Debian's package starts a system one on 127.0.0.1:11211)."""
     host, port = split_address(address)
-    probe = _probe_host(host)
-    pid = served_pid(probe, port)
-    if pid is not None:
+    if _port_answers(_probe_host(host), port):
+        taken = address
+        address = f"{host}:{free_port()}"
         print(
-            f"tessera up: reusing the memcached already running on {address} (pid {pid}); "
-            f"it is left running on exit",
+            f"tessera up: {taken} is taken by a process this mesh did not start; "
+            f"starting this mesh's memcached on {address} instead",
             flush=True,
-        )
-        return None
-    if _port_answers(probe, port):
-        raise MeshError(
-            f"tessera up: cache node {address} is taken by a process that is not "
-            f"memcached; free the port or name another node under cache.nodes"
         )
     node = CacheChild(address)
     try:
@@ -369,6 +362,8 @@ def _mesh_tokens(mesh: MeshSettings) -> tuple[dict[str, str], dict[str, str]]:
     """
     router: dict[str, str] = {}
     worker: dict[str, str] = {}
+    if not mesh.router.cache_secret:  # values in this mesh's cache are sealed with it
+        router["TESSERA_ROUTER_CACHE_SECRET"] = secrets.token_urlsafe(32)
     if not (
         mesh.router.worker_call_token
         or any(w.caller_tokens or w.caller_token_file for w in mesh.workers)
@@ -494,11 +489,14 @@ def run_mesh(config: str | None, *, repository: str) -> int:
     for sig in stop_signals:
         signal.signal(sig, on_signal)
     try:
+        nodes = []
         for address in mesh.cache_nodes:
             if is_local_address(address):
                 node = _local_cache_node(address)
-                if node is not None:
-                    services.append(Supervised(node, essential=False, started_at=time.monotonic()))
+                services.append(Supervised(node, essential=False, started_at=time.monotonic()))
+                address = node.address
+            nodes.append(address)
+        mesh.cache_nodes = nodes
         for index, child in enumerate(_children(mesh, repository)):
             services.append(Supervised(child, essential=index == 0))
             services[-1].start(time.monotonic())

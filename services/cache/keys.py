@@ -13,7 +13,7 @@ from collections.abc import Mapping, Sequence
 
 KEY_PREFIX = "tsr1"
 # Bump when the canonical document or the cached value format changes, so old entries are ignored.
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: values are sealed to their keys (seal.py); keys carry hidden_dtype
 
 
 def generate_key(
@@ -37,9 +37,15 @@ def generate_key(
     return _hashed_key("g", document)
 
 
-def embed_key(model: str, fingerprint: str, text: str) -> str:
-    """Key of one input text's embedding."""
-    return _hashed_key("e", {"model": model, "fingerprint": fingerprint, "text": text})
+def embed_key(model: str, fingerprint: str, text: str, *, hidden_dtype: str = "float32") -> str:
+    """Key of one input text's embedding; `hidden_dtype` is what travelled between stages."""
+    document: dict[str, object] = {
+        "model": model,
+        "fingerprint": fingerprint,
+        "text": text,
+        "hidden": hidden_dtype,
+    }
+    return _hashed_key("e", document)
 
 
 def _hashed_key(kind: str, document: dict[str, object]) -> str:

@@ -34,6 +34,8 @@ from pymemcache.client.hash import HashClient
 from pymemcache.client.rendezvous import RendezvousHash
 from pymemcache.exceptions import MemcacheUnexpectedCloseError, MemcacheUnknownError
 
+from services.cache.seal import Seal
+
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
@@ -55,6 +57,7 @@ class CacheStats:
     hits: int = 0
     misses: int = 0
     errors: int = 0
+    rejected: int = 0  # values whose seal did not hold (forged, moved, corrupt): misses too
 
 
 class _Breaker:
@@ -124,9 +127,15 @@ class CacheStore:
         dead_timeout_s: float = 2.0,
         expire_s: int = 0,
         tracer: trace.Tracer | None = None,
+        seal: Seal | None = None,
+        max_value_bytes: int = 1024 * 1024,
     ) -> None:
         self._expire_s = expire_s
         self._tracer = tracer
+        # Every value is sealed to its key; without a seal of the caller's, one of our own.
+        self._seal = seal or Seal()
+        self._max_value_bytes = max_value_bytes
+        self._rejected = 0
         self._breaker = _Breaker(dead_timeout_s)
         self._counter_lock = threading.Lock()
         self._hits = 0
@@ -166,9 +175,34 @@ class CacheStore:
         return self._errors
 
     @property
+    def rejected(self) -> int:
+        """Values refused because their seal did not hold (cheaper than a stats snapshot)."""
+        return self._rejected
+
+    @property
     def stats(self) -> CacheStats:
         with self._counter_lock:
-            return CacheStats(hits=self._hits, misses=self._misses, errors=self._errors)
+            return CacheStats(
+                hits=self._hits, misses=self._misses, errors=self._errors, rejected=self._rejected
+            )
+
+    def _opened(self, key: str, sealed: bytes | None) -> bytes | None:
+        """The value under a seal, or None (a seal that does not hold is counted)."""
+        if sealed is None:
+            return None
+        value = self._seal.unwrap(key, sealed)
+        if value is None:
+            with self._counter_lock:
+                self._rejected += 1
+        return value
+
+    def _sealed(self, items: Mapping[str, bytes]) -> dict[str, bytes]:
+        """Each value sealed to its key; values over max_value_bytes are not stored."""
+        return {
+            key: self._seal.wrap(key, value)
+            for key, value in items.items()
+            if len(value) <= self._max_value_bytes
+        }
 
     def get(self, key: str) -> bytes | None:
         """The value under ``key``, or ``None`` on a miss or any failure."""
@@ -177,7 +211,7 @@ class CacheStore:
             batches, failed = self._batches([key])
             for node in batches:
                 try:
-                    value = self._call(node, partial(_get, key=key))
+                    value = self._opened(key, self._call(node, partial(_get, key=key)))
                 except _CallFailed:
                     failed = True
             hit = value is not None
@@ -195,9 +229,14 @@ class CacheStore:
             batches, failed = self._batches(unique)
             for node, batch in batches.items():
                 try:
-                    found.update(self._call(node, partial(_get_many, keys=batch)))
+                    got = self._call(node, partial(_get_many, keys=batch))
                 except _CallFailed:
                     failed = True
+                    continue
+                for key, sealed in got.items():
+                    value = self._opened(key, sealed)
+                    if value is not None:
+                        found[key] = value
             self._count(hits=len(found), misses=len(unique) - len(found), errors=int(failed))
             span.set_attribute("cache.hits", len(found))
             if failed:
@@ -207,10 +246,13 @@ class CacheStore:
     def set(self, key: str, value: bytes) -> None:
         """Store ``value`` under ``key``; failures are counted and otherwise ignored."""
         with self._span("cache.set", 1) as span:
+            sealed = self._sealed({key: value}).get(key)
+            if sealed is None:
+                return
             batches, failed = self._batches([key])
             for node in batches:
                 try:
-                    self._call(node, partial(_set, key=key, value=value, expire=self._expire_s))
+                    self._call(node, partial(_set, key=key, value=sealed, expire=self._expire_s))
                 except _CallFailed:
                     failed = True
             if failed:
@@ -220,6 +262,7 @@ class CacheStore:
     def set_many(self, items: Mapping[str, bytes]) -> None:
         """Store every item, one round trip per node; failures are counted and ignored."""
         with self._span("cache.set_many", len(items)) as span:
+            items = self._sealed(items)
             batches, failed = self._batches(list(items))
             for node, batch in batches.items():
                 values = {key: items[key] for key in batch}

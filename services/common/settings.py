@@ -1,10 +1,21 @@
-"""One typed settings object per service: flags > TESSERA_* environment > YAML file > defaults."""
+"""One typed settings object per service: flags > TESSERA_* environment > YAML file > defaults.
+
+Each setting is declared once, here: its type, its default and a one-line doc (`setting`).
+Everything else is derived from that declaration: the environment variables
+(`TESSERA_ROUTER_<NAME>`, `TESSERA_WORKER_<NAME>`), the mesh file's keys, every CLI flag of
+`tessera router` and `tessera worker` (`add_flags`), the README's settings tables
+(`python -m services.common.settings`, checked by a test) and the sub-configs of the scheduler,
+the coalescer and the worker (their `from_settings`).
+"""
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import os
-from collections.abc import Mapping
+import sys
+import typing
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,107 +29,218 @@ def default_repository() -> str:
     return os.environ.get("TESSERA_MODEL_REPOSITORY", DEFAULT_REPOSITORY)
 
 
-@dataclass
-class WorkerSettings:
-    model: str = ""
-    layers: str | None = None  # "START:END"; None = the whole model (a replica)
-    precision: str = "float32"  # float32 (exact) | bfloat16 | int8; part of the fingerprint
-    host: str = "127.0.0.1"  # interface to bind
-    port: int = 50061
-    advertise: str | None = None  # host:port the router dials; default host:port
-    routers: list[str] = field(default_factory=list)  # routers to register with
-    repository: str = field(default_factory=default_repository)
-    heartbeat_s: float = 2.0  # seconds between registrations
-    max_outstanding: int = 64  # requests in flight before RESOURCE_EXHAUSTED
-    max_rows: int = 64  # generation rows held at once, over every batch
-    max_kv_mb: int = 2048  # MiB of KV cache over every batch, padding included
-    batch_idle_s: float = 60.0  # seconds before a batch no router steps is freed
-    max_batch: int = 32  # rows (texts or sessions) per forward pass
-    drain_s: float = 10.0  # seconds to finish work on SIGTERM
-    threads: int = 0  # torch intra-op threads; 0 = torch's default
-    metrics_port: int = -1  # Prometheus /metrics port; -1 = off, 0 = any free port
-    tls_cert: str = ""  # server certificate (PEM); empty = plaintext
-    tls_key: str = ""
-    tls_client_ca: str = ""  # CA of accepted client certs: mutual TLS with routers
-    router_ca: str = ""  # CA to verify routers when registering (TLS routers)
-    client_cert: str = ""  # this worker's client certificate for routers
-    client_key: str = ""
-    router_token: str = ""  # worker token sent to routers (their worker_tokens), when they need one
-    # Callers of tessera.v1.Worker/* must send `authorization: Bearer <one of these>` (the
-    # router's worker_call_token); health and reflection stay open. Empty = no token needed
-    # (mutual TLS through tls_client_ca authenticates callers too).
-    caller_tokens: list[str] = field(default_factory=list)
-    caller_token_file: str = ""  # file of caller tokens, one per line, reloaded when it changes
-    # Transport limits, enforced by gRPC before any handler runs (RESOURCE_EXHAUSTED):
-    max_message_mb: int = 0  # MiB per message each way; 0 = the largest routed request (server.py)
-    max_concurrent_rpcs: int = 512  # calls in flight, every method, probes included
-    max_concurrent_streams: int = 256  # HTTP/2 streams open at once per connection
+def setting(
+    default: Any = None,
+    doc: str = "",
+    *,
+    factory: Callable[[], Any] | None = None,
+    choices: Sequence[str] = (),
+    secret: bool = False,
+) -> Any:
+    """Declares one setting: its default (or a factory), a one-line doc, and the values it
+    may take (`choices`); a `secret` is never shown with its value."""
+    metadata = {"doc": doc, "choices": tuple(choices), "secret": secret}
+    if factory is not None:
+        return field(default_factory=factory, metadata=metadata)
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
 
 
 @dataclass
-class RouterSettings:
-    host: str = "127.0.0.1"
-    port: int = 50051
-    repository: str = field(default_factory=default_repository)
-    workers: list[str] = field(default_factory=list)  # static worker addresses
-    cache_nodes: list[str] = field(default_factory=list)
-    cache_timeout_s: float = 0.1  # seconds per memcached call
-    health_interval_s: float = 1.0  # seconds between worker probes
-    worker_ttl_s: float = 6.0  # a registration not renewed this long expires
-    max_prompt_tokens: int = 4096  # longer prompts get INVALID_ARGUMENT
-    max_new_tokens: int = 1024  # the largest max_new_tokens accepted
-    default_max_new_tokens: int = 64
-    max_embed_inputs: int = 256  # texts per Embed request
-    embed_segment_size: int = 32  # texts per segment scattered over the replicas
-    coalesce_max_tokens: int = 16_384  # rows x padded width of one coalesced Embed/Forward call
-    coalesce_in_flight: int = 2  # coalesced Embed/Forward calls in flight per worker
-    max_input_chars: int = 32_768  # characters per text (past the models' lengths already)
-    max_outstanding: int = 256  # requests in flight before RESOURCE_EXHAUSTED
-    request_timeout_s: float = 120.0  # deadline when the client sets none
-    drain_s: float = 10.0
-    # Largest gRPC message accepted or sent, MiB; 0 = the largest legal request, computed from
-    # max_embed_inputs x max_input_chars (server.py text_message_bytes: 32.1 MiB by default).
-    max_message_mb: int = 0
-    max_streams_per_connection: int = 64  # concurrent GenerateStream calls per client connection
-    hidden_dtype: str = "float32"  # dtype of hidden states between stages
-    micro_batches: int = 2  # generation batches in flight per chain (pipelining across stages)
-    max_waiting: int = 256  # generations waiting per chain before RESOURCE_EXHAUSTED
-    max_prefill_tokens: int = 8192  # rows x width of one prefill
-    waiting_served_ratio: float = 1.2  # prefill early only for this many waiting per running row
-    max_waiting_steps: int = 20  # ... or once this many decode steps have run since the last
-    aging_s: float = 2.0  # seconds of waiting that raise a generation's priority by one
-    retries: int = 2  # other chains a request may go on to after a worker fails its work
-    # A worker call unanswered after stuck_factor x the slowest recent call of its kind (per unit
-    # of work; at least stuck_step_min_s) gets its worker's health checked: a worker that answers
-    # is busy and is waited for (up to stuck_step_max_s), one that misses two checks is stuck:
-    # marked failed, and only the chains through it move. A client's deadline is never used.
-    stuck_step_min_s: float = 2.0
-    stuck_factor: float = 10.0
-    stuck_step_max_s: float = 120.0
-    metrics_port: int = -1  # Prometheus /metrics port; -1 = off, 0 = any free port
-    tls_cert: str = ""  # public port certificate (PEM); empty = plaintext
-    tls_key: str = ""
-    tls_client_ca: str = ""  # CA of client certs required on the public port
-    worker_ca: str = ""  # CA that signed the workers' certificates (mTLS)
-    client_cert: str = ""  # the router's client certificate for workers
-    client_key: str = ""
-    auth_tokens: list[str] = field(default_factory=list)  # accepted bearer tokens
-    auth_token_file: str = ""  # file of bearer tokens, one per line, reloaded
-    # Registry/Register and Deregister accept only these (never a user token: PERMISSION_DENIED).
-    # With no token of either kind the registry is open (local development; logged at start).
-    worker_tokens: list[str] = field(default_factory=list)
-    worker_token_file: str = ""  # file of worker tokens, one per line, reloaded
-    # Fingerprints admitted besides the one the router's repository gives (e.g. the version being
-    # rolled out or back); model, span, layers and hidden size are still checked against it.
-    allowed_fingerprints: list[str] = field(default_factory=list)
-    admission_timeout_s: float = 10.0  # seconds for each call that admits a worker
-    recheck_s: float = 60.0  # seconds between probe requests re-run on admitted workers; 0 = off
-    max_registrations: int = 1024  # registered workers in all (static ones not counted)
-    max_registrations_per_model: int = 512
-    max_registrations_per_version: int = 256
-    worker_call_token: str = ""  # bearer token sent on every worker call (caller_tokens there)
-    max_concurrent_rpcs: int = 1024  # calls in flight, every method; beyond: RESOURCE_EXHAUSTED
-    max_concurrent_streams: int = 128  # HTTP/2 streams open at once per client connection
+class ServerSettings:
+    """What every Tessera server (router, worker) is configured with."""
+
+    host: str = setting("127.0.0.1", "interface to bind (a router on another needs user tokens)")
+    metrics_port: int = setting(-1, "Prometheus /metrics port; -1 = off, 0 = any free port")
+    tls_cert: str = setting("", "server certificate (PEM); empty = plaintext")
+    tls_key: str = setting("", "the certificate's private key (PEM)")
+    tls_client_ca: str = setting("", "CA of client certificates to require (mutual TLS)")
+    max_message_mb: int = setting(
+        0, "MiB per message each way; 0 = the largest legal request (docs/deploy.md)"
+    )
+    open_max_calls: int = setting(
+        64, "calls in flight from callers without an accepted token (health, reflection)"
+    )
+    open_max_watches: int = setting(
+        128, "health Watch streams held by callers without an accepted token, in all"
+    )
+    open_max_watches_per_peer: int = setting(8, "... and per peer address")
+    open_max_body_bytes: int = setting(
+        4096, "largest request body read from a caller without an accepted token"
+    )
+
+
+@dataclass
+class WorkerSettings(ServerSettings):
+    model: str = setting("", "model name in the repository (required)")
+    layers: str | None = setting(None, "START:END of the model's layers; none = a replica")
+    precision: str = setting(
+        "float32",
+        "float32 (exact), bfloat16 or int8 (dynamic quantization of Linear layers); "
+        "part of the version's fingerprint",
+        choices=("float32", "bfloat16", "int8"),
+    )
+    port: int = setting(50061, "port to listen on (0 = any free port)")
+    advertise: str | None = setting(None, "host:port the router dials; default host:port")
+    routers: list[str] = setting([], "routers to register with (host:port, comma-separated)")
+    repository: str = setting(
+        None, "the model repository (also TESSERA_MODEL_REPOSITORY)", factory=default_repository
+    )
+    heartbeat_s: float = setting(2.0, "seconds between registrations")
+    max_outstanding: int = setting(64, "requests in flight before RESOURCE_EXHAUSTED")
+    max_rows: int = setting(64, "generation rows held at once, over every batch")
+    max_kv_mb: int = setting(2048, "MiB of KV cache over every batch, padding included")
+    batch_idle_s: float = setting(60.0, "seconds before a batch no router steps is freed")
+    max_batch: int = setting(32, "rows (texts) per Forward pass")
+    drain_s: float = setting(10.0, "seconds to finish held work on SIGTERM")
+    threads: int = setting(0, "torch intra-op threads; 0 = torch's default")
+    max_concurrent_rpcs: int = setting(
+        512, "calls in flight from accepted callers (RESOURCE_EXHAUSTED beyond)"
+    )
+    max_concurrent_streams: int = setting(256, "HTTP/2 streams open at once per connection")
+    router_ca: str = setting("", "CA to verify routers by when registering (TLS routers)")
+    client_cert: str = setting("", "this worker's client certificate for routers")
+    client_key: str = setting("", "... and its key")
+    router_token: str = setting(
+        "", "credential sent to routers when registering (their worker_tokens)", secret=True
+    )
+    caller_tokens: list[str] = setting(
+        [],
+        "tokens callers of tessera.v1.Worker/* must send (the router's worker_call_token); "
+        "health and reflection stay open",
+        secret=True,
+    )
+    caller_token_file: str = setting("", "file of caller tokens, one per line, re-read")
+    mesh_secret: str = setting(
+        "",
+        "the mesh's secret: this worker derives its own registration credential and caller "
+        "token from it and its advertised address (instead of router_token, caller_tokens)",
+        secret=True,
+    )
+
+
+@dataclass
+class RouterSettings(ServerSettings):
+    port: int = setting(50051, "public gRPC port (0 = any free port)")
+    repository: str = setting(
+        None,
+        "tokenizers, chat templates, configs; what admission checks workers against "
+        "(also TESSERA_MODEL_REPOSITORY)",
+        factory=default_repository,
+    )
+    workers: list[str] = setting([], "static worker addresses (workers also register themselves)")
+    cache_nodes: list[str] = setting([], "memcached host:port nodes; empty disables the cache")
+    cache_timeout_s: float = setting(0.1, "seconds per memcached call")
+    cache_secret: str = setting(
+        "",
+        "key of the MAC that binds each cached value to its key (routers sharing a cache share "
+        "it); empty = a random key per router process",
+        secret=True,
+    )
+    cache_ttl_s: int = setting(86_400, "seconds a cached answer lives")
+    cache_max_value_kb: int = setting(1024, "largest cached value, KiB (larger: not cached)")
+    health_interval_s: float = setting(1.0, "seconds between worker probes")
+    worker_ttl_s: float = setting(6.0, "a registration not renewed this long expires")
+    max_prompt_tokens: int = setting(4096, "longer prompts get INVALID_ARGUMENT")
+    max_new_tokens: int = setting(1024, "the largest max_new_tokens accepted")
+    default_max_new_tokens: int = setting(64, "max_new_tokens when a request sets none")
+    max_chat_messages: int = setting(256, "chat messages per request")
+    max_chat_chars: int = setting(131_072, "characters in all of a request's chat messages")
+    max_embed_inputs: int = setting(256, "texts per Embed request")
+    max_input_chars: int = setting(32_768, "characters per text, prompt or message")
+    max_forward_tokens: int = setting(16_384, "rows x positions of one Forward request")
+    embed_segment_size: int = setting(32, "texts per segment scattered over the replicas")
+    coalesce_max_tokens: int = setting(
+        16_384, "rows x padded width of one coalesced Embed/Forward call"
+    )
+    coalesce_in_flight: int = setting(2, "coalesced Embed/Forward calls in flight per worker")
+    max_outstanding: int = setting(256, "requests in flight before RESOURCE_EXHAUSTED")
+    max_tenant_in_flight: int = setting(
+        64, "requests in flight per tenant before RESOURCE_EXHAUSTED (a token file may set it)"
+    )
+    max_tenants: int = setting(4096, "tenants whose recent share the scheduler remembers")
+    request_timeout_s: float = setting(
+        120.0, "deadline when the client sets none, and the longest one accepted"
+    )
+    drain_s: float = setting(10.0, "seconds to finish requests in flight on SIGTERM")
+    max_streams_per_connection: int = setting(
+        64, "concurrent GenerateStream calls per client connection"
+    )
+    hidden_dtype: str = setting(
+        "float32",
+        "dtype of hidden states between stages (part of cache keys)",
+        choices=("float32", "float16", "bfloat16"),
+    )
+    micro_batches: int = setting(2, "generation batches in flight per chain (pipelining)")
+    max_waiting: int = setting(256, "generations waiting per chain before RESOURCE_EXHAUSTED")
+    max_prefill_tokens: int = setting(8192, "rows x width of one prefill")
+    waiting_served_ratio: float = setting(
+        1.2, "prefill into a running batch early only for this many waiting per running row"
+    )
+    max_waiting_steps: int = setting(
+        20, "... or once this many decode steps have run since its last prefill"
+    )
+    aging_share: float = setting(
+        0.5,
+        "share of its deadline after which a waiting request's priority is the highest "
+        "(it rises in proportion to its wait), so none starves before its deadline",
+    )
+    retries: int = setting(
+        2, "other chains a request may go on to (or prefills it may run again) after a fault"
+    )
+    stuck_step_min_s: float = setting(
+        2.0, "never check a worker's health for an overdue call before this (seconds)"
+    )
+    stuck_factor: float = setting(
+        10.0, "a call is overdue after this x the slowest recent call of its kind and size"
+    )
+    stuck_step_max_s: float = setting(
+        120.0, "a call of a worker that answers health checks fails after this (seconds)"
+    )
+    max_concurrent_rpcs: int = setting(
+        1024, "calls in flight from accepted callers (RESOURCE_EXHAUSTED beyond)"
+    )
+    max_concurrent_streams: int = setting(128, "HTTP/2 streams open at once per connection")
+    worker_ca: str = setting("", "CA that signed the workers' certificates (mutual TLS)")
+    client_cert: str = setting("", "the router's client certificate for workers")
+    client_key: str = setting("", "... and its key")
+    allow_anonymous: bool = setting(
+        False, "serve without user tokens on a non-loopback host (refused to start otherwise)"
+    )
+    auth_tokens: list[str] = setting([], "user bearer tokens accepted", secret=True)
+    auth_token_file: str = setting(
+        "",
+        "file of user tokens, one per line, re-read when it changes; a line may add "
+        "tenant=NAME max_priority=N max_in_flight=N",
+    )
+    admin_tokens: list[str] = setting(
+        [], "tokens of operators: worker addresses in ListModels, the Models API", secret=True
+    )
+    admin_token_file: str = setting("", "file of admin tokens, one per line, re-read")
+    worker_tokens: list[str] = setting(
+        [], "tokens Registry/Register and Deregister accept (never a user token)", secret=True
+    )
+    worker_token_file: str = setting("", "file of worker tokens, one per line, re-read")
+    mesh_secret: str = setting(
+        "",
+        "the mesh's secret: each worker's registration credential and call token are derived "
+        "from it and the worker's address",
+        secret=True,
+    )
+    allowed_fingerprints: list[str] = setting(
+        [], "versions admitted besides the repository's (a rollout, a rollback)"
+    )
+    admission_timeout_s: float = setting(10.0, "seconds for each call that admits a worker")
+    recheck_s: float = setting(
+        60.0, "seconds between the probe requests re-run on admitted workers; 0 = off"
+    )
+    max_registrations: int = setting(1024, "registered workers in all (static ones not counted)")
+    max_registrations_per_model: int = setting(512, "registered workers per model")
+    max_registrations_per_version: int = setting(256, "registered workers per version")
+    worker_call_token: str = setting(
+        "", "bearer token sent on every worker call (their caller_tokens)", secret=True
+    )
 
 
 @dataclass
@@ -139,25 +261,47 @@ workers:
   - {model: all-minilm-l6-v2, port: 50063}   # no layers: a replica
 """
 
+ENV_PREFIXES = {RouterSettings: "TESSERA_ROUTER_", WorkerSettings: "TESSERA_WORKER_"}
+# Flags kept from before every setting had one (the design brief's `--router`, `--cache`).
+FLAG_ALIASES = {"routers": ["--router"], "cache_nodes": ["--cache"]}
 
-def _coerce(value: Any, kind: Any) -> Any:
-    text = str(kind)
-    if text.startswith("str") and not isinstance(value, str):
+
+def _kind(owner: type, f: dataclasses.Field[Any]) -> str:
+    hints = typing.get_type_hints(owner)
+    hint = hints[f.name]
+    text = str(hint)
+    if hint is bool:
+        return "bool"
+    if hint is int:
+        return "int"
+    if hint is float:
+        return "float"
+    if "list" in text:
+        return "list"
+    return "str"
+
+
+def _coerce(value: Any, kind: str) -> Any:
+    if kind == "str" and not isinstance(value, str):
         # YAML reads an unquoted 15:30 as the base-60 number 930.
         raise ValueError(f"expected a string, got {value!r}; quote it in YAML")
-    if isinstance(value, str) and "list" in text:
-        return [v.strip() for v in value.split(",") if v.strip()]
-    if text in ("int", "<class 'int'>"):
+    if kind == "list":
+        if isinstance(value, str):
+            return [v.strip() for v in value.split(",") if v.strip()]
+        return [str(v) for v in value]
+    if kind == "int":
         return int(value)
-    if text in ("float", "<class 'float'>"):
+    if kind == "float":
         return float(value)
-    if text in ("bool", "<class 'bool'>"):
+    if kind == "bool" and not isinstance(value, bool):
         return str(value).lower() in ("1", "true", "yes", "on")
     return value
 
 
 def apply(target: Any, values: Mapping[str, Any], source: str) -> Any:
-    """Sets known fields from a mapping; unknown keys are an error naming the source."""
+    """Sets known fields from a mapping; unknown keys and values outside a setting's choices
+    are errors naming the source."""
+    owner = type(target)
     known = {f.name: f for f in dataclasses.fields(target)}
     for key, value in values.items():
         if value is None:
@@ -165,7 +309,12 @@ def apply(target: Any, values: Mapping[str, Any], source: str) -> Any:
         name = key.replace("-", "_")
         if name not in known:
             raise ValueError(f"{source}: unknown setting {key!r}")
-        setattr(target, name, _coerce(value, known[name].type))
+        f = known[name]
+        coerced = _coerce(value, _kind(owner, f))
+        choices = f.metadata.get("choices") or ()
+        if choices and coerced not in choices:
+            raise ValueError(f"{source}: {name} must be one of {', '.join(choices)}")
+        setattr(target, name, coerced)
     return target
 
 
@@ -177,6 +326,92 @@ def apply_env(target: Any, prefix: str, environ: Mapping[str, str] | None = None
         if key in env:
             values[f.name] = env[key]
     return apply(target, values, "environment")
+
+
+def add_flags(parser: argparse.ArgumentParser, owner: type) -> None:
+    """A flag per setting of `owner` (`--max-kv-mb`), its help the setting's doc."""
+    for f in dataclasses.fields(owner):
+        kind = _kind(owner, f)
+        names = [f"--{f.name.replace('_', '-')}", *FLAG_ALIASES.get(f.name, [])]
+        help_text = f.metadata.get("doc", "") or None
+        if help_text and not f.metadata.get("secret"):
+            help_text += f" (default: {_shown(f)})"
+        if kind == "bool":
+            parser.add_argument(
+                *names, dest=f.name, action=argparse.BooleanOptionalAction, help=help_text
+            )
+        else:
+            choices = f.metadata.get("choices") or None
+            parser.add_argument(*names, dest=f.name, choices=choices, help=help_text)
+
+
+def flag_values(args: argparse.Namespace, owner: type) -> dict[str, Any]:
+    """The settings of `owner` given as flags (those not given are absent)."""
+    return {
+        f.name: getattr(args, f.name)
+        for f in dataclasses.fields(owner)
+        if getattr(args, f.name, None) is not None
+    }
+
+
+def settings_from(owner: type, args: argparse.Namespace | None = None) -> Any:
+    """Defaults < TESSERA_* environment < flags."""
+    settings = apply_env(owner(), ENV_PREFIXES[owner])
+    if args is not None:
+        apply(settings, flag_values(args, owner), "flags")
+    return settings
+
+
+def _shown(f: dataclasses.Field[Any]) -> str:
+    if f.metadata.get("secret"):
+        return "–"
+    if f.default_factory is not dataclasses.MISSING:
+        value = f.default_factory()
+        if f.name == "repository":
+            return f"`{DEFAULT_REPOSITORY}`"
+    else:
+        value = f.default
+    if value in (None, "", []):
+        return "–"
+    if isinstance(value, list):
+        return ", ".join(map(str, value))
+    return str(value)
+
+
+def markdown_table(owner: type) -> str:
+    """The README's table of `owner`'s settings, derived from their declarations."""
+    prefix = ENV_PREFIXES[owner]
+    service = "router" if owner is RouterSettings else "worker"
+    lines = [
+        f"| {service} setting (`{prefix}…`, `--flag`) | default | meaning |",
+        "| --- | --- | --- |",
+    ]
+    for f in dataclasses.fields(owner):
+        doc = f.metadata.get("doc", "").replace("|", "\\|")
+        choices = f.metadata.get("choices")
+        if choices:
+            doc += f" ({' / '.join(choices)})"
+        lines.append(f"| `{f.name}` | {_shown(f)} | {doc} |")
+    return "\n".join(lines)
+
+
+README_MARKERS = {
+    RouterSettings: ("<!-- settings: router -->", "<!-- /settings: router -->"),
+    WorkerSettings: ("<!-- settings: worker -->", "<!-- /settings: worker -->"),
+}
+
+
+def readme_with_tables(text: str) -> str:
+    """The README with its settings tables regenerated between their markers."""
+    for owner, (start, end) in README_MARKERS.items():
+        before, found, rest = text.partition(start)
+        if not found:
+            raise ValueError(f"the README has no {start!r} marker")
+        _, found, after = rest.partition(end)
+        if not found:
+            raise ValueError(f"the README has no {end!r} marker")
+        text = f"{before}{start}\n{markdown_table(owner)}\n{end}{after}"
+    return text
 
 
 def load_mesh(text: str, source: str = "mesh file") -> MeshSettings:
@@ -200,3 +435,26 @@ def load_mesh_file(path: str | Path | None) -> MeshSettings:
     if path is None:
         return load_mesh(DEFAULT_MESH_YAML, "built-in default mesh")
     return load_mesh(Path(path).read_text(), str(path))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`python -m services.common.settings [--check] [README]`: regenerates (or checks) the
+    README's settings tables."""
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("readme", nargs="?", default="README.md")
+    parser.add_argument("--check", action="store_true", help="fail if the tables are stale")
+    args = parser.parse_args(argv)
+    path = Path(args.readme)
+    text = path.read_text()
+    fresh = readme_with_tables(text)
+    if args.check:
+        if fresh != text:
+            print(f"{path}: the settings tables are stale; run python -m services.common.settings")
+            return 1
+        return 0
+    path.write_text(fresh)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

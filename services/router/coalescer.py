@@ -41,6 +41,7 @@ from services.common.errors import (
     ServiceError,
     Unavailable,
 )
+from services.common.settings import RouterSettings
 from services.common.tensors import ITEMSIZE
 from services.common.types import Span
 from services.pb.tessera.v1 import common_pb2, worker_pb2
@@ -61,13 +62,24 @@ _MASK_DTYPE = np.dtype("<i8")
 
 @dataclass(frozen=True, slots=True)
 class CoalescerConfig:
-    """How large a coalesced call may be and how many run at once."""
+    """How large a coalesced call may be and how many run at once (declared in
+    RouterSettings; `from_settings` copies them)."""
 
-    max_rows: int = 32  # rows (texts) per worker call
-    max_tokens: int = 16_384  # rows x padded width per worker call
-    in_flight: int = 2  # coalesced calls in flight per worker
-    retries: int = 2  # other chains of the same version tried after a transport failure
-    hidden_dtype: str = "float32"  # hidden states between the stages of a chain
+    max_rows: int  # rows (texts) per worker call
+    max_tokens: int  # rows x padded width per worker call
+    in_flight: int  # coalesced calls in flight per worker
+    retries: int  # other chains of the same version tried after a worker fails a call
+    hidden_dtype: str  # hidden states between the stages of a chain
+
+    @classmethod
+    def from_settings(cls, settings: RouterSettings) -> CoalescerConfig:
+        return cls(
+            max_rows=max(1, settings.embed_segment_size),
+            max_tokens=max(1, settings.coalesce_max_tokens),
+            in_flight=max(1, settings.coalesce_in_flight),
+            retries=settings.retries,
+            hidden_dtype=settings.hidden_dtype,
+        )
 
 
 class VersionGone(Unavailable):
@@ -171,7 +183,7 @@ class Coalescer:
     def __init__(
         self,
         pool: WorkerPool,
-        config: CoalescerConfig = CoalescerConfig(),
+        config: CoalescerConfig,
         times: StepTimes | None = None,
     ) -> None:
         self._pool = pool

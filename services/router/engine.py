@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import dataclasses
 import logging
 import uuid
 from collections.abc import Awaitable, Callable, Iterable
@@ -513,7 +514,7 @@ class Generations:
             batch_prefix = f"{self.router_id}-{uuid.uuid4().hex[:8]}"
             client = self._client_for(chain)
             config = self.config_for(chain)
-            config = SchedulerConfig(**{**config.__dict__, "batch_prefix": batch_prefix})
+            config = dataclasses.replace(config, batch_prefix=batch_prefix)
             engine = self._engines[chain.addresses] = ChainEngine(self, chain, client, config)
         return engine
 

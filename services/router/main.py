@@ -7,6 +7,9 @@ import logging
 import signal
 from pathlib import Path
 
+from opentelemetry import trace
+
+from services.cache.seal import Seal
 from services.cache.store import CacheStore
 from services.common.metrics import start_metrics_server
 from services.common.security import (
@@ -98,12 +101,18 @@ async def run_router(
         if settings.worker_call_token
         else (),
     )
+    if settings.cache_nodes and not settings.cache_secret:
+        log.warning(
+            "no cache_secret is set: cached values are sealed with a key of this process "
+            "alone, so other routers (and this one after a restart) cannot use them"
+        )
     cache = CacheStore(
         settings.cache_nodes,
         timeout_s=settings.cache_timeout_s,
-        tracer=__import__("opentelemetry.trace", fromlist=["get_tracer"]).get_tracer(
-            "tessera.cache"
-        ),
+        expire_s=settings.cache_ttl_s,
+        tracer=trace.get_tracer("tessera.cache"),
+        seal=Seal(settings.cache_secret or None),
+        max_value_bytes=settings.cache_max_value_kb * 1024,
     )
     frontends = Frontends(Path(settings.repository))
     inference = InferenceService(settings, pool, frontends, cache)

@@ -11,9 +11,11 @@ from __future__ import annotations
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
 
+import numpy as np
 from prometheus_client import Counter
 
-from services.cache.keys import generate_key
+from services.cache.codec import decode_vector
+from services.cache.keys import embed_key, generate_key
 from services.cache.store import CacheStore
 from services.common.metrics import (
     CACHE_REQUESTS,
@@ -30,8 +32,9 @@ from services.router.inputs import GenerateInput
 class OutputProcessor:
     """Detokenization, stop strings, generation metrics and cache reads and writes."""
 
-    def __init__(self, cache: CacheStore) -> None:
+    def __init__(self, cache: CacheStore, hidden_dtype: str = "float32") -> None:
         self.cache = cache
+        self.hidden_dtype = hidden_dtype  # changes answers, so it is in every key
         self._counters: dict[tuple[str, str], Counter] = {}
 
     # -- the cache tier ----------------------------------------------------------------------
@@ -52,22 +55,28 @@ class OutputProcessor:
                 "top_p": sampling.top_p,
                 "seed": sampling.seed,
                 "stop": job.stop,
+                "hidden_dtype": self.hidden_dtype,
             },
         )
 
-    async def cached_generation(self, key: str | None) -> inference_pb2.GenerateChunk | None:
-        """A cached answer as one chunk; a miss, a failure or a corrupt entry is None."""
+    def embed_key(self, model: str, fingerprint: str, text: str) -> str:
+        return embed_key(model, fingerprint, text, hidden_dtype=self.hidden_dtype)
+
+    async def cached_generation(
+        self, key: str | None, job: GenerateInput
+    ) -> inference_pb2.GenerateChunk | None:
+        """A cached answer as one chunk; a miss, a failure, a value whose seal does not hold or
+        one that cannot be this request's answer is None (the answer computed overwrites it)."""
         if key is None:
             return None
-        errors = self.cache.errors
+        errors, rejected = self.cache.errors, self.cache.rejected
         raw = await self.cache.get_async(key)
-        self._count("generate", raw is not None, self.cache.errors > errors)
-        if raw is None:
-            return None
-        cached = inference_pb2.GenerateResponse()
-        try:
-            cached.ParseFromString(raw)
-        except Exception:  # noqa: BLE001 - a corrupt entry is a miss
+        cached = _generation_answer(raw, job) if raw is not None else None
+        if raw is not None and cached is None or self.cache.rejected > rejected:
+            self._counter("generate", "rejected").inc()
+        else:
+            self._count("generate", cached is not None, self.cache.errors > errors)
+        if cached is None:
             return None
         return inference_pb2.GenerateChunk(
             text=cached.text,
@@ -78,17 +87,27 @@ class OutputProcessor:
             cached=True,
         )
 
-    async def lookup(self, tier: str, keys: list[str]) -> dict[str, bytes]:
-        """One get_many on the cache's thread; failures are misses."""
-        errors = self.cache.errors
+    async def cached_vectors(self, keys: list[str], dim: int) -> dict[str, np.ndarray]:
+        """One get_many on the cache's thread: the unit vectors of `dim` found under `keys`.
+        Failures are misses; a value whose seal does not hold, or that is no unit vector of
+        `dim` finite numbers, is a miss counted as rejected (the answer computed overwrites it)."""
+        errors, rejected = self.cache.errors, self.cache.rejected
         found = await self.cache.get_many_async(keys)
+        vectors = {}
+        for key, raw in found.items():
+            vector = decode_vector(raw)
+            if vector is not None and _unit_vector(vector, dim):
+                vectors[key] = vector
+        refused = self.cache.rejected - rejected + len(found) - len(vectors)
         if self.cache.errors > errors:
-            self._counter(tier, "error").inc()
-        if found:
-            self._counter(tier, "hit").inc(len(found))
-        if len(found) < len(keys):
-            self._counter(tier, "miss").inc(len(keys) - len(found))
-        return found
+            self._counter("embed", "error").inc()
+        if refused:
+            self._counter("embed", "rejected").inc(refused)
+        if vectors:
+            self._counter("embed", "hit").inc(len(vectors))
+        if len(vectors) < len(keys):
+            self._counter("embed", "miss").inc(len(keys) - len(vectors))
+        return vectors
 
     async def store(self, items: Mapping[str, bytes]) -> None:
         """One set_many on the cache's thread; failures are ignored."""
@@ -166,3 +185,30 @@ class OutputProcessor:
                 token_ids=assembler.token_ids,
             )
             await self.cache.set_async(key, answer.SerializeToString())
+
+
+FINISH_REASONS = frozenset({"eos", "length", "stop"})
+
+
+def _generation_answer(raw: bytes, job: GenerateInput) -> inference_pb2.GenerateResponse | None:
+    """A cached generation, if it can be this request's answer (the seal already held: this
+    catches a value written by another version of Tessera or a bug, never a forgery)."""
+    cached = inference_pb2.GenerateResponse()
+    try:
+        cached.ParseFromString(raw)
+    except Exception:  # noqa: BLE001 - a corrupt entry is a miss
+        return None
+    if (
+        cached.finish_reason not in FINISH_REASONS
+        or cached.generated_tokens != len(cached.token_ids)
+        or not 0 < cached.generated_tokens <= job.max_new
+        or cached.prompt_tokens != len(job.prompt_ids)
+    ):
+        return None
+    return cached
+
+
+def _unit_vector(vector: np.ndarray, dim: int) -> bool:
+    if vector.shape != (dim,) or not bool(np.isfinite(vector).all()):
+        return False
+    return abs(float(np.dot(vector, vector)) - 1.0) < 1e-3

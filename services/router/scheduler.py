@@ -17,9 +17,10 @@ n x (longest row + longest remaining generation) slots, padding included. The dr
 hold on that stage, so chains that share a stage share its budget. A request waits while it
 does not fit; only a full wait queue refuses one.
 
-Order in the wait queue: effective priority first (the request's priority plus one level per
-`aging_s` waited, up to the highest priority waiting, so nothing starves), then the tenant
-with the smallest share (rows running now plus recent admissions, decaying), then arrival.
+Order in the wait queue: effective priority first (the request's priority, rising in proportion
+to its wait until it is the highest at `aging_share` of its time to its deadline, so nothing
+starves), then the tenant with the smallest share (rows running now plus recent admissions,
+decaying; the table is bounded and forgets idle tenants), then arrival.
 """
 
 from __future__ import annotations
@@ -27,8 +28,10 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from services.common.errors import DeadlineExceeded, ResourceExhausted, ServiceError, Unavailable
+from services.common.settings import RouterSettings
 from services.common.types import SamplingParams
 
 MIN_PRIORITY, MAX_PRIORITY = -100, 100
@@ -124,18 +127,48 @@ class Slot:
 
 @dataclass(frozen=True)
 class SchedulerConfig:
+    """One chain's scheduling: its capacity (from its workers) and the router's settings
+    (declared in RouterSettings; `from_settings` copies them)."""
+
     budget_tokens: int  # the chain's KV budget in token slots (the smallest stage's)
     max_rows: int  # rows the chain holds at once (the smallest stage's)
-    slots: int = 1  # micro-batches
-    balanced: bool = False  # pipelined chains: slots share the rows; else slot 0 first
-    max_waiting: int = 256  # waiting requests before RESOURCE_EXHAUSTED
-    max_prefill_tokens: int = 8192  # rows x width of one prefill
-    waiting_served_ratio: float = 1.2  # TGI: prefill early only for this many per running row
-    max_waiting_steps: int = 20  # TGI's max_waiting_tokens: or after this many decode steps
-    aging_s: float = 2.0  # one priority level gained per this many seconds waited
+    slots: int  # micro-batches
+    balanced: bool  # pipelined chains: slots share the rows; else slot 0 first
+    max_waiting: int
+    max_prefill_tokens: int
+    waiting_served_ratio: float
+    max_waiting_steps: int
+    aging_share: float
+    max_retries: int
+    max_tenants: int
     share_half_life_s: float = 10.0  # how fast a tenant's recent share is forgotten
-    max_retries: int = 2  # prefills a request may run again after faults before it fails
     batch_prefix: str = "b"  # batch ids are `<prefix>-<n>`, unique per router and chain
+
+    @classmethod
+    def from_settings(
+        cls,
+        settings: RouterSettings,
+        *,
+        budget_tokens: int,
+        max_rows: int,
+        stages: int,
+        **more: Any,
+    ) -> SchedulerConfig:
+        """The config of a chain of `stages` stages with this capacity; `more` overrides."""
+        values: dict[str, Any] = {
+            "budget_tokens": budget_tokens,
+            "max_rows": max_rows,
+            "slots": max(2, settings.micro_batches),
+            "balanced": stages > 1,
+            "max_waiting": settings.max_waiting,
+            "max_prefill_tokens": settings.max_prefill_tokens,
+            "waiting_served_ratio": settings.waiting_served_ratio,
+            "max_waiting_steps": settings.max_waiting_steps,
+            "aging_share": settings.aging_share,
+            "max_retries": settings.retries,
+            "max_tenants": settings.max_tenants,
+        }
+        return cls(**{**values, **more})
 
 
 @dataclass(frozen=True, slots=True)
@@ -216,14 +249,28 @@ class Scheduler:
 
     def _charge(self, tenant: str, now: float) -> None:
         self._shares[tenant] = (self.share(tenant, now) + 1.0, now)
+        if len(self._shares) > self.config.max_tenants:
+            self._forget_idle(now)
 
-    def effective_priority(self, request: Request, now: float, ceiling: int) -> int:
-        """Priority plus one level per aging_s waited, up to the highest priority waiting.
+    def _forget_idle(self, now: float) -> None:
+        """Keeps the share table bounded: the smallest (most idle) quarter is forgotten (a
+        forgotten tenant counts 0, as a new one does)."""
+        keep = self.config.max_tenants * 3 // 4
+        ranked = sorted(self._shares, key=lambda t: self.share(t, now), reverse=True)
+        for tenant in ranked[keep:]:
+            del self._shares[tenant]
 
-        At the ceiling a request ties with the best and is ordered by tenant share and arrival,
-        so it is served after the requests that were there before it: it cannot starve.
+    def effective_priority(self, request: Request, now: float, ceiling: int) -> float:
+        """Priority rising in proportion to the wait: from the request's own at arrival to the
+        highest (MAX_PRIORITY) once it has waited `aging_share` of its time to its deadline,
+        and never above the highest priority waiting.
+
+        At that ceiling it ties with the best and is ordered by tenant share and arrival, so
+        it is served before the requests that came after it: none starves before its deadline.
         """
-        aged = request.priority + math.floor((now - request.arrived) / self.config.aging_s)
+        span = self.config.aging_share * (request.deadline - request.arrived)
+        waited = min(1.0, (now - request.arrived) / span) if span > 0 else 1.0
+        aged = request.priority + (MAX_PRIORITY - request.priority) * waited
         return max(request.priority, min(aged, ceiling))
 
     def _running_by_tenant(self) -> dict[str, int]:

@@ -17,8 +17,7 @@ import numpy as np
 from grpc import aio
 from opentelemetry import trace
 
-from services.cache.codec import decode_vector, encode_vector
-from services.cache.keys import embed_key
+from services.cache.codec import encode_vector
 from services.cache.store import CacheStore
 from services.common.errors import (
     DeadlineExceeded,
@@ -82,40 +81,23 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
         self.settings = settings
         self.pool = pool
         self.inputs = InputProcessor(settings, frontends, lambda: pool.table)
-        self.outputs = OutputProcessor(cache)
+        self.outputs = OutputProcessor(cache, settings.hidden_dtype)
         times = StepTimes(
             StuckPolicy(settings.stuck_step_min_s, settings.stuck_factor, settings.stuck_step_max_s)
         )
         self.generations = Generations(pool, self._scheduler_config, settings.hidden_dtype, times)
-        self.coalescer = Coalescer(
-            pool,
-            CoalescerConfig(
-                max_rows=max(1, settings.embed_segment_size),
-                max_tokens=max(1, settings.coalesce_max_tokens),
-                in_flight=max(1, settings.coalesce_in_flight),
-                retries=settings.retries,
-                hidden_dtype=settings.hidden_dtype,
-            ),
-            times,
-        )
+        self.coalescer = Coalescer(pool, CoalescerConfig.from_settings(settings), times)
         self.cache = cache
         self.outstanding = 0
         self.draining = False
         self._streams: dict[str, int] = {}  # open GenerateStream calls per client connection
 
     def _scheduler_config(self, chain: Chain) -> SchedulerConfig:
-        s = self.settings
-        return SchedulerConfig(
+        return SchedulerConfig.from_settings(
+            self.settings,
             budget_tokens=min(w.kv_token_budget for w in chain.workers),
             max_rows=min(w.capacity for w in chain.workers),
-            slots=max(2, s.micro_batches),
-            balanced=len(chain.workers) > 1,
-            max_waiting=s.max_waiting,
-            max_prefill_tokens=s.max_prefill_tokens,
-            waiting_served_ratio=s.waiting_served_ratio,
-            max_waiting_steps=s.max_waiting_steps,
-            aging_s=s.aging_s,
-            max_retries=s.retries,
+            stages=len(chain.workers),
         )
 
     @contextmanager
@@ -199,7 +181,7 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
         table = self.pool.table
         choice = table.pick_version(job.model, self.pool.load, version=version)
         key = self.outputs.generate_key(job, choice.fingerprint)
-        cached = await self.outputs.cached_generation(key)
+        cached = await self.outputs.cached_generation(key, job)
         if cached is not None:
             yield cached
             return
@@ -305,13 +287,11 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
         found: dict[str, np.ndarray] = {}
         keys: list[str] = []
         if self.cache.enabled:
-            keys = [embed_key(model, fingerprint, text) for text in unique]
-            hits = await self.outputs.lookup("embed", keys)
+            keys = [self.outputs.embed_key(model, fingerprint, text) for text in unique]
+            hits = await self.outputs.cached_vectors(keys, frontend.spec.hidden_size)
             for text, key in zip(unique, keys):
-                raw = hits.get(key)
-                vector = decode_vector(raw) if raw is not None else None
-                if vector is not None:
-                    found[text] = vector
+                if key in hits:
+                    found[text] = hits[key]
         missing = [i for i, text in enumerate(unique) if text not in found]
         computed: np.ndarray | None = None
         if missing:

@@ -62,14 +62,7 @@ def build_service(settings: WorkerSettings, address: str) -> WorkerService:
         hidden_size=spec.hidden_size,
         precision=settings.precision,
     )
-    limits = WorkerLimits(
-        max_outstanding=settings.max_outstanding,
-        max_rows=settings.max_rows,
-        max_kv_bytes=settings.max_kv_mb * 1024 * 1024,
-        batch_idle_s=settings.batch_idle_s,
-        max_batch=settings.max_batch,
-    )
-    service = WorkerService(stage, descriptor, limits)
+    service = WorkerService(stage, descriptor, WorkerLimits.from_settings(settings))
     warm_up(stage)
     return service
 

@@ -18,6 +18,7 @@ from opentelemetry import trace
 
 from services.common.errors import Draining, InvalidArgument, ResourceExhausted
 from services.common.metrics import BATCH_ROWS, KV_CACHE_BYTES, LIVE_SESSIONS, QUEUE_DEPTH
+from services.common.settings import WorkerSettings
 from services.common.types import ModelKind, SamplingParams, Span, WorkerDescriptor
 from services.pb.tessera.v1 import common_pb2, worker_pb2, worker_pb2_grpc
 from services.worker.batch import Row
@@ -44,11 +45,23 @@ EXPIRE_EVERY_S = 1.0
 
 @dataclass(frozen=True)
 class WorkerLimits:
-    max_outstanding: int = 64  # requests in flight or queued before RESOURCE_EXHAUSTED
-    max_rows: int = 64  # generation rows held at once, over every batch
-    max_kv_bytes: int = 2 * 1024**3  # bytes of KV cache over every batch, padding included
-    batch_idle_s: float = 60.0  # a batch no router steps for this long is freed
-    max_batch: int = 32  # rows (texts) in one Forward pass
+    """The worker settings its servicer enforces (their declarations: WorkerSettings)."""
+
+    max_outstanding: int
+    max_rows: int
+    max_kv_bytes: int
+    batch_idle_s: float
+    max_batch: int
+
+    @classmethod
+    def from_settings(cls, settings: WorkerSettings) -> WorkerLimits:
+        return cls(
+            max_outstanding=settings.max_outstanding,
+            max_rows=settings.max_rows,
+            max_kv_bytes=settings.max_kv_mb * 1024 * 1024,
+            batch_idle_s=settings.batch_idle_s,
+            max_batch=settings.max_batch,
+        )
 
 
 def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -63,8 +76,9 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
     """Serves one span of one model version. Model work runs on a single dedicated thread."""
 
     def __init__(
-        self, stage: StageModel, descriptor: WorkerDescriptor, limits: WorkerLimits = WorkerLimits()
+        self, stage: StageModel, descriptor: WorkerDescriptor, limits: WorkerLimits | None = None
     ) -> None:
+        limits = limits or WorkerLimits.from_settings(WorkerSettings())
         self.stage = stage
         self.descriptor = descriptor
         self.limits = limits

@@ -30,6 +30,7 @@ from transformers import AutoModel, AutoTokenizer
 from services.cache.codec import decode_vector
 from services.cache.keys import embed_key
 from services.cache.launcher import MemcachedNode, free_port, split_address
+from services.cache.seal import Seal
 from services.common.repository import fingerprint
 from services.pb.tessera.v1 import inference_pb2, inference_pb2_grpc
 from tests.mesh import Mesh, Proc, metric, metrics_address, scrape, wait_until
@@ -194,7 +195,12 @@ def test_every_answer_comes_from_one_version(
     prints = {"a": fingerprint(tiny_repo / MODEL), "b": fingerprint(other)}
     assert prints["a"] != prints["b"]
     references = {"a": Reference(tiny_repo / MODEL), "b": Reference(other)}
-    env = {**ROUTER_ENV, "TESSERA_ROUTER_ALLOWED_FINGERPRINTS": prints["b"]}
+    secret = "test-cache-secret"  # to open the values the router sealed
+    env = {
+        **ROUTER_ENV,
+        "TESSERA_ROUTER_ALLOWED_FINGERPRINTS": prints["b"],
+        "TESSERA_ROUTER_CACHE_SECRET": secret,
+    }
     with Mesh(tiny_repo, cache_nodes=[cache_node.address], env=env) as m:
         m.start_router()
         m.start_worker(MODEL)
@@ -228,7 +234,7 @@ def test_every_answer_comes_from_one_version(
         def cached_under(version: str, texts: list[str]) -> dict[str, np.ndarray]:
             keys = {embed_key(MODEL, prints[version], t): t for t in texts}
             found = client.get_many(list(keys))
-            return {keys[k]: decode_vector(v) for k, v in found.items()}
+            return {keys[k]: decode_vector(Seal(secret).unwrap(k, v)) for k, v in found.items()}
 
         for version, texts in answered:
             other_version = "b" if version == "a" else "a"

@@ -319,35 +319,15 @@ def test_pods_run_as_non_root_with_a_read_only_root(workloads: list[dict[str, An
 def _run_cli(args: list[str], monkeypatch: pytest.MonkeyPatch) -> Any:
     """Parses a container's args with the real `tessera` CLI and builds its settings."""
     from services import cli
-    from services.common.settings import RouterSettings, WorkerSettings, apply, apply_env
+    from services.common.settings import RouterSettings, WorkerSettings, settings_from
 
     captured: dict[str, Any] = {}
     monkeypatch.setattr(cli, "_cmd_router", lambda a: captured.setdefault("router", a) and 0)
     monkeypatch.setattr(cli, "_cmd_worker", lambda a: captured.setdefault("worker", a) and 0)
     assert cli.main(args) == 0
     ((command, parsed),) = captured.items()
-    if command == "router":
-        settings = apply_env(RouterSettings(), "TESSERA_ROUTER_")
-        apply(
-            settings,
-            {"host": parsed.host, "port": parsed.port, "cache_nodes": parsed.cache},
-            "flags",
-        )
-    else:
-        settings = apply_env(WorkerSettings(), "TESSERA_WORKER_")
-        apply(
-            settings,
-            {
-                "model": parsed.model,
-                "layers": parsed.layers,
-                "host": parsed.host,
-                "port": parsed.port,
-                "routers": parsed.router,
-                "advertise": parsed.advertise,
-            },
-            "flags",
-        )
-    return settings
+    owner = RouterSettings if command == "router" else WorkerSettings
+    return settings_from(owner, parsed)
 
 
 def test_containers_start_the_cli_with_valid_settings(

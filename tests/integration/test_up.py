@@ -5,6 +5,7 @@ child outlives `up`, even a SIGKILLed one."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -187,41 +188,37 @@ def test_up_serves_the_real_models_and_sigint_stops_every_child(
 
 
 @pytest.mark.timeout(180)
-def test_up_reuses_a_running_memcached_and_sigterm_stops_only_its_own(
-    tiny_repo: Path, tmp_path: Path
+@pytest.mark.parametrize("squatter", ["memcached", "other"])
+def test_up_never_adopts_a_cache_it_did_not_start(
+    tiny_repo: Path, tmp_path: Path, squatter: str
 ) -> None:
-    """A memcached already on the configured address (Debian starts one on 11211) is reused,
-    and left running on exit; SIGTERM stops what `up` did start."""
+    """Whatever holds the configured cache address (a memcached anything on the machine could
+    have started, or another program), `up` starts its own memcached on a free port, leaves
+    the squatter alone, and SIGTERM stops only what `up` started."""
     router_port = free_port()
-    with MemcachedNode().start(port=free_port()) as outside:
+    with contextlib.ExitStack() as stack:
+        if squatter == "memcached":
+            outside = stack.enter_context(MemcachedNode().start(port=free_port()))
+            address, outside_pid = outside.address, outside.pid
+        else:
+            sock = stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
+            sock.bind(("127.0.0.1", 0))
+            sock.listen()
+            address, outside_pid = f"127.0.0.1:{sock.getsockname()[1]}", os.getpid()
         # The router alone: the SIGINT test above covers workers, which `up` stops the same way.
-        config = _write_mesh(tmp_path / "mesh.yaml", router_port, [outside.address], [])
+        config = _write_mesh(tmp_path / "mesh.yaml", router_port, [address], [])
         with tessera_up(config, tiny_repo) as up:
             up.wait_ready(timeout=120)
-            assert f"reusing the memcached already running on {outside.address}" in up.output()
+            assert f"{address} is taken by a process this mesh did not start" in up.output()
             _wait_router(f"127.0.0.1:{router_port}")
             children = up.children()
-            assert len(children) == 1, [p.cmdline() for p in children]  # the router
-            assert outside.pid not in {p.pid for p in children}
+            names = [" ".join(p.cmdline()) for p in children]
+            assert len(children) == 2 and any("memcached" in n for n in names), names
+            assert outside_pid not in {p.pid for p in children}
+            assert not any(f"-p {address.rsplit(':', 1)[1]}" in n for n in names), names
             _assert_stops_cleanly(up, signal.SIGTERM, children)
-        assert outside.running
-
-
-@pytest.mark.timeout(60)
-def test_up_fails_clearly_when_the_cache_port_is_not_memcached(
-    tiny_repo: Path, tmp_path: Path
-) -> None:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as squatter:
-        squatter.bind(("127.0.0.1", 0))
-        squatter.listen()
-        address = f"127.0.0.1:{squatter.getsockname()[1]}"
-        config = _write_mesh(tmp_path / "mesh.yaml", free_port(), [address], [])
-        with tessera_up(config, tiny_repo) as up:
-            rc = up.popen.wait(timeout=STOP_TIMEOUT_S)
-            up._pump.join(timeout=5)
-            assert rc == 1, up.output()
-            assert f"{address} is taken by a process that is not memcached" in up.output()
-            assert "Traceback" not in up.output()
+        if squatter == "memcached":
+            assert outside.running
 
 
 # -- supervision: children restarted, crash loops given up on, nothing outlives `up` -----------

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from services.common.errors import ServiceError
+from services.common.settings import RouterSettings
 from services.common.types import ModelKind, SamplingParams, Span, WorkerDescriptor
 from services.router.admission import Admission
 from services.router.engine import Finished, Generation, Generations
@@ -195,13 +196,17 @@ class Bench:
         descriptors = [descriptor(a, s, budgets.get(a, BIG)) for a, s in spans.items()]
         self.pool = RecordingPool()
         self.pool.table = RoutingTable(descriptors, list(spans))
-        values: dict[str, object] = {"budget_tokens": BIG, "max_rows": 64, "slots": 2}
-        values.update(cfg)
 
         def config_for(chain: Chain) -> SchedulerConfig:
             budget = min(w.kv_token_budget for w in chain.workers)
-            merged = {**values, "budget_tokens": min(budget, int(values["budget_tokens"]))}  # type: ignore[call-overload]
-            return SchedulerConfig(**merged)  # type: ignore[arg-type]
+            values: dict[str, object] = {"slots": 2, **cfg}
+            return SchedulerConfig.from_settings(
+                RouterSettings(),
+                budget_tokens=budget,
+                max_rows=64,
+                stages=len(chain.workers),
+                **values,
+            )
 
         self.generations = Generations(
             self.pool,

@@ -10,8 +10,17 @@ from __future__ import annotations
 import pytest
 
 from services.common.errors import ResourceExhausted
+from services.common.settings import RouterSettings
 from services.common.types import SamplingParams
-from services.router.scheduler import Request, Room, Scheduler, SchedulerConfig, Slot, kv_cost
+from services.router.scheduler import (
+    MAX_PRIORITY,
+    Request,
+    Room,
+    Scheduler,
+    SchedulerConfig,
+    Slot,
+    kv_cost,
+)
 
 GREEDY = SamplingParams()
 EOS = 99
@@ -40,9 +49,9 @@ def request(
 
 
 def config(**overrides: object) -> SchedulerConfig:
-    values: dict[str, object] = {"budget_tokens": 10_000, "max_rows": 64}
+    values: dict[str, object] = {"budget_tokens": 10_000, "max_rows": 64, "stages": 1, "slots": 1}
     values.update(overrides)
-    return SchedulerConfig(**values)  # type: ignore[arg-type]
+    return SchedulerConfig.from_settings(RouterSettings(), **values)  # type: ignore[arg-type]
 
 
 def admitted(scheduler: Scheduler, slot: Slot, now: float, *, keep: bool = False) -> list[Request]:
@@ -101,18 +110,29 @@ def test_running_rows_count_against_a_tenant() -> None:
 
 
 def test_waiting_ages_so_low_priority_never_starves() -> None:
-    scheduler = Scheduler(config(max_rows=1, aging_s=1.0))
-    old = request(1, priority=-3, arrived=0.0)
+    """A priority-0 request with a 100 s deadline and aging_share 0.5 reaches the highest
+    priority after 50 s of waiting: then it goes before fresh requests of any priority."""
+    scheduler = Scheduler(config(max_rows=1, aging_share=0.5))
+    old = request(1, priority=0, arrived=0.0)
+    old.deadline = 100.0
     scheduler.submit(old)
-    # A fresh request of priority 0 wins while the old one has waited under 3 s ...
-    scheduler.submit(request(2, priority=0, arrived=2.0))
-    assert admitted(scheduler, scheduler.slots[0], 2.0)[0].request_id == 2
-    # ... but after 5 s it has climbed to the best priority waiting (-3 + 5, capped at 1) and,
-    # having arrived first, goes before a fresh priority-1 request.
-    scheduler.submit(request(3, priority=1, arrived=5.0))
-    assert scheduler.effective_priority(old, 5.0, ceiling=1) == 1
-    assert scheduler.effective_priority(old, 2.0, ceiling=1) == -1
-    assert admitted(scheduler, scheduler.slots[0], 5.0)[0].request_id == 1
+    # A fresh request of priority 50 wins while the old one has waited under 25 s ...
+    scheduler.submit(request(2, priority=50, arrived=10.0))
+    assert admitted(scheduler, scheduler.slots[0], 10.0)[0].request_id == 2
+    assert scheduler.effective_priority(old, 10.0, ceiling=MAX_PRIORITY) == 20
+    # ... but at 50 s it has the highest priority and, having come first, goes first.
+    scheduler.submit(request(3, priority=MAX_PRIORITY, arrived=49.0))
+    assert scheduler.effective_priority(old, 50.0, ceiling=MAX_PRIORITY) == MAX_PRIORITY
+    assert admitted(scheduler, scheduler.slots[0], 50.0)[0].request_id == 1
+
+
+def test_the_share_table_is_bounded_and_forgets_idle_tenants() -> None:
+    scheduler = Scheduler(config(max_rows=1, max_tenants=100))
+    for index in range(1000):  # a thousand tenants, each admitted once
+        scheduler.submit(request(index, tenant=f"t{index}", arrived=index))
+        assert len(admitted(scheduler, scheduler.slots[0], float(index))) == 1
+    assert len(scheduler._shares) <= 100
+    assert "t999" in scheduler._shares  # the busiest recent ones are kept
 
 
 def test_a_full_queue_refuses() -> None:

@@ -220,3 +220,52 @@ def test_flags_override_env() -> None:
     )
     apply(settings, {"port": 6400, "host": None}, "flags")
     assert settings.port == 6400 and settings.host == "0.0.0.0"
+
+
+# -- one declaration per setting ---------------------------------------------------------------
+
+
+def test_every_setting_is_declared_with_a_doc() -> None:
+    for owner in (RouterSettings, WorkerSettings):
+        for f in dataclasses.fields(owner):
+            assert f.metadata.get("doc"), f"{owner.__name__}.{f.name} has no doc"
+
+
+@pytest.mark.parametrize("service, owner", [("router", RouterSettings), ("worker", WorkerSettings)])
+def test_every_setting_is_a_flag(service: str, owner: type, capsys: pytest.CaptureFixture) -> None:
+    from services.cli import main
+
+    with pytest.raises(SystemExit):
+        main([service, "--help"])
+    shown = capsys.readouterr().out
+    for f in dataclasses.fields(owner):
+        assert f"--{f.name.replace('_', '-')}" in shown, f.name
+
+
+def test_flags_override_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    import argparse
+
+    from services.common.settings import add_flags, settings_from
+
+    monkeypatch.setenv("TESSERA_WORKER_MAX_KV_MB", "12")
+    monkeypatch.setenv("TESSERA_WORKER_PORT", "7000")
+    parser = argparse.ArgumentParser()
+    add_flags(parser, WorkerSettings)
+    args = parser.parse_args(["--max-kv-mb", "34", "--router", "a:1,b:2", "--precision", "int8"])
+    settings = settings_from(WorkerSettings, args)
+    assert (settings.max_kv_mb, settings.port) == (34, 7000)
+    assert settings.routers == ["a:1", "b:2"] and settings.precision == "int8"
+    with pytest.raises(ValueError, match="precision must be one of"):
+        apply(WorkerSettings(), {"precision": "int4"}, "mesh file")
+
+
+def test_the_readme_tables_are_generated_from_the_declarations() -> None:
+    from services.common.settings import readme_with_tables
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    assert readme_with_tables(readme) == readme, (
+        "the README's settings tables are stale: run python -m services.common.settings"
+    )
+    for owner in (RouterSettings, WorkerSettings):
+        for f in dataclasses.fields(owner):
+            assert f"| `{f.name}` |" in readme, f.name
