@@ -25,7 +25,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
@@ -41,7 +41,8 @@ from services.cache.launcher import (
     is_local_address,
     split_address,
 )
-from services.common.settings import MeshSettings, load_mesh_file
+from services.common.security import CALL, REGISTER, derive_token
+from services.common.settings import MeshSettings, WorkerSettings, load_mesh_file
 
 READY_TIMEOUT_S = 300.0
 STOP_GRACE_S = 15.0  # SIGTERM, then this long to drain and exit, then SIGKILL
@@ -352,34 +353,42 @@ def _env_overrides(settings: object, prefix: str, skip: set[str]) -> dict[str, s
     return env
 
 
-def _mesh_tokens(mesh: MeshSettings) -> tuple[dict[str, str], dict[str, str]]:
-    """(router env, worker env): fresh per-run tokens so that only this mesh's processes talk.
+def _mesh_tokens(
+    mesh: MeshSettings,
+) -> tuple[dict[str, str], Callable[[WorkerSettings], dict[str, str]]]:
+    """(router env, worker env per worker): fresh secrets per run, so only this mesh's processes
+    talk to each other and its cache values are its own.
 
-    Anything on this machine can reach the loopback ports. Unless the mesh file configures them:
-    the router's worker_call_token is every worker's only caller token (workers take calls only
-    from this router), and the router's only worker token is what the workers register with
-    (nothing else can register a worker).
+    Anything on this machine can reach the loopback ports. Unless the mesh file configures
+    worker credentials, the router gets a fresh mesh secret and each worker the two credentials
+    derived from it for its own address: what it registers with, and what the router must call
+    it with. A worker's credentials are worth nothing at another address, so no worker can take
+    over another's registration or learn the token another takes calls with. The cache secret
+    seals the values this mesh's router writes to memcached.
     """
     router: dict[str, str] = {}
-    worker: dict[str, str] = {}
-    if not mesh.router.cache_secret:  # values in this mesh's cache are sealed with it
+    if not mesh.router.cache_secret:
         router["TESSERA_ROUTER_CACHE_SECRET"] = secrets.token_urlsafe(32)
-    if not (
-        mesh.router.worker_call_token
-        or any(w.caller_tokens or w.caller_token_file for w in mesh.workers)
-    ):
-        token = secrets.token_urlsafe(24)
-        router["TESSERA_ROUTER_WORKER_CALL_TOKEN"] = token
-        worker["TESSERA_WORKER_CALLER_TOKENS"] = token
-    if not (
-        mesh.router.worker_tokens
+    configured = (
+        mesh.router.mesh_secret
+        or mesh.router.worker_call_token
+        or mesh.router.worker_tokens
         or mesh.router.worker_token_file
-        or any(w.router_token for w in mesh.workers)
-    ):
-        token = secrets.token_urlsafe(24)
-        router["TESSERA_ROUTER_WORKER_TOKENS"] = token
-        worker["TESSERA_WORKER_ROUTER_TOKEN"] = token
-    return router, worker
+        or any(w.caller_tokens or w.caller_token_file or w.router_token for w in mesh.workers)
+    )
+    if configured:
+        return router, lambda _: {}
+    secret = secrets.token_urlsafe(32)
+    router["TESSERA_ROUTER_MESH_SECRET"] = secret
+
+    def worker_env(worker: WorkerSettings) -> dict[str, str]:
+        address = worker.advertise or f"{worker.host}:{worker.port}"
+        return {
+            "TESSERA_WORKER_ROUTER_TOKEN": derive_token(secret, REGISTER, address),
+            "TESSERA_WORKER_CALLER_TOKENS": derive_token(secret, CALL, address),
+        }
+
+    return router, worker_env
 
 
 def _children(mesh: MeshSettings, repository: str) -> list[Child]:
@@ -437,7 +446,7 @@ def _children(mesh: MeshSettings, repository: str) -> list[Child]:
                 f"worker {worker.model} {worker.layers or 'replica'} on "
                 f"{worker.host}:{worker.port}",
                 argv,
-                {**os.environ, **env, **worker_token},
+                {**os.environ, **env, **worker_token(worker)},
             )
         )
     return children

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
@@ -13,6 +14,15 @@ from grpc import aio
 from services.common.interceptors import AroundInterceptor, Call, Deserializer
 
 log = logging.getLogger(__name__)
+
+
+QUOTE_CHARS = 48
+
+
+def quoted(value: str, limit: int = QUOTE_CHARS) -> str:
+    """A client's string as an error message quotes it: at most `limit` characters (a client
+    must not make the router echo megabytes back, or fill its logs)."""
+    return repr(value[:limit] + "…") if len(value) > limit else repr(value)
 
 
 class ServiceError(Exception):
@@ -44,6 +54,10 @@ class Unavailable(ServiceError):
 
 class DeadlineExceeded(ServiceError):
     code = grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+class PermissionDenied(ServiceError):
+    code = grpc.StatusCode.PERMISSION_DENIED
 
 
 DRAINING_KEY = "tessera-draining"
@@ -131,28 +145,37 @@ async def _abort_for(exc: Exception, context: aio.ServicerContext, method: str) 
     await context.abort(*status, trailing_metadata=trailing)
 
 
-_UNDECODABLE = object()
 _UNDECODABLE_MESSAGE = "request is not a valid protobuf message (bad wire format or invalid UTF-8)"
 
 
+@dataclass(frozen=True)
+class _Undecodable:
+    """What the handler gets instead of a request that could not be decoded."""
+
+    message: str = _UNDECODABLE_MESSAGE
+
+
 def _safe(deserializer: Deserializer | None) -> Deserializer | None:
-    """A deserializer that hands the handler a marker instead of failing inside gRPC (UNKNOWN)."""
+    """A deserializer that hands the handler a marker instead of failing inside gRPC (UNKNOWN).
+    A deserializer may refuse a request with InvalidArgument (too large, say): its message."""
     if deserializer is None:
         return None
 
     def deserialize(data: bytes) -> Any:
         try:
             return deserializer(data)
+        except InvalidArgument as refused:
+            return _Undecodable(refused.message)
         except Exception:  # noqa: BLE001 - any decoding failure is the client's bad input
-            return _UNDECODABLE
+            return _Undecodable()
 
     return deserialize
 
 
 async def _checked(requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
     async for request in requests:
-        if request is _UNDECODABLE:
-            raise InvalidArgument(_UNDECODABLE_MESSAGE)
+        if isinstance(request, _Undecodable):
+            raise InvalidArgument(request.message)
         yield request
 
 
@@ -173,8 +196,8 @@ class ErrorInterceptor(AroundInterceptor):
     @asynccontextmanager
     async def around(self, call: Call) -> AsyncIterator[None]:
         try:
-            if call.request is _UNDECODABLE:
-                raise InvalidArgument(_UNDECODABLE_MESSAGE)
+            if isinstance(call.request, _Undecodable):
+                raise InvalidArgument(call.request.message)
             yield
         except (aio.AbortError, aio.UsageError):
             raise

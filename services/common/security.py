@@ -7,6 +7,7 @@ no client CA speaks TLS; with a client CA it also asks for and verifies client c
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import logging
 import os
@@ -14,14 +15,12 @@ import subprocess
 import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import grpc
 from grpc import aio
-
-from services.common.interceptors import AroundInterceptor, Call
 
 log = logging.getLogger(__name__)
 
@@ -117,13 +116,71 @@ class BearerToken(
         return await continuation(self._with_token(details), request_iterator)
 
 
-class TokenSet:
-    """Accepted bearer tokens: a static list plus a file (one per line), re-read when it changes."""
+@dataclass(frozen=True)
+class Caller:
+    """Who a token says its holder is: the tenant it is scheduled as, the highest priority it
+    may ask for, how many requests it may have in flight (None: the router's default), and
+    whether it is an operator (admin)."""
 
-    def __init__(self, tokens: Sequence[str] = (), path: str | None = None) -> None:
-        self._static = frozenset(t for t in tokens if t)
+    tenant: str
+    max_priority: int = 0
+    max_in_flight: int | None = None
+    admin: bool = False
+
+
+REGISTER, CALL = "register", "call"
+
+
+def derive_token(secret: str, purpose: str, address: str) -> str:
+    """A worker's own credential for `purpose` (REGISTER: what it registers with; CALL: what
+    the router calls it with), derived from the mesh's secret and the worker's address: one
+    worker's credential is worth nothing at another address."""
+    digest = hmac.new(secret.encode(), f"{purpose}:{address}".encode(), hashlib.sha256)
+    return digest.hexdigest()
+
+
+def looks_derived(token: str) -> bool:
+    return len(token) == 64 and all(c in "0123456789abcdef" for c in token)
+
+
+def token_tenant(token: str) -> str:
+    """A plain token's own tenant: a digest, so the token itself never appears."""
+    return "token-" + hashlib.sha256(token.encode()).hexdigest()[:12]
+
+
+def _entry(line: str) -> tuple[str, Caller]:
+    """`TOKEN [tenant=NAME] [max_priority=N] [max_in_flight=N]` -> (token, caller)."""
+    token, *fields = line.split()
+    values = dict(f.split("=", 1) for f in fields if "=" in f)
+    unknown = set(values) - {"tenant", "max_priority", "max_in_flight"}
+    if unknown or len(values) != len(fields):
+        raise ValueError(f"unknown token fields {sorted(unknown) or fields}")
+    caller = Caller(
+        tenant=values.get("tenant") or token_tenant(token),
+        max_priority=int(values.get("max_priority", 0)),
+        max_in_flight=int(values["max_in_flight"]) if "max_in_flight" in values else None,
+    )
+    return token, caller
+
+
+class TokenSet:
+    """Accepted bearer tokens: a static list plus a file, re-read when it changes.
+
+    A file line is a token, optionally followed by `tenant=NAME max_priority=N
+    max_in_flight=N`; a plain token is its own tenant with priority at most 0. `#` starts a
+    comment line."""
+
+    def __init__(
+        self,
+        tokens: Sequence[str] = (),
+        path: str | None = None,
+        *,
+        default: Callable[[str], Caller] | None = None,
+    ) -> None:
+        self._default = default or (lambda token: Caller(token_tenant(token)))
+        self._static = {t: self._default(t) for t in tokens if t}
         self._path = Path(path) if path else None
-        self._from_file: frozenset[str] = frozenset()
+        self._from_file: dict[str, Caller] = {}
         self._mtime: float | None = None
         self._checked = 0.0
         self._lock = threading.Lock()
@@ -140,32 +197,78 @@ class TokenSet:
             mtime = self._path.stat().st_mtime
         except OSError:
             log.warning("token file %s is unreadable; accepting only static tokens", self._path)
-            self._from_file, self._mtime = frozenset(), None
+            self._from_file, self._mtime = {}, None
             return
-        if mtime != self._mtime:
-            lines = self._path.read_text().splitlines()
-            self._from_file = frozenset(
-                t.strip() for t in lines if t.strip() and not t.startswith("#")
-            )
-            self._mtime = mtime
-            log.info("loaded %d tokens from %s", len(self._from_file), self._path)
+        if mtime == self._mtime:
+            return
+        entries: dict[str, Caller] = {}
+        for number, raw in enumerate(self._path.read_text().splitlines(), 1):
+            line = raw.strip()
+            if not line or line.startswith("#"):
+                continue
+            try:
+                token, caller = _entry(line)
+            except ValueError as exc:
+                log.warning("token file %s line %d ignored: %s", self._path, number, exc)
+                continue
+            entries[token] = caller if "=" in line else self._default(token)
+        self._from_file, self._mtime = entries, mtime
+        log.info("loaded %d tokens from %s", len(entries), self._path)
 
-    def accepts(self, token: str) -> bool:
+    def caller(self, token: str) -> Caller | None:
+        """Who the token's holder is, or None when the token is not accepted."""
         now = time.monotonic()
         if self._path is not None and now - self._checked > 1.0:
             with self._lock:
                 self._checked = now
                 self._reload()
-        candidates = self._static | self._from_file
         # Compare against every token so timing does not tell how close a guess was.
-        matched = False
-        for candidate in candidates:
-            matched |= hmac.compare_digest(candidate.encode(), token.encode())
-        return matched
+        found: Caller | None = None
+        encoded = token.encode()
+        for candidate, caller in (*self._static.items(), *self._from_file.items()):
+            if hmac.compare_digest(candidate.encode(), encoded):
+                found = caller
+        return found
+
+    def accepts(self, token: str) -> bool:
+        return self.caller(token) is not None
 
     def shares_a_token_with(self, other: TokenSet) -> bool:
         """Whether one token is in both sets (a user token must never be a worker token)."""
-        return bool((self._static | self._from_file) & (other._static | other._from_file))
+        mine = set(self._static) | set(self._from_file)
+        return bool(mine & (set(other._static) | set(other._from_file)))
+
+
+class Tokens(Protocol):
+    """What accepts bearer tokens: a TokenSet, or several (AnyOf)."""
+
+    @property
+    def enabled(self) -> bool: ...
+
+    def caller(self, token: str) -> Caller | None: ...
+
+    def accepts(self, token: str) -> bool: ...
+
+
+class AnyOf:
+    """Several token sets read as one: the first that accepts a token says who it is."""
+
+    def __init__(self, *sets: Tokens) -> None:
+        self._sets = sets
+
+    @property
+    def enabled(self) -> bool:
+        return any(s.enabled for s in self._sets)
+
+    def caller(self, token: str) -> Caller | None:
+        for tokens in self._sets:
+            caller = tokens.caller(token)
+            if caller is not None:
+                return caller
+        return None
+
+    def accepts(self, token: str) -> bool:
+        return self.caller(token) is not None
 
 
 def bearer_token(metadata: Sequence[tuple[str, str | bytes]]) -> tuple[str, str]:
@@ -178,11 +281,14 @@ def bearer_token(metadata: Sequence[tuple[str, str | bytes]]) -> tuple[str, str]
     return header, token.strip() if scheme.lower() == "bearer" else ""
 
 
-class AuthInterceptor(AroundInterceptor):
+class AuthInterceptor(aio.ServerInterceptor):
     """Checks `authorization: Bearer <token>` on protected services; probes stay open.
 
-    Installed outside metrics and tracing: a refused call leaves no metric sample, no access
-    line and no span, so unauthenticated clients cannot grow the label sets or the logs.
+    Decided from the call's metadata before its request is read: a refused call's body is
+    never received or parsed (a streaming-request handler refuses it), so a client without a
+    token cannot make the server read large bodies. Installed outside metrics and tracing: a
+    refused call leaves no metric sample, no access line and no span, so unauthenticated
+    clients cannot grow the label sets or the logs.
 
     `required` (default: whether `tokens` has any) says whether the prefixes are protected at
     all: the worker Registry stays closed when only user tokens are set. A token of `refused`
@@ -192,7 +298,7 @@ class AuthInterceptor(AroundInterceptor):
 
     def __init__(
         self,
-        tokens: TokenSet,
+        tokens: Tokens,
         protected_prefixes: Sequence[str],
         *,
         required: bool | None = None,
@@ -208,6 +314,20 @@ class AuthInterceptor(AroundInterceptor):
     def intercepts(self, method: str) -> bool:
         return self._required and method.startswith(self._prefixes)
 
+    def verdict(self, metadata: Sequence[tuple[str, str | bytes]]) -> grpc.RpcMethodHandler | None:
+        """None when the call may go on; else the handler that refuses it."""
+        header, token = bearer_token(metadata)
+        if token and self._tokens.accepts(token):
+            return None
+        if token and self._refused is not None and self._refused.accepts(token):
+            return refusal(grpc.StatusCode.PERMISSION_DENIED, self._refused_message)
+        message = (
+            "missing bearer token: send metadata 'authorization: Bearer <token>'"
+            if not header
+            else "invalid bearer token"
+        )
+        return refusal(grpc.StatusCode.UNAUTHENTICATED, message)
+
     async def intercept_service(
         self,
         continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
@@ -215,27 +335,12 @@ class AuthInterceptor(AroundInterceptor):
     ) -> grpc.RpcMethodHandler:
         if not self.intercepts(handler_call_details.method):
             return await continuation(handler_call_details)
-
-        # A protected method that does not exist is refused like one that does: without a
-        # token a client learns nothing, not even which methods are there.
-        async def or_unimplemented(details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler:
-            return await continuation(details) or _UNIMPLEMENTED
-
-        return await super().intercept_service(or_unimplemented, handler_call_details)
-
-    @asynccontextmanager
-    async def around(self, call: Call) -> AsyncIterator[None]:
-        header, token = bearer_token(call.metadata)
-        if not (token and self._tokens.accepts(token)):
-            if token and self._refused is not None and self._refused.accepts(token):
-                await call.context.abort(grpc.StatusCode.PERMISSION_DENIED, self._refused_message)
-            message = (
-                "missing bearer token: send metadata 'authorization: Bearer <token>'"
-                if not header
-                else "invalid bearer token"
-            )
-            await call.context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
-        yield
+        refused = self.verdict(tuple(handler_call_details.invocation_metadata or ()))
+        if refused is not None:
+            # A protected method that does not exist is refused like one that does: without
+            # a token a client learns nothing, not even which methods are there.
+            return refused
+        return await continuation(handler_call_details) or _UNIMPLEMENTED
 
 
 async def _unimplemented(request: Any, context: aio.ServicerContext) -> Any:
@@ -243,6 +348,16 @@ async def _unimplemented(request: Any, context: aio.ServicerContext) -> Any:
 
 
 _UNIMPLEMENTED = grpc.unary_unary_rpc_method_handler(_unimplemented)
+
+
+def refusal(status: grpc.StatusCode, why: str) -> grpc.RpcMethodHandler:
+    """A handler that refuses a call without reading its request: a streaming-request handler,
+    so gRPC does not receive the body first (a unary handler would take all of it)."""
+
+    async def refuse(requests: AsyncIterator[Any], context: aio.ServicerContext) -> None:
+        await context.abort(status, why)
+
+    return grpc.stream_unary_rpc_method_handler(refuse)
 
 
 def make_dev_certs(

@@ -10,6 +10,7 @@ from grpc import aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from services.common.doors import OpenDoors
 from services.common.errors import ErrorInterceptor
 from services.common.metrics import ObserveInterceptor
 from services.common.telemetry import ServerTracingInterceptor
@@ -91,6 +92,7 @@ async def serve(
     max_message_bytes: int = 64 * 1024 * 1024,
     max_concurrent_rpcs: int | None = None,
     max_concurrent_streams: int | None = None,
+    doors: OpenDoors | None = None,
 ) -> Served:
     """Starts a server with tracing, metrics, access logs, error mapping, health (NOT_SERVING
     until told) and reflection. Port 0 picks a free port; the real one is in Served.port.
@@ -105,6 +107,10 @@ async def serve(
     method, probes included) get RESOURCE_EXHAUSTED; `max_concurrent_streams` is HTTP/2's
     SETTINGS_MAX_CONCURRENT_STREAMS per connection (a gRPC client queues calls beyond it until
     a stream ends; an HTTP/2 peer that ignores it has its streams refused).
+
+    `doors` budgets health and reflection calls from callers without an accepted token
+    (services/common/doors.py); gRPC's own limit is then `max_concurrent_rpcs` plus that
+    budget, so such callers never take an accepted caller's slot.
     """
     options: list[tuple[str, int]] = [
         (k, v) for k, v in SERVER_OPTIONS if "message_length" not in k
@@ -119,12 +125,17 @@ async def serve(
         # grpc.aio runs interceptors in list order, the first outermost.
         interceptors=[
             ErrorInterceptor(),
+            *([doors] if doors is not None else []),
             *interceptors,
             ServerTracingInterceptor(tracer_name),
             ObserveInterceptor(known_models),
         ],
         options=options,
-        maximum_concurrent_rpcs=max_concurrent_rpcs,
+        maximum_concurrent_rpcs=(
+            max_concurrent_rpcs + doors.limits.slots
+            if max_concurrent_rpcs is not None and doors is not None
+            else max_concurrent_rpcs
+        ),
     )
     for add in add_servicers:
         add(server)

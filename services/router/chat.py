@@ -95,7 +95,7 @@ class _TemplateNamespace(jinja2.utils.Namespace):
         if isinstance(name, str) and name.startswith("_"):
             raise jinja2.exceptions.SecurityError(
                 f"chat templates cannot store underscore-prefixed attributes on a namespace, "
-                f"got {name!r}"
+                f"got {name[:48]!r}"
             )
 
 

@@ -21,7 +21,7 @@ from typing import Any
 import jinja2
 from tokenizers import AddedToken, Tokenizer, processors
 
-from services.common.errors import InvalidArgument, NotFound
+from services.common.errors import InvalidArgument, NotFound, quoted
 from services.common.repository import ModelSpec, model_spec
 from services.common.types import ModelKind
 from services.router.chat import ChatTemplate, TemplateRejected, find_template
@@ -39,6 +39,9 @@ NAMED_SPECIAL_TOKENS = (
     "cls_token",
     "mask_token",
 )
+# Long texts are tokenized only up to this many characters per token they may keep (words are
+# rarely a tenth as long), so a 32k-character text costs a fraction of its full tokenization.
+CUT_CHARS_PER_TOKEN = 16
 _ADDED_TOKEN_FIELDS = ("single_word", "lstrip", "rstrip", "normalized", "special")
 log = logging.getLogger("tessera.router")
 
@@ -231,7 +234,16 @@ class ModelFrontend:
     def kind(self) -> ModelKind:
         return self.spec.kind
 
-    def encode_prompt(self, prompt: str) -> list[int]:
+    def encode_prompt(self, prompt: str, at_most: int | None = None) -> list[int]:
+        """The prompt's ids. With `at_most`, a long prompt is tokenized up to a whitespace
+        near CUT_CHARS_PER_TOKEN x at_most characters first: if that prefix is already over
+        `at_most` tokens the prompt is too long whatever follows, and its (partial) ids say so."""
+        if at_most is not None:
+            prefix = self._prefix(prompt, at_most)
+            if prefix is not prompt:
+                ids = self.tokenizer.encode(prefix).ids
+                if len(ids) > at_most:
+                    return ids
         return self.tokenizer.encode(prompt).ids
 
     def encode_chat(self, messages: Sequence[tuple[str, str]]) -> list[int]:
@@ -249,15 +261,24 @@ class ModelFrontend:
 
     def _truncated(self, texts: Sequence[str]) -> list[list[int]]:
         """Ids per text, cut at max_length as transformers' truncation=True cuts them: the text
-        is cut before the post-processor adds its special tokens, so they stay."""
+        is cut before the post-processor adds its special tokens, so they stay.
+
+        A long text is tokenized only up to a whitespace near CUT_CHARS_PER_TOKEN x max_length
+        characters: when that prefix already holds more tokens than are kept, the kept ones are
+        the whole text's (every word before the cut tokenizes alone); else the whole text is
+        tokenized after all."""
+        keeps_start = self.settings.truncation_side == "right"
+        sources = [self._prefix(t, self.max_length, keeps_start=keeps_start) for t in texts]
         if len(texts) == 1:  # encode skips the batch machinery: faster for one text
-            encodings = [self.tokenizer.encode(texts[0])]
+            encodings = [self.tokenizer.encode(sources[0])]
         else:
-            encodings = self.tokenizer.encode_batch_fast(list(texts))
+            encodings = self.tokenizer.encode_batch_fast(sources)
         rows: list[list[int]] = []
-        for text, encoding in zip(texts, encodings, strict=True):
+        for text, source, encoding in zip(texts, sources, encodings, strict=True):
+            if len(encoding.ids) <= self.max_length and source is not text:
+                source, encoding = text, self.tokenizer.encode(text)
             if len(encoding.ids) > self.max_length:
-                plain = self.tokenizer.encode(text, add_special_tokens=False)
+                plain = self.tokenizer.encode(source, add_special_tokens=False)
                 plain.truncate(
                     max(self.max_length - self._specials_added, 0),
                     direction=self.settings.truncation_side,
@@ -265,6 +286,15 @@ class ModelFrontend:
                 encoding = self.tokenizer.post_process(plain, None, True)
             rows.append(encoding.ids)
         return rows
+
+    def _prefix(self, text: str, tokens: int, *, keeps_start: bool = True) -> str:
+        """`text` up to its last whitespace before CUT_CHARS_PER_TOKEN x `tokens` characters
+        (the text itself when shorter, or when what is kept is not its start)."""
+        limit = tokens * CUT_CHARS_PER_TOKEN
+        if len(text) <= limit or not keeps_start:
+            return text
+        cut = max(text.rfind(" ", 0, limit), text.rfind("\n", 0, limit))
+        return text[:cut] if cut > 0 else text
 
     def encode_batch(self, texts: Sequence[str]) -> tuple[list[list[int]], list[list[int]]]:
         """Pads to the longest text and truncates at the model's length, as encoders expect."""
@@ -313,11 +343,11 @@ class Frontends:
         if frontend is not None:
             return frontend
         if not _NAME.fullmatch(model):
-            raise NotFound(f"unknown model {model[:200]!r}")
+            raise NotFound(f"unknown model {quoted(model)}")
         with self._lock:
             if model not in self._frontends:
                 try:
                     self._frontends[model] = ModelFrontend(model_spec(self.repository, model))
                 except OSError:
-                    raise NotFound(f"unknown model {model!r}") from None
+                    raise NotFound(f"unknown model {quoted(model)}") from None
             return self._frontends[model]

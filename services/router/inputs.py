@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from services.common.errors import InvalidArgument, NotFound
+from services.common.errors import InvalidArgument, NotFound, quoted
 from services.common.settings import RouterSettings
 from services.common.tensors import from_numpy, to_numpy, validate
 from services.common.types import ModelKind, SamplingParams, Span
@@ -86,7 +86,7 @@ class InputProcessor:
             if self._table().knows(model):
                 raise
             raise NotFound(
-                f"unknown model {model[:200]!r}; ListModels shows what is served"
+                f"unknown model {quoted(model)}; ListModels shows what is served"
             ) from None
         if kind is not None and frontend.kind is not kind:
             what = "generation" if kind is ModelKind.CAUSAL_LM else "embeddings"
@@ -155,19 +155,32 @@ class InputProcessor:
             if len(request.prompt) > limit:
                 raise InvalidArgument(f"prompt is over {limit} characters (max_input_chars)")
             prompt = request.prompt
-            return await self._off_loop(len(prompt), lambda: frontend.encode_prompt(prompt))
+            bound = self.settings.max_prompt_tokens
+            return await self._off_loop(
+                len(prompt), lambda: frontend.encode_prompt(prompt, at_most=bound)
+            )
+        messages_limit, chars_limit = self.settings.max_chat_messages, self.settings.max_chat_chars
+        if len(request.messages) > messages_limit:
+            raise InvalidArgument(
+                f"{len(request.messages)} chat messages is over the {messages_limit} limit "
+                f"(max_chat_messages)"
+            )
         chars = 0
         for index, message in enumerate(request.messages):
             if message.role not in ROLES:
                 raise InvalidArgument(
                     f"messages[{index}].role must be one of {', '.join(sorted(ROLES))}, "
-                    f"got {message.role[:32]!r}"
+                    f"got {quoted(message.role)}"
                 )
             if len(message.content) > limit:
                 raise InvalidArgument(
                     f"messages[{index}] is over {limit} characters (max_input_chars)"
                 )
             chars += len(message.content)
+        if chars > chars_limit:
+            raise InvalidArgument(
+                f"the chat holds {chars} characters, over the {chars_limit} limit (max_chat_chars)"
+            )
         if not any(m.content.strip() for m in request.messages):
             raise InvalidArgument("messages are all empty")
         messages = [(m.role, m.content) for m in request.messages]
@@ -216,10 +229,22 @@ class InputProcessor:
         span = Span(request.start, end)
         which = request.WhichOneof("input")
         if which == "text":
-            return await self._forward_text(frontend, span, request.text)
-        if which == "hidden_states":
-            return self._forward_hidden(frontend, span, request)
-        raise InvalidArgument("send text or hidden_states")
+            job = await self._forward_text(frontend, span, request.text)
+        elif which == "hidden_states":
+            job = self._forward_hidden(frontend, span, request)
+        else:
+            raise InvalidArgument("send text or hidden_states")
+        if job.ids is not None:
+            rows, width = job.ids.shape
+        else:
+            assert job.hidden is not None
+            rows, width = job.hidden.shape[0], job.hidden.shape[1]
+        budget = self.settings.max_forward_tokens
+        if int(rows) * int(width) > budget:
+            raise InvalidArgument(
+                f"{rows} x {width} positions is over the {budget} per request (max_forward_tokens)"
+            )
+        return job
 
     async def _forward_text(self, frontend: ModelFrontend, span: Span, text: str) -> ForwardInput:
         if span.start != 0:

@@ -27,7 +27,7 @@ from importlib import metadata
 
 from grpc import aio
 
-from services.common.errors import InvalidArgument, NotFound
+from services.common.errors import InvalidArgument, NotFound, quoted
 from services.common.types import ModelKind
 from services.pb.kserve import grpc_predict_v2_pb2 as pb
 from services.pb.kserve import grpc_predict_v2_pb2_grpc as pb_grpc
@@ -92,19 +92,19 @@ def _number(value: pb.InferParameter, name: str) -> float | int:
     if which in ("int64_param", "uint64_param", "double_param"):
         number: float | int = getattr(value, which)
         return number
-    raise InvalidArgument(f"parameter {name!r} must be a number, got {which or 'nothing'}")
+    raise InvalidArgument(f"parameter {quoted(name)} must be a number, got {which or 'nothing'}")
 
 
 def _int_param(value: pb.InferParameter, name: str) -> int:
     number = _number(value, name)
     if isinstance(number, float) and (not math.isfinite(number) or number != int(number)):
-        raise InvalidArgument(f"parameter {name!r} must be an integer, got {number}")
+        raise InvalidArgument(f"parameter {quoted(name)} must be an integer, got {number}")
     return int(number)
 
 
 def _str_param(value: pb.InferParameter, name: str) -> str:
     if value.WhichOneof("parameter_choice") != "string_param":
-        raise InvalidArgument(f"parameter {name!r} must be a string")
+        raise InvalidArgument(f"parameter {quoted(name)} must be a string")
     return value.string_param
 
 
@@ -156,7 +156,8 @@ class KServeService(pb_grpc.GRPCInferenceServiceServicer):
         frontend = self.inference.inputs.frontend(name)
         if version and version not in self._versions(name, healthy_only=False):
             raise NotFound(
-                f"model {name!r} has no version {version!r}; ModelMetadata lists its versions"
+                f"model {quoted(name)} has no version {quoted(version)}; ModelMetadata lists its "
+                "versions"
             )
         return frontend
 
@@ -205,7 +206,7 @@ class KServeService(pb_grpc.GRPCInferenceServiceServicer):
             )
         tensor = request.inputs[0]
         if tensor.datatype != "BYTES":
-            raise InvalidArgument(f"input {INPUT!r} must be BYTES, got {tensor.datatype!r}")
+            raise InvalidArgument(f"input {INPUT!r} must be BYTES, got {quoted(tensor.datatype)}")
         shape = [int(d) for d in tensor.shape]
         if any(d < 0 for d in shape):
             raise InvalidArgument(f"input {INPUT!r}: negative dimension in shape {shape}")
@@ -231,8 +232,8 @@ class KServeService(pb_grpc.GRPCInferenceServiceServicer):
         for output in request.outputs:
             if output.name != name:
                 raise InvalidArgument(
-                    f"model {request.model_name!r} has one output, {name!r}; "
-                    f"unknown output {output.name!r}"
+                    f"model {quoted(request.model_name)} has one output, {name!r}; "
+                    f"unknown output {quoted(output.name)}"
                 )
 
     def _check_parameters(self, request: pb.ModelInferRequest, kind: ModelKind) -> None:
@@ -243,7 +244,7 @@ class KServeService(pb_grpc.GRPCInferenceServiceServicer):
             if key not in allowed:
                 ours = sorted(allowed - PROTOCOL_PARAMETERS)
                 raise InvalidArgument(
-                    f"unknown parameter {key!r} for a {kind.value} model"
+                    f"unknown parameter {quoted(key)} for a {kind.value} model"
                     + (f"; accepted: {', '.join(ours)}" if ours else "")
                 )
 

@@ -3,26 +3,36 @@
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import signal
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from opentelemetry import trace
 
 from services.cache.seal import Seal
 from services.cache.store import CacheStore
+from services.common.doors import BodyLimits, DoorLimits, OpenDoors
 from services.common.metrics import start_metrics_server
 from services.common.security import (
+    CALL,
+    AnyOf,
     AuthInterceptor,
-    BearerToken,
+    Caller,
+    Tokens,
     TokenSet,
     channel_credentials,
+    derive_token,
+    looks_derived,
     server_credentials,
 )
 from services.common.server import serve, text_message_bytes
 from services.common.settings import RouterSettings
 from services.pb.tessera.v1 import inference_pb2_grpc, worker_pb2_grpc
 from services.router.admission import Admission
+from services.router.callers import Callers
 from services.router.frontends import Frontends
 from services.router.kserve import KSERVE_NAME, KServeService
 from services.router.pool import WorkerPool
@@ -37,37 +47,132 @@ USER_PREFIXES = ("/tessera.v1.Inference/", "/inference.GRPCInferenceService/")
 REGISTRY_PREFIXES = ("/tessera.v1.Registry/",)
 
 
-def auth_interceptors(settings: RouterSettings) -> list[AuthInterceptor]:
-    """User tokens guard the public services; only worker tokens reach the Registry.
+class _DerivedShape:
+    """Lets credentials derived from the mesh secret through to the Registry's servicer, which
+    checks each against the address it registers (the interceptor cannot see the address)."""
 
-    With no token of either kind everything is open (local development), which is logged;
-    with user tokens but no worker tokens the Registry is closed (only static workers serve).
-    """
-    users = TokenSet(settings.auth_tokens, settings.auth_token_file or None)
-    workers = TokenSet(settings.worker_tokens, settings.worker_token_file or None)
-    if users.shares_a_token_with(workers):
-        raise ValueError("a token is both a user token and a worker token; use distinct ones")
-    if not users.enabled and not workers.enabled:
-        log.warning(
-            "no auth_tokens or worker_tokens are set: anyone who reaches this router can "
-            "call it and register workers (fine for local development only)"
+    enabled = True
+
+    def caller(self, token: str) -> Caller | None:
+        return Caller("worker") if looks_derived(token) else None
+
+    def accepts(self, token: str) -> bool:
+        return self.caller(token) is not None
+
+
+@dataclass
+class RouterTokens:
+    """Every credential the router accepts: users and admins on the public services, workers
+    (listed, or derived from the mesh secret per address) on the Registry."""
+
+    users: TokenSet
+    admins: TokenSet
+    workers: TokenSet
+    mesh_secret: str
+
+    @classmethod
+    def from_settings(cls, settings: RouterSettings) -> RouterTokens:
+        tokens = cls(
+            TokenSet(settings.auth_tokens, settings.auth_token_file or None),
+            TokenSet(
+                settings.admin_tokens,
+                settings.admin_token_file or None,
+                default=lambda _: Caller("admin", admin=True),
+            ),
+            TokenSet(settings.worker_tokens, settings.worker_token_file or None),
+            settings.mesh_secret,
         )
-    elif not workers.enabled:
-        log.warning(
-            "no worker_tokens are set: the Registry refuses every registration, so only "
-            "static workers serve"
+        if tokens.users.shares_a_token_with(tokens.workers) or tokens.admins.shares_a_token_with(
+            tokens.workers
+        ):
+            raise ValueError("a token is both a user or admin token and a worker token")
+        return tokens
+
+    @property
+    def registry_open(self) -> bool:
+        return not (self.users.enabled or self.admins.enabled or self.registrants.enabled)
+
+    @property
+    def registrants(self) -> Tokens:
+        return AnyOf(self.workers, _DerivedShape()) if self.mesh_secret else self.workers
+
+    def trusted(self, token: str) -> bool:
+        """Whether a token is one of ours (its open-door calls are not counted as a
+        stranger's)."""
+        return AnyOf(self.users, self.admins, self.workers).accepts(token) or (
+            bool(self.mesh_secret) and looks_derived(token)
         )
-    return [
-        AuthInterceptor(users, USER_PREFIXES),
-        AuthInterceptor(
-            workers,
-            REGISTRY_PREFIXES,
-            required=users.enabled or workers.enabled,
-            refused=users,
-            refused_message="a user token cannot register or deregister workers; "
-            "workers send a worker token (the router's worker_tokens)",
-        ),
-    ]
+
+    def interceptors(self) -> list[AuthInterceptor]:
+        """User (or admin) tokens guard the public services; only worker credentials reach the
+        Registry. With no token of any kind everything is open (local development), which is
+        logged; with user tokens but no worker credentials the Registry is closed."""
+        users = AnyOf(self.admins, self.users)
+        if self.registry_open:
+            log.warning(
+                "no auth_tokens, worker_tokens or mesh_secret are set: anyone who reaches "
+                "this router can call it and register workers (fine for local development only)"
+            )
+        elif not self.registrants.enabled:
+            log.warning(
+                "no worker_tokens or mesh_secret are set: the Registry refuses every "
+                "registration, so only static workers serve"
+            )
+        return [
+            AuthInterceptor(users, USER_PREFIXES),
+            AuthInterceptor(
+                self.registrants,
+                REGISTRY_PREFIXES,
+                required=not self.registry_open,
+                refused=self.users,
+                refused_message="a user token cannot register or deregister workers; "
+                "workers send a worker credential (the router's worker_tokens or mesh_secret)",
+            ),
+        ]
+
+
+def call_tokens(settings: RouterSettings) -> Callable[[str], str]:
+    """The bearer token the router calls each worker with: the one derived for its address
+    from the mesh secret (so a registrant learns only its own), else worker_call_token."""
+    if settings.mesh_secret:
+        return lambda address: derive_token(settings.mesh_secret, CALL, address)
+    return lambda _: settings.worker_call_token
+
+
+def body_limits(settings: RouterSettings) -> dict[str, tuple[int, str]]:
+    """The largest Generate request the settings allow, by method (checked before parsing)."""
+    generate = (
+        4 * (settings.max_chat_chars + settings.max_input_chars)
+        + 64 * settings.max_chat_messages
+        + 64 * 1024
+    )
+    why = "max_chat_chars, max_chat_messages, max_input_chars"
+    return {
+        f"/{SERVICE_NAME}/{method}": (generate, why) for method in ("Generate", "GenerateStream")
+    }
+
+
+def refuse_anonymous_exposure(settings: RouterSettings, tokens: RouterTokens) -> None:
+    """A router bound beyond loopback without user tokens would serve anyone who reaches it."""
+    if is_loopback(settings.host) or tokens.users.enabled or tokens.admins.enabled:
+        return
+    if settings.allow_anonymous:
+        log.warning("serving %s without user tokens (allow_anonymous is set)", settings.host)
+        return
+    raise SystemExit(
+        f"tessera router: refusing to serve on {settings.host} without user tokens: anyone who "
+        f"reaches it could use it. Set auth_tokens or auth_token_file, bind 127.0.0.1, or set "
+        f"allow_anonymous: true (TESSERA_ROUTER_ALLOW_ANONYMOUS=1) to serve anonymously"
+    )
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 async def run_router(
@@ -82,7 +187,8 @@ async def run_router(
     max_message = settings.max_message_mb * 1024 * 1024 or text_message_bytes(
         settings.max_embed_inputs, settings.max_input_chars
     )
-    interceptors = auth_interceptors(settings)
+    tokens = RouterTokens.from_settings(settings)
+    refuse_anonymous_exposure(settings, tokens)
     pool = WorkerPool(
         list(settings.workers),
         admission=Admission(
@@ -97,9 +203,7 @@ async def run_router(
             settings.worker_ca or None, settings.client_cert or None, settings.client_key or None
         ),
         max_message_bytes=max_message,
-        interceptors=[BearerToken(settings.worker_call_token)]
-        if settings.worker_call_token
-        else (),
+        call_token=call_tokens(settings),
     )
     if settings.cache_nodes and not settings.cache_secret:
         log.warning(
@@ -115,7 +219,9 @@ async def run_router(
         max_value_bytes=settings.cache_max_value_kb * 1024,
     )
     frontends = Frontends(Path(settings.repository))
-    inference = InferenceService(settings, pool, frontends, cache)
+    inference = InferenceService(
+        settings, pool, frontends, cache, Callers(tokens.users, tokens.admins)
+    )
     registry = RegistryService(
         pool,
         heartbeat_s=max(settings.worker_ttl_s / 3, 0.5),
@@ -125,6 +231,8 @@ async def run_router(
             per_model=settings.max_registrations_per_model,
             per_version=settings.max_registrations_per_version,
         ),
+        listed=tokens.workers,
+        mesh_secret=settings.mesh_secret,
     )
     served = await serve(
         [
@@ -142,7 +250,8 @@ async def run_router(
             settings.tls_client_ca or None,
             require_client_cert=True,
         ),
-        interceptors=interceptors,
+        interceptors=[*tokens.interceptors(), BodyLimits(body_limits(settings))],
+        doors=OpenDoors(DoorLimits.from_settings(settings), tokens.trusted),
         known_models=lambda m: pool.table.knows(m) or (frontends.repository / m).is_dir(),
         max_message_bytes=max_message,
         max_concurrent_rpcs=settings.max_concurrent_rpcs,

@@ -32,7 +32,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from opentelemetry import trace
 
 from services.common.errors import status_code
-from services.common.security import open_channel
+from services.common.security import BearerToken, open_channel
 from services.common.server import CHANNEL_OPTIONS
 from services.common.types import WorkerDescriptor
 from services.pb.tessera.v1 import worker_pb2, worker_pb2_grpc
@@ -179,12 +179,12 @@ class WorkerPool:
         retire_s: float = RETIRE_GRACE_S,
         credentials: grpc.ChannelCredentials | None = None,
         max_message_bytes: int = 64 * 1024 * 1024,
-        interceptors: Sequence[aio.ClientInterceptor] = (),
+        call_token: Callable[[str], str] = lambda _: "",
     ) -> None:
         self.admission = admission
         self.probe_interval_s = probe_interval_s
-        # On every worker channel: e.g. security.BearerToken, the credential workers require.
-        self._interceptors = list(interceptors)
+        # The bearer token each worker requires of its callers (its own, or one shared).
+        self._call_token = call_token
         self.ttl_s = ttl_s
         self.recheck_s = recheck_s
         self.retire_s = retire_s
@@ -218,7 +218,9 @@ class WorkerPool:
         stub = self._stubs.get(address)
         if stub is None:
             target = dial_target(address)
-            channel = open_channel(target, self._credentials, self._options, self._interceptors)
+            token = self._call_token(address)
+            interceptors = [BearerToken(token)] if token else []
+            channel = open_channel(target, self._credentials, self._options, interceptors)
             self._channels[address] = channel
             stub = self._stubs[address] = worker_pb2_grpc.WorkerStub(channel)
         if address in self._members:

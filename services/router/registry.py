@@ -9,15 +9,15 @@ another worker token can neither take it over nor deregister it.
 from __future__ import annotations
 
 import hashlib
+import hmac
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
-import grpc
 from grpc import aio
 
-from services.common.errors import InvalidArgument, NotFound, ResourceExhausted, ServiceError
-from services.common.security import bearer_token
+from services.common.errors import InvalidArgument, NotFound, PermissionDenied, ResourceExhausted
+from services.common.security import REGISTER, TokenSet, bearer_token, derive_token
 from services.common.types import WorkerDescriptor
 from services.pb.tessera.v1 import worker_pb2, worker_pb2_grpc
 from services.router.admission import check_address
@@ -28,10 +28,6 @@ MAX_LABEL_CHARS = 128  # model, version and fingerprint
 MAX_HIDDEN_SIZE = 1 << 16
 MAX_CAPACITY = 1 << 20
 _MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
-
-
-class PermissionDenied(ServiceError):
-    code = grpc.StatusCode.PERMISSION_DENIED
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,11 +84,27 @@ class RegistryService(worker_pb2_grpc.RegistryServicer):
         heartbeat_s: float,
         repository: Path,
         limits: RegistryLimits | None = None,
+        listed: TokenSet | None = None,
+        mesh_secret: str = "",
     ) -> None:
         self.pool = pool
         self.heartbeat_s = heartbeat_s
         self.repository = repository
         self.limits = limits or RegistryLimits()
+        self._listed = listed or TokenSet()
+        self._mesh_secret = mesh_secret
+
+    def _check_credential(self, address: str, context: aio.ServicerContext) -> None:
+        """With a mesh secret, a derived credential is good for its own address only (a listed
+        worker token is good for any): one worker's credential cannot claim another address."""
+        if not self._mesh_secret:
+            return
+        _, token = bearer_token(tuple(context.invocation_metadata() or ()))
+        if self._listed.accepts(token):
+            return
+        own = derive_token(self._mesh_secret, REGISTER, address)
+        if not hmac.compare_digest(own.encode(), token.encode()):
+            raise PermissionDenied(f"this credential is not worker {address[:64]}'s")
 
     def _check_room(self, claim: WorkerDescriptor) -> None:
         claims = self.pool.claims()
@@ -128,6 +140,7 @@ class RegistryService(worker_pb2_grpc.RegistryServicer):
         claim = claim_from(request.worker)
         if not (self.repository / claim.model / "config.json").is_file():
             raise NotFound(f"model {claim.model!r} is not in this router's model repository")
+        self._check_credential(claim.address, context)
         credential = _credential(context)
         self._check_owner(claim.address, credential)
         if self.pool.state(claim.address) is None:
@@ -139,6 +152,7 @@ class RegistryService(worker_pb2_grpc.RegistryServicer):
         self, request: worker_pb2.DeregisterRequest, context: aio.ServicerContext
     ) -> worker_pb2.DeregisterResponse:
         address = check_address(request.address)
+        self._check_credential(address, context)
         self._check_owner(address, _credential(context))
         self.pool.deregister(address)
         return worker_pb2.DeregisterResponse()

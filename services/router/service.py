@@ -21,12 +21,15 @@ from services.cache.codec import encode_vector
 from services.cache.store import CacheStore
 from services.common.errors import (
     DeadlineExceeded,
+    PermissionDenied,
     ResourceExhausted,
     Unavailable,
 )
+from services.common.security import Caller, TokenSet
 from services.common.settings import RouterSettings
 from services.common.types import ModelKind
 from services.pb.tessera.v1 import common_pb2, inference_pb2, inference_pb2_grpc
+from services.router.callers import Callers
 from services.router.coalescer import Coalescer, CoalescerConfig, VersionGone
 from services.router.engine import Generation, Generations
 from services.router.frontends import Frontends, ModelFrontend
@@ -41,23 +44,16 @@ log = logging.getLogger(__name__)
 tracer = trace.get_tracer("tessera.router")
 
 VERSION_ATTEMPTS = 3  # versions one Embed or Forward may start over on when its version goes
-TENANT_KEY = "x-tessera-tenant"
-MAX_TENANT_CHARS = 64
-
-
-def _tenant(context: aio.ServicerContext) -> str:
-    """The tenant a request is scheduled for fairly against others (metadata; default none)."""
-    for key, value in context.invocation_metadata() or ():
-        if key == TENANT_KEY and isinstance(value, str):
-            return value[:MAX_TENANT_CHARS]
-    return ""
 
 
 class Deadline:
-    def __init__(self, context: aio.ServicerContext, default_s: float) -> None:
+    """A request's deadline: the client's, capped at `longest_s` (the default when it sets
+    none), so no request can hold the router's resources longer than its settings allow."""
+
+    def __init__(self, context: aio.ServicerContext, longest_s: float) -> None:
         remaining = context.time_remaining()
         loop = asyncio.get_running_loop()
-        self._at = loop.time() + (remaining if remaining is not None else default_s)
+        self._at = loop.time() + min(remaining if remaining is not None else longest_s, longest_s)
 
     def remaining(self) -> float:
         left = self._at - asyncio.get_running_loop().time()
@@ -76,9 +72,15 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
     and the output processor."""
 
     def __init__(
-        self, settings: RouterSettings, pool: WorkerPool, frontends: Frontends, cache: CacheStore
+        self,
+        settings: RouterSettings,
+        pool: WorkerPool,
+        frontends: Frontends,
+        cache: CacheStore,
+        callers: Callers | None = None,
     ) -> None:
         self.settings = settings
+        self.callers = callers or Callers(TokenSet(), TokenSet())
         self.pool = pool
         self.inputs = InputProcessor(settings, frontends, lambda: pool.table)
         self.outputs = OutputProcessor(cache, settings.hidden_dtype)
@@ -89,6 +91,7 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
         self.coalescer = Coalescer(pool, CoalescerConfig.from_settings(settings), times)
         self.cache = cache
         self.outstanding = 0
+        self._in_flight: dict[str, int] = {}  # requests in flight per tenant
         self.draining = False
         self._streams: dict[str, int] = {}  # open GenerateStream calls per client connection
 
@@ -101,8 +104,10 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
         )
 
     @contextmanager
-    def _admitted(self) -> Iterator[None]:
-        """One request in flight on the router, refused while draining or at capacity."""
+    def _admitted(self, context: aio.ServicerContext) -> Iterator[Caller]:
+        """One request in flight on the router (and for its caller's tenant), refused while
+        draining or at either capacity; yields who the caller is."""
+        caller = self.callers.identify(tuple(context.invocation_metadata() or ()))
         if self.draining:
             raise Unavailable("router is shutting down")
         if self.outstanding >= self.settings.max_outstanding:
@@ -110,11 +115,21 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
                 f"router is at capacity ({self.settings.max_outstanding} "
                 f"requests in flight, max_outstanding)"
             )
+        tenant = caller.tenant
+        limit = caller.max_in_flight or self.settings.max_tenant_in_flight
+        if self._in_flight.get(tenant, 0) >= limit:
+            raise ResourceExhausted(
+                f"this tenant has {limit} requests in flight (max_tenant_in_flight)"
+            )
         self.outstanding += 1
+        self._in_flight[tenant] = self._in_flight.get(tenant, 0) + 1
         try:
-            yield
+            yield caller
         finally:
             self.outstanding -= 1
+            self._in_flight[tenant] -= 1
+            if not self._in_flight[tenant]:
+                del self._in_flight[tenant]
 
     async def close(self) -> None:
         """Ends calls in flight and the tokenizer's thread."""
@@ -135,10 +150,10 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
         version: str | None = None,
     ) -> inference_pb2.GenerateResponse:
         """Generate's answer, on `version` (a label) when one is pinned (KServe)."""
-        with self._admitted():
+        with self._admitted(context) as caller:
             response = inference_pb2.GenerateResponse()
             parts: list[str] = []
-            async for chunk in self._generate(request, context, version):
+            async for chunk in self._generate(request, context, caller, version):
                 parts.append(chunk.text)
                 response.token_ids.extend(chunk.token_ids)
                 response.prompt_tokens = chunk.prompt_tokens
@@ -157,10 +172,10 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
             raise ResourceExhausted(
                 f"this connection already has {limit} streams open (max_streams_per_connection)"
             )
-        with self._admitted():
+        with self._admitted(context) as caller:
             self._streams[peer] = self._streams.get(peer, 0) + 1
             try:
-                async for chunk in self._generate(request, context, None):
+                async for chunk in self._generate(request, context, caller, None):
                     if chunk.text or chunk.finish_reason or chunk.token_ids:
                         yield chunk
             finally:
@@ -172,12 +187,17 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
         self,
         request: inference_pb2.GenerateRequest,
         context: aio.ServicerContext,
+        caller: Caller,
         version: str | None,
     ) -> AsyncIterator[inference_pb2.GenerateChunk]:
         """The one generation path; Generate gathers it, GenerateStream forwards it."""
         started = time.perf_counter()
         deadline = Deadline(context, self.settings.request_timeout_s)
         job = await self.inputs.generate(request)
+        if job.priority > caller.max_priority:
+            raise PermissionDenied(
+                f"priority {job.priority} is over this caller's highest ({caller.max_priority})"
+            )
         table = self.pool.table
         choice = table.pick_version(job.model, self.pool.load, version=version)
         key = self.outputs.generate_key(job, choice.fingerprint)
@@ -192,7 +212,7 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
             "generate",
             attributes={"tessera.model": job.model, "tessera.prompt_tokens": len(job.prompt_ids)},
         ) as span:
-            generation = self._start(job, chain, deadline, _tenant(context))
+            generation = self._start(job, chain, deadline, caller.tenant)
             span.add_event("route", {"tessera.route": chain.describe()})
             try:
                 async for chunk in self.outputs.stream(
@@ -250,7 +270,7 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
     ) -> tuple[np.ndarray, int]:
         """Embed's work (admission, validation, cache, coalesced calls): the vectors as float32
         [len(inputs), dim] in input order, and how many inputs came from the cache tier."""
-        with self._admitted():
+        with self._admitted(context):
             deadline = Deadline(context, self.settings.request_timeout_s)
             frontend = self.inputs.frontend(model, ModelKind.ENCODER)
             texts = self.inputs.texts(inputs)
@@ -320,7 +340,7 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
     async def Forward(
         self, request: inference_pb2.ForwardRequest, context: aio.ServicerContext
     ) -> inference_pb2.ForwardResponse:
-        with self._admitted():
+        with self._admitted(context):
             deadline = Deadline(context, self.settings.request_timeout_s)
             job = await self.inputs.forward(request)
             tried: set[str] = set()
@@ -358,6 +378,8 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
         self, request: inference_pb2.ListModelsRequest, context: aio.ServicerContext
     ) -> inference_pb2.ListModelsResponse:
         table = self.pool.table
+        # Worker addresses are the mesh's inside: only operators see them.
+        admin = self.callers.identify(tuple(context.invocation_metadata() or ())).admin
         response = inference_pb2.ListModelsResponse()
         for model in table.models():
             members = table.by_model[model]
@@ -376,7 +398,7 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
                 entry = status.chains.add(healthy=all(a in table.healthy for a in chain.addresses))
                 for worker in chain.workers:
                     entry.stages.add(
-                        address=worker.address,
+                        address=worker.address if admin else "",
                         healthy=worker.address in table.healthy,
                         outstanding=self.pool.load.get(worker.address, 0),
                         span=common_pb2.Span(start=worker.span.start, end=worker.span.end),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hmac
 import logging
 import signal
 
@@ -10,12 +11,18 @@ import grpc
 import torch
 from grpc import aio
 
+from services.common.doors import DoorLimits, OpenDoors
 from services.common.metrics import start_metrics_server
 from services.common.repository import fingerprint, model_spec, version_of
 from services.common.security import (
+    CALL,
+    REGISTER,
+    AnyOf,
     AuthInterceptor,
+    Caller,
     TokenSet,
     channel_credentials,
+    derive_token,
     open_channel,
     server_credentials,
 )
@@ -161,6 +168,9 @@ async def run_worker(
         settings.tls_client_ca or None,
         require_client_cert=True,
     )
+    own = _OwnCallToken()  # derived from the mesh secret once the address is known
+    callers = TokenSet(settings.caller_tokens, settings.caller_token_file or None)
+    accepted = AnyOf(callers, own) if settings.mesh_secret else callers
     served = await serve(
         [add],
         [SERVICE_NAME],
@@ -168,12 +178,8 @@ async def run_worker(
         port=settings.port,
         tracer_name="tessera.worker",
         credentials=credentials,
-        interceptors=[
-            AuthInterceptor(
-                TokenSet(settings.caller_tokens, settings.caller_token_file or None),
-                [f"/{SERVICE_NAME}/"],
-            )
-        ],
+        interceptors=[AuthInterceptor(accepted, [f"/{SERVICE_NAME}/"])],
+        doors=OpenDoors(DoorLimits.from_settings(settings), accepted.accepts),
         known_models=lambda m: m == settings.model,
         max_message_bytes=settings.max_message_mb * 1024 * 1024
         or hidden_message_bytes(ROUTED_POSITIONS, _hidden_size(settings)),
@@ -184,6 +190,11 @@ async def run_worker(
         metrics_port = start_metrics_server(settings.metrics_port, settings.host)
         print(f"tessera worker metrics on {settings.host}:{metrics_port}", flush=True)
     address = settings.advertise or f"{settings.host}:{served.port}"
+    if settings.mesh_secret:
+        own.token = derive_token(settings.mesh_secret, CALL, address)
+        settings.router_token = settings.router_token or derive_token(
+            settings.mesh_secret, REGISTER, address
+        )
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         try:
@@ -221,6 +232,21 @@ async def run_worker(
         return 0
     finally:
         await served.server.stop(grace=1.0)
+
+
+class _OwnCallToken:
+    """The caller token derived for this worker's own address (set once the port is bound)."""
+
+    enabled = True
+    token = ""
+
+    def caller(self, token: str) -> Caller | None:
+        if self.token and hmac.compare_digest(self.token.encode(), token.encode()):
+            return Caller("router")
+        return None
+
+    def accepts(self, token: str) -> bool:
+        return self.caller(token) is not None
 
 
 class _Late(worker_pb2_grpc.WorkerServicer):

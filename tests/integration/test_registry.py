@@ -47,6 +47,7 @@ pytestmark = pytest.mark.timeout(600)
 T = TypeVar("T")
 
 USER = "s3cret-user-token-A1"
+ADMIN = "s3cret-admin-token-Z9"  # operators see worker addresses in ListModels
 WORKER = "s3cret-worker-token-B2"
 OTHER_WORKER = "s3cret-worker-token-C3"
 ALLOWED = "b" * 64  # a second version's fingerprint the router allow-lists
@@ -222,7 +223,7 @@ def code_of(call: Callable[[], object]) -> grpc.StatusCode:
     return caught.value.code()
 
 
-def listed_addresses(mesh: Mesh, token: str | None = USER) -> set[str]:
+def listed_addresses(mesh: Mesh, token: str | None = ADMIN) -> set[str]:
     reply = mesh.stub().ListModels(
         inference_pb2.ListModelsRequest(), timeout=10, metadata=bearer(token) if token else None
     )
@@ -284,6 +285,7 @@ def embed(mesh: Mesh, texts: list[str]) -> np.ndarray:
 def mesh(tiny_repo: Path) -> Iterator[Mesh]:
     env = {
         "TESSERA_ROUTER_AUTH_TOKENS": USER,
+        "TESSERA_ROUTER_ADMIN_TOKENS": ADMIN,
         "TESSERA_ROUTER_WORKER_TOKENS": f"{WORKER},{OTHER_WORKER}",
         "TESSERA_ROUTER_ALLOWED_FINGERPRINTS": ALLOWED,
         # Fakes are registered once by the test and never renew.
