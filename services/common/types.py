@@ -127,6 +127,8 @@ class Hop:
 
 
 MAX_TEMPERATURE = 100.0
+MAX_TOP_LOGPROBS = 20
+MAX_SCHEMA_CHARS = 64 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,6 +139,9 @@ class SamplingParams:
     top_k: int = 0  # 0 = off
     top_p: float = 1.0  # 1 = off; in (0, 1]
     seed: int | None = None  # seeded draws depend only on (seed, position)
+    logprobs: bool = False  # each token's log-probability comes back with it
+    top_logprobs: int = 0  # ... with this many alternatives
+    json_schema: str = ""  # the answer must be JSON matching this schema ("" = free text)
 
     def __post_init__(self) -> None:
         if not math.isfinite(self.temperature) or not 0 <= self.temperature <= MAX_TEMPERATURE:
@@ -147,6 +152,16 @@ class SamplingParams:
             raise InvalidArgument(f"top_p must be in (0, 1], got {self.top_p}")
         if self.top_k < 0:
             raise InvalidArgument(f"top_k must be >= 0, got {self.top_k}")
+        if not 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS:
+            raise InvalidArgument(
+                f"top_logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {self.top_logprobs}"
+            )
+        if len(self.json_schema) > MAX_SCHEMA_CHARS:
+            raise InvalidArgument(f"a JSON schema is at most {MAX_SCHEMA_CHARS} characters")
+
+    @property
+    def wants_logprobs(self) -> bool:
+        return self.logprobs or self.top_logprobs > 0
 
     @property
     def greedy(self) -> bool:
@@ -164,6 +179,9 @@ class SamplingParams:
             top_k=int(request.top_k) if request.HasField("top_k") else 0,
             top_p=float(request.top_p) if request.HasField("top_p") else 1.0,
             seed=int(request.seed) if request.HasField("seed") else None,
+            logprobs=request.logprobs,
+            top_logprobs=int(request.top_logprobs) if request.HasField("top_logprobs") else 0,
+            json_schema=_schema_of(request.response_format),
         )
 
     @classmethod
@@ -174,12 +192,42 @@ class SamplingParams:
             top_k=int(sampling.top_k),
             top_p=float(sampling.top_p),
             seed=int(sampling.seed) if sampling.HasField("seed") else None,
+            logprobs=sampling.logprobs,
+            top_logprobs=int(sampling.top_logprobs),
+            json_schema=sampling.json_schema,
         )
 
     def to_pb(self) -> worker_pb2.Sampling:
         sampling = worker_pb2.Sampling(
-            temperature=self.temperature, top_k=self.top_k, top_p=self.top_p
+            temperature=self.temperature,
+            top_k=self.top_k,
+            top_p=self.top_p,
+            logprobs=self.logprobs,
+            top_logprobs=self.top_logprobs,
+            json_schema=self.json_schema,
         )
         if self.seed is not None:
             sampling.seed = self.seed
         return sampling
+
+
+JSON_OBJECT_SCHEMA = '{"type": "object"}'
+
+
+def _schema_of(response_format: inference_pb2.ResponseFormat) -> str:
+    """The JSON schema a response format asks for ("" for free text)."""
+    kind = response_format.type or "text"
+    if kind == "text":
+        if response_format.json_schema:
+            raise InvalidArgument('response_format.json_schema needs type "json_schema"')
+        return ""
+    if kind == "json_object":
+        return JSON_OBJECT_SCHEMA
+    if kind == "json_schema":
+        if not response_format.json_schema:
+            raise InvalidArgument('response_format type "json_schema" needs a json_schema')
+        return response_format.json_schema
+    raise InvalidArgument(
+        f"response_format.type must be text, json_object or json_schema, got "
+        f"{response_format.type[:32]!r}"
+    )

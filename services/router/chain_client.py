@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -27,6 +28,19 @@ from services.router.routing import Chain
 from services.router.scheduler import Decode, Drop, Prefill
 
 CLEAR_TIMEOUT_S = 10.0
+
+
+@dataclass(frozen=True)
+class Sampled:
+    """What the last stage sampled: a token per row and, when some row asked, a TokenLogprob
+    per row in row order (meaningful for the rows that asked)."""
+
+    tokens: list[int]
+    logprobs: list[common_pb2.TokenLogprob] | None = None
+
+
+def _sampled(result: worker_pb2.StepResult) -> Sampled:
+    return Sampled(list(result.token_ids), list(result.logprobs) or None)
 
 
 def left_padded(feeds: Sequence[Sequence[int]], pad_id: int = 0) -> common_pb2.Tensor:
@@ -67,6 +81,8 @@ class ChainClient:
             tokens = answer.token_ids
             if len(tokens) != rows or any(t < 0 for t in tokens):
                 return f"it returned {len(tokens)} token ids (or a negative one) for {rows} rows"
+            if answer.logprobs and len(answer.logprobs) != rows:
+                return f"it returned {len(answer.logprobs)} logprobs for {rows} rows"
             return ""
 
         result: worker_pb2.StepResult = await relay(
@@ -83,7 +99,7 @@ class ChainClient:
         )
         return result
 
-    async def prefill(self, prefill: Prefill) -> list[int]:
+    async def prefill(self, prefill: Prefill) -> Sampled:
         """Runs left-padded prompts through every stage; returns each row's first token."""
         requests = prefill.requests
         feeds = [r.feed for r in requests]
@@ -94,6 +110,8 @@ class ChainClient:
                 length=len(r.feed),
                 max_tokens=r.max_tokens,
                 sampling=r.sampling.to_pb(),
+                # A row under a grammar that resumes after a fault: the last stage replays it.
+                generated=r.generated if r.sampling.json_schema else (),
             )
             for r in requests
         ]
@@ -119,9 +137,9 @@ class ChainClient:
 
         work = len(rows) * width
         result = await self._relay("Prefill", "prefill", work, len(rows), width, build, wanted)
-        return list(result.token_ids)
+        return _sampled(result)
 
-    async def decode(self, step: Decode) -> list[int]:
+    async def decode(self, step: Decode) -> Sampled:
         """One step: the tokens sampled last step in, the next tokens out (merging batches)."""
         count = len(step.tokens)
 
@@ -137,7 +155,7 @@ class ChainClient:
             return request
 
         result = await self._relay("Decode", "decode", count, count, 1, build)
-        return list(result.token_ids)
+        return _sampled(result)
 
     async def filter(self, drop: Drop) -> None:
         """Rows leave the batch on every stage at once (an empty keep clears it)."""

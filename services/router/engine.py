@@ -116,8 +116,8 @@ class Generation:
             self.closed = True
         self._events.put_nowait(output)
 
-    async def next(self, timeout: float) -> int | Finished:
-        """The next token, or Finished; raises the error that ended the generation."""
+    async def next(self, timeout: float) -> Output | Finished:
+        """The next token's Output, or Finished; raises the error that ended the generation."""
         try:
             async with asyncio.timeout(timeout):
                 output = await self._events.get()
@@ -126,7 +126,7 @@ class Generation:
         if output.error is not None:
             raise output.error
         if output.token is not None:
-            return output.token
+            return output
         return Finished(output.finished)
 
 
@@ -315,7 +315,8 @@ class ChainEngine:
         with trace.use_span(self._batch_span(slot), end_on_exit=False):
             decoded = await self._call(slot, self.client.decode(step))
         if decoded is not None:
-            self._emit(self.scheduler.decoded(slot, decoded[0]))
+            sampled = decoded[0]
+            self._emit(self.scheduler.decoded(slot, sampled.tokens, sampled.logprobs))
             self.refresh()
         return True
 
@@ -339,7 +340,10 @@ class ChainEngine:
             if prefilled is None:
                 return False
             now = asyncio.get_running_loop().time()
-            outputs, drop = self.scheduler.prefilled(slot, prefill, prefilled[0], now)
+            sampled = prefilled[0]
+            outputs, drop = self.scheduler.prefilled(
+                slot, prefill, sampled.tokens, now, sampled.logprobs
+            )
             self._emit(outputs)
             self.refresh()
             if drop is not None:
@@ -386,9 +390,11 @@ class ChainEngine:
             self._clear(self.scheduler.refused(slot, prefill))  # they leave at the next turn
         elif isinstance(fault, InputRefused):
             log.error("a worker refused the router's step on %s: %s", self.chain.describe(), fault)
-            outputs, cleared = self.scheduler.failed(
-                slot, ServiceError("internal error: a worker refused the router's step")
-            )
+            error = ServiceError("internal error: a worker refused the router's step")
+            if prefill is not None:  # only the rows of that prefill
+                outputs, cleared = self.scheduler.prefill_failed(slot, prefill, error)
+            else:
+                outputs, cleared = self.scheduler.failed(slot, error)
             self._emit(outputs)
             self._clear(cleared)
         else:

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from services.common.errors import InvalidArgument, NotFound, quoted
+from services.common.grammar import check_schema
 from services.common.settings import RouterSettings
 from services.common.tensors import from_numpy, to_numpy, validate
 from services.common.types import ModelKind, SamplingParams, Span
@@ -115,6 +116,10 @@ class InputProcessor:
         if request.prompt and request.messages:
             raise InvalidArgument("send either prompt or messages, not both")
         sampling = SamplingParams.from_request(request)
+        if sampling.json_schema:
+            problem = check_schema(sampling.json_schema)
+            if problem:
+                raise InvalidArgument(f"response_format: the schema is refused: {problem}")
         stop = self._stop(request.stop)
         priority = request.priority if request.HasField("priority") else 0
         if not MIN_PRIORITY <= priority <= MAX_PRIORITY:

@@ -23,7 +23,7 @@ from services.common.metrics import (
     INTER_TOKEN_SECONDS,
     TIME_TO_FIRST_TOKEN,
 )
-from services.pb.tessera.v1 import inference_pb2
+from services.pb.tessera.v1 import common_pb2, inference_pb2
 from services.router.detokenize import TextAssembler
 from services.router.engine import Finished, Generation
 from services.router.inputs import GenerateInput
@@ -56,6 +56,9 @@ class OutputProcessor:
                 "seed": sampling.seed,
                 "stop": job.stop,
                 "hidden_dtype": self.hidden_dtype,
+                "logprobs": sampling.logprobs,
+                "top_logprobs": sampling.top_logprobs,
+                "json_schema": sampling.json_schema,
             },
         )
 
@@ -85,6 +88,7 @@ class OutputProcessor:
             prompt_tokens=cached.prompt_tokens,
             generated_tokens=cached.generated_tokens,
             cached=True,
+            logprobs=cached.logprobs,
         )
 
     async def cached_vectors(self, keys: list[str], dim: int) -> dict[str, np.ndarray]:
@@ -142,11 +146,16 @@ class OutputProcessor:
         last_token_at: float | None = None
         finish = ""
         sent = 0
+        logprobs: list[common_pb2.TokenLogprob] = []
         while not finish:
             event = await generation.next(remaining())
             if isinstance(event, Finished):
                 finish = event.reason
                 break
+            token = event.token
+            assert token is not None
+            if event.logprob is not None:
+                logprobs.append(event.logprob)
             now = time.perf_counter()
             if last_token_at is None:
                 TIME_TO_FIRST_TOKEN.labels(model).observe(now - started)
@@ -154,10 +163,10 @@ class OutputProcessor:
                 INTER_TOKEN_SECONDS.labels(model).observe(now - last_token_at)
             last_token_at = now
             GENERATED_TOKENS.labels(model).inc()
-            if event in job.frontend.eos_token_ids:
-                assembler.token_ids.append(event)
+            if token in job.frontend.eos_token_ids:
+                assembler.token_ids.append(token)
                 continue
-            assembler.add(event)
+            assembler.add(token)
             if assembler.stopped:
                 finish = "stop"
                 break
@@ -167,6 +176,7 @@ class OutputProcessor:
                 token_ids=assembler.token_ids[sent:],
                 prompt_tokens=prompt_tokens,
                 generated_tokens=len(assembler.token_ids),
+                logprobs=logprobs[sent:],
             )
             sent = len(assembler.token_ids)
         yield inference_pb2.GenerateChunk(
@@ -175,6 +185,7 @@ class OutputProcessor:
             finish_reason=finish,
             prompt_tokens=prompt_tokens,
             generated_tokens=len(assembler.token_ids),
+            logprobs=logprobs[sent:],
         )
         if key is not None:
             answer = inference_pb2.GenerateResponse(
@@ -183,6 +194,7 @@ class OutputProcessor:
                 prompt_tokens=prompt_tokens,
                 generated_tokens=len(assembler.token_ids),
                 token_ids=assembler.token_ids,
+                logprobs=logprobs,
             )
             await self.cache.set_async(key, answer.SerializeToString())
 

@@ -89,6 +89,7 @@ class Output:
     token: int | None = None
     finished: str = ""  # "eos" or "length"
     error: ServiceError | None = None
+    logprob: Any = None  # the token's TokenLogprob, when its request asked
 
 
 def kv_cost(lengths: Sequence[int], limits: Sequence[int]) -> int:
@@ -423,16 +424,17 @@ class Scheduler:
     # -- results the driver reports ----------------------------------------------------------
 
     def prefilled(
-        self, slot: Slot, prefill: Prefill, tokens: Sequence[int], now: float
+        self,
+        slot: Slot,
+        prefill: Prefill,
+        tokens: Sequence[int],
+        now: float,
+        logprobs: Sequence[Any] | None = None,
     ) -> tuple[list[Output], Drop | None]:
         """A prefill's first tokens: delivered; rows done at once never join the batch (the
         Drop filters them out of the new batch)."""
         del self._prefilling[slot.index]
-        outputs: list[Output] = []
-        for request, token in zip(prefill.requests, tokens, strict=True):
-            if not request.cancelled:
-                request.generated.append(token)
-                outputs.append(Output(request.request_id, token=token))
+        outputs = _delivered(prefill.requests, tokens, logprobs)
         staying = [r for r in prefill.requests if not (r.done or r.cancelled)]
         outputs += [_left(r, now) for r in prefill.requests if r.done or r.cancelled]
         slot.steps_since_prefill = 0
@@ -450,18 +452,15 @@ class Scheduler:
             return None
         return Decode(slot.batch_ids(), [r.generated[-1] for r in rows])
 
-    def decoded(self, slot: Slot, tokens: Sequence[int]) -> list[Output]:
+    def decoded(
+        self, slot: Slot, tokens: Sequence[int], logprobs: Sequence[Any] | None = None
+    ) -> list[Output]:
         """A step's tokens, one per row in row order; the pending batch is now merged."""
         rows = [*slot.rows, *slot.pending]
         slot.batch_id = slot.batch_id or slot.pending_batch_id
         slot.rows, slot.pending, slot.pending_batch_id = rows, [], None
         slot.steps_since_prefill += 1
-        outputs: list[Output] = []
-        for request, token in zip(rows, tokens, strict=True):
-            if not request.cancelled:
-                request.generated.append(token)
-                outputs.append(Output(request.request_id, token=token))
-        return outputs
+        return _delivered(rows, tokens, logprobs)
 
     def refused(self, slot: Slot, prefill: Prefill) -> list[str]:
         """A stage refused the prefill (its memory, or it is draining): the requests wait again
@@ -500,6 +499,14 @@ class Scheduler:
                 again.append(request)
         self.waiting[:0] = again
         return outputs, cleared
+
+    def prefill_failed(
+        self, slot: Slot, prefill: Prefill, error: ServiceError
+    ) -> tuple[list[Output], list[str]]:
+        """The prefill's own rows fail with `error` (the running batch goes on). Returns the
+        batch to clear."""
+        del self._prefilling[slot.index]
+        return [Output(r.request_id, error=error) for r in prefill.requests], [prefill.batch_id]
 
     def failed(self, slot: Slot, error: ServiceError) -> tuple[list[Output], list[str]]:
         """The slot's rows fail with `error` (a step the workers refused as invalid: the
@@ -555,3 +562,18 @@ def _left(request: Request, now: float) -> Output:
             request.request_id, error=DeadlineExceeded("deadline passed while generating")
         )
     return Output(request.request_id, error=Unavailable("generation cancelled"))
+
+
+def _delivered(
+    requests: Sequence[Request], tokens: Sequence[int], logprobs: Sequence[Any] | None
+) -> list[Output]:
+    """Each row's new token appended to its request, and its Output (with its logprob when the
+    request asked); rows cancelled meanwhile get nothing."""
+    outputs: list[Output] = []
+    for index, (request, token) in enumerate(zip(requests, tokens, strict=True)):
+        if request.cancelled:
+            continue
+        request.generated.append(token)
+        logprob = logprobs[index] if logprobs and request.sampling.wants_logprobs else None
+        outputs.append(Output(request.request_id, token=token, logprob=logprob))
+    return outputs

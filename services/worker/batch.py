@@ -11,13 +11,25 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
 from services.common.types import SamplingParams
+from services.worker.grammar import allowed
 from services.worker.kv import SlotCache
 from services.worker.sampling import make_generator, sample
 from services.worker.stage import StageModel
+
+
+@dataclass(frozen=True)
+class TokenLogprobs:
+    """A sampled token's log-probability under the model and the most likely alternatives."""
+
+    token_id: int
+    logprob: float
+    top_ids: list[int]
+    top_logprobs: list[float]
 
 
 @dataclass
@@ -29,6 +41,8 @@ class Row:
     max_tokens: int  # tokens it may hold at most: prompt + max_new_tokens
     sampling: SamplingParams = field(default_factory=SamplingParams)
     generator: torch.Generator | None = None
+    replay: list[int] = field(default_factory=list)  # tokens generated before (a re-prefill)
+    matcher: Any = None  # its grammar's state (last stage, structured output)
 
     @property
     def remaining(self) -> int:
@@ -97,9 +111,13 @@ class StageBatch:
         self.last_used = time.monotonic()
         return hidden
 
-    def sample(self, stage: StageModel, hidden: torch.Tensor) -> list[int]:
-        """The next token of every row from the last position's hidden states (last stage)."""
-        logits = stage.logits(hidden[:, -1, :])
+    def sample(
+        self, stage: StageModel, hidden: torch.Tensor
+    ) -> tuple[list[int], list[TokenLogprobs | None] | None]:
+        """The next token of every row from the last position's hidden states (last stage),
+        and, for rows that asked, its log-probability and alternatives (from the raw logits)."""
+        raw = stage.logits(hidden[:, -1, :])
+        logits = self._constrained(raw)
         greedy = torch.argmax(logits, dim=-1).tolist()
         tokens: list[int] = []
         for index, row in enumerate(self.rows):
@@ -109,7 +127,38 @@ class StageBatch:
                 tokens.append(
                     sample(logits[index], row.sampling, row.generator, position=row.length)
                 )
-        return tokens
+            if row.matcher is not None:
+                row.matcher.consume_token(tokens[-1])
+        return tokens, self._logprobs(raw, tokens)
+
+    def _constrained(self, logits: torch.Tensor) -> torch.Tensor:
+        """The logits with every token a row's grammar forbids masked out."""
+        rows = [i for i, row in enumerate(self.rows) if row.matcher is not None]
+        if not rows:
+            return logits
+        logits = logits.clone()
+        width = int(logits.shape[-1])
+        for index in rows:
+            allow = allowed(self.rows[index].matcher, width)
+            logits[index].masked_fill_(~allow, float("-inf"))
+        return logits
+
+    def _logprobs(self, raw: torch.Tensor, tokens: list[int]) -> list[TokenLogprobs | None] | None:
+        wanting = [i for i, row in enumerate(self.rows) if row.sampling.wants_logprobs]
+        if not wanting:
+            return None
+        found: list[TokenLogprobs | None] = [None] * len(self.rows)
+        scores = torch.log_softmax(raw[wanting].float(), dim=-1)
+        for place, index in enumerate(wanting):
+            k = self.rows[index].sampling.top_logprobs
+            top = torch.topk(scores[place], k) if k else None
+            found[index] = TokenLogprobs(
+                tokens[index],
+                float(scores[place, tokens[index]]),
+                top.indices.tolist() if top is not None else [],
+                top.values.tolist() if top is not None else [],
+            )
+        return found
 
     @classmethod
     def concatenate(cls, batches: Sequence[StageBatch]) -> StageBatch:

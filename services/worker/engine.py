@@ -16,7 +16,8 @@ import grpc
 import torch
 
 from services.common.errors import InvalidArgument, ResourceExhausted, ServiceError
-from services.worker.batch import Row, StageBatch, capacity_for
+from services.worker.batch import Row, StageBatch, TokenLogprobs, capacity_for
+from services.worker.grammar import GrammarRefused, Grammars
 from services.worker.stage import StageModel
 
 
@@ -37,6 +38,7 @@ class StepOutput:
     hidden: torch.Tensor | None
     tokens: list[int] | None
     kv_tokens: int
+    logprobs: list[TokenLogprobs | None] | None = None
 
 
 class GenerationEngine:
@@ -50,6 +52,7 @@ class GenerationEngine:
         self.max_rows = max_rows
         self.idle_s = idle_s
         self.batches: dict[str, StageBatch] = {}
+        self.grammars: Grammars | None = None  # built at the first structured-output row
         # Token slots set aside for a batch's merge into a running one (prefill's merge_into):
         # held until the merge happens or the batch goes, so the merge is never refused.
         self.reserved: dict[str, int] = {}
@@ -106,6 +109,7 @@ class GenerationEngine:
         own = len(rows) * capacity_for(rows, width)
         extra = self._merge_extra(merge_into, rows, width, own)
         self._reserve(own + extra, len(rows))
+        self._with_grammars(rows)
         batch, hidden = StageBatch.prefill(self.stage, batch_id, rows, inputs)
         self.batches[batch_id] = batch
         if extra:
@@ -148,10 +152,22 @@ class GenerationEngine:
 
     def _output(self, batch: StageBatch, hidden: torch.Tensor) -> StepOutput:
         if self.stage.is_last:
-            return StepOutput(
-                batch.batch_id, None, batch.sample(self.stage, hidden), batch.kv_tokens
-            )
+            tokens, logprobs = batch.sample(self.stage, hidden)
+            return StepOutput(batch.batch_id, None, tokens, batch.kv_tokens, logprobs)
         return StepOutput(batch.batch_id, hidden, None, batch.kv_tokens)
+
+    def _with_grammars(self, rows: list[Row]) -> None:
+        """Rows that must answer JSON get their grammar's matcher (the last stage samples)."""
+        if not self.stage.is_last:
+            return
+        for row in rows:
+            if row.sampling.json_schema:
+                if self.grammars is None:
+                    self.grammars = Grammars(self.stage.spec, int(self.stage.vocab_size))
+                try:
+                    row.matcher = self.grammars.matcher(row.sampling.json_schema, row.replay)
+                except GrammarRefused as refused:
+                    raise InvalidArgument(f"json_schema: {refused}") from None
 
     def filter(self, batch_id: str, keep: Sequence[int]) -> int:
         """Keeps the rows named by request id; an empty keep frees the batch. Returns slots held."""

@@ -259,6 +259,7 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
                 int(r.length),
                 int(r.max_tokens),
                 SamplingParams.from_pb(r.sampling),
+                replay=list(r.generated),
             )
             for r in request.rows
         ]
@@ -267,6 +268,13 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         result = worker_pb2.StepResult(batch_id=out.batch_id, kv_tokens=out.kv_tokens)
         if out.tokens is not None:
             result.token_ids.extend(out.tokens)
+        if out.logprobs is not None:
+            for found in out.logprobs:
+                entry = result.logprobs.add()
+                if found is not None:
+                    entry.token_id, entry.logprob = found.token_id, found.logprob
+                    entry.top_ids.extend(found.top_ids)
+                    entry.top_logprobs.extend(found.top_logprobs)
         if out.hidden is not None:
             result.hidden_states.CopyFrom(from_torch(out.hidden, wire))
         return result

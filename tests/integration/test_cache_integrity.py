@@ -75,8 +75,10 @@ def test_swapped_or_forged_vectors_are_never_served(cached_mesh: tuple[Mesh, Cli
     assert a_value and b_value
     rejected = _rejected(mesh, "embed")
 
-    memcached.set(a_key, b_value)  # swapped: each key now holds the other's (sealed) vector
-    memcached.set(b_key, a_value)
+    memcached.set(
+        a_key, b_value, noreply=False
+    )  # swapped: each key now holds the other's (sealed) vector
+    memcached.set(b_key, a_value, noreply=False)
     for text, want in ((a_text, a), (b_text, b)):
         got, cached = _embed(mesh, text)
         assert not cached
@@ -84,7 +86,7 @@ def test_swapped_or_forged_vectors_are_never_served(cached_mesh: tuple[Mesh, Cli
     assert _rejected(mesh, "embed") >= rejected + 2
     assert memcached.get(a_key) == a_value  # written back over the swapped value
 
-    memcached.set(a_key, encode_vector([0.5]))  # a forged one-float value, unsealed
+    memcached.set(a_key, encode_vector([0.5]), noreply=False)  # a forged one-float value, unsealed
     got, cached = _embed(mesh, a_text)
     assert not cached and got.shape == a.shape == (32,)
     np.testing.assert_allclose(got, a, rtol=0, atol=1e-6)
@@ -110,7 +112,7 @@ def test_a_forged_generation_is_never_served(
     forged = inference_pb2.GenerateResponse(
         text="forged", finish_reason="length", prompt_tokens=2, generated_tokens=1, token_ids=[7]
     )
-    memcached.set(key, forged.SerializeToString())
+    memcached.set(key, forged.SerializeToString(), noreply=False)
     again = stub.Generate(request, timeout=30)
     assert not again.cached and again.text == first.text and again.token_ids == first.token_ids
     assert _rejected(mesh, "generate") >= rejected + 1

@@ -16,6 +16,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from pymemcache.client.base import Client
 
 from services.cache.launcher import MemcachedNode, free_port, split_address
+from services.cache.seal import Seal
 from services.cache.store import CacheStats, CacheStore
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(60)]
@@ -65,7 +66,8 @@ def test_round_trip_on_one_node(node: MemcachedNode) -> None:
 
 def test_keys_spread_over_two_nodes(node: MemcachedNode, second_node: MemcachedNode) -> None:
     items = {k: k.encode() for k in keys(200)}
-    with CacheStore([node.address, second_node.address]) as store:
+    seal = Seal("spread")
+    with CacheStore([node.address, second_node.address], seal=seal) as store:
         store.set_many(dict(list(items.items())[:100]))
         for key, value in list(items.items())[100:]:
             store.set(key, value)
@@ -76,7 +78,32 @@ def test_keys_spread_over_two_nodes(node: MemcachedNode, second_node: MemcachedN
     on_second = raw_client(second_node).get_many(list(items))
     assert on_first and on_second
     assert set(on_first).isdisjoint(on_second)
-    assert {**on_first, **on_second} == items
+    both = {**on_first, **on_second}
+    assert {key: seal.unwrap(key, value) for key, value in both.items()} == items
+
+
+def test_values_over_the_store_bound_are_not_stored(node: MemcachedNode) -> None:
+    with CacheStore([node.address], max_value_bytes=64) as store:
+        store.set("test:small", b"x" * 64)
+        store.set_many({"test:large": b"x" * 65, "test:fits": b"y"})
+        assert store.get_many(["test:small", "test:large", "test:fits"]) == {
+            "test:small": b"x" * 64,
+            "test:fits": b"y",
+        }
+        assert store.stats.errors == 0
+
+
+def test_values_are_sealed_to_their_keys(node: MemcachedNode) -> None:
+    """What memcached holds is the sealed value: another store with another secret, or the
+    right value moved to another key, is a miss counted as rejected."""
+    with CacheStore([node.address], seal=Seal("one")) as store:
+        store.set("test:sealed", b"value")
+        raw = raw_client(node).get("test:sealed")
+        assert raw != b"value" and Seal("one").unwrap("test:sealed", raw) == b"value"
+        raw_client(node).set("test:moved", raw, noreply=False)
+        assert store.get("test:moved") is None and store.stats.rejected == 1
+    with CacheStore([node.address], seal=Seal("two")) as other:
+        assert other.get("test:sealed") is None and other.stats.rejected == 1
 
 
 def test_disabled_store() -> None:
@@ -86,11 +113,12 @@ def test_disabled_store() -> None:
         store.set_many({"test:b": b"y"})
         assert store.get("test:a") is None
         assert store.get_many(["test:a", "test:b"]) == {}
-        assert store.stats == CacheStats(hits=0, misses=3, errors=0)
+        assert store.stats == CacheStats(hits=0, misses=3, errors=0, rejected=0)
 
 
 def test_bad_requests_are_counted_not_raised(node: MemcachedNode) -> None:
-    with CacheStore([node.address]) as store:
+    # No size bound of the store's own: memcached's 1 MiB item limit refuses the big value.
+    with CacheStore([node.address], max_value_bytes=4 << 20) as store:
         store.set("test:big", b"x" * (2 << 20))  # over memcached's 1 MiB item limit
         assert store.get("test:big") is None
         assert store.get("key with spaces") is None

@@ -277,11 +277,12 @@ def _assert_concurrency_limits(address: str, max_rpcs: int) -> None:
         assert waited.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
         # ... while another connection is served at once.
         assert _check(channels[1]) == health_pb2.HealthCheckResponse.SERVING
-        # max_rpcs in flight over the server: the next call is refused by gRPC.
+        # max_rpcs tokenless calls in flight over the server: the next one is refused (the open
+        # doors' budget, open_max_calls; gRPC's own limit is that plus max_concurrent_rpcs).
         held += [_held_stream(channel) for channel in channels[1:max_rpcs]]
         refused = _refused(lambda: _check(channels[max_rpcs]))
         assert refused.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, refused.details()
-        assert "Concurrent RPC limit" in (refused.details() or "")
+        assert "open_max_calls" in (refused.details() or "")
         # A call that ends frees its place (the server counts it out just after its status).
         call, requests = held.pop(0)
         requests.put(None)
@@ -309,7 +310,13 @@ def test_worker_transport_limits(tiny_repo: Path) -> None:
     model (server.hidden_message_bytes); concurrency limits come from TESSERA_WORKER_*."""
     env = service_env(
         tiny_repo,
-        {"TESSERA_WORKER_MAX_CONCURRENT_RPCS": "3", "TESSERA_WORKER_MAX_CONCURRENT_STREAMS": "1"},
+        {
+            "TESSERA_WORKER_MAX_CONCURRENT_RPCS": "3",
+            "TESSERA_WORKER_MAX_CONCURRENT_STREAMS": "1",
+            # The held calls carry no token: the open doors' budget is what refuses them.
+            "TESSERA_WORKER_OPEN_MAX_CALLS": "3",
+            "TESSERA_WORKER_OPEN_MAX_WATCHES": "0",
+        },
     )
     args = ["worker", "--model", "tiny-bert", "--port", "0", "--repository", str(tiny_repo)]
     worker = Proc(args, env).start()
@@ -355,6 +362,8 @@ def test_router_transport_limits(tiny_repo: Path) -> None:
             "TESSERA_ROUTER_MAX_INPUT_CHARS": str(chars),
             "TESSERA_ROUTER_MAX_CONCURRENT_RPCS": "2",
             "TESSERA_ROUTER_MAX_CONCURRENT_STREAMS": "1",
+            "TESSERA_ROUTER_OPEN_MAX_CALLS": "2",
+            "TESSERA_ROUTER_OPEN_MAX_WATCHES": "0",
         },
     )
     router = Proc(["router", "--port", "0", "--repository", str(tiny_repo)], env).start()

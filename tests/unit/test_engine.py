@@ -18,6 +18,7 @@ from services.common.errors import ServiceError
 from services.common.settings import RouterSettings
 from services.common.types import ModelKind, SamplingParams, Span, WorkerDescriptor
 from services.router.admission import Admission
+from services.router.chain_client import Sampled
 from services.router.engine import Finished, Generation, Generations
 from services.router.faults import (
     BatchLost,
@@ -138,7 +139,7 @@ class FakeChainClient:
     def __init__(self, chain: Chain, workers: dict[str, FakeWorker]) -> None:
         self.stages = [workers[a] for a in chain.addresses]
 
-    async def prefill(self, prefill: Prefill) -> list[int]:
+    async def prefill(self, prefill: Prefill) -> Sampled:
         tokens = []
         for index, stage in enumerate(self.stages):
             await asyncio.sleep(0)
@@ -146,15 +147,16 @@ class FakeChainClient:
             stage.prefill(prefill.batch_id, rows)
             if index == len(self.stages) - 1:
                 tokens = [next_token(seq) for _, seq, _ in rows]
-        return tokens
+        return Sampled(tokens)
 
-    async def decode(self, step: Decode) -> list[int]:
+    async def decode(self, step: Decode) -> Sampled:
         for stage in self.stages:
             await asyncio.sleep(0)
             stage.decode(step.batch_ids, step.tokens)
         orders = {tuple(row[0] for row in s.batches[step.batch_ids[0]]) for s in self.stages}
         assert len(orders) == 1, f"stages disagree on row order: {orders}"
-        return [next_token(seq) for _, seq, _ in self.stages[-1].batches[step.batch_ids[0]]]
+        last = self.stages[-1].batches[step.batch_ids[0]]
+        return Sampled([next_token(seq) for _, seq, _ in last])
 
     async def filter(self, drop: Drop) -> None:
         if not drop.keep:
@@ -247,7 +249,8 @@ async def collect(generation: Generation, timeout: float = 10.0) -> list[int] | 
             event = await generation.next(timeout)
             if isinstance(event, Finished):
                 return tokens
-            tokens.append(event)
+            assert event.token is not None
+            tokens.append(event.token)
     except ServiceError as error:
         return error
 
@@ -339,7 +342,7 @@ def test_a_cancelled_row_leaves_at_the_next_step() -> None:
         bench = Bench({"r": "0:4"}, slots=1)
         chain = bench.chain("r")
         keep, leave = bench.start(chain, 4, 30), bench.start(chain, 4, 30)
-        assert isinstance(await leave.next(5), int)
+        assert not isinstance(await leave.next(5), Finished)
         bench.generations.cancel(leave)
         assert correct(keep, await collect(keep))
         assert ("filter", [keep.request_id]) in bench.workers["r"].calls
@@ -472,7 +475,7 @@ def test_a_refused_step_fails_only_its_own_rows() -> None:
         chain = bench.chain("r")
         running = [bench.start(chain, 4, 20) for _ in range(2)]
         tasks = [asyncio.create_task(collect(g)) for g in running]
-        await until(lambda: len(running[0].request.generated) >= 2, "rows running")
+        await until(lambda: all(len(g.request.generated) >= 2 for g in running), "rows running")
         bench.workers["r"].fail_next("prefill", InputRefused)
         refused = bench.start(chain, 3, 5)
         result = await collect(refused)

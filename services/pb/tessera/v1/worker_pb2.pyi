@@ -184,6 +184,9 @@ class Sampling(_message.Message):
     TOP_K_FIELD_NUMBER: _builtins.int
     TOP_P_FIELD_NUMBER: _builtins.int
     SEED_FIELD_NUMBER: _builtins.int
+    LOGPROBS_FIELD_NUMBER: _builtins.int
+    TOP_LOGPROBS_FIELD_NUMBER: _builtins.int
+    JSON_SCHEMA_FIELD_NUMBER: _builtins.int
     temperature: _builtins.float
     """0 = greedy"""
     top_k: _builtins.int
@@ -191,6 +194,12 @@ class Sampling(_message.Message):
     top_p: _builtins.float
     """1 = off"""
     seed: _builtins.int
+    logprobs: _builtins.bool
+    """return each sampled token's log-probability"""
+    top_logprobs: _builtins.int
+    """... and this many most likely alternatives (0-20)"""
+    json_schema: _builtins.str
+    """the answer must be JSON matching this schema"""
     def __init__(
         self,
         *,
@@ -198,10 +207,13 @@ class Sampling(_message.Message):
         top_k: _builtins.int = ...,
         top_p: _builtins.float = ...,
         seed: _builtins.int | None = ...,
+        logprobs: _builtins.bool = ...,
+        top_logprobs: _builtins.int = ...,
+        json_schema: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_seed", b"_seed", "seed", b"seed"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_seed", b"_seed", "seed", b"seed", "temperature", b"temperature", "top_k", b"top_k", "top_p", b"top_p"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_seed", b"_seed", "json_schema", b"json_schema", "logprobs", b"logprobs", "seed", b"seed", "temperature", b"temperature", "top_k", b"top_k", "top_logprobs", b"top_logprobs", "top_p", b"top_p"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__seed: _TypeAlias = _typing.Literal["seed"]  # noqa: Y015
     _WhichOneofArgType__seed: _TypeAlias = _typing.Literal["_seed", b"_seed"]  # noqa: Y015
@@ -219,6 +231,7 @@ class PrefillRow(_message.Message):
     LENGTH_FIELD_NUMBER: _builtins.int
     MAX_TOKENS_FIELD_NUMBER: _builtins.int
     SAMPLING_FIELD_NUMBER: _builtins.int
+    GENERATED_FIELD_NUMBER: _builtins.int
     request_id: _builtins.int
     length: _builtins.int
     """real tokens of this row in the prefill input"""
@@ -228,6 +241,12 @@ class PrefillRow(_message.Message):
     def sampling(self) -> Global___Sampling:
         """read by the last stage only"""
 
+    @_builtins.property
+    def generated(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """The row's tokens generated before (a prefill after a fault): the last stage replays them
+        into the row's grammar.
+        """
+
     def __init__(
         self,
         *,
@@ -235,10 +254,11 @@ class PrefillRow(_message.Message):
         length: _builtins.int = ...,
         max_tokens: _builtins.int = ...,
         sampling: Global___Sampling | None = ...,
+        generated: _abc.Iterable[_builtins.int] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["sampling", b"sampling"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["length", b"length", "max_tokens", b"max_tokens", "request_id", b"request_id", "sampling", b"sampling"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["generated", b"generated", "length", b"length", "max_tokens", b"max_tokens", "request_id", b"request_id", "sampling", b"sampling"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -335,6 +355,7 @@ class StepResult(_message.Message):
     HIDDEN_STATES_FIELD_NUMBER: _builtins.int
     TOKEN_IDS_FIELD_NUMBER: _builtins.int
     KV_TOKENS_FIELD_NUMBER: _builtins.int
+    LOGPROBS_FIELD_NUMBER: _builtins.int
     batch_id: _builtins.str
     kv_tokens: _builtins.int
     """token slots this batch holds on this stage, padding included"""
@@ -346,6 +367,12 @@ class StepResult(_message.Message):
     def token_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
         """last stage: one sampled token per row, in row order"""
 
+    @_builtins.property
+    def logprobs(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.TokenLogprob]:
+        """Last stage: per row in row order, the sampled token's log-probability (rows that did not
+        ask have an empty entry); absent when no row asked.
+        """
+
     def __init__(
         self,
         *,
@@ -353,10 +380,11 @@ class StepResult(_message.Message):
         hidden_states: _common_pb2.Tensor | None = ...,
         token_ids: _abc.Iterable[_builtins.int] | None = ...,
         kv_tokens: _builtins.int = ...,
+        logprobs: _abc.Iterable[_common_pb2.TokenLogprob] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["hidden_states", b"hidden_states"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_id", b"batch_id", "hidden_states", b"hidden_states", "kv_tokens", b"kv_tokens", "token_ids", b"token_ids"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_id", b"batch_id", "hidden_states", b"hidden_states", "kv_tokens", b"kv_tokens", "logprobs", b"logprobs", "token_ids", b"token_ids"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
