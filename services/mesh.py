@@ -45,6 +45,7 @@ from services.common.security import CALL, REGISTER, derive_token
 from services.common.settings import MeshSettings, WorkerSettings, load_mesh_file
 
 READY_TIMEOUT_S = 300.0
+DEFAULT_HTTP_PORT = 8000  # the OpenAI-compatible front of `tessera up`'s router
 STOP_GRACE_S = 15.0  # SIGTERM, then this long to drain and exit, then SIGKILL
 POLL_S = 0.2
 TAIL_LINES = 10  # last output lines shown when a child exits
@@ -411,11 +412,16 @@ def _children(mesh: MeshSettings, repository: str) -> list[Child]:
                 repository,
                 "--cache",
                 ",".join(mesh.cache_nodes),
+                # The OpenAI-compatible front: 8000 unless the mesh file sets http_port.
+                "--http-port",
+                str(DEFAULT_HTTP_PORT if router.http_port is None else router.http_port),
             ],
             {
                 **os.environ,
                 **_env_overrides(
-                    router, "TESSERA_ROUTER_", {"host", "port", "repository", "cache_nodes"}
+                    router,
+                    "TESSERA_ROUTER_",
+                    {"host", "port", "http_port", "repository", "cache_nodes"},
                 ),
                 **router_token,
             },
@@ -455,6 +461,15 @@ def _children(mesh: MeshSettings, repository: str) -> list[Child]:
 def _print_ready(mesh: MeshSettings, router_address: str) -> None:
     causal = next((w.model for w in mesh.workers if "smollm" in w.model), None)
     print("\ntessera mesh ready: router on " + router_address, flush=True)
+    http_port = DEFAULT_HTTP_PORT if mesh.router.http_port is None else mesh.router.http_port
+    if causal and http_port > 0:
+        print(
+            f"OpenAI-compatible API on http://127.0.0.1:{http_port}/v1, e.g.:\n"
+            f"  curl http://127.0.0.1:{http_port}/v1/chat/completions -H "
+            f"'Content-Type: application/json' -d '{{\"model\": \"{causal}\", \"messages\": "
+            f"[{{\"role\": \"user\", \"content\": \"Hello!\"}}]}}'",
+            flush=True,
+        )
     if causal:
         print(
             'try:\n  .venv/bin/grpcurl -plaintext -d \'{"model":"'

@@ -37,12 +37,15 @@ def generate_key(
     return _hashed_key("g", document)
 
 
-def embed_key(model: str, fingerprint: str, text: str, *, hidden_dtype: str = "float32") -> str:
-    """Key of one input text's embedding; `hidden_dtype` is what travelled between stages."""
+def embed_key(
+    model: str, fingerprint: str, text: str, *, hidden_dtype: str = "float32", ids: bool = False
+) -> str:
+    """Key of one input text's embedding; `hidden_dtype` is what travelled between stages.
+    With `ids`, `text` identifies a token array a client sent: its key never equals a text's."""
     document: dict[str, object] = {
         "model": model,
         "fingerprint": fingerprint,
-        "text": text,
+        "ids" if ids else "text": text,
         "hidden": hidden_dtype,
     }
     return _hashed_key("e", document)

@@ -123,6 +123,11 @@ class WorkerSettings(ServerSettings):
 @dataclass
 class RouterSettings(ServerSettings):
     port: int = setting(50051, "public gRPC port (0 = any free port)")
+    http_port: int | None = setting(
+        None,
+        "OpenAI-compatible HTTP port (0 = any free port, -1 = off); unset: off, but 8000 under "
+        "`tessera up`",
+    )
     repository: str = setting(
         None,
         "tokenizers, chat templates, configs; what admission checks workers against "
@@ -269,6 +274,9 @@ FLAG_ALIASES = {"routers": ["--router"], "cache_nodes": ["--cache"]}
 def _kind(owner: type, f: dataclasses.Field[Any]) -> str:
     hints = typing.get_type_hints(owner)
     hint = hints[f.name]
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    if type(None) in typing.get_args(hint) and len(args) == 1:
+        hint = args[0]  # an optional setting: its value's type
     text = str(hint)
     if hint is bool:
         return "bool"

@@ -10,6 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from aiohttp import web
 from opentelemetry import trace
 
 from services.cache.seal import Seal
@@ -35,6 +36,7 @@ from services.router.admission import Admission
 from services.router.callers import Callers
 from services.router.frontends import Frontends
 from services.router.kserve import KSERVE_NAME, KServeService
+from services.router.openai.app import OpenAIFront, serve_http
 from services.router.pool import WorkerPool
 from services.router.registry import RegistryLimits, RegistryService
 from services.router.routing import RoutingTable
@@ -285,6 +287,7 @@ async def run_router(
         pending.append(asyncio.ensure_future(update()))
 
     pool.on_change(publish_health)
+    http: web.AppRunner | None = None
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         try:
@@ -299,6 +302,12 @@ async def run_router(
         await served.set_status(KSERVE_NAME, True)
         if port_out is not None:
             port_out.append(served.port)
+        if settings.http_port is not None and settings.http_port >= 0:
+            front = OpenAIFront(inference, metrics=settings.metrics_port >= 0)
+            http, http_port = await serve_http(
+                front, settings.host, settings.http_port, max_message
+            )
+            print(f"tessera router http on {settings.host}:{http_port}", flush=True)
         print(f"tessera router ready on {settings.host}:{served.port}", flush=True)
         if ready is not None:
             ready.set()
@@ -310,6 +319,8 @@ async def run_router(
             await asyncio.sleep(0.05)
         return 0
     finally:
+        if http is not None:
+            await http.cleanup()
         await served.server.stop(grace=1.0)
         await inference.generations.close()
         await pool.close()

@@ -62,8 +62,9 @@ class OutputProcessor:
             },
         )
 
-    def embed_key(self, model: str, fingerprint: str, text: str) -> str:
-        return embed_key(model, fingerprint, text, hidden_dtype=self.hidden_dtype)
+    def embed_key(self, model: str, fingerprint: str, text: str, *, ids: bool = False) -> str:
+        """A text's key; with `ids`, `text` names a token array a client sent (never a text's)."""
+        return embed_key(model, fingerprint, text, hidden_dtype=self.hidden_dtype, ids=ids)
 
     async def cached_generation(
         self, key: str | None, job: GenerateInput

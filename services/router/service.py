@@ -156,6 +156,7 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
             async for chunk in self._generate(request, context, caller, version):
                 parts.append(chunk.text)
                 response.token_ids.extend(chunk.token_ids)
+                response.logprobs.extend(chunk.logprobs)
                 response.prompt_tokens = chunk.prompt_tokens
                 response.generated_tokens = chunk.generated_tokens
                 response.finish_reason = chunk.finish_reason or response.finish_reason
@@ -172,16 +173,23 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
             raise ResourceExhausted(
                 f"this connection already has {limit} streams open (max_streams_per_connection)"
             )
+        self._streams[peer] = self._streams.get(peer, 0) + 1
+        try:
+            async for chunk in self.stream(request, context):
+                yield chunk
+        finally:
+            self._streams[peer] -= 1
+            if not self._streams[peer]:
+                del self._streams[peer]
+
+    async def stream(
+        self, request: inference_pb2.GenerateRequest, context: aio.ServicerContext
+    ) -> AsyncIterator[inference_pb2.GenerateChunk]:
+        """GenerateStream's chunks (the HTTP front streams these too)."""
         with self._admitted(context) as caller:
-            self._streams[peer] = self._streams.get(peer, 0) + 1
-            try:
-                async for chunk in self._generate(request, context, caller, None):
-                    if chunk.text or chunk.finish_reason or chunk.token_ids:
-                        yield chunk
-            finally:
-                self._streams[peer] -= 1
-                if not self._streams[peer]:
-                    del self._streams[peer]
+            async for chunk in self._generate(request, context, caller, None):
+                if chunk.text or chunk.finish_reason or chunk.token_ids:
+                    yield chunk
 
     async def _generate(
         self,
@@ -267,13 +275,21 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
         inputs: Sequence[str],
         context: aio.ServicerContext,
         version: str | None = None,
+        *,
+        ids: Sequence[list[int]] | None = None,
+        token_inputs: bool = False,
     ) -> tuple[np.ndarray, int]:
         """Embed's work (admission, validation, cache, coalesced calls): the vectors as float32
-        [len(inputs), dim] in input order, and how many inputs came from the cache tier."""
+        [len(inputs), dim] in input order, and how many inputs came from the cache tier.
+
+        `ids` (aligned with `inputs`) are token ids already known, so nothing is tokenized again
+        (the HTTP front counts tokens for its usage; a client may send token arrays, whose
+        `inputs` are then only their cache identities: `token_inputs`)."""
         with self._admitted(context):
             deadline = Deadline(context, self.settings.request_timeout_s)
             frontend = self.inputs.frontend(model, ModelKind.ENCODER)
             texts = self.inputs.texts(inputs)
+            known = dict(zip(texts, ids, strict=True)) if ids is not None else None
             # Every vector of one answer comes from one version: the fingerprint is chosen once,
             # keys and calls use it, and if its chains vanish mid-way the answer starts over on
             # another version (cache hits included).
@@ -281,7 +297,9 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
             for _ in range(VERSION_ATTEMPTS):
                 fingerprint = self._version(model, version, tried)
                 try:
-                    return await self._embed_version(model, fingerprint, frontend, texts, deadline)
+                    return await self._embed_version(
+                        model, fingerprint, frontend, texts, deadline, known, token_inputs
+                    )
                 except VersionGone as gone:
                     log.warning("%s; starting the answer again on another version", gone)
                     tried.add(fingerprint)
@@ -302,12 +320,17 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
         frontend: ModelFrontend,
         texts: list[str],
         deadline: Deadline,
+        known: dict[str, list[int]] | None = None,
+        token_inputs: bool = False,
     ) -> tuple[np.ndarray, int]:
         unique = list(dict.fromkeys(texts)) if len(texts) > 1 else texts
         found: dict[str, np.ndarray] = {}
         keys: list[str] = []
         if self.cache.enabled:
-            keys = [self.outputs.embed_key(model, fingerprint, text) for text in unique]
+            keys = [
+                self.outputs.embed_key(model, fingerprint, text, ids=token_inputs)
+                for text in unique
+            ]
             hits = await self.outputs.cached_vectors(keys, frontend.spec.hidden_size)
             for text, key in zip(unique, keys):
                 if key in hits:
@@ -315,7 +338,10 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
         missing = [i for i, text in enumerate(unique) if text not in found]
         computed: np.ndarray | None = None
         if missing:
-            ids = await self.inputs.encoder(frontend).encode([unique[i] for i in missing])
+            if known is not None:
+                ids = [known[unique[i]] for i in missing]
+            else:
+                ids = await self.inputs.encoder(frontend).encode([unique[i] for i in missing])
             computed = await self.coalescer.embed(
                 model, fingerprint, ids, pad_id=frontend.pad_id, deadline=deadline.at
             )

@@ -106,7 +106,8 @@ def _write_mesh(
     path.write_text(
         yaml.safe_dump(
             {
-                "router": {"port": router_port},
+                # Any free port for the HTTP front: tests may run beside a mesh on 8000.
+                "router": {"port": router_port, "http_port": 0},
                 "cache": {"nodes": list(cache_nodes)},
                 "workers": list(workers),
             }
