@@ -466,8 +466,8 @@ def _print_ready(mesh: MeshSettings, router_address: str) -> None:
         print(
             f"OpenAI-compatible API on http://127.0.0.1:{http_port}/v1, e.g.:\n"
             f"  curl http://127.0.0.1:{http_port}/v1/chat/completions -H "
-            f"'Content-Type: application/json' -d '{{\"model\": \"{causal}\", \"messages\": "
-            f"[{{\"role\": \"user\", \"content\": \"Hello!\"}}]}}'",
+            f'\'Content-Type: application/json\' -d \'{{"model": "{causal}", "messages": '
+            f'[{{"role": "user", "content": "Hello!"}}]}}\'',
             flush=True,
         )
     if causal:

@@ -56,7 +56,7 @@ async def streams(
             await asyncio.sleep(index * stagger_s)
             finish = ""
             try:
-                async for chunk in stub.GenerateStream(request, timeout=900):
+                async for chunk in stub.GenerateStream(request, timeout=1800):
                     finish = chunk.finish_reason or finish
             except aio.AioRpcError as error:
                 return error.code().name
@@ -108,7 +108,10 @@ def deadlines(repository: str) -> dict[str, object]:
 
 def shared_kv(repository: str) -> dict[str, object]:
     threads = max(1, (os.cpu_count() or 2) // 2)
-    fleet = Fleet(repository, log_level="info", env={"OMP_WAIT_POLICY": "PASSIVE"})
+    # 48 x 400 tokens through a 24 MiB stage takes minutes on 2 cores: the streams may wait
+    # that long (the router caps every deadline at request_timeout_s, 120 s by default).
+    env = {"OMP_WAIT_POLICY": "PASSIVE", "TESSERA_ROUTER_REQUEST_TIMEOUT_S": "1800"}
+    fleet = Fleet(repository, log_level="info", env=env)
     try:
         router = fleet.router("router")
         router.wait_ready(time.monotonic() + 120)
@@ -138,7 +141,9 @@ def shared_kv(repository: str) -> dict[str, object]:
 
 def drain(repository: str) -> dict[str, object]:
     threads = max(1, (os.cpu_count() or 2) // 3)
-    fleet = Fleet(repository, log_level="info", env={"OMP_WAIT_POLICY": "PASSIVE"})
+    # A drain long enough for the rows a stage holds to finish there (the 60 s).
+    env = {"OMP_WAIT_POLICY": "PASSIVE", "TESSERA_WORKER_DRAIN_S": "60"}
+    fleet = Fleet(repository, log_level="info", env=env)
     try:
         address = start(fleet, ["0:15", "15:30", "15:30"], threads)
         router = fleet.children[0]

@@ -71,6 +71,16 @@ INTER_TOKEN_SECONDS = Histogram(
     ["model"],
     buckets=_LATENCY_BUCKETS,
 )
+# What an autoscaler or an inference gateway reads (the Gateway API Inference Extension's
+# model-server protocol): per model on the router, per worker on the workers. The vllm:* names
+# are the ones that protocol's endpoint picker reads by default.
+MODEL_QUEUED = Gauge("tessera_model_queued_requests", "generations waiting", ["model"])
+MODEL_RUNNING = Gauge("tessera_model_running_requests", "generations running", ["model"])
+MODEL_KV = Gauge("tessera_model_kv_utilization", "KV budget held, fullest worker (0-1)", ["model"])
+WORKER_KV = Gauge("tessera_worker_kv_utilization", "KV budget held (0-1)", ["model", "span"])
+VLLM_WAITING = Gauge("vllm:num_requests_waiting", "requests waiting", ["model_name"])
+VLLM_RUNNING = Gauge("vllm:num_requests_running", "requests running", ["model_name"])
+VLLM_KV = Gauge("vllm:kv_cache_usage_perc", "KV cache usage (0-1)", ["model_name"])
 CACHE_REQUESTS = Counter(
     "tessera_cache_requests_total", "cache lookups by tier and result", ["tier", "result"]
 )

@@ -37,6 +37,14 @@ from services.common.errors import (
     ServiceError,
     Unavailable,
 )
+from services.common.metrics import (
+    MODEL_KV,
+    MODEL_QUEUED,
+    MODEL_RUNNING,
+    VLLM_KV,
+    VLLM_RUNNING,
+    VLLM_WAITING,
+)
 from services.router.chain_client import ChainClient
 from services.router.faults import (
     Abandoned,
@@ -199,6 +207,7 @@ class ChainEngine:
         depths = scheduler.queue_depths(priority_bucket)
         for bucket in ("high", "normal", "low"):
             GENERATION_QUEUE_DEPTH.labels(self.chain.model, bucket).set(depths.get(bucket, 0))
+        self.owner.observe(self.chain.model)
 
     def head(self) -> Request | None:
         """The request that has waited longest here."""
@@ -540,6 +549,27 @@ class Generations:
 
     def _through(self, address: str) -> list[ChainEngine]:
         return [e for e in self._all() if address in e.chain.addresses]
+
+    def observe(self, model: str) -> None:
+        """The model's signals for autoscalers and inference gateways: generations waiting and
+        running over its chains, and the KV budget held on its fullest worker (0-1)."""
+        engines = [e for e in self._all() if e.chain.model == model]
+        waiting = sum(len(e.scheduler.waiting) for e in engines)
+        running = sum(e.scheduler.rows() for e in engines)
+        tokens = self.pool.book.tokens
+        usage = max(
+            (
+                tokens(w.address) / w.kv_token_budget
+                for e in engines
+                for w in e.chain.workers
+                if w.kv_token_budget
+            ),
+            default=0.0,
+        )
+        for gauge, value in ((MODEL_QUEUED, waiting), (MODEL_RUNNING, running), (MODEL_KV, usage)):
+            gauge.labels(model).set(value)
+        for gauge, value in ((VLLM_WAITING, waiting), (VLLM_RUNNING, running), (VLLM_KV, usage)):
+            gauge.labels(model).set(value)
 
     def sharers(self, engine: ChainEngine) -> list[ChainEngine]:
         """The other engines whose chains share a worker with `engine`'s."""

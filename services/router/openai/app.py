@@ -120,8 +120,12 @@ class OpenAIFront:
         except web.HTTPRequestEntityTooLarge as too_large:
             code = "INVALID_ARGUMENT"
             return error_response(413, "invalid_request_error", too_large.text or "too large")
-        except web.HTTPException:
-            raise
+        except web.HTTPException as http:
+            if http.status < 400:
+                raise
+            code = "NOT_FOUND" if http.status in (404, 405) else "INVALID_ARGUMENT"
+            kind = "not_found_error" if code == "NOT_FOUND" else "invalid_request_error"
+            return error_response(http.status, kind, f"{request.method} {http.reason}")
         except (asyncio.CancelledError, ConnectionResetError):
             code = "CANCELLED"
             raise
@@ -130,8 +134,12 @@ class OpenAIFront:
             log.exception("unexpected error in %s %s", request.method, request.path)
             return error_response(500, "internal_error", "internal error; see router logs")
         finally:
-            if request.path.startswith("/v1/"):
-                REQUESTS.labels("openai", request.path, "", code).inc()
+            # The route's own path, never the request's: a label per made-up path would grow
+            # the registry without bound.
+            route = request.match_info.route.resource
+            path = route.canonical if route is not None else "unknown"
+            if path.startswith("/v1/") or path == "unknown":
+                REQUESTS.labels("openai", path, "", code).inc()
 
     @web.middleware
     async def _auth(
