@@ -33,6 +33,7 @@ from services.pb.tessera.v1 import inference_pb2, inference_pb2_grpc, worker_pb2
 
 LLM = "smollm2-135m-instruct"
 BLAME = ("marked unhealthy", "lost a stage", "resuming on another chain", "is draining")
+FAILURES: list[str] = []  # what every failed stream of the scenario running now was told
 TOPICS = ("bees", "bridges", "the moon", "chess", "volcanoes", "paper", "rivers", "trains")
 
 
@@ -59,6 +60,7 @@ async def streams(
                 async for chunk in stub.GenerateStream(request, timeout=1800):
                     finish = chunk.finish_reason or finish
             except aio.AioRpcError as error:
+                FAILURES.append(f"{error.code().name}: {(error.details() or '')[:160]}")
                 return error.code().name
             return finish
 
@@ -225,7 +227,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     for name in args.scenarios or list(SCENARIOS):
         if name not in SCENARIOS:
             parser.error(f"unknown scenario {name!r}")
+        FAILURES.clear()
         results[name] = SCENARIOS[name](args.repository)
+        results[name]["failures"] = dict(Counter(FAILURES))
         print(name, json.dumps(results[name], indent=2), flush=True)
     if args.out:
         args.out.write_text(json.dumps(results, indent=2))

@@ -394,7 +394,7 @@ class ChainEngine:
             elif fault.address == self.chain.addresses[0] and slot.pending:
                 self._clear(self.scheduler.merge_refused(slot))
             else:  # a later stage refused what the first one did: the slot starts again
-                self._lost(slot, fault, now)
+                self._lost(slot, fault, now, retry=False)
         elif isinstance(fault, Abandoned) and prefill is not None:
             self._clear(self.scheduler.refused(slot, prefill))  # they leave at the next turn
         elif isinstance(fault, InputRefused):
@@ -414,10 +414,10 @@ class ChainEngine:
         self.refresh()
         self.wake()
 
-    def _lost(self, slot: Slot, fault: Fault, now: float) -> None:
+    def _lost(self, slot: Slot, fault: Fault, now: float, *, retry: bool = True) -> None:
         log.warning("%s on %s: its rows are prefilled again", fault, self.chain.describe())
         outputs, cleared = self.scheduler.lost(
-            slot, Unavailable(f"model {self.chain.model!r}: {fault}"), now
+            slot, Unavailable(f"model {self.chain.model!r}: {fault}"), now, retry=retry
         )
         self._emit(outputs)
         self._clear(cleared)

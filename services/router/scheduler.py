@@ -478,10 +478,13 @@ class Scheduler:
         slot.pending, slot.pending_batch_id = [], None
         return cleared
 
-    def lost(self, slot: Slot, error: ServiceError, now: float) -> tuple[list[Output], list[str]]:
+    def lost(
+        self, slot: Slot, error: ServiceError, now: float, *, retry: bool = True
+    ) -> tuple[list[Output], list[str]]:
         """A stage lost the slot's batches (or failed inside a step): every row of the slot is
         prefilled again here with what it generated so far; a row out of retries fails with
-        `error`. Returns the outputs and the batches to clear on every stage."""
+        `error`. `retry` False: a stage had no room (nothing failed), so the rows wait again
+        without spending a retry. Returns the outputs and the batches to clear on every stage."""
         prefill = self._prefilling.pop(slot.index, None)
         requests = [*slot.rows, *slot.pending, *(prefill.requests if prefill else ())]
         cleared = slot.batch_ids() + ([prefill.batch_id] if prefill else [])
@@ -492,10 +495,10 @@ class Scheduler:
         for request in requests:
             if request.done or request.cancelled or now >= request.deadline:
                 outputs.append(_left(request, now))
-            elif request.retries >= self.config.max_retries:
+            elif retry and request.retries >= self.config.max_retries:
                 outputs.append(Output(request.request_id, error=error))
             else:
-                request.retries += 1
+                request.retries += retry
                 again.append(request)
         self.waiting[:0] = again
         return outputs, cleared

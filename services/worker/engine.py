@@ -41,6 +41,9 @@ class StepOutput:
     logprobs: list[TokenLogprobs | None] | None = None
 
 
+MERGE_SLACK = 4  # decode steps a running batch may take between a merge's prefill and the merge
+
+
 class GenerationEngine:
     """The generation batches held by one stage."""
 
@@ -122,7 +125,10 @@ class GenerationEngine:
         if target is None:
             return 0
         merged = [*target.rows, *rows]
-        length = max(target.cache.length, width)
+        # The running batch may take a few decode steps before the merge reaches this stage
+        # (the steps already in flight on the chain), and each one widens the merged batch by
+        # a column: the reservation covers MERGE_SLACK of them.
+        length = max(target.cache.length + MERGE_SLACK, width)
         return max(0, len(merged) * capacity_for(merged, length) - target.kv_tokens - own)
 
     def decode(self, batch_ids: Sequence[str], inputs: torch.Tensor) -> StepOutput:

@@ -224,3 +224,25 @@ def test_balanced_slots_split_the_rows() -> None:
     a = admitted(scheduler, scheduler.slots[0], 100.0, keep=True)
     b = admitted(scheduler, scheduler.slots[1], 100.0, keep=True)
     assert (len(a), len(b)) == (8, 8)
+
+
+def test_rows_a_stage_had_no_room_for_wait_again_without_spending_retries() -> None:
+    """A lost batch (a stage failed inside a step) spends a retry per row and a row out of
+    retries fails; a stage refusing for room is no failure: the rows wait again, however often."""
+    scheduler = Scheduler(config(max_retries=1))
+    slot = scheduler.slots[0]
+    row = request(1)
+    row.generated = [5]
+    error = ResourceExhausted("a stage is full")
+    for _ in range(5):
+        slot.rows, slot.batch_id = [row], "b-1"
+        outputs, cleared = scheduler.lost(slot, error, 1.0, retry=False)
+        assert outputs == [] and cleared == ["b-1"]
+        assert scheduler.waiting == [row] and row.retries == 0
+        scheduler.waiting.clear()
+    slot.rows, slot.batch_id = [row], "b-2"
+    assert scheduler.lost(slot, error, 1.0)[0] == []  # a failure: one retry left ...
+    scheduler.waiting.clear()
+    slot.rows, slot.batch_id = [row], "b-3"
+    (ended,) = scheduler.lost(slot, error, 1.0)[0]  # ... and none now
+    assert ended.error is error

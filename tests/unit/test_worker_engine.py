@@ -77,3 +77,21 @@ def test_a_cleared_batch_gives_back_its_reservation(stage: StageModel) -> None:
     engine.clear(["new"])
     assert engine.reserved == {}
     assert engine.kv_tokens == engine.batches["run"].kv_tokens
+
+
+def test_a_merge_stays_reserved_while_the_running_batch_takes_a_few_steps(
+    stage: StageModel,
+) -> None:
+    """On a chain, the running batch may decode on this stage between the new rows' prefill and
+    their merge (steps already in flight): each step widens the merged batch, and the
+    reservation covers them, so the merge is still not refused on a stage that is full."""
+    engine = GenerationEngine(stage, budget_tokens=10_000, max_rows=8, idle_s=60)
+    engine.prefill("run", rows([1, 2], 9), ids(2, 9))
+    engine.prefill("new", rows([3], 3), ids(1, 3), merge_into="run")
+    # Nothing more fits: the budget is exactly what the two batches and the reservation hold.
+    engine.budget_tokens = engine.kv_tokens
+    for token in (5, 6):  # two steps of the running batch before the merge
+        engine.decode(["run"], torch.tensor([token, token]))
+    out = engine.decode(["run", "new"], torch.tensor([5, 6, 7]))
+    assert out.tokens is not None and len(out.tokens) == 3
+    assert engine.kv_tokens <= engine.budget_tokens
