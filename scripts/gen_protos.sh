@@ -31,7 +31,8 @@ rm -rf "$CLIENT_PB"
 mkdir -p "$CLIENT_PB"
 "$PY" -m grpc_tools.protoc -I protos -Igrpc_health/v1=protos/grpc/health/v1 \
   --python_out="$CLIENT_PB" --grpc_python_out="$CLIENT_PB" --mypy_out="$CLIENT_PB" \
-  tessera/v1/common.proto tessera/v1/inference.proto grpc_health/v1/health.proto
+  tessera/v1/common.proto tessera/v1/inference.proto tessera/v1/models.proto \
+  grpc_health/v1/health.proto
 touch "$CLIENT_PB/__init__.py" "$CLIENT_PB/tessera/__init__.py" "$CLIENT_PB/tessera/v1/__init__.py" \
   "$CLIENT_PB/grpc_health/__init__.py" "$CLIENT_PB/grpc_health/v1/__init__.py"
 sed -i -E 's/^from tessera\.v1 import/from . import/' "$CLIENT_PB"/tessera/v1/*.py "$CLIENT_PB"/tessera/v1/*.pyi

@@ -1,4 +1,4 @@
-"""The `tessera` command: up, router, worker, cache, prepare."""
+"""The `tessera` command: up, router, worker, models, cache, prepare."""
 
 from __future__ import annotations
 
@@ -93,6 +93,12 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return run_bench(args)
 
 
+def _cmd_models(args: argparse.Namespace) -> int:
+    from services.models_cli import run
+
+    return run(args)
+
+
 def _cmd_up(args: argparse.Namespace) -> int:
     from services.mesh import run_mesh
 
@@ -122,6 +128,16 @@ def main(argv: list[str] | None = None) -> int:
     )
     add_flags(worker, WorkerSettings)
     worker.set_defaults(func=_cmd_worker)
+
+    models = sub.add_parser(
+        "models",
+        help="publish, load, weigh, promote, roll back and unload model versions",
+        description="Model versions on a running router (tessera.v1.Models, admin token).",
+    )
+    from services.models_cli import add_arguments as add_models_arguments
+
+    add_models_arguments(models)
+    models.set_defaults(func=_cmd_models)
 
     trace_view = sub.add_parser("trace", help="draw one request's trace as a waterfall")
     from services.tracing.waterfall import add_arguments as add_trace_arguments

@@ -43,6 +43,7 @@ from services.cache.launcher import (
 )
 from services.common.security import CALL, REGISTER, derive_token
 from services.common.settings import MeshSettings, WorkerSettings, load_mesh_file
+from services.mesh_versions import VersionWorkers, admin_token
 
 READY_TIMEOUT_S = 300.0
 DEFAULT_HTTP_PORT = 8000  # the OpenAI-compatible front of `tessera up`'s router
@@ -205,6 +206,9 @@ class Supervised:
     started_at: float = 0.0
     restart_at: float | None = None
     given_up: bool = False
+    model: str = ""  # a worker's model ...
+    version: str | None = None  # ... and version label ("" = the model's own folder)
+    retired: bool = False  # stopped on purpose (its version unloaded): never restarted
 
     def start(self, now: float) -> None:
         self.started_at = now
@@ -230,7 +234,7 @@ def supervise_once(services: Sequence[Supervised], now: float) -> Supervised | N
     """One round: restarts children whose backoff is over, schedules restarts for children that
     exited, gives up on crash loops. Returns an essential child given up on, if any."""
     for s in services:
-        if s.given_up:
+        if s.given_up or s.retired:
             continue
         if s.restart_at is not None:
             if now >= s.restart_at:
@@ -392,12 +396,16 @@ def _mesh_tokens(
     return router, worker_env
 
 
-def _children(mesh: MeshSettings, repository: str) -> list[Child]:
+def _children(
+    mesh: MeshSettings,
+    repository: str,
+    router_token: dict[str, str],
+    worker_token: Callable[[WorkerSettings], dict[str, str]],
+) -> list[Child]:
     """The router and one child per worker: flags for the contract, env for the rest."""
     router = mesh.router
     router_address = f"127.0.0.1:{router.port}"
     python = [sys.executable, "-m", "services.cli"]
-    router_token, worker_token = _mesh_tokens(mesh)
     children = [
         Child(
             f"router on {router.host}:{router.port}",
@@ -428,34 +436,48 @@ def _children(mesh: MeshSettings, repository: str) -> list[Child]:
         )
     ]
     for worker in mesh.workers:
-        argv = [
-            *python,
-            "worker",
-            "--model",
-            worker.model,
-            "--host",
-            worker.host,
-            "--port",
-            str(worker.port),
-            "--router",
-            router_address,
-            "--repository",
-            repository,
-        ]
-        if worker.layers:
-            argv += ["--layers", worker.layers]
-        env = _env_overrides(
-            worker, "TESSERA_WORKER_", {"model", "layers", "host", "port", "routers", "repository"}
-        )
-        children.append(
-            Child(
-                f"worker {worker.model} {worker.layers or 'replica'} on "
-                f"{worker.host}:{worker.port}",
-                argv,
-                {**os.environ, **env, **worker_token(worker)},
-            )
-        )
+        children.append(worker_child(worker, repository, router_address, worker_token))
     return children
+
+
+def worker_child(
+    worker: WorkerSettings,
+    repository: str,
+    router_address: str,
+    worker_token: Callable[[WorkerSettings], dict[str, str]],
+) -> Child:
+    """A worker of the mesh as a child: flags for the contract, env for the rest."""
+    python = [sys.executable, "-m", "services.cli"]
+    argv = [
+        *python,
+        "worker",
+        "--model",
+        worker.model,
+        "--host",
+        worker.host,
+        "--port",
+        str(worker.port),
+        "--router",
+        router_address,
+        "--repository",
+        repository,
+    ]
+    if worker.layers:
+        argv += ["--layers", worker.layers]
+    if worker.version:
+        argv += ["--version", worker.version]
+    env = _env_overrides(
+        worker,
+        "TESSERA_WORKER_",
+        {"model", "version", "layers", "host", "port", "routers", "repository"},
+    )
+    version = f" {worker.version}" if worker.version else ""
+    return Child(
+        f"worker {worker.model}{version} {worker.layers or 'replica'} on "
+        f"{worker.host}:{worker.port}",
+        argv,
+        {**os.environ, **env, **worker_token(worker)},
+    )
 
 
 def _print_ready(mesh: MeshSettings, router_address: str) -> None:
@@ -521,17 +543,37 @@ def run_mesh(config: str | None, *, repository: str) -> int:
                 address = node.address
             nodes.append(address)
         mesh.cache_nodes = nodes
-        for index, child in enumerate(_children(mesh, repository)):
-            services.append(Supervised(child, essential=index == 0))
-            services[-1].start(time.monotonic())
+        router_token, worker_token = _mesh_tokens(mesh)
+        for index, child in enumerate(_children(mesh, repository, router_token, worker_token)):
+            supervised = Supervised(child, essential=index == 0)
+            if index:
+                supervised.model, supervised.version = mesh.workers[index - 1].model, ""
+            services.append(supervised)
+            supervised.start(time.monotonic())
         deadline = time.monotonic() + READY_TIMEOUT_S
         router_address = f"127.0.0.1:{mesh.router.port}"
         for model in dict.fromkeys(w.model for w in mesh.workers):
             _wait_serving(router_address, model, deadline, services)
         _wait_serving(router_address, "", deadline, services)
         _print_ready(mesh, router_address)
-        while supervise_once(services, time.monotonic()) is None:
-            time.sleep(POLL_S)
+        versions = VersionWorkers(
+            mesh,
+            router_address,
+            admin_token(mesh),
+            lambda worker: worker_child(worker, repository, router_address, worker_token),
+            lambda child, model, label: Supervised(
+                child,
+                essential=False,
+                model=model,
+                version=label,
+            ),
+        )
+        try:
+            while supervise_once(services, time.monotonic()) is None:
+                versions.step(services, time.monotonic())
+                time.sleep(POLL_S)
+        finally:
+            versions.close()
         return 1
     except MeshError as exc:
         print(exc, file=sys.stderr, flush=True)

@@ -60,6 +60,16 @@ class PermissionDenied(ServiceError):
     code = grpc.StatusCode.PERMISSION_DENIED
 
 
+class FailedPrecondition(ServiceError):
+    """The request is valid but the system is not in a state to do it (say which)."""
+
+    code = grpc.StatusCode.FAILED_PRECONDITION
+
+
+class AlreadyExists(ServiceError):
+    code = grpc.StatusCode.ALREADY_EXISTS
+
+
 DRAINING_KEY = "tessera-draining"
 
 

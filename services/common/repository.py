@@ -1,9 +1,15 @@
-"""The model repository: one folder per model name holding config, safetensors and tokenizer."""
+"""The model repository: one folder per model name holding config, safetensors and tokenizer.
+
+A model's own folder is its first version. Versions published later (`tessera models publish`)
+live beside it, one immutable folder each: `<repository>/.versions/<model>/<label>/`, with a
+VERSION file holding the label.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,6 +19,8 @@ from services.common.types import PRECISIONS, ModelKind
 ENCODER_TYPES = {"bert", "roberta"}
 CAUSAL_TYPES = {"llama", "gpt2"}
 _CHUNK = 8 * 1024 * 1024
+VERSIONS_DIR = ".versions"  # published versions: <repository>/.versions/<model>/<label>/
+LABEL = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")  # a version label (no "+", "/" or "@")
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,8 +40,27 @@ class ModelSpec:
         return self.path / "config.json"
 
 
-def model_spec(repository: Path, name: str) -> ModelSpec:
-    path = repository / name
+def model_path(repository: Path, name: str, version: str = "") -> Path:
+    """The folder of `name`'s version `version` (a label, maybe with its "+precision"): the
+    published folder of that label, else (and for "") the model's own folder."""
+    label = version.split("+", 1)[0]
+    if label and LABEL.fullmatch(label):
+        published = repository / VERSIONS_DIR / name / label
+        if published.is_dir():
+            return published
+    return repository / name
+
+
+def published_versions(repository: Path, name: str) -> list[Path]:
+    """The folders of `name`'s published versions, in label order."""
+    root = repository / VERSIONS_DIR / name
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if p.is_dir() and LABEL.fullmatch(p.name))
+
+
+def model_spec(repository: Path, name: str, version: str = "") -> ModelSpec:
+    path = model_path(repository, name, version)
     config_path = path / "config.json"
     if not config_path.is_file():
         raise NotFound(f"model {name!r} is not in the model repository {repository}")
@@ -60,7 +87,7 @@ def model_spec(repository: Path, name: str) -> ModelSpec:
 # Files whose content changes what a model answers, besides the weights: the architecture, the
 # tokenizer (vocabulary, normalisation, special tokens, chat template), generation defaults and
 # sentence-transformers' pipeline (module list, pooling, max_seq_length).
-_OUTPUT_FILES = (
+OUTPUT_FILES = (
     "config.json",
     "generation_config.json",
     "tokenizer.json",
@@ -90,7 +117,7 @@ def check_precision(precision: str) -> str:
 
 def fingerprinted_files(path: Path) -> list[Path]:
     """Every file of a model folder that changes its outputs, in a stable order."""
-    files = {path / name for name in _OUTPUT_FILES if (path / name).is_file()}
+    files = {path / name for name in OUTPUT_FILES if (path / name).is_file()}
     for pattern in _OUTPUT_GLOBS:
         files.update(f for f in path.glob(pattern) if f.is_file())
     modules = path / "modules.json"

@@ -93,6 +93,7 @@ async def serve(
     max_concurrent_rpcs: int | None = None,
     max_concurrent_streams: int | None = None,
     doors: OpenDoors | None = None,
+    longest_call_s: float = 0.0,
 ) -> Served:
     """Starts a server with tracing, metrics, access logs, error mapping, health (NOT_SERVING
     until told) and reflection. Port 0 picks a free port; the real one is in Served.port.
@@ -111,10 +112,19 @@ async def serve(
     `doors` budgets health and reflection calls from callers without an accepted token
     (services/common/doors.py); gRPC's own limit is then `max_concurrent_rpcs` plus that
     budget, so such callers never take an accepted caller's slot.
+
+    `longest_call_s`: the longest a call may run (the router's request_timeout_s). A recycled
+    connection's calls get at least that long (plus a minute) to finish, so recycling never
+    cuts a call its deadline allows.
     """
+    grace_ms = max(dict(SERVER_OPTIONS)["grpc.max_connection_age_grace_ms"], 0)
+    grace_ms = max(grace_ms, int((longest_call_s + 60) * 1000) if longest_call_s else 0)
     options: list[tuple[str, int]] = [
-        (k, v) for k, v in SERVER_OPTIONS if "message_length" not in k
+        (k, v)
+        for k, v in SERVER_OPTIONS
+        if "message_length" not in k and k != "grpc.max_connection_age_grace_ms"
     ]
+    options.append(("grpc.max_connection_age_grace_ms", grace_ms))
     options += [
         ("grpc.max_send_message_length", max_message_bytes),
         ("grpc.max_receive_message_length", max_message_bytes),

@@ -74,6 +74,9 @@ class ServerSettings:
 @dataclass
 class WorkerSettings(ServerSettings):
     model: str = setting("", "model name in the repository (required)")
+    version: str = setting(
+        "", "a published version's label to serve (tessera models); empty = the model's folder"
+    )
     layers: str | None = setting(None, "START:END of the model's layers; none = a replica")
     precision: str = setting(
         "float32",
@@ -245,6 +248,17 @@ class RouterSettings(ServerSettings):
     max_registrations_per_version: int = setting(256, "registered workers per version")
     worker_call_token: str = setting(
         "", "bearer token sent on every worker call (their caller_tokens)", secret=True
+    )
+    version_state: str = setting(
+        "",
+        "file keeping every model's traffic weights and loaded versions (tessera models); "
+        "empty = <repository>/.versions/state.json",
+    )
+    load_timeout_s: float = setting(
+        600.0, "seconds a loading version has to become ready before it is marked failed"
+    )
+    unload_drain_s: float = setting(
+        300.0, "seconds an unloading version's requests have to finish before its workers stop"
     )
 
 

@@ -26,7 +26,13 @@ from grpc import aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from services.common.errors import InvalidArgument, status_code
-from services.common.repository import ModelSpec, fingerprint, model_spec, version_of
+from services.common.repository import (
+    ModelSpec,
+    fingerprint,
+    model_path,
+    model_spec,
+    version_of,
+)
 from services.common.telemetry import outgoing_metadata
 from services.common.tensors import from_numpy, to_numpy, validate
 from services.common.types import ModelKind, WorkerDescriptor
@@ -149,30 +155,35 @@ def _signature(path: Path) -> tuple[tuple[str, int, int], ...]:
     return tuple(sorted(found))
 
 
-def _expected(repository: Path, model: str, precision: str) -> Expected:
-    spec = model_spec(repository, model)
+def _expected(repository: Path, model: str, precision: str, version: str) -> Expected:
+    spec = model_spec(repository, model, version)
     digest = fingerprint(spec.path, precision)
     return Expected(spec, digest, version_of(spec.path, digest, precision))
 
 
 class RepositoryPrints:
-    """The repository's fingerprint of each model and precision, computed once and cached."""
+    """The repository's fingerprint of each model version and precision, computed once and
+    cached until the version's files change."""
 
     def __init__(self, repository: Path) -> None:
         self.repository = repository
-        self._cache: dict[tuple[str, str], tuple[object, Expected]] = {}
-        self._locks: dict[tuple[str, str], asyncio.Lock] = {}
+        self._cache: dict[tuple[str, str, Path], tuple[object, Expected]] = {}
+        self._locks: dict[tuple[str, str, Path], asyncio.Lock] = {}
 
-    async def expected(self, model: str, precision: str) -> Expected:
-        key = (model, precision)
+    async def expected(self, model: str, precision: str, version: str = "") -> Expected:
+        """What the repository says of `model` at `precision`, in the folder of the version
+        labelled `version` (a published one; else the model's own folder)."""
+        path = model_path(self.repository, model, version)
+        key = (model, precision, path)
         lock = self._locks.setdefault(key, asyncio.Lock())
-        async with lock:  # concurrent admissions of one model hash its weights once
-            path = self.repository / model
+        async with lock:  # concurrent admissions of one version hash its weights once
             signature = await asyncio.to_thread(_signature, path)
             cached = self._cache.get(key)
             if cached is not None and cached[0] == signature:
                 return cached[1]
-            expected = await asyncio.to_thread(_expected, self.repository, model, precision)
+            expected = await asyncio.to_thread(
+                _expected, self.repository, model, precision, version
+            )
             self._cache[key] = (signature, expected)
             return expected
 
@@ -296,7 +307,7 @@ class Admission:
             if differ:
                 raise Rejected("its Info disagrees with its registration: " + "; ".join(differ))
         try:
-            expected = await self.prints.expected(worker.model, worker.precision)
+            expected = await self.prints.expected(worker.model, worker.precision, worker.version)
         except Exception as exc:  # noqa: BLE001 - unknown model, bad config, unreadable files
             raise Rejected(
                 f"the repository cannot describe model {worker.model!r}: {exc}"

@@ -287,12 +287,14 @@ class KServeService(pb_grpc.GRPCInferenceServiceServicer):
             response.parameters["prompt_tokens"].int64_param = generated.prompt_tokens
             response.parameters["generated_tokens"].int64_param = generated.generated_tokens
             response.parameters["cached"].bool_param = generated.cached
+            response.model_version = generated.version or response.model_version
         else:
             self._check_outputs(request, EMBEDDINGS_OUTPUT)
             # Embed's own path without its message: the vectors go out as one raw FP32 block.
-            matrix, cached = await self.inference.embed_matrix(
+            matrix, cached, label = await self.inference.embed_matrix(
                 request.model_name, texts, context, request.model_version or None
             )
+            response.model_version = label or response.model_version
             response.outputs.add(
                 name=EMBEDDINGS_OUTPUT, datatype="FP32", shape=[len(texts), int(matrix.shape[1])]
             )

@@ -17,6 +17,7 @@ from services.cache.seal import Seal
 from services.cache.store import CacheStore
 from services.common.doors import BodyLimits, DoorLimits, OpenDoors
 from services.common.metrics import start_metrics_server
+from services.common.repository import VERSIONS_DIR
 from services.common.security import (
     CALL,
     AnyOf,
@@ -31,22 +32,26 @@ from services.common.security import (
 )
 from services.common.server import serve, text_message_bytes
 from services.common.settings import RouterSettings
-from services.pb.tessera.v1 import inference_pb2_grpc, worker_pb2_grpc
+from services.pb.tessera.v1 import inference_pb2_grpc, models_pb2_grpc, worker_pb2_grpc
 from services.router.admission import Admission
 from services.router.callers import Callers
 from services.router.frontends import Frontends
 from services.router.kserve import KSERVE_NAME, KServeService
+from services.router.models_api import SERVICE_NAME as MODELS_NAME
+from services.router.models_api import ModelsService
 from services.router.openai.app import OpenAIFront, serve_http
 from services.router.pool import WorkerPool
 from services.router.registry import RegistryLimits, RegistryService
 from services.router.routing import RoutingTable
 from services.router.service import InferenceService
+from services.router.versions import VersionBook
 
 log = logging.getLogger("tessera.router")
 SERVICE_NAME = "tessera.v1.Inference"
 REGISTRY_NAME = "tessera.v1.Registry"
 USER_PREFIXES = ("/tessera.v1.Inference/", "/inference.GRPCInferenceService/")
 REGISTRY_PREFIXES = ("/tessera.v1.Registry/",)
+ADMIN_PREFIXES = ("/tessera.v1.Models/",)
 
 
 class _DerivedShape:
@@ -122,6 +127,14 @@ class RouterTokens:
             )
         return [
             AuthInterceptor(users, USER_PREFIXES),
+            # Model control: admin tokens only; a user token is refused by name.
+            AuthInterceptor(
+                self.admins,
+                ADMIN_PREFIXES,
+                required=users.enabled,
+                refused=self.users,
+                refused_message="tessera.v1.Models needs an admin token, not a user token",
+            ),
             AuthInterceptor(
                 self.registrants,
                 REGISTRY_PREFIXES,
@@ -177,6 +190,24 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+def version_state_path(settings: RouterSettings) -> Path:
+    """Where the models' traffic weights and loaded versions are kept."""
+    if settings.version_state:
+        return Path(settings.version_state)
+    return Path(settings.repository) / VERSIONS_DIR / "state.json"
+
+
+async def _follow_versions(book: VersionBook, every_s: float = 1.0) -> None:
+    """Re-reads the version state when another router (sharing the file) changed it."""
+    while True:
+        await asyncio.sleep(every_s)
+        try:
+            if book.reload():
+                log.info("model traffic changed on disk; following it")
+        except Exception:  # noqa: BLE001 - never let a bad file stop the router
+            log.exception("cannot re-read the version state")
+
+
 async def run_router(
     settings: RouterSettings,
     *,
@@ -221,9 +252,10 @@ async def run_router(
         max_value_bytes=settings.cache_max_value_kb * 1024,
     )
     frontends = Frontends(Path(settings.repository))
-    inference = InferenceService(
-        settings, pool, frontends, cache, Callers(tokens.users, tokens.admins)
-    )
+    callers = Callers(tokens.users, tokens.admins)
+    book = VersionBook(version_state_path(settings))
+    inference = InferenceService(settings, pool, frontends, cache, callers, book)
+    models = ModelsService(settings, pool, book, callers)
     registry = RegistryService(
         pool,
         heartbeat_s=max(settings.worker_ttl_s / 3, 0.5),
@@ -241,8 +273,9 @@ async def run_router(
             lambda s: inference_pb2_grpc.add_InferenceServicer_to_server(inference, s),
             lambda s: worker_pb2_grpc.add_RegistryServicer_to_server(registry, s),
             KServeService(inference).add_to_server,
+            lambda s: models_pb2_grpc.add_ModelsServicer_to_server(models, s),
         ],
-        [SERVICE_NAME, REGISTRY_NAME, KSERVE_NAME],
+        [SERVICE_NAME, REGISTRY_NAME, KSERVE_NAME, MODELS_NAME],
         host=settings.host,
         port=settings.port,
         tracer_name="tessera.router",
@@ -258,6 +291,7 @@ async def run_router(
         max_message_bytes=max_message,
         max_concurrent_rpcs=settings.max_concurrent_rpcs,
         max_concurrent_streams=settings.max_concurrent_streams,
+        longest_call_s=settings.request_timeout_s,
     )
     if settings.metrics_port >= 0:
         metrics_port = start_metrics_server(settings.metrics_port, settings.host)
@@ -288,6 +322,7 @@ async def run_router(
 
     pool.on_change(publish_health)
     http: web.AppRunner | None = None
+    reloading: asyncio.Future[None] | None = None
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         try:
@@ -300,6 +335,8 @@ async def run_router(
         await served.set_status(SERVICE_NAME, True)
         await served.set_status(REGISTRY_NAME, True)
         await served.set_status(KSERVE_NAME, True)
+        await served.set_status(MODELS_NAME, True)
+        reloading = asyncio.ensure_future(_follow_versions(book))
         if port_out is not None:
             port_out.append(served.port)
         if settings.http_port is not None and settings.http_port >= 0:
@@ -319,6 +356,9 @@ async def run_router(
             await asyncio.sleep(0.05)
         return 0
     finally:
+        if reloading is not None:
+            reloading.cancel()
+        await models.close()
         if http is not None:
             await http.cleanup()
         await served.server.stop(grace=1.0)

@@ -348,27 +348,28 @@ class RoutingTable:
         *,
         version: str | None = None,
         avoid: frozenset[str] = frozenset(),
+        skip: frozenset[str] = frozenset(),
     ) -> VersionChoice:
         """The version a request runs on, chosen once before its cache lookup: the only healthy
         one without weighing chains, else the version of the least-loaded chain (routed then).
         With no healthy chain it is a version the table knows (a cached answer may still
         serve); a model the table does not know raises MissingSpanError. `version` pins a
-        label; `avoid` holds fingerprints that went away during this request."""
-        healthy = [
-            f for f, label in self.versions(model) if f not in avoid and version in (None, label)
-        ]
+        label; `avoid` holds fingerprints that went away during this request; `skip` labels
+        no unpinned request may use (versions being unloaded)."""
+
+        def wanted(fingerprint: str, label: str) -> bool:
+            return fingerprint not in avoid and label not in skip and version in (None, label)
+
+        healthy = [f for f, label in self.versions(model) if wanted(f, label)]
         if len(healthy) == 1:
             return VersionChoice(healthy[0])
         if healthy:
-            chain = self.route(model, load, version=version)
-            if chain.fingerprint not in avoid:
-                return VersionChoice(chain.fingerprint, chain)
+            if not skip:
+                chain = self.route(model, load, version=version)
+                if chain.fingerprint not in avoid:
+                    return VersionChoice(chain.fingerprint, chain)
             return VersionChoice(healthy[0])
-        known = [
-            f
-            for f, label in self.versions(model, healthy_only=False)
-            if f not in avoid and version in (None, label)
-        ]
+        known = [f for f, label in self.versions(model, healthy_only=False) if wanted(f, label)]
         if known:
             return VersionChoice(known[0])
         return VersionChoice(self.route(model, load, version=version).fingerprint)

@@ -37,8 +37,9 @@ from services.router.inputs import GenerateInput, InputProcessor
 from services.router.outputs import OutputProcessor
 from services.router.pool import WorkerPool
 from services.router.relay import StepTimes, StuckPolicy
-from services.router.routing import Chain
+from services.router.routing import Chain, VersionChoice
 from services.router.scheduler import Request, SchedulerConfig
+from services.router.versions import VersionBook, unknown_version
 
 log = logging.getLogger(__name__)
 tracer = trace.get_tracer("tessera.router")
@@ -78,8 +79,10 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
         frontends: Frontends,
         cache: CacheStore,
         callers: Callers | None = None,
+        versions: VersionBook | None = None,
     ) -> None:
         self.settings = settings
+        self.versions = versions or VersionBook(None)
         self.callers = callers or Callers(TokenSet(), TokenSet())
         self.pool = pool
         self.inputs = InputProcessor(settings, frontends, lambda: pool.table)
@@ -131,6 +134,39 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
             if not self._in_flight[tenant]:
                 del self._in_flight[tenant]
 
+    def _pick(
+        self, model: str, pinned: str | None, avoid: frozenset[str] = frozenset()
+    ) -> tuple[VersionChoice, str]:
+        """The version a request runs on, chosen once: `pinned` (a label or a fingerprint),
+        else the model's traffic weights' draw, else any ready version. Returns the choice and
+        its label; a pin the model does not know is NOT_FOUND."""
+        table = self.pool.table
+        known = table.versions(model, healthy_only=False)
+        label_of = dict(known)
+        book = self.versions
+        if pinned:
+            label = label_of.get(pinned, pinned)
+            if label not in label_of.values():
+                if table.knows(model) or book.aliases.get(model):
+                    raise unknown_version(model, pinned)
+                table.pick_version(model, self.pool.load)  # NOT_FOUND for an unknown model
+                raise unknown_version(model, pinned)
+            if label in book.excluded(model):
+                raise Unavailable(f"version {label!r} of model {model!r} is being unloaded")
+            choice = table.pick_version(model, self.pool.load, version=label, avoid=avoid)
+            return choice, label
+        skip = book.excluded(model)
+        ready = [
+            label for f, label in table.versions(model) if f not in avoid and label not in skip
+        ]
+        drawn = book.choose(model, ready)
+        if drawn is not None:
+            choice = table.pick_version(model, self.pool.load, version=drawn, avoid=avoid)
+        else:  # no weights: any ready version but those being unloaded (while others are ready)
+            skipped = frozenset(skip) if ready else frozenset()
+            choice = table.pick_version(model, self.pool.load, avoid=avoid, skip=skipped)
+        return choice, label_of.get(choice.fingerprint, "")
+
     async def close(self) -> None:
         """Ends calls in flight and the tokenizer's thread."""
         await self.coalescer.close()
@@ -161,6 +197,7 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
                 response.generated_tokens = chunk.generated_tokens
                 response.finish_reason = chunk.finish_reason or response.finish_reason
                 response.cached = chunk.cached
+                response.version = chunk.version or response.version
             response.text = "".join(parts)
             return response
 
@@ -207,30 +244,40 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
                 f"priority {job.priority} is over this caller's highest ({caller.max_priority})"
             )
         table = self.pool.table
-        choice = table.pick_version(job.model, self.pool.load, version=version)
-        key = self.outputs.generate_key(job, choice.fingerprint)
-        cached = await self.outputs.cached_generation(key, job)
-        if cached is not None:
-            yield cached
-            return
-        chain = choice.chain or table.route(
-            job.model, self.pool.load, fingerprint=choice.fingerprint
-        )
-        with tracer.start_as_current_span(
-            "generate",
-            attributes={"tessera.model": job.model, "tessera.prompt_tokens": len(job.prompt_ids)},
-        ) as span:
-            generation = self._start(job, chain, deadline, caller.tenant)
-            span.add_event("route", {"tessera.route": chain.describe()})
-            try:
-                async for chunk in self.outputs.stream(
-                    generation, job, deadline.remaining, key, started
-                ):
-                    yield chunk
-            finally:
-                # A stop string, a client that left or its deadline: the row leaves next step.
-                if not generation.closed:
-                    self.generations.cancel(generation)
+        choice, label = self._pick(job.model, version or request.version)
+        with self.versions.answering(job.model, label):
+            key = self.outputs.generate_key(job, choice.fingerprint)
+            cached = await self.outputs.cached_generation(key, job)
+            if cached is not None:
+                cached.version = label
+                yield cached
+                return
+            chain = choice.chain or table.route(
+                job.model, self.pool.load, fingerprint=choice.fingerprint
+            )
+            with tracer.start_as_current_span(
+                "generate",
+                attributes={
+                    "tessera.model": job.model,
+                    "tessera.version": label,
+                    "tessera.prompt_tokens": len(job.prompt_ids),
+                },
+            ) as span:
+                generation = self._start(job, chain, deadline, caller.tenant)
+                span.add_event("route", {"tessera.route": chain.describe()})
+                first = True
+                try:
+                    async for chunk in self.outputs.stream(
+                        generation, job, deadline.remaining, key, started
+                    ):
+                        if first:
+                            chunk.version, first = label, False
+                        yield chunk
+                finally:
+                    # A stop string, a client that left or its deadline: the row leaves at the
+                    # next step.
+                    if not generation.closed:
+                        self.generations.cancel(generation)
 
     def _start(
         self, job: GenerateInput, chain: Chain, deadline: Deadline, tenant: str
@@ -256,10 +303,12 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
     async def Embed(
         self, request: inference_pb2.EmbedRequest, context: aio.ServicerContext
     ) -> inference_pb2.EmbedResponse:
-        matrix, cached = await self.embed_matrix(request.model, request.inputs, context)
+        matrix, cached, label = await self.embed_matrix(
+            request.model, request.inputs, context, request.version or None
+        )
         count = int(matrix.shape[0])
         response = inference_pb2.EmbedResponse(
-            dim=int(matrix.shape[1]), cached_inputs=cached, cached=cached == count
+            dim=int(matrix.shape[1]), cached_inputs=cached, cached=cached == count, version=label
         )
         if request.packed:
             response.vectors = matrix.astype("<f4", copy=False).tobytes()
@@ -278,9 +327,10 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
         *,
         ids: Sequence[list[int]] | None = None,
         token_inputs: bool = False,
-    ) -> tuple[np.ndarray, int]:
+    ) -> tuple[np.ndarray, int, str]:
         """Embed's work (admission, validation, cache, coalesced calls): the vectors as float32
-        [len(inputs), dim] in input order, and how many inputs came from the cache tier.
+        [len(inputs), dim] in input order, how many inputs came from the cache tier, and the
+        label of the version that answered.
 
         `ids` (aligned with `inputs`) are token ids already known, so nothing is tokenized again
         (the HTTP front counts tokens for its usage; a client may send token arrays, whose
@@ -295,23 +345,23 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
             # another version (cache hits included).
             tried: set[str] = set()
             for _ in range(VERSION_ATTEMPTS):
-                fingerprint = self._version(model, version, tried)
+                fingerprint, label = self._version(model, version, tried)
                 try:
-                    return await self._embed_version(
-                        model, fingerprint, frontend, texts, deadline, known, token_inputs
-                    )
+                    with self.versions.answering(model, label):
+                        matrix, cached = await self._embed_version(
+                            model, fingerprint, frontend, texts, deadline, known, token_inputs
+                        )
+                    return matrix, cached, label
                 except VersionGone as gone:
                     log.warning("%s; starting the answer again on another version", gone)
                     tried.add(fingerprint)
             raise Unavailable(f"model {model!r}: versions kept going away mid-request")
 
-    def _version(self, model: str, version: str | None, tried: set[str]) -> str:
-        choice = self.pool.table.pick_version(
-            model, self.pool.load, version=version, avoid=frozenset(tried)
-        )
+    def _version(self, model: str, version: str | None, tried: set[str]) -> tuple[str, str]:
+        choice, label = self._pick(model, version, frozenset(tried))
         if choice.fingerprint in tried:
             raise Unavailable(f"model {model!r}: no version is left to answer on")
-        return choice.fingerprint
+        return choice.fingerprint, label
 
     async def _embed_version(
         self,
@@ -371,18 +421,19 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
             job = await self.inputs.forward(request)
             tried: set[str] = set()
             for _ in range(VERSION_ATTEMPTS):
-                fingerprint = self._version(request.model, None, tried)
+                fingerprint, label = self._version(request.model, request.version or None, tried)
                 try:
-                    out = await self.coalescer.forward(
-                        request.model,
-                        fingerprint,
-                        job.span,
-                        ids=job.ids,
-                        hidden=job.hidden,
-                        mask=job.mask,
-                        pad_id=job.frontend.pad_id,
-                        deadline=deadline.at,
-                    )
+                    with self.versions.answering(request.model, label):
+                        out = await self.coalescer.forward(
+                            request.model,
+                            fingerprint,
+                            job.span,
+                            ids=job.ids,
+                            hidden=job.hidden,
+                            mask=job.mask,
+                            pad_id=job.frontend.pad_id,
+                            deadline=deadline.at,
+                        )
                     break
                 except VersionGone as gone:
                     log.warning("%s; running the Forward on another version", gone)
@@ -393,6 +444,7 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
                 hidden_states=out,
                 span=common_pb2.Span(start=job.span.start, end=job.span.end),
                 input_ids=job.ids_list,
+                version=label,
             )
             if job.mask_pb is not None:
                 response.attention_mask.CopyFrom(job.mask_pb)

@@ -46,7 +46,9 @@ def build_service(settings: WorkerSettings, address: str) -> WorkerService:
     """Loads the model span named by settings and wraps it in a servicer (blocking)."""
     from pathlib import Path
 
-    spec = model_spec(Path(settings.repository), settings.model)
+    spec = model_spec(Path(settings.repository), settings.model, settings.version)
+    if settings.version and spec.path == Path(settings.repository) / settings.model:
+        raise ValueError(f"model {settings.model!r} has no published version {settings.version!r}")
     span = (
         Span.parse(settings.layers, spec.num_layers)
         if settings.layers
@@ -78,7 +80,7 @@ def _hidden_size(settings: WorkerSettings) -> int:
     """The served model's hidden size, from its config alone (before the weights load)."""
     from pathlib import Path
 
-    return model_spec(Path(settings.repository), settings.model).hidden_size
+    return model_spec(Path(settings.repository), settings.model, settings.version).hidden_size
 
 
 def warm_up(stage: StageModel) -> None:

@@ -201,6 +201,7 @@ class OpenAIFront:
                 "object": "chat.completion" if chat else "text_completion",
                 "created": job.created,
                 "model": job.model,
+                "system_fingerprint": answers[0].version,  # the version label that answered
                 "choices": choices,
                 "usage": _usage(answers[0].prompt_tokens, completion),
             }
@@ -270,6 +271,7 @@ class OpenAIFront:
                     continue
                 prompt_tokens = item.prompt_tokens
                 completion += len(item.token_ids)
+                job.version = item.version or job.version
                 await _event(response, self._chunk(job, index, item, first, text_of))
                 first = False
             if response is None:
@@ -301,6 +303,7 @@ class OpenAIFront:
             "object": "chat.completion.chunk" if job.chat else "text_completion",
             "created": job.created,
             "model": job.model,
+            "system_fingerprint": job.version or None,  # the version label that answers
         }
 
     def _chunk(
@@ -352,7 +355,7 @@ class OpenAIFront:
             names = self.inference.inputs.texts(job.texts)
             ids = await self.inference.inputs.encoder(frontend).encode(names)
             token_inputs = False
-        matrix, _ = await self.inference.embed_matrix(
+        matrix, _, _ = await self.inference.embed_matrix(
             job.model, names, context, ids=ids, token_inputs=token_inputs
         )
         tokens = sum(len(row) for row in ids)

@@ -124,6 +124,7 @@ class Generation:
     top_logprobs: int = 0
     user: str = ""
     chat: bool = True
+    version: str = ""  # the version label that answers (from the first chunk)
     created: int = field(default_factory=lambda: int(time.time()))
     id: str = field(default_factory=lambda: f"chatcmpl-{uuid.uuid4().hex[:24]}")
 

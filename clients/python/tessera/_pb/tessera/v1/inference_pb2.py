@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from . import common_pb2 as tessera_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1atessera/v1/inference.proto\x12\ntessera.v1\x1a\x17tessera/v1/common.proto\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\xb2\x03\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12)\n\x08messages\x18\x03 \x03(\x0b\x32\x17.tessera.v1.ChatMessage\x12\x1b\n\x0emax_new_tokens\x18\x04 \x01(\x05H\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x05 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_k\x18\x06 \x01(\x05H\x02\x88\x01\x01\x12\x12\n\x05top_p\x18\x07 \x01(\x02H\x03\x88\x01\x01\x12\x11\n\x04seed\x18\x08 \x01(\x03H\x04\x88\x01\x01\x12\x0c\n\x04stop\x18\t \x03(\t\x12\x15\n\x08priority\x18\n \x01(\x05H\x05\x88\x01\x01\x12\x10\n\x08logprobs\x18\x0b \x01(\x08\x12\x19\n\x0ctop_logprobs\x18\x0c \x01(\x05H\x06\x88\x01\x01\x12\x33\n\x0fresponse_format\x18\r \x01(\x0b\x32\x1a.tessera.v1.ResponseFormatB\x11\n\x0f_max_new_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_kB\x08\n\x06_top_pB\x07\n\x05_seedB\x0b\n\t_priorityB\x0f\n\r_top_logprobs\"3\n\x0eResponseFormat\x12\x0c\n\x04type\x18\x01 \x01(\t\x12\x13\n\x0bjson_schema\x18\x02 \x01(\t\"\xb7\x01\n\x10GenerateResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x15\n\rfinish_reason\x18\x02 \x01(\t\x12\x15\n\rprompt_tokens\x18\x03 \x01(\x05\x12\x18\n\x10generated_tokens\x18\x04 \x01(\x05\x12\x0e\n\x06\x63\x61\x63hed\x18\x05 \x01(\x08\x12\x11\n\ttoken_ids\x18\x06 \x03(\x03\x12*\n\x08logprobs\x18\x07 \x03(\x0b\x32\x18.tessera.v1.TokenLogprob\"\xb4\x01\n\rGenerateChunk\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x03\x12\x15\n\rfinish_reason\x18\x03 \x01(\t\x12\x15\n\rprompt_tokens\x18\x04 \x01(\x05\x12\x18\n\x10generated_tokens\x18\x05 \x01(\x05\x12\x0e\n\x06\x63\x61\x63hed\x18\x06 \x01(\x08\x12*\n\x08logprobs\x18\x07 \x03(\x0b\x32\x18.tessera.v1.TokenLogprob\"=\n\x0c\x45mbedRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06inputs\x18\x02 \x03(\t\x12\x0e\n\x06packed\x18\x03 \x01(\x08\"\x1b\n\tEmbedding\x12\x0e\n\x06values\x18\x01 \x03(\x02\"\x7f\n\rEmbedResponse\x12)\n\nembeddings\x18\x01 \x03(\x0b\x32\x15.tessera.v1.Embedding\x12\x0b\n\x03\x64im\x18\x02 \x01(\x05\x12\x15\n\rcached_inputs\x18\x03 \x01(\x05\x12\x0e\n\x06\x63\x61\x63hed\x18\x04 \x01(\x08\x12\x0f\n\x07vectors\x18\x05 \x01(\x0c\"\xba\x01\n\x0e\x46orwardRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\r\n\x05start\x18\x02 \x01(\x05\x12\x10\n\x03\x65nd\x18\x03 \x01(\x05H\x01\x88\x01\x01\x12\x0e\n\x04text\x18\x04 \x01(\tH\x00\x12+\n\rhidden_states\x18\x05 \x01(\x0b\x32\x12.tessera.v1.TensorH\x00\x12*\n\x0e\x61ttention_mask\x18\x06 \x01(\x0b\x32\x12.tessera.v1.TensorB\x07\n\x05inputB\x06\n\x04_end\"\x9b\x01\n\x0f\x46orwardResponse\x12)\n\rhidden_states\x18\x01 \x01(\x0b\x32\x12.tessera.v1.Tensor\x12*\n\x0e\x61ttention_mask\x18\x02 \x01(\x0b\x32\x12.tessera.v1.Tensor\x12\x1e\n\x04span\x18\x03 \x01(\x0b\x32\x10.tessera.v1.Span\x12\x11\n\tinput_ids\x18\x04 \x03(\x03\"\x13\n\x11ListModelsRequest\"d\n\x0bStageStatus\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\x12\x1e\n\x04span\x18\x02 \x01(\x0b\x32\x10.tessera.v1.Span\x12\x0f\n\x07healthy\x18\x03 \x01(\x08\x12\x13\n\x0boutstanding\x18\x04 \x01(\x05\"G\n\x0b\x43hainStatus\x12\'\n\x06stages\x18\x01 \x03(\x0b\x32\x17.tessera.v1.StageStatus\x12\x0f\n\x07healthy\x18\x02 \x01(\x08\"\xb0\x01\n\x0bModelStatus\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x13\n\x0b\x66ingerprint\x18\x03 \x01(\t\x12\x12\n\nnum_layers\x18\x04 \x01(\x05\x12\x0c\n\x04kind\x18\x05 \x01(\t\x12\'\n\x06\x63hains\x18\x06 \x03(\x0b\x32\x17.tessera.v1.ChainStatus\x12\x0f\n\x07healthy\x18\x07 \x01(\x08\x12\x11\n\tprecision\x18\x08 \x01(\t\"=\n\x12ListModelsResponse\x12\'\n\x06models\x18\x01 \x03(\x0b\x32\x17.tessera.v1.ModelStatus2\xed\x02\n\tInference\x12\x45\n\x08Generate\x12\x1b.tessera.v1.GenerateRequest\x1a\x1c.tessera.v1.GenerateResponse\x12J\n\x0eGenerateStream\x12\x1b.tessera.v1.GenerateRequest\x1a\x19.tessera.v1.GenerateChunk0\x01\x12<\n\x05\x45mbed\x12\x18.tessera.v1.EmbedRequest\x1a\x19.tessera.v1.EmbedResponse\x12\x42\n\x07\x46orward\x12\x1a.tessera.v1.ForwardRequest\x1a\x1b.tessera.v1.ForwardResponse\x12K\n\nListModels\x12\x1d.tessera.v1.ListModelsRequest\x1a\x1e.tessera.v1.ListModelsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1atessera/v1/inference.proto\x12\ntessera.v1\x1a\x17tessera/v1/common.proto\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\xc3\x03\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12)\n\x08messages\x18\x03 \x03(\x0b\x32\x17.tessera.v1.ChatMessage\x12\x1b\n\x0emax_new_tokens\x18\x04 \x01(\x05H\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x05 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_k\x18\x06 \x01(\x05H\x02\x88\x01\x01\x12\x12\n\x05top_p\x18\x07 \x01(\x02H\x03\x88\x01\x01\x12\x11\n\x04seed\x18\x08 \x01(\x03H\x04\x88\x01\x01\x12\x0c\n\x04stop\x18\t \x03(\t\x12\x15\n\x08priority\x18\n \x01(\x05H\x05\x88\x01\x01\x12\x10\n\x08logprobs\x18\x0b \x01(\x08\x12\x19\n\x0ctop_logprobs\x18\x0c \x01(\x05H\x06\x88\x01\x01\x12\x33\n\x0fresponse_format\x18\r \x01(\x0b\x32\x1a.tessera.v1.ResponseFormat\x12\x0f\n\x07version\x18\x0e \x01(\tB\x11\n\x0f_max_new_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_kB\x08\n\x06_top_pB\x07\n\x05_seedB\x0b\n\t_priorityB\x0f\n\r_top_logprobs\"3\n\x0eResponseFormat\x12\x0c\n\x04type\x18\x01 \x01(\t\x12\x13\n\x0bjson_schema\x18\x02 \x01(\t\"\xc8\x01\n\x10GenerateResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x15\n\rfinish_reason\x18\x02 \x01(\t\x12\x15\n\rprompt_tokens\x18\x03 \x01(\x05\x12\x18\n\x10generated_tokens\x18\x04 \x01(\x05\x12\x0e\n\x06\x63\x61\x63hed\x18\x05 \x01(\x08\x12\x11\n\ttoken_ids\x18\x06 \x03(\x03\x12*\n\x08logprobs\x18\x07 \x03(\x0b\x32\x18.tessera.v1.TokenLogprob\x12\x0f\n\x07version\x18\x08 \x01(\t\"\xc5\x01\n\rGenerateChunk\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x03\x12\x15\n\rfinish_reason\x18\x03 \x01(\t\x12\x15\n\rprompt_tokens\x18\x04 \x01(\x05\x12\x18\n\x10generated_tokens\x18\x05 \x01(\x05\x12\x0e\n\x06\x63\x61\x63hed\x18\x06 \x01(\x08\x12*\n\x08logprobs\x18\x07 \x03(\x0b\x32\x18.tessera.v1.TokenLogprob\x12\x0f\n\x07version\x18\x08 \x01(\t\"N\n\x0c\x45mbedRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06inputs\x18\x02 \x03(\t\x12\x0e\n\x06packed\x18\x03 \x01(\x08\x12\x0f\n\x07version\x18\x04 \x01(\t\"\x1b\n\tEmbedding\x12\x0e\n\x06values\x18\x01 \x03(\x02\"\x90\x01\n\rEmbedResponse\x12)\n\nembeddings\x18\x01 \x03(\x0b\x32\x15.tessera.v1.Embedding\x12\x0b\n\x03\x64im\x18\x02 \x01(\x05\x12\x15\n\rcached_inputs\x18\x03 \x01(\x05\x12\x0e\n\x06\x63\x61\x63hed\x18\x04 \x01(\x08\x12\x0f\n\x07vectors\x18\x05 \x01(\x0c\x12\x0f\n\x07version\x18\x06 \x01(\t\"\xcb\x01\n\x0e\x46orwardRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\r\n\x05start\x18\x02 \x01(\x05\x12\x10\n\x03\x65nd\x18\x03 \x01(\x05H\x01\x88\x01\x01\x12\x0e\n\x04text\x18\x04 \x01(\tH\x00\x12+\n\rhidden_states\x18\x05 \x01(\x0b\x32\x12.tessera.v1.TensorH\x00\x12*\n\x0e\x61ttention_mask\x18\x06 \x01(\x0b\x32\x12.tessera.v1.Tensor\x12\x0f\n\x07version\x18\x07 \x01(\tB\x07\n\x05inputB\x06\n\x04_end\"\xac\x01\n\x0f\x46orwardResponse\x12)\n\rhidden_states\x18\x01 \x01(\x0b\x32\x12.tessera.v1.Tensor\x12*\n\x0e\x61ttention_mask\x18\x02 \x01(\x0b\x32\x12.tessera.v1.Tensor\x12\x1e\n\x04span\x18\x03 \x01(\x0b\x32\x10.tessera.v1.Span\x12\x11\n\tinput_ids\x18\x04 \x03(\x03\x12\x0f\n\x07version\x18\x05 \x01(\t\"\x13\n\x11ListModelsRequest\"d\n\x0bStageStatus\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\x12\x1e\n\x04span\x18\x02 \x01(\x0b\x32\x10.tessera.v1.Span\x12\x0f\n\x07healthy\x18\x03 \x01(\x08\x12\x13\n\x0boutstanding\x18\x04 \x01(\x05\"G\n\x0b\x43hainStatus\x12\'\n\x06stages\x18\x01 \x03(\x0b\x32\x17.tessera.v1.StageStatus\x12\x0f\n\x07healthy\x18\x02 \x01(\x08\"\xb0\x01\n\x0bModelStatus\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x13\n\x0b\x66ingerprint\x18\x03 \x01(\t\x12\x12\n\nnum_layers\x18\x04 \x01(\x05\x12\x0c\n\x04kind\x18\x05 \x01(\t\x12\'\n\x06\x63hains\x18\x06 \x03(\x0b\x32\x17.tessera.v1.ChainStatus\x12\x0f\n\x07healthy\x18\x07 \x01(\x08\x12\x11\n\tprecision\x18\x08 \x01(\t\"=\n\x12ListModelsResponse\x12\'\n\x06models\x18\x01 \x03(\x0b\x32\x17.tessera.v1.ModelStatus2\xed\x02\n\tInference\x12\x45\n\x08Generate\x12\x1b.tessera.v1.GenerateRequest\x1a\x1c.tessera.v1.GenerateResponse\x12J\n\x0eGenerateStream\x12\x1b.tessera.v1.GenerateRequest\x1a\x19.tessera.v1.GenerateChunk0\x01\x12<\n\x05\x45mbed\x12\x18.tessera.v1.EmbedRequest\x1a\x19.tessera.v1.EmbedResponse\x12\x42\n\x07\x46orward\x12\x1a.tessera.v1.ForwardRequest\x1a\x1b.tessera.v1.ForwardResponse\x12K\n\nListModels\x12\x1d.tessera.v1.ListModelsRequest\x1a\x1e.tessera.v1.ListModelsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,33 +35,33 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CHATMESSAGE']._serialized_start=67
   _globals['_CHATMESSAGE']._serialized_end=111
   _globals['_GENERATEREQUEST']._serialized_start=114
-  _globals['_GENERATEREQUEST']._serialized_end=548
-  _globals['_RESPONSEFORMAT']._serialized_start=550
-  _globals['_RESPONSEFORMAT']._serialized_end=601
-  _globals['_GENERATERESPONSE']._serialized_start=604
-  _globals['_GENERATERESPONSE']._serialized_end=787
-  _globals['_GENERATECHUNK']._serialized_start=790
-  _globals['_GENERATECHUNK']._serialized_end=970
-  _globals['_EMBEDREQUEST']._serialized_start=972
-  _globals['_EMBEDREQUEST']._serialized_end=1033
-  _globals['_EMBEDDING']._serialized_start=1035
-  _globals['_EMBEDDING']._serialized_end=1062
-  _globals['_EMBEDRESPONSE']._serialized_start=1064
-  _globals['_EMBEDRESPONSE']._serialized_end=1191
-  _globals['_FORWARDREQUEST']._serialized_start=1194
-  _globals['_FORWARDREQUEST']._serialized_end=1380
-  _globals['_FORWARDRESPONSE']._serialized_start=1383
-  _globals['_FORWARDRESPONSE']._serialized_end=1538
-  _globals['_LISTMODELSREQUEST']._serialized_start=1540
-  _globals['_LISTMODELSREQUEST']._serialized_end=1559
-  _globals['_STAGESTATUS']._serialized_start=1561
-  _globals['_STAGESTATUS']._serialized_end=1661
-  _globals['_CHAINSTATUS']._serialized_start=1663
-  _globals['_CHAINSTATUS']._serialized_end=1734
-  _globals['_MODELSTATUS']._serialized_start=1737
-  _globals['_MODELSTATUS']._serialized_end=1913
-  _globals['_LISTMODELSRESPONSE']._serialized_start=1915
-  _globals['_LISTMODELSRESPONSE']._serialized_end=1976
-  _globals['_INFERENCE']._serialized_start=1979
-  _globals['_INFERENCE']._serialized_end=2344
+  _globals['_GENERATEREQUEST']._serialized_end=565
+  _globals['_RESPONSEFORMAT']._serialized_start=567
+  _globals['_RESPONSEFORMAT']._serialized_end=618
+  _globals['_GENERATERESPONSE']._serialized_start=621
+  _globals['_GENERATERESPONSE']._serialized_end=821
+  _globals['_GENERATECHUNK']._serialized_start=824
+  _globals['_GENERATECHUNK']._serialized_end=1021
+  _globals['_EMBEDREQUEST']._serialized_start=1023
+  _globals['_EMBEDREQUEST']._serialized_end=1101
+  _globals['_EMBEDDING']._serialized_start=1103
+  _globals['_EMBEDDING']._serialized_end=1130
+  _globals['_EMBEDRESPONSE']._serialized_start=1133
+  _globals['_EMBEDRESPONSE']._serialized_end=1277
+  _globals['_FORWARDREQUEST']._serialized_start=1280
+  _globals['_FORWARDREQUEST']._serialized_end=1483
+  _globals['_FORWARDRESPONSE']._serialized_start=1486
+  _globals['_FORWARDRESPONSE']._serialized_end=1658
+  _globals['_LISTMODELSREQUEST']._serialized_start=1660
+  _globals['_LISTMODELSREQUEST']._serialized_end=1679
+  _globals['_STAGESTATUS']._serialized_start=1681
+  _globals['_STAGESTATUS']._serialized_end=1781
+  _globals['_CHAINSTATUS']._serialized_start=1783
+  _globals['_CHAINSTATUS']._serialized_end=1854
+  _globals['_MODELSTATUS']._serialized_start=1857
+  _globals['_MODELSTATUS']._serialized_end=2033
+  _globals['_LISTMODELSRESPONSE']._serialized_start=2035
+  _globals['_LISTMODELSRESPONSE']._serialized_end=2096
+  _globals['_INFERENCE']._serialized_start=2099
+  _globals['_INFERENCE']._serialized_end=2464
 # @@protoc_insertion_point(module_scope)

@@ -59,6 +59,7 @@ class GenerateRequest(_message.Message):
     LOGPROBS_FIELD_NUMBER: _builtins.int
     TOP_LOGPROBS_FIELD_NUMBER: _builtins.int
     RESPONSE_FORMAT_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     prompt: _builtins.str
     """either prompt or messages"""
@@ -81,6 +82,10 @@ class GenerateRequest(_message.Message):
     """each chunk carries its tokens' log-probabilities"""
     top_logprobs: _builtins.int
     """... with this many alternatives each (0-20)"""
+    version: _builtins.str
+    """Pin a version by label ("v2") or fingerprint; unknown: NOT_FOUND. Default: the model's
+    traffic weights choose (tessera.v1.Models).
+    """
     @_builtins.property
     def messages(self) -> _containers.RepeatedCompositeFieldContainer[Global___ChatMessage]:
         """rendered with the model's chat template"""
@@ -109,10 +114,11 @@ class GenerateRequest(_message.Message):
         logprobs: _builtins.bool = ...,
         top_logprobs: _builtins.int | None = ...,
         response_format: Global___ResponseFormat | None = ...,
+        version: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_max_new_tokens", b"_max_new_tokens", "_priority", b"_priority", "_seed", b"_seed", "_temperature", b"_temperature", "_top_k", b"_top_k", "_top_logprobs", b"_top_logprobs", "_top_p", b"_top_p", "max_new_tokens", b"max_new_tokens", "priority", b"priority", "response_format", b"response_format", "seed", b"seed", "temperature", b"temperature", "top_k", b"top_k", "top_logprobs", b"top_logprobs", "top_p", b"top_p"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_new_tokens", b"_max_new_tokens", "_priority", b"_priority", "_seed", b"_seed", "_temperature", b"_temperature", "_top_k", b"_top_k", "_top_logprobs", b"_top_logprobs", "_top_p", b"_top_p", "logprobs", b"logprobs", "max_new_tokens", b"max_new_tokens", "messages", b"messages", "model", b"model", "priority", b"priority", "prompt", b"prompt", "response_format", b"response_format", "seed", b"seed", "stop", b"stop", "temperature", b"temperature", "top_k", b"top_k", "top_logprobs", b"top_logprobs", "top_p", b"top_p"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_new_tokens", b"_max_new_tokens", "_priority", b"_priority", "_seed", b"_seed", "_temperature", b"_temperature", "_top_k", b"_top_k", "_top_logprobs", b"_top_logprobs", "_top_p", b"_top_p", "logprobs", b"logprobs", "max_new_tokens", b"max_new_tokens", "messages", b"messages", "model", b"model", "priority", b"priority", "prompt", b"prompt", "response_format", b"response_format", "seed", b"seed", "stop", b"stop", "temperature", b"temperature", "top_k", b"top_k", "top_logprobs", b"top_logprobs", "top_p", b"top_p", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__max_new_tokens: _TypeAlias = _typing.Literal["max_new_tokens"]  # noqa: Y015
     _WhichOneofArgType__max_new_tokens: _TypeAlias = _typing.Literal["_max_new_tokens", b"_max_new_tokens"]  # noqa: Y015
@@ -182,6 +188,7 @@ class GenerateResponse(_message.Message):
     CACHED_FIELD_NUMBER: _builtins.int
     TOKEN_IDS_FIELD_NUMBER: _builtins.int
     LOGPROBS_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
     text: _builtins.str
     finish_reason: _builtins.str
     """"length", "eos" or "stop" """
@@ -189,6 +196,8 @@ class GenerateResponse(_message.Message):
     generated_tokens: _builtins.int
     cached: _builtins.bool
     """served from the cache tier"""
+    version: _builtins.str
+    """the version label that answered"""
     @_builtins.property
     def token_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
         """the generated token ids"""
@@ -207,10 +216,11 @@ class GenerateResponse(_message.Message):
         cached: _builtins.bool = ...,
         token_ids: _abc.Iterable[_builtins.int] | None = ...,
         logprobs: _abc.Iterable[_common_pb2.TokenLogprob] | None = ...,
+        version: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cached", b"cached", "finish_reason", b"finish_reason", "generated_tokens", b"generated_tokens", "logprobs", b"logprobs", "prompt_tokens", b"prompt_tokens", "text", b"text", "token_ids", b"token_ids"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cached", b"cached", "finish_reason", b"finish_reason", "generated_tokens", b"generated_tokens", "logprobs", b"logprobs", "prompt_tokens", b"prompt_tokens", "text", b"text", "token_ids", b"token_ids", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -227,6 +237,7 @@ class GenerateChunk(_message.Message):
     GENERATED_TOKENS_FIELD_NUMBER: _builtins.int
     CACHED_FIELD_NUMBER: _builtins.int
     LOGPROBS_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
     text: _builtins.str
     """the text this chunk adds"""
     finish_reason: _builtins.str
@@ -235,6 +246,8 @@ class GenerateChunk(_message.Message):
     generated_tokens: _builtins.int
     """tokens generated so far"""
     cached: _builtins.bool
+    version: _builtins.str
+    """the version label that answers (first chunk only)"""
     @_builtins.property
     def token_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
         """the token ids this chunk adds"""
@@ -253,10 +266,11 @@ class GenerateChunk(_message.Message):
         generated_tokens: _builtins.int = ...,
         cached: _builtins.bool = ...,
         logprobs: _abc.Iterable[_common_pb2.TokenLogprob] | None = ...,
+        version: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cached", b"cached", "finish_reason", b"finish_reason", "generated_tokens", b"generated_tokens", "logprobs", b"logprobs", "prompt_tokens", b"prompt_tokens", "text", b"text", "token_ids", b"token_ids"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cached", b"cached", "finish_reason", b"finish_reason", "generated_tokens", b"generated_tokens", "logprobs", b"logprobs", "prompt_tokens", b"prompt_tokens", "text", b"text", "token_ids", b"token_ids", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -269,11 +283,14 @@ class EmbedRequest(_message.Message):
     MODEL_FIELD_NUMBER: _builtins.int
     INPUTS_FIELD_NUMBER: _builtins.int
     PACKED_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     packed: _builtins.bool
     """Answer in EmbedResponse.vectors (one packed float32 block) instead of `embeddings`: no
     per-vector messages to build or parse, which matters for many inputs per request.
     """
+    version: _builtins.str
+    """pin a version (label or fingerprint), as in Generate"""
     @_builtins.property
     def inputs(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     def __init__(
@@ -282,10 +299,11 @@ class EmbedRequest(_message.Message):
         model: _builtins.str = ...,
         inputs: _abc.Iterable[_builtins.str] | None = ...,
         packed: _builtins.bool = ...,
+        version: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["inputs", b"inputs", "model", b"model", "packed", b"packed"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["inputs", b"inputs", "model", b"model", "packed", b"packed", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -320,6 +338,7 @@ class EmbedResponse(_message.Message):
     CACHED_INPUTS_FIELD_NUMBER: _builtins.int
     CACHED_FIELD_NUMBER: _builtins.int
     VECTORS_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
     dim: _builtins.int
     cached_inputs: _builtins.int
     """how many inputs came from the cache tier"""
@@ -329,6 +348,8 @@ class EmbedResponse(_message.Message):
     """Only when the request asked for packed: every vector in input order, float32
     little-endian, shape [len(inputs), dim] (row-major).
     """
+    version: _builtins.str
+    """the version label that answered (every vector)"""
     @_builtins.property
     def embeddings(self) -> _containers.RepeatedCompositeFieldContainer[Global___Embedding]:
         """in the order of the inputs; empty when packed"""
@@ -341,10 +362,11 @@ class EmbedResponse(_message.Message):
         cached_inputs: _builtins.int = ...,
         cached: _builtins.bool = ...,
         vectors: _builtins.bytes = ...,
+        version: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cached", b"cached", "cached_inputs", b"cached_inputs", "dim", b"dim", "embeddings", b"embeddings", "vectors", b"vectors"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cached", b"cached", "cached_inputs", b"cached_inputs", "dim", b"dim", "embeddings", b"embeddings", "vectors", b"vectors", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -360,6 +382,7 @@ class ForwardRequest(_message.Message):
     TEXT_FIELD_NUMBER: _builtins.int
     HIDDEN_STATES_FIELD_NUMBER: _builtins.int
     ATTENTION_MASK_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     start: _builtins.int
     """first layer to run"""
@@ -367,6 +390,8 @@ class ForwardRequest(_message.Message):
     """one past the last layer; default num_layers"""
     text: _builtins.str
     """tokenized by the router; needs start = 0"""
+    version: _builtins.str
+    """pin a version (label or fingerprint), as in Generate"""
     @_builtins.property
     def hidden_states(self) -> _common_pb2.Tensor:
         """[batch, seq, hidden]; needs start > 0"""
@@ -384,10 +409,11 @@ class ForwardRequest(_message.Message):
         text: _builtins.str = ...,
         hidden_states: _common_pb2.Tensor | None = ...,
         attention_mask: _common_pb2.Tensor | None = ...,
+        version: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_end", b"_end", "attention_mask", b"attention_mask", "end", b"end", "hidden_states", b"hidden_states", "input", b"input", "text", b"text"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_end", b"_end", "attention_mask", b"attention_mask", "end", b"end", "hidden_states", b"hidden_states", "input", b"input", "model", b"model", "start", b"start", "text", b"text"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_end", b"_end", "attention_mask", b"attention_mask", "end", b"end", "hidden_states", b"hidden_states", "input", b"input", "model", b"model", "start", b"start", "text", b"text", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__end: _TypeAlias = _typing.Literal["end"]  # noqa: Y015
     _WhichOneofArgType__end: _TypeAlias = _typing.Literal["_end", b"_end"]  # noqa: Y015
@@ -408,6 +434,9 @@ class ForwardResponse(_message.Message):
     ATTENTION_MASK_FIELD_NUMBER: _builtins.int
     SPAN_FIELD_NUMBER: _builtins.int
     INPUT_IDS_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    version: _builtins.str
+    """the version label that answered"""
     @_builtins.property
     def hidden_states(self) -> _common_pb2.Tensor:
         """hidden states at the end of the range"""
@@ -429,10 +458,11 @@ class ForwardResponse(_message.Message):
         attention_mask: _common_pb2.Tensor | None = ...,
         span: _common_pb2.Span | None = ...,
         input_ids: _abc.Iterable[_builtins.int] | None = ...,
+        version: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["attention_mask", b"attention_mask", "hidden_states", b"hidden_states", "span", b"span"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attention_mask", b"attention_mask", "hidden_states", b"hidden_states", "input_ids", b"input_ids", "span", b"span"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attention_mask", b"attention_mask", "hidden_states", b"hidden_states", "input_ids", b"input_ids", "span", b"span", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
