@@ -84,6 +84,12 @@ VLLM_KV = Gauge("vllm:kv_cache_usage_perc", "KV cache usage (0-1)", ["model_name
 CACHE_REQUESTS = Counter(
     "tessera_cache_requests_total", "cache lookups by tier and result", ["tier", "result"]
 )
+# Per model version (labels only from admitted workers): a new version starts cold.
+VERSION_CACHE = Counter(
+    "tessera_version_cache_lookups_total",
+    "cache lookups per model version: hit or miss",
+    ["model", "version", "result"],
+)
 
 _UNOBSERVED = ("/grpc.health.v1.", "/grpc.reflection.")
 access_log = logging.getLogger("tessera.access")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import grpc
 from grpc import aio
@@ -29,6 +29,9 @@ SERVER_OPTIONS: list[tuple[str, int]] = [
     ("grpc.max_connection_age_ms", 300_000),
     ("grpc.max_connection_age_grace_ms", 600_000),
 ]
+# A health service that is SERVING while the process runs, draining included: what liveness
+# probes ask, apart from readiness ("" and each service, NOT_SERVING while loading or draining).
+LIVENESS = "tessera.liveness"
 # Framing and the small fields of a text request (model name, options): a margin on top of the
 # text itself when sizing the largest legal message.
 MESSAGE_MARGIN_BYTES = 64 * 1024
@@ -69,14 +72,26 @@ class Served:
     server: aio.Server
     health: health.aio.HealthServicer
     port: int
+    names: set[str] = field(default_factory=set)  # health services whose status was set
+    draining: bool = False
 
     async def set_status(self, service: str, serving: bool) -> None:
+        if serving and self.draining and service != LIVENESS:
+            return  # once draining, nothing is ready again
         status = (
             health_pb2.HealthCheckResponse.SERVING
             if serving
             else health_pb2.HealthCheckResponse.NOT_SERVING
         )
+        self.names.add(service)
         await self.health.set(service, status)
+
+    async def drain(self) -> None:
+        """NOT_SERVING for everything (readiness fails, callers go elsewhere) but LIVENESS:
+        a draining process is alive, and a liveness probe must not restart it mid-drain."""
+        self.draining = True
+        for name in self.names - {LIVENESS}:
+            await self.set_status(name, False)
 
 
 async def serve(
@@ -166,4 +181,5 @@ async def serve(
     await served.set_status("", False)
     for name in service_names:
         await served.set_status(name, False)
+    await served.set_status(LIVENESS, True)  # the process answers: alive, ready or not
     return served

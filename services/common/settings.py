@@ -260,6 +260,17 @@ class RouterSettings(ServerSettings):
     unload_drain_s: float = setting(
         300.0, "seconds an unloading version's requests have to finish before its workers stop"
     )
+    autoscale_target_per_chain: float = setting(
+        8.0, "requests in flight one chain should carry (desired_chains = in flight / this)"
+    )
+    autoscale_upscale_delay_s: float = setting(
+        10.0, "seconds a wish for more chains must last before desired_chains rises"
+    )
+    autoscale_downscale_delay_s: float = setting(
+        300.0, "seconds a wish for fewer chains must last before desired_chains falls"
+    )
+    autoscale_min_chains: int = setting(1, "desired_chains is never below this")
+    autoscale_max_chains: int = setting(16, "... nor above this")
 
 
 @dataclass

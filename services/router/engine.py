@@ -550,10 +550,12 @@ class Generations:
     def _through(self, address: str) -> list[ChainEngine]:
         return [e for e in self._all() if address in e.chain.addresses]
 
-    def observe(self, model: str) -> None:
-        """The model's signals for autoscalers and inference gateways: generations waiting and
-        running over its chains, and the KV budget held on its fullest worker (0-1)."""
-        engines = [e for e in self._all() if e.chain.model == model]
+    def load_of(self, model: str, version: str | None = None) -> tuple[int, int, float]:
+        """(generations waiting, generations running, KV budget held on the fullest worker
+        0-1) over the model's chains, or over one version's."""
+        engines = [
+            e for e in self._all() if e.chain.model == model and version in (None, e.chain.version)
+        ]
         waiting = sum(len(e.scheduler.waiting) for e in engines)
         running = sum(e.scheduler.rows() for e in engines)
         tokens = self.pool.book.tokens
@@ -566,6 +568,11 @@ class Generations:
             ),
             default=0.0,
         )
+        return waiting, running, usage
+
+    def observe(self, model: str) -> None:
+        """The model's signals for autoscalers and inference gateways."""
+        waiting, running, usage = self.load_of(model)
         for gauge, value in ((MODEL_QUEUED, waiting), (MODEL_RUNNING, running), (MODEL_KV, usage)):
             gauge.labels(model).set(value)
         for gauge, value in ((VLLM_WAITING, waiting), (VLLM_RUNNING, running), (VLLM_KV, usage)):

@@ -34,6 +34,7 @@ from services.common.server import serve, text_message_bytes
 from services.common.settings import RouterSettings
 from services.pb.tessera.v1 import inference_pb2_grpc, models_pb2_grpc, worker_pb2_grpc
 from services.router.admission import Admission
+from services.router.autoscale import ScalePolicy, VersionSignals
 from services.router.callers import Callers
 from services.router.frontends import Frontends
 from services.router.kserve import KSERVE_NAME, KServeService
@@ -208,6 +209,29 @@ async def _follow_versions(book: VersionBook, every_s: float = 1.0) -> None:
             log.exception("cannot re-read the version state")
 
 
+async def _signal_versions(
+    inference: InferenceService, signals: VersionSignals, every_s: float = 1.0
+) -> None:
+    """Every second: each admitted version's load, chains and desired chains as gauges."""
+    loop = asyncio.get_running_loop()
+    while True:
+        table = inference.pool.table
+        versions: dict[tuple[str, str], dict[str, float]] = {}
+        for model in table.models():
+            chains = table.chains(model)
+            for _, label in table.versions(model, healthy_only=False):
+                queued, running, kv = inference.generations.load_of(model, label)
+                versions[(model, label)] = {
+                    "in_flight": inference.versions.running(model, label),
+                    "queued": queued,
+                    "running": running,
+                    "kv": kv,
+                    "chains": sum(1 for c in chains if c.version == label),
+                }
+        signals.publish(loop.time(), versions)
+        await asyncio.sleep(every_s)
+
+
 async def run_router(
     settings: RouterSettings,
     *,
@@ -323,6 +347,7 @@ async def run_router(
     pool.on_change(publish_health)
     http: web.AppRunner | None = None
     reloading: asyncio.Future[None] | None = None
+    signalling: asyncio.Future[None] | None = None
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         try:
@@ -337,6 +362,9 @@ async def run_router(
         await served.set_status(KSERVE_NAME, True)
         await served.set_status(MODELS_NAME, True)
         reloading = asyncio.ensure_future(_follow_versions(book))
+        signalling = asyncio.ensure_future(
+            _signal_versions(inference, VersionSignals(ScalePolicy.from_settings(settings)))
+        )
         if port_out is not None:
             port_out.append(served.port)
         if settings.http_port is not None and settings.http_port >= 0:
@@ -350,14 +378,15 @@ async def run_router(
             ready.set()
         await stop.wait()
         inference.draining = True
-        await served.health.enter_graceful_shutdown()
+        await served.drain()
         deadline = loop.time() + settings.drain_s
         while inference.outstanding and loop.time() < deadline:
             await asyncio.sleep(0.05)
         return 0
     finally:
-        if reloading is not None:
-            reloading.cancel()
+        for task in (reloading, signalling):
+            if task is not None:
+                task.cancel()
         await models.close()
         if http is not None:
             await http.cleanup()

@@ -25,6 +25,7 @@ from services.common.errors import (
     ResourceExhausted,
     Unavailable,
 )
+from services.common.metrics import VERSION_CACHE
 from services.common.security import Caller, TokenSet
 from services.common.settings import RouterSettings
 from services.common.types import ModelKind
@@ -248,6 +249,9 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
         with self.versions.answering(job.model, label):
             key = self.outputs.generate_key(job, choice.fingerprint)
             cached = await self.outputs.cached_generation(key, job)
+            if key is not None and label:
+                hit = "hit" if cached is not None else "miss"
+                VERSION_CACHE.labels(job.model, label, hit).inc()
             if cached is not None:
                 cached.version = label
                 yield cached
@@ -351,6 +355,9 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
                         matrix, cached = await self._embed_version(
                             model, fingerprint, frontend, texts, deadline, known, token_inputs
                         )
+                    if self.cache.enabled and label:
+                        VERSION_CACHE.labels(model, label, "hit").inc(cached)
+                        VERSION_CACHE.labels(model, label, "miss").inc(len(texts) - cached)
                     return matrix, cached, label
                 except VersionGone as gone:
                     log.warning("%s; starting the answer again on another version", gone)

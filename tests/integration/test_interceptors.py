@@ -322,3 +322,37 @@ def test_health_watch_streams_through_the_interceptors() -> None:
 
     status = health_pb2.HealthCheckResponse
     assert asyncio.run(main()) == [status.NOT_SERVING, status.SERVING]
+
+
+def test_a_draining_server_is_not_ready_but_stays_alive() -> None:
+    """Readiness ("" and each service) goes NOT_SERVING for good on drain; the liveness service
+    stays SERVING, so a liveness probe never restarts a process that is finishing its work."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from services.common.server import LIVENESS
+
+    async def main() -> dict[str, int]:
+        served = await serve([], ["tessera.v1.Example"], port=0)
+        try:
+            for name in ("", "tessera.v1.Example", "some-model"):
+                await served.set_status(name, True)
+            await served.drain()
+            await served.set_status("some-model", True)  # a late update does not revive it
+            async with aio.insecure_channel(f"127.0.0.1:{served.port}") as channel:
+                stub = health_pb2_grpc.HealthStub(channel)
+                return {
+                    name: (
+                        await stub.Check(health_pb2.HealthCheckRequest(service=name), timeout=5)
+                    ).status
+                    for name in ("", "tessera.v1.Example", "some-model", LIVENESS)
+                }
+        finally:
+            await served.server.stop(0)
+
+    status = health_pb2.HealthCheckResponse
+    assert asyncio.run(main()) == {
+        "": status.NOT_SERVING,
+        "tessera.v1.Example": status.NOT_SERVING,
+        "some-model": status.NOT_SERVING,
+        LIVENESS: status.SERVING,
+    }

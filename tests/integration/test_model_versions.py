@@ -250,3 +250,129 @@ def _workers(up: Any, model: str) -> list[str]:
         if " worker " in f" {cmd} " and f"--model {model}" in cmd:
             found.append(cmd)
     return found
+
+
+# -- pins, admin tokens and autoscaling signals on a plain mesh ------------------------------
+
+
+USER, ADMIN = "versions-user-token", "versions-admin-token"
+
+
+def _stream_until(stub: Any, stop: threading.Event, errors: list[str]) -> None:
+    """One client: tiny-llama streams back to back until `stop` (bounded by count)."""
+    request = inference_pb2.GenerateRequest(model=LLAMA, prompt="the cat", max_new_tokens=120)
+    for _ in range(200):
+        if stop.is_set():
+            return
+        try:
+            for _chunk in stub.GenerateStream(
+                request, timeout=60, metadata=[("authorization", f"Bearer {USER}")]
+            ):
+                pass
+        except grpc.RpcError as error:
+            errors.append(repr(error)[:200])
+
+
+def test_pins_admin_tokens_and_desired_chains(tiny_repo: Path) -> None:
+    from tests.mesh import Mesh, metric, metrics_address, scrape, wait_model_on
+
+    env = {
+        "TESSERA_ROUTER_AUTH_TOKENS": USER,
+        "TESSERA_ROUTER_ADMIN_TOKENS": ADMIN,
+        "TESSERA_ROUTER_METRICS_PORT": "0",
+        "TESSERA_ROUTER_MESH_SECRET": "versions-mesh",
+        "TESSERA_WORKER_MESH_SECRET": "versions-mesh",
+        "TESSERA_ROUTER_AUTOSCALE_TARGET_PER_CHAIN": "4",
+        "TESSERA_ROUTER_AUTOSCALE_UPSCALE_DELAY_S": "1",
+        "TESSERA_ROUTER_AUTOSCALE_DOWNSCALE_DELAY_S": "3",
+        "TESSERA_ROUTER_VERSION_STATE": str(Path(tiny_repo).parent / "pins-state.json"),
+    }
+    user = [("authorization", f"Bearer {USER}")]
+    admin = [("authorization", f"Bearer {ADMIN}")]
+    with Mesh(tiny_repo, env=env) as mesh:
+        router = mesh.start_router()
+        mesh.start_worker(LLAMA)
+        wait_model_on(mesh.channel(), LLAMA, metadata=user, procs=[router, *mesh.workers])
+        stub = mesh.stub()
+        models = models_pb2_grpc.ModelsStub(mesh.channel())
+        where = metrics_address(router)
+
+        # Model control is for admin tokens only; a user token is refused by name.
+        with pytest.raises(grpc.RpcError) as refused:
+            models.List(models_pb2.ListVersionsRequest(), timeout=10, metadata=user)
+        assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        with pytest.raises(grpc.RpcError) as anonymous:
+            models.List(models_pb2.ListVersionsRequest(), timeout=10)
+        assert anonymous.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        listed = models.List(
+            models_pb2.ListVersionsRequest(model=LLAMA), timeout=10, metadata=admin
+        )
+        (version,) = listed.models[0].versions
+        assert version.state == "ready" and version.base and listed.models[0].implicit
+
+        # A pin by label or fingerprint answers on that version; an unknown one is NOT_FOUND.
+        for pin in (version.label, version.fingerprint):
+            reply = stub.Generate(
+                inference_pb2.GenerateRequest(
+                    model=LLAMA, prompt="a b", max_new_tokens=3, version=pin
+                ),
+                timeout=30,
+                metadata=user,
+            )
+            assert reply.version == version.label
+
+        before = {(s.name, tuple(sorted(s.labels.items()))) for s in scrape(where)}
+        for index in range(300):  # unknown models and versions: refused, and no new series
+            request = (
+                inference_pb2.GenerateRequest(model=f"nope-{index}", prompt="a")
+                if index % 2
+                else inference_pb2.GenerateRequest(model=LLAMA, prompt="a", version=f"v{index}")
+            )
+            with pytest.raises(grpc.RpcError) as missing:
+                stub.Generate(request, timeout=10, metadata=user)
+            assert missing.value.code() == grpc.StatusCode.NOT_FOUND
+        after = {(s.name, tuple(sorted(s.labels.items()))) for s in scrape(where)}
+        # A NOT_FOUND code per RPC and model may be new; never a series per name sent.
+        new = after - before
+        named = [
+            labels
+            for _, labels in new
+            for _, value in labels
+            if value.startswith("nope-") or (value.startswith("v") and value[1:].isdigit())
+        ]
+        assert not named, named
+        kinds = {tuple(kv for kv in labels if kv[0] != "le") for _, labels in new}
+        assert len(kinds) <= 4, kinds
+
+        def desired() -> float:
+            return metric(
+                scrape(where), "tessera_version_desired_chains", model=LLAMA, version=version.label
+            )
+
+        assert desired() == 1
+        stop, errors = threading.Event(), []
+        clients = [
+            threading.Thread(target=_stream_until, args=(stub, stop, errors), daemon=True)
+            for _ in range(16)
+        ]
+        try:
+            for client in clients:
+                client.start()
+            # 16 in flight over a target of 4: 4 chains wanted, within two 1 s intervals of the
+            # upscale delay (1 s).
+            wait_until(lambda: desired() == 4, 30, "desired_chains rising to 4")
+            in_flight = metric(
+                scrape(where),
+                "tessera_version_requests_in_flight",
+                model=LLAMA,
+                version=version.label,
+            )
+            assert in_flight > 4
+        finally:
+            stop.set()
+            for client in clients:
+                client.join(timeout=60)
+        assert not errors, errors[:3]
+        fell = time.monotonic()
+        wait_until(lambda: desired() == 1, 30, "desired_chains falling back to 1")
+        assert time.monotonic() - fell >= 2.5  # not before the downscale delay (3 s)
