@@ -23,13 +23,13 @@ from typing import Any
 from grpc import aio
 
 from services.common.errors import FailedPrecondition, NotFound, PermissionDenied, quoted
-from services.common.repository import LABEL
+from services.common.repository import LABEL, published_versions
 from services.common.settings import RouterSettings
 from services.pb.tessera.v1 import models_pb2, models_pb2_grpc
 from services.router.admission import RepositoryPrints
 from services.router.callers import Callers
 from services.router.pool import WorkerPool
-from services.router.publish import publish, versions
+from services.router.publish import publish
 from services.router.versions import LOADED, UNLOADED, VersionBook, require_label
 
 log = logging.getLogger(__name__)
@@ -61,12 +61,14 @@ class ModelsService(models_pb2_grpc.ModelsServicer):
     # -- what there is -------------------------------------------------------------------------
 
     async def _repository_versions(self, model: str) -> list[tuple[str, str, bool]]:
-        """(label, fingerprint, base) of every version the repository holds."""
-        found = await asyncio.to_thread(versions, self.repository, model)
-        listed = []
-        for index, (label, _) in enumerate(found):
-            expected = await self.prints.expected(model, "float32", "" if index == 0 else label)
-            listed.append((label, expected.fingerprint, index == 0))
+        """(label, fingerprint, base) of every version the repository holds (fingerprints
+        cached until a version's files change: List runs every second under `tessera up`)."""
+        base = await self.prints.expected(model, "float32")
+        listed = [(base.version, base.fingerprint, True)]
+        folders = await asyncio.to_thread(published_versions, self.repository, model)
+        for folder in folders:
+            expected = await self.prints.expected(model, "float32", folder.name)
+            listed.append((folder.name, expected.fingerprint, False))
         return listed
 
     def _models(self) -> list[str]:
