@@ -198,8 +198,10 @@ async def measure(router: str, base: str, quick: bool) -> dict[str, object]:
         aio.insecure_channel(router) as channel,
     ):
         stub = inference_pb2_grpc.InferenceStub(channel)
-        await http_chats(session, base, texts[:2], 4)  # warm-up: both paths, both models
-        await grpc_chats(stub, texts[:2], 4)
+        # Warm-up: both paths, both models, and 16 pooled HTTP connections (the gRPC side has
+        # its one channel open): neither side pays connection setup inside a measurement.
+        await http_chats(session, base, texts, 4)
+        await grpc_chats(stub, texts, 4)
 
         async def http_embed(index: int) -> None:
             body = {"model": ENCODER, "input": _text(index, "http")}
