@@ -7,14 +7,17 @@
   need no grad in each forward, which made SmolLM2 decoding 2x slower than float32 here), while
   embeddings, norms, the residual stream, attention and the KV cache stay float32 (all-bf16
   weights lost accuracy there: MiniLM cosine 0.99987 against 0.99995 on the test texts).
-- int8: `torch.ao.quantization.quantize_dynamic` with per-channel qint8 weights (per-tensor
-  scales lost far more: MiniLM cosine 0.88 against 0.91-0.95); GPT-2's Conv1D layers become
-  Linear layers first. The float32 weights are read into transient memory, layer by layer.
+- int8: `Int8Linear` holds each Linear's weight as int8 with a scale per output channel and
+  quantizes its input with a scale per row (per token), then multiplies in integers
+  (`torch._int_mm`, exact) and scales back to float32. Per-row scales make a row's answer
+  depend on that row alone, so an answer never depends on which other requests share the
+  batch (torch's dynamic quantization scales the whole input tensor at once: one text's int8
+  vector moved by 4e-2 when 15 strangers joined its batch). The float32 weights are read into
+  transient memory, layer by layer.
 """
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable
 
 import torch
@@ -76,32 +79,43 @@ def to_bf16_linears(root: nn.Module) -> nn.Module:
     return root
 
 
-def _linear_of_conv1d(conv: Conv1D) -> nn.Linear:
-    linear = nn.Linear(conv.weight.shape[0], conv.weight.shape[1], device="meta")
-    linear.weight = nn.Parameter(conv.weight.detach().t().contiguous(), requires_grad=False)
-    linear.bias = nn.Parameter(conv.bias.detach(), requires_grad=False)
-    return linear
+class Int8Linear(nn.Module):
+    """A Linear (or GPT-2 Conv1D) in int8: weights per output channel, inputs per row."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        w = weight.detach().to(torch.float32)
+        scale = w.abs().amax(dim=1).clamp(min=1e-12) / 127.0
+        quantized = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)
+        self.register_buffer("qweight_t", quantized.t().contiguous())  # [in, out] for _int_mm
+        self.register_buffer("weight_scale", scale)
+        self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
+
+    @classmethod
+    def of(cls, layer: nn.Module) -> Int8Linear:
+        if isinstance(layer, Conv1D):
+            return cls(layer.weight.t(), layer.bias)
+        assert isinstance(layer, nn.Linear)
+        return cls(layer.weight, layer.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, self.in_features).to(torch.float32)
+        scale = rows.abs().amax(dim=1, keepdim=True).clamp(min=1e-12) / 127.0
+        quantized = torch.round(rows / scale).clamp(-127, 127).to(torch.int8)
+        products = torch._int_mm(quantized, self.qweight_t)  # int32, exact
+        out = products.to(torch.float32) * scale * self.weight_scale
+        if self.bias is not None:
+            out = out + self.bias
+        return out.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
 
 
 def quantize_int8(root: nn.Module) -> nn.Module:
-    """Dynamic int8 quantization of the Linear layers (GPT-2's Conv1D too) under root, in place."""
-    from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
-
+    """Swaps every Linear / Conv1D under root (root itself excluded) for an Int8Linear, letting
+    go of the float32 weights layer by layer."""
     for module in list(root.modules()):
         for name, child in list(module.named_children()):
-            if isinstance(child, Conv1D):
-                setattr(module, name, _linear_of_conv1d(child))
-    floats = [m for m in root.modules() if isinstance(m, nn.Linear)]
-    with warnings.catch_warnings():
-        # torch.ao.quantization warns it is deprecated in favour of torchao (not a dependency);
-        # it still works, and one warning per layer would flood the worker's log.
-        warnings.simplefilter("ignore", DeprecationWarning)
-        warnings.simplefilter("ignore", UserWarning)
-        quantized = quantize_dynamic(
-            root, {nn.Linear: per_channel_dynamic_qconfig}, dtype=torch.qint8, inplace=True
-        )
-    # The float modules swapped out linger in reference cycles until a full garbage collection;
-    # let go of their float32 weights now, layer by layer.
-    for module in floats:
-        module._parameters.clear()
-    return quantized
+            if isinstance(child, (nn.Linear, Conv1D)):
+                setattr(module, name, Int8Linear.of(child))
+                child._parameters.clear()
+    return root

@@ -321,6 +321,13 @@ def test_pins_admin_tokens_and_desired_chains(tiny_repo: Path) -> None:
             )
             assert reply.version == version.label
 
+        # The version's gauges are published every second: wait for the first, so the series
+        # compared below differ only by what the unknown names could add.
+        wait_until(
+            lambda: any(s.name == "tessera_version_desired_chains" for s in scrape(where)),
+            10,
+            "the version's gauges published",
+        )
         before = {(s.name, tuple(sorted(s.labels.items()))) for s in scrape(where)}
         for index in range(300):  # unknown models and versions: refused, and no new series
             request = (

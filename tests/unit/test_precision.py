@@ -25,7 +25,7 @@ from transformers.pytorch_utils import Conv1D
 
 from services.common.repository import model_spec
 from services.common.types import Span
-from services.worker.precision import Bf16Linear
+from services.worker.precision import Bf16Linear, Int8Linear
 from services.worker.service import mean_pool
 from services.worker.stage import StageModel
 
@@ -91,16 +91,94 @@ LINEARS_PER_LAYER = {"llama": 7, "gpt2": 4, "bert": 6, "roberta": 6}
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_int8_quantizes_every_linear(tiny_repo: Path, arch: str) -> None:
-    from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
-
     stage = StageModel(model_spec(tiny_repo, f"tiny-{arch}"), Span(0, 4), precision="int8")
     assert _linears(stage) == []
-    quantized = [m for m in stage._base.modules() if isinstance(m, DynamicLinear)]
+    quantized = [m for m in stage._base.modules() if isinstance(m, Int8Linear)]
     assert len(quantized) == 4 * LINEARS_PER_LAYER[arch]
+    assert all(m.qweight_t.dtype == torch.int8 for m in quantized)
     if stage.lm_head is not None:
-        assert isinstance(stage.lm_head, DynamicLinear)
+        assert isinstance(stage.lm_head, Int8Linear)
         logits = stage.logits(torch.zeros(1, stage.spec.hidden_size))
         assert logits.dtype == torch.float32
+
+
+# -- against transformers' own model, cast the same way ------------------------------------------
+
+
+def _bf16_linear(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    weight, bias = _weight_and_bias(module)
+    out = torch.nn.functional.linear(x.to(torch.bfloat16), weight.to(torch.bfloat16)).float()
+    return out if bias is None else out + bias
+
+
+def _int8_linear(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Per-output-channel int8 weights, per-row int8 inputs, products summed in float64 (exact
+    for these sizes): written from the definition, not from the worker's code."""
+    weight, bias = _weight_and_bias(module)
+    w_scale = weight.abs().amax(dim=1).clamp(min=1e-12) / 127
+    w = (weight / w_scale[:, None]).round().clamp(-127, 127).double()
+    rows = x.reshape(-1, weight.shape[1])
+    x_scale = rows.abs().amax(dim=1, keepdim=True).clamp(min=1e-12) / 127
+    q = (rows / x_scale).round().clamp(-127, 127).double()
+    out = ((q @ w.t()).float() * x_scale * w_scale).reshape(*x.shape[:-1], weight.shape[0])
+    return out if bias is None else out + bias
+
+
+def _weight_and_bias(module: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+    if isinstance(module, Conv1D):  # GPT-2 keeps its weight as [in, out]
+        return module.weight.t(), module.bias
+    return module.weight, module.bias
+
+
+def _cast_like(model: torch.nn.Module, linear: object) -> torch.nn.Module:
+    """transformers' model with every Linear (and Conv1D) computing through `linear`."""
+    for module in model.modules():
+        if isinstance(module, (torch.nn.Linear, Conv1D)):
+            module.forward = linear.__get__(module)  # type: ignore[attr-defined, method-assign]
+    return model
+
+
+@pytest.mark.parametrize("precision", REDUCED)
+@pytest.mark.parametrize("arch", ["llama", "bert"])
+def test_a_reduced_precision_equals_transformers_cast_the_same_way(
+    tiny_repo: Path, arch: str, precision: str
+) -> None:
+    from transformers import AutoModel
+
+    spec = model_spec(tiny_repo, f"tiny-{arch}")
+    ids = torch.tensor([[2, 7, 8, 9, 10, 3], [2, 11, 12, 3, 0, 0]])
+    mask = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0]])
+    loader = AutoModelForCausalLM if arch == "llama" else AutoModel
+    model = loader.from_pretrained(spec.path, dtype=torch.float32).eval()
+    base = model.base_model if arch == "llama" else model
+    _cast_like(base, _bf16_linear if precision == "bfloat16" else _int8_linear)
+    with torch.no_grad():
+        want = base(input_ids=ids, attention_mask=mask).last_hidden_state
+    got = _run([StageModel(spec, Span(0, 4), precision=precision)], ids, mask)
+    real = mask.bool()
+    torch.testing.assert_close(got[real], want[real], rtol=0, atol=1e-4)
+
+
+# -- an answer does not depend on the batch ------------------------------------------------------
+
+BATCH_TOLERANCE = {"float32": 1e-5, "bfloat16": 1e-3, "int8": 1e-3}
+
+
+@pytest.mark.parametrize("precision", ["float32", *REDUCED])
+@pytest.mark.parametrize("arch", ["bert", "llama"])
+def test_a_rows_answer_does_not_depend_on_the_rows_beside_it(
+    tiny_repo: Path, arch: str, precision: str
+) -> None:
+    """One text alone, then beside 15 others of its length in one pass: its answer holds
+    (float32 1e-5, reduced precision 1e-3)."""
+    spec = model_spec(tiny_repo, f"tiny-{arch}")
+    stage = StageModel(spec, Span(0, 4), precision=precision)
+    generator = torch.Generator().manual_seed(7)
+    batch = torch.randint(7, 40, (16, 9), generator=generator)
+    mask = torch.ones_like(batch)
+    alone = stage.forward(input_ids=batch[:1], attention_mask=mask[:1])
+    together = stage.forward(input_ids=batch, attention_mask=mask)
+    torch.testing.assert_close(together[:1], alone, rtol=0, atol=BATCH_TOLERANCE[precision])
 
 
 def test_an_unknown_precision_is_refused(tiny_repo: Path) -> None:
