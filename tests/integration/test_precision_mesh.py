@@ -2,8 +2,8 @@
 
 A float32 stage [0, 2) and a bfloat16 stage [2, 4) of tiny-llama do not form a chain (their
 fingerprints differ): the model has no healthy chain until a float32 [2, 4) joins. A bfloat16
-tiny-bert replica shows its precision in ListModels and its vectors stay within 1e-3 of the
-float32 transformers reference.
+tiny-bert replica shows its precision in ListModels and its vectors equal transformers' own model
+with every Linear computed in bfloat16 (1e-5), a reference float32 is told apart from.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from transformers import AutoModel, AutoTokenizer
 
 from services.pb.tessera.v1 import inference_pb2
 from tests.mesh import Mesh, wait_until
+from tests.unit.test_precision import _bf16_linear, _cast_like
 
 pytestmark = pytest.mark.slow
 
@@ -45,20 +46,34 @@ def _listed(mesh: Mesh, model: str) -> list[inference_pb2.ModelStatus]:
     return [m for m in reply.models if m.name == model]
 
 
-def test_a_bfloat16_replica_says_so_and_stays_close_to_float32(mesh: Mesh, tiny_repo: Path) -> None:
+def _references(path: Path, linear: object | None) -> np.ndarray:
+    """transformers' own tiny-bert (every Linear through `linear` when given), mean-pooled."""
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModel.from_pretrained(path).eval()
+    if linear is not None:
+        _cast_like(model, linear)
+    vectors = []
+    with torch.inference_mode():
+        for text in TEXTS:
+            hidden = model(**tokenizer([text], return_tensors="pt")).last_hidden_state[0].mean(0)
+            vectors.append((hidden / hidden.norm()).numpy())
+    return np.array(vectors)
+
+
+def test_a_bfloat16_replica_says_so_and_computes_in_bfloat16(mesh: Mesh, tiny_repo: Path) -> None:
     [status] = _listed(mesh, "tiny-bert")
     assert status.precision == "bfloat16" and status.version.endswith("+bfloat16")
     reply = mesh.stub().Embed(
         inference_pb2.EmbedRequest(model="tiny-bert", inputs=TEXTS), timeout=30
     )
     got = np.array([e.values for e in reply.embeddings])
-    tokenizer = AutoTokenizer.from_pretrained(tiny_repo / "tiny-bert")
-    model = AutoModel.from_pretrained(tiny_repo / "tiny-bert").eval()
-    with torch.inference_mode():
-        for text, vector in zip(TEXTS, got, strict=True):
-            hidden = model(**tokenizer([text], return_tensors="pt")).last_hidden_state[0].mean(0)
-            want = (hidden / hidden.norm()).numpy()
-            assert float(np.dot(vector, want)) > 0.999, text
+    float32 = _references(tiny_repo / "tiny-bert", None)
+    bfloat16 = _references(tiny_repo / "tiny-bert", _bf16_linear)
+    # The references lie more than twice the tolerance apart, so a worker that said bfloat16 but
+    # computed float32 could not pass the equality below.
+    assert np.abs(float32 - bfloat16).max() > 2e-5
+    np.testing.assert_allclose(got, bfloat16, rtol=0, atol=1e-5)
+    assert (np.sum(got * float32, axis=1) > 0.999).all()
 
 
 def test_stages_of_different_precisions_never_form_a_chain(mesh: Mesh) -> None:
