@@ -82,6 +82,9 @@ def to_bf16_linears(root: nn.Module) -> nn.Module:
 class Int8Linear(nn.Module):
     """A Linear (or GPT-2 Conv1D) in int8: weights per output channel, inputs per row."""
 
+    qweight_t: torch.Tensor
+    weight_scale: torch.Tensor
+
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
         super().__init__()
         self.out_features, self.in_features = weight.shape
