@@ -299,6 +299,16 @@ def scrape(address: str, timeout: float = 5.0) -> list[Sample]:
     ]
 
 
+def wait_version_gauges(address: str, timeout: float = 10.0) -> None:
+    """Waits for the router's first publication of its per-version gauges (once a second), so a
+    comparison of scrapes is not upset by their arrival."""
+    wait_until(
+        lambda: any(s.name == "tessera_version_desired_chains" for s in scrape(address)),
+        timeout,
+        "the per-version gauges published",
+    )
+
+
 def metric(samples: Sequence[Sample], name: str, **labels: str) -> float:
     """The sum of the samples called `name` whose labels include `labels` (0 when none match).
 

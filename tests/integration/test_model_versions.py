@@ -274,7 +274,14 @@ def _stream_until(stub: Any, stop: threading.Event, errors: list[str]) -> None:
 
 
 def test_pins_admin_tokens_and_desired_chains(tiny_repo: Path) -> None:
-    from tests.mesh import Mesh, metric, metrics_address, scrape, wait_model_on
+    from tests.mesh import (
+        Mesh,
+        metric,
+        metrics_address,
+        scrape,
+        wait_model_on,
+        wait_version_gauges,
+    )
 
     env = {
         "TESSERA_ROUTER_AUTH_TOKENS": USER,
@@ -321,13 +328,7 @@ def test_pins_admin_tokens_and_desired_chains(tiny_repo: Path) -> None:
             )
             assert reply.version == version.label
 
-        # The version's gauges are published every second: wait for the first, so the series
-        # compared below differ only by what the unknown names could add.
-        wait_until(
-            lambda: any(s.name == "tessera_version_desired_chains" for s in scrape(where)),
-            10,
-            "the version's gauges published",
-        )
+        wait_version_gauges(where)  # the series compared below are all there already
         before = {(s.name, tuple(sorted(s.labels.items()))) for s in scrape(where)}
         for index in range(300):  # unknown models and versions: refused, and no new series
             request = (

@@ -22,6 +22,7 @@ from tests.mesh import (
     secure_channel,
     wait_model_on,
     wait_until,
+    wait_version_gauges,
 )
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
@@ -371,6 +372,7 @@ def test_unauthenticated_calls_leave_the_metrics_unchanged(token_mesh: tuple[Mes
             if s.name.startswith("tessera_") and s.labels.get("service") != "tessera.v1.Registry"
         }
 
+    wait_version_gauges(address)  # published once a second, from the first
     before = tessera_samples()
     stub = mesh.stub()
     refused = 0
