@@ -80,7 +80,7 @@ class WorkerSettings(ServerSettings):
     layers: str | None = setting(None, "START:END of the model's layers; none = a replica")
     precision: str = setting(
         "float32",
-        "float32 (exact), bfloat16 or int8 (dynamic quantization of Linear layers); "
+        "float32 (exact), bfloat16 or int8 (int8 weights per channel, inputs per row); "
         "part of the version's fingerprint",
         choices=("float32", "bfloat16", "int8"),
     )
