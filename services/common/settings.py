@@ -183,6 +183,11 @@ class RouterSettings(ServerSettings):
     micro_batches: int = setting(2, "generation batches in flight per chain (pipelining)")
     max_waiting: int = setting(256, "generations waiting per chain before RESOURCE_EXHAUSTED")
     max_prefill_tokens: int = setting(8192, "rows x width of one prefill")
+    prefill_chunk_tokens: int = setting(
+        256,
+        "while other generations run, a wider prefill goes in chunks of this many columns with "
+        "their decode steps between them (0: always in one pass)",
+    )
     waiting_served_ratio: float = setting(
         1.2, "prefill into a running batch early only for this many waiting per running row"
     )

@@ -43,12 +43,15 @@ def _sampled(result: worker_pb2.StepResult) -> Sampled:
     return Sampled(list(result.token_ids), list(result.logprobs) or None)
 
 
-def left_padded(feeds: Sequence[Sequence[int]], pad_id: int = 0) -> common_pb2.Tensor:
+def left_padded(
+    feeds: Sequence[Sequence[int]], pad_id: int = 0, columns: slice = slice(None)
+) -> common_pb2.Tensor:
+    """The feeds right-aligned in one [rows, width] array (`columns` of it)."""
     width = max(len(f) for f in feeds)
     ids = np.full((len(feeds), width), pad_id, dtype=np.int64)
     for row, feed in enumerate(feeds):
         ids[row, width - len(feed) :] = feed
-    return from_numpy(ids)
+    return from_numpy(np.ascontiguousarray(ids[:, columns]))
 
 
 class ChainClient:
@@ -73,12 +76,15 @@ class ChainClient:
         width: int,
         build: Any,
         wanted: Callable[[], bool] | None = None,
+        sampled: bool = True,
     ) -> worker_pb2.StepResult:
         def check(index: int, answer: worker_pb2.StepResult) -> str:
             if index < self._last:
                 problem = malformed(answer.hidden_states, rows, width, self.hidden_dtype)
                 return f"its hidden states answer {problem}" if problem else ""
             tokens = answer.token_ids
+            if not sampled:  # a chunk that is not the last: nothing is sampled yet
+                return f"it sampled {len(tokens)} tokens before the last chunk" if tokens else ""
             if len(tokens) != rows or any(t < 0 for t in tokens):
                 return f"it returned {len(tokens)} token ids (or a negative one) for {rows} rows"
             if answer.logprobs and len(answer.logprobs) != rows:
@@ -99,11 +105,16 @@ class ChainClient:
         )
         return result
 
-    async def prefill(self, prefill: Prefill) -> Sampled:
-        """Runs left-padded prompts through every stage; returns each row's first token."""
+    async def prefill(self, prefill: Prefill, start: int = 0, end: int = 0) -> Sampled:
+        """Runs left-padded prompts through every stage; returns each row's first token.
+
+        With `end` short of the prompts' width, only columns [start, end) run (a chunk of a
+        chunked prefill): the stages append them to the batch and nothing is sampled."""
         requests = prefill.requests
         feeds = [r.feed for r in requests]
         width = max(len(f) for f in feeds)
+        end = end or width
+        more = end < width
         rows = [
             worker_pb2.PrefillRow(
                 request_id=r.request_id,
@@ -115,6 +126,7 @@ class ChainClient:
             )
             for r in requests
         ]
+        chunked = (start, width, more) if (start or more) else (0, 0, False)
 
         def build(index: int, hidden: common_pb2.Tensor | None) -> worker_pb2.PrefillRequest:
             request = worker_pb2.PrefillRequest(
@@ -122,9 +134,12 @@ class ChainClient:
                 rows=rows,
                 hidden_dtype=self.hidden_dtype,
                 merge_into=prefill.merge_into,
+                chunk_start=chunked[0],
+                width=chunked[1],
+                more=chunked[2],
             )
             if index == 0:
-                request.input_ids.CopyFrom(left_padded(feeds))
+                request.input_ids.CopyFrom(left_padded(feeds, columns=slice(start, end)))
             else:
                 assert hidden is not None
                 request.hidden_states.CopyFrom(hidden)
@@ -135,8 +150,10 @@ class ChainClient:
             now = asyncio.get_running_loop().time()
             return any(not r.cancelled and now < r.deadline for r in requests)
 
-        work = len(rows) * width
-        result = await self._relay("Prefill", "prefill", work, len(rows), width, build, wanted)
+        work = len(rows) * (end - start)
+        result = await self._relay(
+            "Prefill", "prefill", work, len(rows), end - start, build, wanted, sampled=not more
+        )
         return _sampled(result)
 
     async def decode(self, step: Decode) -> Sampled:

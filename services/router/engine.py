@@ -155,6 +155,7 @@ class ChainEngine:
         self._spans: dict[int, trace.Span] = {}
         self._submitted = 0  # requests ever submitted: a burst is over when it stops moving
         self._held = Holding(chain.addresses)  # what the load book has from this engine
+        self._chunks: dict[int, tuple[Prefill, int]] = {}  # slot -> prefill, its next column
 
     # -- the front door's calls --------------------------------------------------------------
 
@@ -314,13 +315,15 @@ class ChainEngine:
                     return True
             if not slot.rows:
                 self._end_batch_span(slot)
-        if plan.prefill is not None and not await self._prefill(slot, plan.prefill):
+        prefill = plan.prefill or self._chunked_prefill(slot)
+        if prefill is not None and not await self._prefill(slot, prefill):
             if not self.scheduler.busy(slot) and not self.stopped:
                 await asyncio.sleep(REFUSED_BACKOFF_S)  # a refused prefill is not retried at once
             return True
         step = self.scheduler.decode(slot)
         if step is None:
-            return plan.prefill is not None  # everything it prefilled finished at once
+            # Everything it prefilled finished at once, or chunks of its prefill are to come.
+            return prefill is not None
         with trace.use_span(self._batch_span(slot), end_on_exit=False):
             decoded = await self._call(slot, self.client.decode(step))
         if decoded is not None:
@@ -329,8 +332,46 @@ class ChainEngine:
             self.refresh()
         return True
 
+    def _chunked_prefill(self, slot: Slot) -> Prefill | None:
+        """The slot's chunked prefill under way, if the scheduler still has it in flight (a
+        fault since may have sent its rows back)."""
+        chunked = self._chunks.get(slot.index)
+        if chunked is not None and self.scheduler.prefilling(slot) is not chunked[0]:
+            del self._chunks[slot.index]
+            return None
+        return chunked[0] if chunked is not None else None
+
+    def _chunk_end(self, slot: Slot, prefill: Prefill) -> tuple[int, int]:
+        """The columns the slot's prefill runs next: all of them, or its next chunk when the
+        prompts are wide and other generations run on the chain (their steps go between)."""
+        start = self._chunks.pop(slot.index, (prefill, 0))[1]
+        width = max(len(r.feed) for r in prefill.requests)
+        chunk = self.scheduler.config.prefill_chunk_tokens
+        if not chunk or start + chunk >= width:
+            return start, width
+        if start == 0 and not any(s.rows or s.pending for s in self.scheduler.slots):
+            return 0, width  # nothing else runs: one pass is fastest
+        return start, start + chunk
+
     async def _prefill(self, slot: Slot, prefill: Prefill) -> bool:
-        """Runs a planned prefill; False when it failed (the fault is handled)."""
+        """Runs a planned prefill, or its next chunk; False when it failed (the fault is
+        handled)."""
+        start, end = self._chunk_end(slot, prefill)
+        width = max(len(r.feed) for r in prefill.requests)
+        if start:
+            now = asyncio.get_running_loop().time()
+            if not any(not r.cancelled and now < r.deadline for r in prefill.requests):
+                self._fault(slot, Abandoned(self.chain.addresses[0], "every row left"), prefill)
+                return False
+        if end < width:
+            with tracer.start_as_current_span(
+                "prefill.chunk",
+                attributes={"tessera.batch": prefill.batch_id, "tessera.columns": end - start},
+            ):
+                if await self._call(slot, self.client.prefill(prefill, start, end), prefill):
+                    self._chunks[slot.index] = (prefill, end)
+                    return True
+                return False
         requests = prefill.requests
         first = self.owner.generations.get(requests[0].request_id)
         links = [
@@ -345,7 +386,7 @@ class ChainEngine:
             links=links,
             attributes={"tessera.rows": len(requests), "tessera.batch": prefill.batch_id},
         ):
-            prefilled = await self._call(slot, self.client.prefill(prefill), prefill)
+            prefilled = await self._call(slot, self.client.prefill(prefill, start), prefill)
             if prefilled is None:
                 return False
             now = asyncio.get_running_loop().time()

@@ -137,6 +137,7 @@ class SchedulerConfig:
     balanced: bool  # pipelined chains: slots share the rows; else slot 0 first
     max_waiting: int
     max_prefill_tokens: int
+    prefill_chunk_tokens: int
     waiting_served_ratio: float
     max_waiting_steps: int
     aging_share: float
@@ -163,6 +164,7 @@ class SchedulerConfig:
             "balanced": stages > 1,
             "max_waiting": settings.max_waiting,
             "max_prefill_tokens": settings.max_prefill_tokens,
+            "prefill_chunk_tokens": settings.prefill_chunk_tokens,
             "waiting_served_ratio": settings.waiting_served_ratio,
             "max_waiting_steps": settings.max_waiting_steps,
             "aging_share": settings.aging_share,
@@ -543,6 +545,10 @@ class Scheduler:
 
     def requests(self) -> list[Request]:
         return [*self.waiting, *self._placed()]
+
+    def prefilling(self, slot: Slot) -> Prefill | None:
+        """The slot's prefill in flight, if any."""
+        return self._prefilling.get(slot.index)
 
     def busy(self, slot: Slot) -> bool:
         """Whether the slot holds rows or a prefill in flight."""

@@ -61,6 +61,7 @@ class StageBatch:
     batch_id: str
     rows: list[Row]
     cache: SlotCache
+    prefill_width: int = 0  # the prompts' whole left-padded width (chunks fill it in)
     last_used: float = field(default_factory=time.monotonic)
 
     def __len__(self) -> int:
@@ -76,25 +77,43 @@ class StageBatch:
 
     @classmethod
     def prefill(
-        cls, stage: StageModel, batch_id: str, rows: list[Row], inputs: torch.Tensor
+        cls,
+        stage: StageModel,
+        batch_id: str,
+        rows: list[Row],
+        inputs: torch.Tensor,
+        width: int | None = None,
     ) -> tuple[StageBatch, torch.Tensor]:
-        """Runs left-padded prompts ([rows, width] ids or [rows, width, hidden]).
+        """Runs left-padded prompts ([rows, width] ids or [rows, width, hidden]), or the first
+        chunk of them when `width` (the whole padded width) is wider than the input.
 
-        Returns the batch and the hidden states of every position, [rows, width, hidden].
+        Returns the batch and the hidden states of every position run, [rows, chunk, hidden].
         """
-        width = int(inputs.shape[1])
-        lengths = torch.tensor([r.length for r in rows], dtype=torch.int64)
-        columns = torch.arange(width, dtype=torch.int64)
-        pads = (width - lengths).unsqueeze(1)
-        mask = (columns.unsqueeze(0) >= pads).to(torch.int64)
-        # Padding columns get position 0 (any valid position; they are masked out).
-        positions = (columns.unsqueeze(0) - pads).clamp(min=0)
+        width = int(inputs.shape[1]) if width is None else width
         cache = SlotCache(len(stage.span), capacity_for(rows, width))
         for row in rows:
             if stage.is_last and row.generator is None:
                 row.generator = make_generator(row.sampling)
-        hidden = stage.run(inputs, cache=cache, attention_mask=mask, position_ids=positions)
-        return cls(batch_id, rows, cache), hidden
+        batch = cls(batch_id, rows, cache, prefill_width=width)
+        return batch, batch.extend(stage, inputs)
+
+    def extend(self, stage: StageModel, inputs: torch.Tensor) -> torch.Tensor:
+        """Runs the next columns of the left-padded prompts (chunked prefill): the mask covers
+        every column so far, and positions are counted from each row's first real column."""
+        start, chunk = self.cache.length, int(inputs.shape[1])
+        pads = (self.prefill_width - self._lengths()).unsqueeze(1)
+        columns = torch.arange(start + chunk, dtype=torch.int64)
+        mask = (columns.unsqueeze(0) >= pads).to(torch.int64)
+        # Padding columns get position 0 (any valid position; they are masked out).
+        positions = (columns[start:].unsqueeze(0) - pads).clamp(min=0)
+        hidden = stage.run(inputs, cache=self.cache, attention_mask=mask, position_ids=positions)
+        self.last_used = time.monotonic()
+        return hidden
+
+    @property
+    def prefilling(self) -> bool:
+        """Whether chunks of its prefill are still to come."""
+        return self.cache.length < self.prefill_width
 
     def decode(self, stage: StageModel, inputs: torch.Tensor) -> torch.Tensor:
         """One step: [rows] token ids (first stage) or [rows, 1, hidden]. Returns [rows, 1, h]."""

@@ -94,11 +94,30 @@ class GenerationEngine:
     # -- steps -------------------------------------------------------------------------------
 
     def prefill(
-        self, batch_id: str, rows: list[Row], inputs: torch.Tensor, merge_into: str = ""
+        self,
+        batch_id: str,
+        rows: list[Row],
+        inputs: torch.Tensor,
+        merge_into: str = "",
+        *,
+        start: int = 0,
+        width: int = 0,
+        more: bool = False,
     ) -> StepOutput:
+        """A new batch's prompts, or one chunk of them: `start` is the column the input begins
+        at (0: a new batch), `width` the whole left-padded width (0: the input's), `more` that
+        chunks follow (nothing is sampled and the merge is not reserved until the last)."""
+        chunk = int(inputs.shape[1])
+        width = width or chunk
+        if start + chunk > width or more != (start + chunk < width):
+            raise InvalidArgument(
+                f"a chunk of columns [{start}, {start + chunk}) does not fit a prefill of width "
+                f"{width} with more={more}"
+            )
+        if start:
+            return self._next_chunk(batch_id, rows, inputs, merge_into, start, width, more)
         if batch_id in self.batches:
             raise InvalidArgument(f"batch {batch_id[:80]!r} already exists")
-        width = int(inputs.shape[1])
         if any(not 0 < r.length <= width for r in rows):
             raise InvalidArgument(f"row lengths must be in [1, {width}] (the input width)")
         if any(r.max_tokens < r.length for r in rows):
@@ -110,13 +129,48 @@ class GenerationEngine:
                 f"{self.stage.spec.max_positions} positions"
             )
         own = len(rows) * capacity_for(rows, width)
-        extra = self._merge_extra(merge_into, rows, width, own)
+        extra = 0 if more else self._merge_extra(merge_into, rows, width, own)
         self._reserve(own + extra, len(rows))
         self._with_grammars(rows)
-        batch, hidden = StageBatch.prefill(self.stage, batch_id, rows, inputs)
+        batch, hidden = StageBatch.prefill(self.stage, batch_id, rows, inputs, width)
         self.batches[batch_id] = batch
         if extra:
             self.reserved[batch_id] = extra
+        return self._chunk_output(batch, hidden, more)
+
+    def _next_chunk(
+        self,
+        batch_id: str,
+        rows: list[Row],
+        inputs: torch.Tensor,
+        merge_into: str,
+        start: int,
+        width: int,
+        more: bool,
+    ) -> StepOutput:
+        batch = self._take(batch_id)
+        if (
+            not batch.prefilling
+            or batch.cache.length != start
+            or batch.prefill_width != width
+            or [r.request_id for r in rows] != [r.request_id for r in batch.rows]
+        ):
+            raise InvalidArgument(
+                f"batch {batch_id[:80]!r} does not continue at column {start} of width {width} "
+                "with these rows"
+            )
+        if int(inputs.shape[0]) != len(batch):
+            raise InvalidArgument(f"{int(inputs.shape[0])} inputs for a batch of {len(batch)} rows")
+        if not more:
+            extra = self._merge_extra(merge_into, batch.rows, width, batch.kv_tokens)
+            self._reserve(extra, 0)
+            if extra:
+                self.reserved[batch_id] = extra
+        return self._chunk_output(batch, batch.extend(self.stage, inputs), more)
+
+    def _chunk_output(self, batch: StageBatch, hidden: torch.Tensor, more: bool) -> StepOutput:
+        if more and self.stage.is_last:
+            return StepOutput(batch.batch_id, None, [], batch.kv_tokens)  # nothing sampled yet
         return self._output(batch, hidden)
 
     def _merge_extra(self, merge_into: str, rows: list[Row], width: int, own: int) -> int:
@@ -135,6 +189,8 @@ class GenerationEngine:
         if len(set(batch_ids)) != len(batch_ids):
             raise InvalidArgument("batch_ids repeat a batch")
         parts = [self._take(b) for b in batch_ids]
+        if any(p.prefilling for p in parts):
+            raise InvalidArgument("a batch whose chunked prefill is unfinished cannot decode")
         if len(parts) > 1:
             held = sum(p.kv_tokens + self.reserved.get(p.batch_id, 0) for p in parts)
             rows = [r for p in parts for r in p.rows]

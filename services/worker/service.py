@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import functools
 import logging
 import time
 from collections.abc import Callable
@@ -355,8 +356,16 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         if int(inputs.shape[0]) != len(rows):
             raise InvalidArgument(f"{int(inputs.shape[0])} input rows for {len(rows)} rows")
         self._check_length(len(rows), int(inputs.shape[1]))
+        start, width = int(request.chunk_start), int(request.width)
+        if width:
+            self._check_length(len(rows), width)
         merge_into = request.merge_into[:MAX_BATCH_ID_CHARS]
-        out = await self._step("prefill", self.engine.prefill, batch_id, rows, inputs, merge_into)
+        prefill = functools.partial(
+            self.engine.prefill, start=start, width=width, more=request.more
+        )
+        # A later chunk continues a batch this worker holds: like a decode step, never refused.
+        name = "chunk" if start else "prefill"
+        out = await self._step(name, prefill, batch_id, rows, inputs, merge_into)
         return self._result(out, wire)
 
     async def Decode(

@@ -250,3 +250,46 @@ def test_a_cancelled_stream_frees_its_rows_on_every_stage(mesh: Mesh) -> None:
 
 def _decode_steps(proc: Proc) -> float:
     return metric(scrape(metrics_address(proc)), "tessera_worker_batch_rows_count", kind="decode")
+
+
+def test_a_wide_prompt_is_prefilled_in_chunks_beside_a_running_stream(
+    repo: Path, reference: tuple
+) -> None:
+    """Chunks of 8 columns: a ~70-token prompt sent once a long stream is running joins it in
+    chunks (the first stage logs them), and both equal the unsplit model's greedy tokens."""
+    env = {"TESSERA_ROUTER_PREFILL_CHUNK_TOKENS": "8", "TESSERA_ROUTER_MAX_WAITING_STEPS": "1"}
+    long = request("llama-2", "it is", 240)
+    wide = request("llama-2", " ".join(["the cat sat on the mat"] * 12), 10)  # 9 chunks of 8
+    want_long = greedy_reference(reference, long.prompt, 240)
+    assert 6 not in want_long[:200]  # no EOS for long: it is still running when wide arrives
+    with Mesh(repo, env=env) as m:
+        m.start_router()
+        for span in CHAINS["llama-2"]:
+            m.start_worker("llama-2", span, wait=False)
+        for proc in m.workers:
+            proc.wait_ready()
+        m.wait_model("llama-2")
+        first = m.workers[0]
+
+        def prefill_calls() -> int:
+            return sum('"rpc": "/tessera.v1.Worker/Prefill"' in line for line in list(first.lines))
+
+        async def go() -> tuple[list[int], list[int]]:
+            async with aio.insecure_channel(m.address) as channel:
+                stub = inference_pb2_grpc.InferenceStub(channel)
+                running = stub.GenerateStream(long, timeout=60)
+                got_long: list[int] = []
+                async for chunk in running:  # wait for its first tokens: it is running
+                    got_long.extend(chunk.token_ids)
+                    break
+                joined = asyncio.create_task(stream(stub, wide))
+                async for chunk in running:
+                    got_long.extend(chunk.token_ids)
+                return got_long, (await joined)[0]
+
+        before = prefill_calls()
+        got_long, got_wide = asyncio.run(go())
+        assert got_long == want_long
+        assert got_wide == greedy_reference(reference, wide.prompt, 10)[: len(got_wide)]
+        assert len(got_wide) == 10 or got_wide[-1] == 6
+        assert prefill_calls() - before >= 1 + 9  # the long prompt's, and the wide one's chunks

@@ -63,6 +63,7 @@ class FakeWorker:
     draining: bool = False
     down: bool = False
     calls: list[tuple[str, list[int]]] = field(default_factory=list)  # (method, request ids)
+    chunked: dict[str, tuple[int, list[int]]] = field(default_factory=dict)  # next column, rows
 
     def fail_next(
         self,
@@ -87,18 +88,31 @@ class FakeWorker:
             for rows in self.batches.values()
         )
 
-    def prefill(self, batch_id: str, rows: list[list]) -> None:
+    def prefill(
+        self, batch_id: str, rows: list[list], start: int = 0, end: int = 0, width: int = 0
+    ) -> None:
+        """A new batch, or (chunked) columns [start, end) of one: a batch is decoded only once
+        its last chunk has run."""
         self._enter("prefill")
-        if self.draining:
-            raise StageDraining(self.address, "draining")
-        cost = kv_cost([len(seq) for _, seq, _ in rows], [m for _, _, m in rows])
-        if self.used() + cost > self.budget:
-            raise StageFull(self.address, "KV budget")
-        self.batches[batch_id] = rows
-        self.calls.append(("prefill", [rid for rid, _, _ in rows]))
+        ids = [rid for rid, _, _ in rows]
+        if start:
+            assert self.chunked.get(batch_id) == (start, ids), "a chunk out of order"
+        else:
+            if self.draining:
+                raise StageDraining(self.address, "draining")
+            cost = kv_cost([len(seq) for _, seq, _ in rows], [m for _, _, m in rows])
+            if self.used() + cost > self.budget:
+                raise StageFull(self.address, "KV budget")
+            self.batches[batch_id] = rows
+        if end < width:
+            self.chunked[batch_id] = (end, ids)
+        else:
+            self.chunked.pop(batch_id, None)
+        self.calls.append(("chunk" if end < width else "prefill", ids))
 
     def decode(self, batch_ids: Sequence[str], tokens: Sequence[int]) -> None:
         self._enter("decode", len(batch_ids))
+        assert not set(batch_ids) & set(self.chunked), "a decode of a batch still prefilling"
         missing = [b for b in batch_ids if b not in self.batches]
         if missing:
             raise BatchLost(self.address, f"batch {missing[0]} is not held")
@@ -131,6 +145,7 @@ class FakeWorker:
     def clear(self, batch_ids: Sequence[str]) -> None:
         for batch_id in batch_ids:
             self.batches.pop(batch_id, None)
+            self.chunked.pop(batch_id, None)
 
 
 class FakeChainClient:
@@ -139,13 +154,16 @@ class FakeChainClient:
     def __init__(self, chain: Chain, workers: dict[str, FakeWorker]) -> None:
         self.stages = [workers[a] for a in chain.addresses]
 
-    async def prefill(self, prefill: Prefill) -> Sampled:
+    async def prefill(self, prefill: Prefill, start: int = 0, end: int = 0) -> Sampled:
+        """The prompts, or columns [start, end) of them (a chunk: nothing sampled yet)."""
+        width = max(len(r.feed) for r in prefill.requests)
+        end = end or width
         tokens = []
         for index, stage in enumerate(self.stages):
             await asyncio.sleep(0)
             rows = [[r.request_id, list(r.feed), r.max_tokens] for r in prefill.requests]
-            stage.prefill(prefill.batch_id, rows)
-            if index == len(self.stages) - 1:
+            stage.prefill(prefill.batch_id, rows, start, end, width)
+            if index == len(self.stages) - 1 and end == width:
                 tokens = [next_token(seq) for _, seq, _ in rows]
         return Sampled(tokens)
 
@@ -308,6 +326,72 @@ def test_simultaneous_arrivals_share_one_prefill() -> None:
         assert all(correct(g, r) for g, r in zip(gens, results, strict=True))
         prefills = [ids for kind, ids in bench.workers["r"].calls if kind == "prefill"]
         assert prefills == [[g.request_id for g in gens]]
+        await bench.generations.close()
+
+    run(scenario)
+
+
+def test_a_wide_prompt_is_prefilled_in_chunks_between_the_running_batchs_steps() -> None:
+    async def scenario() -> None:
+        bench = Bench(
+            {"a": "0:2", "b": "2:4"}, slots=1, max_waiting_steps=1, prefill_chunk_tokens=8
+        )
+        chain = bench.chain("a", "b")
+        running = bench.start(chain, 3, 40)
+        first = asyncio.create_task(collect(running))
+        await until(lambda: len(running.request.generated) >= 2, "the first batch running")
+        wide = bench.start(chain, 30, 5)  # 30 columns: chunks of 8, 8, 8 and the last 6
+        results = await asyncio.gather(first, collect(wide))
+        assert correct(running, results[0]) and correct(wide, results[1])
+        for worker in bench.workers.values():
+            kinds = [kind for kind, ids in worker.calls if wide.request_id in ids]
+            assert kinds[:4] == ["chunk", "chunk", "chunk", "prefill"], kinds
+            # The running batch stepped between every two chunks of the wide prompt.
+            calls = worker.calls
+            at = [i for i, (kind, ids) in enumerate(calls) if wide.request_id in ids][:4]
+            for before, after in zip(at, at[1:], strict=False):
+                assert any(kind == "decode" for kind, _ in calls[before + 1 : after]), calls
+        assert bench.pool.blamed == []
+        await bench.generations.close()
+
+    run(scenario)
+
+
+def test_a_wide_prompt_alone_is_prefilled_in_one_pass() -> None:
+    async def scenario() -> None:
+        bench = Bench({"a": "0:2", "b": "2:4"}, slots=1, prefill_chunk_tokens=8)
+        chain = bench.chain("a", "b")
+        wide = bench.start(chain, 30, 5)
+        assert correct(wide, await collect(wide))
+        assert [kind for kind, _ in bench.workers["a"].calls][:2] == ["prefill", "decode"]
+        await bench.generations.close()
+
+    run(scenario)
+
+
+def test_a_chunked_prefill_whose_rows_left_stops_and_the_batch_goes_on() -> None:
+    async def scenario() -> None:
+        bench = Bench(
+            {"a": "0:2", "b": "2:4"}, slots=1, max_waiting_steps=1, prefill_chunk_tokens=4
+        )
+        chain = bench.chain("a", "b")
+        running = bench.start(chain, 3, 60)
+        first = asyncio.create_task(collect(running))
+        await until(lambda: len(running.request.generated) >= 2, "the first batch running")
+        wide = bench.start(chain, 200, 5)
+        await until(
+            lambda: any(kind == "chunk" for kind, _ in bench.workers["a"].calls), "a chunk ran"
+        )
+        engine = wide.engine
+        assert engine is not None
+        bench.generations.cancel(wide)
+        assert correct(running, await first)
+        assert wide.request not in engine.scheduler.requests()
+        chunks = [ids for kind, ids in bench.workers["a"].calls if kind == "chunk"]
+        assert len(chunks) < 200 // 4 - 1  # it stopped well before its last chunk
+        await until(lambda: not any(w.chunked for w in bench.workers.values()), "cleared")
+        assert not any(wide.request_id in ids for _, ids in bench.workers["a"].calls[-3:])
+        assert bench.pool.blamed == []
         await bench.generations.close()
 
     run(scenario)

@@ -274,6 +274,9 @@ class PrefillRequest(_message.Message):
     HIDDEN_STATES_FIELD_NUMBER: _builtins.int
     HIDDEN_DTYPE_FIELD_NUMBER: _builtins.int
     MERGE_INTO_FIELD_NUMBER: _builtins.int
+    CHUNK_START_FIELD_NUMBER: _builtins.int
+    WIDTH_FIELD_NUMBER: _builtins.int
+    MORE_FIELD_NUMBER: _builtins.int
     batch_id: _builtins.str
     """chosen by the router; unique per router"""
     hidden_dtype: _builtins.str
@@ -282,6 +285,15 @@ class PrefillRequest(_message.Message):
     """The running batch this one merges into at its first decode. The worker reserves the merged
     batch's memory now, so the merge is never refused for memory once the prefill is accepted.
     """
+    chunk_start: _builtins.int
+    """Chunked prefill: a long prompt's columns in pieces, each call appending to the batch, so the
+    running batches' decode steps go on between them. chunk_start is the column of the
+    left-padded input this call begins at (0: a new batch); width is the whole left-padded width
+    (0: this call's input is all of it); more says chunks follow (the last stage samples nothing
+    yet, and merge_into is reserved only with the last chunk).
+    """
+    width: _builtins.int
+    more: _builtins.bool
     @_builtins.property
     def rows(self) -> _containers.RepeatedCompositeFieldContainer[Global___PrefillRow]: ...
     @_builtins.property
@@ -301,10 +313,13 @@ class PrefillRequest(_message.Message):
         hidden_states: _common_pb2.Tensor | None = ...,
         hidden_dtype: _builtins.str = ...,
         merge_into: _builtins.str = ...,
+        chunk_start: _builtins.int = ...,
+        width: _builtins.int = ...,
+        more: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["hidden_states", b"hidden_states", "input_ids", b"input_ids"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_id", b"batch_id", "hidden_dtype", b"hidden_dtype", "hidden_states", b"hidden_states", "input_ids", b"input_ids", "merge_into", b"merge_into", "rows", b"rows"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_id", b"batch_id", "chunk_start", b"chunk_start", "hidden_dtype", b"hidden_dtype", "hidden_states", b"hidden_states", "input_ids", b"input_ids", "merge_into", b"merge_into", "more", b"more", "rows", b"rows", "width", b"width"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
