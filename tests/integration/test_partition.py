@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 
 from services.pb.tessera.v1 import inference_pb2
+from services.router.pool import MAX_RETRY_S
 from tests.integration.test_faults import GREEDY_PROMPT, stream_tokens, worker_info
 from tests.integration.test_isolation import _streams
 from tests.mesh import Mesh, Proc
@@ -145,9 +146,15 @@ def test_a_partitioned_stage_is_failed_over_and_taken_back(tiny_repo: Path) -> N
         stuck_at = _logged_at(moved[0])
         assert stuck_at - cut <= STUCK_TIMEOUT_S + 1.0, (stuck_at - cut, moved[0])
 
-        # The link comes back: the worker is admitted again and takes new work.
+        # The link comes back: the worker is admitted again and takes new work. A check of it
+        # refused while it was cut off is made again after a backoff of up to MAX_RETRY_S, and
+        # an admission's calls take up to admission_timeout_s (10 s) each on a loaded machine.
         link(netns, "up")
-        mesh.wait_model("tiny-llama", chains=2, timeout=30)
+        try:
+            mesh.wait_model("tiny-llama", chains=2, timeout=MAX_RETRY_S + 3 * 10.0 + 5.0)
+        except TimeoutError:
+            about = [line for line in mesh.router.lines if f"{address}:{NS_PORT}" in line]
+            raise AssertionError("not taken back:\n" + "\n".join(about[-40:])) from None
         before = _prefills(far)
         deadline = time.monotonic() + 30
         while _prefills(far) == before and time.monotonic() < deadline:
