@@ -184,7 +184,7 @@ class RouterSettings(ServerSettings):
     max_waiting: int = setting(256, "generations waiting per chain before RESOURCE_EXHAUSTED")
     max_prefill_tokens: int = setting(8192, "rows x width of one prefill")
     prefill_chunk_tokens: int = setting(
-        256,
+        128,
         "while other generations run, a wider prefill goes in chunks of this many columns with "
         "their decode steps between them (0: always in one pass)",
     )
