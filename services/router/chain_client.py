@@ -112,7 +112,7 @@ class ChainClient:
         chunked prefill): the stages append them to the batch and nothing is sampled."""
         requests = prefill.requests
         feeds = [r.feed for r in requests]
-        width = max(len(f) for f in feeds)
+        width = prefill.width
         end = end or width
         more = end < width
         rows = [
@@ -147,8 +147,7 @@ class ChainClient:
 
         def wanted() -> bool:
             """A later stage prefills only while some row still wants its answer."""
-            now = asyncio.get_running_loop().time()
-            return any(not r.cancelled and now < r.deadline for r in requests)
+            return prefill.wanted(asyncio.get_running_loop().time())
 
         work = len(rows) * (end - start)
         result = await self._relay(

@@ -345,7 +345,7 @@ class ChainEngine:
         """The columns the slot's prefill runs next: all of them, or its next chunk when the
         prompts are wide and other generations run on the chain (their steps go between)."""
         start = self._chunks.pop(slot.index, (prefill, 0))[1]
-        width = max(len(r.feed) for r in prefill.requests)
+        width = prefill.width
         chunk = self.scheduler.config.prefill_chunk_tokens
         if not chunk or start + chunk >= width:
             return start, width
@@ -357,13 +357,10 @@ class ChainEngine:
         """Runs a planned prefill, or its next chunk; False when it failed (the fault is
         handled)."""
         start, end = self._chunk_end(slot, prefill)
-        width = max(len(r.feed) for r in prefill.requests)
-        if start:
-            now = asyncio.get_running_loop().time()
-            if not any(not r.cancelled and now < r.deadline for r in prefill.requests):
-                self._fault(slot, Abandoned(self.chain.addresses[0], "every row left"), prefill)
-                return False
-        if end < width:
+        if start and not prefill.wanted(asyncio.get_running_loop().time()):
+            self._fault(slot, Abandoned(self.chain.addresses[0], "every row left"), prefill)
+            return False
+        if end < prefill.width:
             with tracer.start_as_current_span(
                 "prefill.chunk",
                 attributes={"tessera.batch": prefill.batch_id, "tessera.columns": end - start},

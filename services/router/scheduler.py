@@ -198,6 +198,15 @@ class Prefill:
     requests: list[Request]
     merge_into: str
 
+    @property
+    def width(self) -> int:
+        """Columns of its left-padded input: the longest feed."""
+        return max(len(r.feed) for r in self.requests)
+
+    def wanted(self, now: float) -> bool:
+        """Whether some row still wants its answer (not cancelled, not past its deadline)."""
+        return any(not r.cancelled and now < r.deadline for r in self.requests)
+
 
 @dataclass(frozen=True)
 class Decode:
