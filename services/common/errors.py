@@ -70,6 +70,16 @@ class AlreadyExists(ServiceError):
     code = grpc.StatusCode.ALREADY_EXISTS
 
 
+PREFIX_MISSING_KEY = "tessera-prefix-missing"
+
+
+class PrefixMissing(FailedPrecondition):
+    """A prefill meant to start from cached KV blocks this worker no longer holds (evicted, or
+    it restarted): marked, so the router prefills those rows again from their first token."""
+
+    trailing = ((PREFIX_MISSING_KEY, "1"),)
+
+
 DRAINING_KEY = "tessera-draining"
 
 

@@ -188,6 +188,12 @@ class RouterSettings(ServerSettings):
         "while other generations run, a wider prefill goes in chunks of this many columns with "
         "their decode steps between them (0: always in one pass)",
     )
+    prefix_reuse: bool = setting(
+        True,
+        "a prompt that starts like one a chain prefilled before runs only its new part (every "
+        "stage keeps prompts' KV blocks; requests go to the chain that holds theirs when loads "
+        "are close)",
+    )
     waiting_served_ratio: float = setting(
         1.2, "prefill into a running batch early only for this many waiting per running row"
     )

@@ -109,7 +109,8 @@ class ChainClient:
         """Runs left-padded prompts through every stage; returns each row's first token.
 
         With `end` short of the prompts' width, only columns [start, end) run (a chunk of a
-        chunked prefill): the stages append them to the batch and nothing is sampled."""
+        chunked prefill): the stages append them to the batch and nothing is sampled. At
+        `prefill.start` > 0 the stages make the batch from their cached prompt blocks first."""
         requests = prefill.requests
         feeds = [r.feed for r in requests]
         width = prefill.width
@@ -123,10 +124,12 @@ class ChainClient:
                 sampling=r.sampling.to_pb(),
                 # A row under a grammar that resumes after a fault: the last stage replays it.
                 generated=r.generated if r.sampling.json_schema else (),
+                tokens=r.feed,
             )
             for r in requests
         ]
         chunked = (start, width, more) if (start or more) else (0, 0, False)
+        from_prefix = 0 < start == prefill.start
 
         def build(index: int, hidden: common_pb2.Tensor | None) -> worker_pb2.PrefillRequest:
             request = worker_pb2.PrefillRequest(
@@ -137,6 +140,7 @@ class ChainClient:
                 chunk_start=chunked[0],
                 width=chunked[1],
                 more=chunked[2],
+                from_prefix=from_prefix,
             )
             if index == 0:
                 request.input_ids.CopyFrom(left_padded(feeds, columns=slice(start, end)))

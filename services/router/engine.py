@@ -29,7 +29,7 @@ from typing import TypeVar
 
 from opentelemetry import context as otel_context
 from opentelemetry import trace
-from prometheus_client import Gauge, Histogram
+from prometheus_client import Counter, Gauge, Histogram
 
 from services.common.errors import (
     DeadlineExceeded,
@@ -52,10 +52,12 @@ from services.router.faults import (
     Blame,
     Fault,
     InputRefused,
+    PrefixNotHeld,
     StageDraining,
     StageFull,
 )
 from services.router.pool import Holding, WorkerPool
+from services.router.prefixes import PrefixIndex
 from services.router.relay import StepTimes
 from services.router.routing import Chain
 from services.router.scheduler import (
@@ -82,6 +84,11 @@ GENERATION_QUEUE_SECONDS = Histogram(
     ["model", "priority"],
     buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0),
 )
+PREFIX_TOKENS = Counter(
+    "tessera_prefix_tokens_total",
+    "prompt tokens prefilled, by whether the stages took them from their prefix cache",
+    ["model", "source"],  # source: "cached" or "computed"
+)
 
 REFUSED_BACKOFF_S = 0.05  # an empty slot waits this long after a worker refused its prefill
 IDLE_EXIT_S = 30.0  # a slot loop with nothing to do for this long ends
@@ -91,6 +98,7 @@ IDLE_EXIT_S = 30.0  # a slot loop with nothing to do for this long ends
 # GATHER_MAX_S. A lone request pays GATHER_QUIET_S once, against a prefill of 100+ ms.
 GATHER_QUIET_S = 0.005
 GATHER_MAX_S = 0.05
+AFFINITY_SLACK = 4  # a chain holding a request's prefix wins while this much busier, at most
 
 
 def priority_bucket(priority: int) -> str:
@@ -156,6 +164,8 @@ class ChainEngine:
         self._submitted = 0  # requests ever submitted: a burst is over when it stops moving
         self._held = Holding(chain.addresses)  # what the load book has from this engine
         self._chunks: dict[int, tuple[Prefill, int]] = {}  # slot -> prefill, its next column
+        for source in ("cached", "computed"):
+            PREFIX_TOKENS.labels(chain.model, source)  # both series exist from the start
 
     # -- the front door's calls --------------------------------------------------------------
 
@@ -304,7 +314,8 @@ class ChainEngine:
         """One turn: drop, admit, step. False when the slot has nothing to do."""
         now = asyncio.get_running_loop().time()
         self._emit(self.scheduler.expire(now))
-        plan = self.scheduler.plan(slot, now, self._room())
+        matched = self._matched if self.scheduler.config.prefix_reuse else None
+        plan = self.scheduler.plan(slot, now, self._room(), matched)
         self._emit(plan.outputs)
         self.refresh()
         if plan.outputs:
@@ -332,6 +343,10 @@ class ChainEngine:
             self.refresh()
         return True
 
+    def _matched(self, request: Request) -> int:
+        """Leading tokens of the request's feed this chain's stages hold cached."""
+        return self.owner.prefixes.matched(self.chain.addresses, request.feed)
+
     def _chunked_prefill(self, slot: Slot) -> Prefill | None:
         """The slot's chunked prefill under way, if the scheduler still has it in flight (a
         fault since may have sent its rows back)."""
@@ -344,20 +359,20 @@ class ChainEngine:
     def _chunk_end(self, slot: Slot, prefill: Prefill) -> tuple[int, int]:
         """The columns the slot's prefill runs next: all of them, or its next chunk when the
         prompts are wide and other generations run on the chain (their steps go between)."""
-        start = self._chunks.pop(slot.index, (prefill, 0))[1]
+        start = self._chunks.pop(slot.index, (prefill, prefill.start))[1]
         width = prefill.width
         chunk = self.scheduler.config.prefill_chunk_tokens
         if not chunk or start + chunk >= width:
             return start, width
-        if start == 0 and not any(s.rows or s.pending for s in self.scheduler.slots):
-            return 0, width  # nothing else runs: one pass is fastest
+        if start == prefill.start and not any(s.rows or s.pending for s in self.scheduler.slots):
+            return start, width  # nothing else runs: one pass is fastest
         return start, start + chunk
 
     async def _prefill(self, slot: Slot, prefill: Prefill) -> bool:
         """Runs a planned prefill, or its next chunk; False when it failed (the fault is
         handled)."""
         start, end = self._chunk_end(slot, prefill)
-        if start and not prefill.wanted(asyncio.get_running_loop().time()):
+        if start > prefill.start and not prefill.wanted(asyncio.get_running_loop().time()):
             self._fault(slot, Abandoned(self.chain.addresses[0], "every row left"), prefill)
             return False
         if end < prefill.width:
@@ -381,11 +396,16 @@ class ChainEngine:
             "prefill",
             context=first.trace_context if first is not None else None,
             links=links,
-            attributes={"tessera.rows": len(requests), "tessera.batch": prefill.batch_id},
+            attributes={
+                "tessera.rows": len(requests),
+                "tessera.batch": prefill.batch_id,
+                "tessera.cached_tokens": self._cached_tokens(prefill),
+            },
         ):
             prefilled = await self._call(slot, self.client.prefill(prefill, start), prefill)
             if prefilled is None:
                 return False
+            self._prefix_done(prefill)
             now = asyncio.get_running_loop().time()
             sampled = prefilled[0]
             outputs, drop = self.scheduler.prefilled(
@@ -397,6 +417,23 @@ class ChainEngine:
                 with tracer.start_as_current_span("prefill.filter"):
                     return await self._call(slot, self.client.filter(drop)) is not None
         return True
+
+    @staticmethod
+    def _cached_tokens(prefill: Prefill) -> int:
+        """Prompt tokens the prefill takes from the stages' caches: each row's part before its
+        first column."""
+        width = prefill.width
+        return sum(max(0, prefill.start - (width - len(r.feed))) for r in prefill.requests)
+
+    def _prefix_done(self, prefill: Prefill) -> None:
+        """Every stage holds the prefill's prompts now: the index records their blocks."""
+        cached = self._cached_tokens(prefill)
+        computed = sum(len(r.feed) for r in prefill.requests) - cached
+        PREFIX_TOKENS.labels(self.chain.model, "cached").inc(cached)
+        PREFIX_TOKENS.labels(self.chain.model, "computed").inc(computed)
+        if self.scheduler.config.prefix_reuse:
+            for request in prefill.requests:
+                self.owner.prefixes.add(self.chain.addresses, request.feed)
 
     async def _call(
         self, slot: Slot, call: Awaitable[T], prefill: Prefill | None = None
@@ -433,6 +470,11 @@ class ChainEngine:
                 self._clear(self.scheduler.merge_refused(slot))
             else:  # a later stage refused what the first one did: the slot starts again
                 self._lost(slot, fault, now, retry=False)
+        elif isinstance(fault, PrefixNotHeld) and prefill is not None:
+            log.info("%s on %s: its rows prefill from the start", fault, self.chain.describe())
+            for request in prefill.requests:
+                self.owner.prefixes.forget(self.chain.addresses, request.feed)
+            self._clear(self.scheduler.refused(slot, prefill))
         elif isinstance(fault, Abandoned) and prefill is not None:
             self._clear(self.scheduler.refused(slot, prefill))  # they leave at the next turn
         elif isinstance(fault, InputRefused):
@@ -531,6 +573,7 @@ class Generations:
             lambda chain: ChainClient(pool, chain, self.times, hidden_dtype)
         )
         self.router_id = uuid.uuid4().hex[:12]
+        self.prefixes = PrefixIndex()
         self.generations: dict[int, Generation] = {}
         self._engines: dict[tuple[str, ...], ChainEngine] = {}  # the chains taking new work
         self._leaving: set[ChainEngine] = set()  # draining or superseded: finishing their rows
@@ -549,6 +592,25 @@ class Generations:
         except ServiceError:
             self.generations.pop(generation.request_id, None)
             raise
+
+    def prefer(self, chain: Chain, chains: Iterable[Chain], feed: list[int]) -> Chain:
+        """Prefix affinity: of the chains of `chain`'s version whose load is close to its own
+        (within AFFINITY_SLACK outstanding requests on their busiest stage), the one whose stages
+        hold the most of `feed`'s start; `chain` when none holds more."""
+        load = self.pool.load
+
+        def busiest(c: Chain) -> int:
+            return max(load.get(a, 0) for a in c.addresses)
+
+        ceiling = busiest(chain) + AFFINITY_SLACK
+        best, most = chain, self.prefixes.matched(chain.addresses, feed)
+        for other in chains:
+            if other.fingerprint != chain.fingerprint or busiest(other) > ceiling:
+                continue
+            held = self.prefixes.matched(other.addresses, feed)
+            if held > most:
+                best, most = other, held
+        return best
 
     def cancel(self, generation: Generation) -> None:
         """The client left or a stop string ended it: its row leaves at the next step."""
@@ -635,6 +697,7 @@ class Generations:
         through it move their generations (running or waiting) to other chains."""
         self.pool.apply_blame(fault)
         self.times.forget(fault.address)
+        self.prefixes.forget_worker(fault.address)
         for engine in self._through(fault.address):
             requests = engine.stop()
             self.retire(engine)

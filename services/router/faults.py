@@ -14,6 +14,9 @@ knows which rows were in the call decides what happens to them:
   again (a retry).
 - StageMisbehaved (UNIMPLEMENTED, an answer of the wrong shape): the worker is dropped until it
   passes admission again; the rows move to another chain.
+- PrefixNotHeld (FAILED_PRECONDITION marked `tessera-prefix-missing`): nothing; the prefill's
+  rows wait again and are prefilled from their first token (the stage evicted or never had the
+  cached prompt blocks the router thought it held).
 - InputRefused (INVALID_ARGUMENT): nothing; the call's requests fail (a Forward client's own
   input, or else the router's bug).
 - DeadlinePassed (DEADLINE_EXCEEDED under the caller's own deadline): nothing; the call's
@@ -32,7 +35,7 @@ from enum import StrEnum
 import grpc
 from grpc import aio
 
-from services.common.errors import DRAINING_KEY
+from services.common.errors import DRAINING_KEY, PREFIX_MISSING_KEY
 
 
 class Blame(StrEnum):
@@ -82,6 +85,10 @@ class StageMisbehaved(Fault):
     blame = Blame.REJECT
 
 
+class PrefixNotHeld(Fault):
+    """A stage does not hold the cached prompt blocks a prefill meant to start from."""
+
+
 class InputRefused(Fault):
     """The worker refused the call's input (INVALID_ARGUMENT)."""
 
@@ -95,8 +102,8 @@ class Abandoned(Fault):
     later stages are spared the work. Nobody is at fault."""
 
 
-def _draining(error: aio.AioRpcError) -> bool:
-    return any(key == DRAINING_KEY for key, _ in error.trailing_metadata() or ())
+def _marked(error: aio.AioRpcError, marker: str) -> bool:
+    return any(key == marker for key, _ in error.trailing_metadata() or ())
 
 
 def classify(error: aio.AioRpcError, address: str, *, timeout_is_stuck: bool) -> Fault:
@@ -104,7 +111,7 @@ def classify(error: aio.AioRpcError, address: str, *, timeout_is_stuck: bool) ->
     stuck-stage timeout (DEADLINE_EXCEEDED means the stage is stuck), not a caller's deadline."""
     code = error.code()
     detail = f"{code.name}: {(error.details() or '')[:200]}"
-    if code == grpc.StatusCode.UNAVAILABLE and _draining(error):
+    if code == grpc.StatusCode.UNAVAILABLE and _marked(error, DRAINING_KEY):
         return StageDraining(address, detail)
     if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED):
         return StageDown(address, detail)
@@ -112,6 +119,8 @@ def classify(error: aio.AioRpcError, address: str, *, timeout_is_stuck: bool) ->
         if timeout_is_stuck:
             return StageStuck(address, "no answer within the stuck-stage timeout")
         return DeadlinePassed(address, detail)
+    if code == grpc.StatusCode.FAILED_PRECONDITION and _marked(error, PREFIX_MISSING_KEY):
+        return PrefixNotHeld(address, detail)
     if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
         return StageFull(address, detail)
     if code == grpc.StatusCode.UNIMPLEMENTED:

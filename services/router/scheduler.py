@@ -143,6 +143,7 @@ class SchedulerConfig:
     aging_share: float
     max_retries: int
     max_tenants: int
+    prefix_reuse: bool = False  # prefills start after the prompt blocks the chain holds
     share_half_life_s: float = 10.0  # how fast a tenant's recent share is forgotten
     batch_prefix: str = "b"  # batch ids are `<prefix>-<n>`, unique per router and chain
 
@@ -170,6 +171,7 @@ class SchedulerConfig:
             "aging_share": settings.aging_share,
             "max_retries": settings.retries,
             "max_tenants": settings.max_tenants,
+            "prefix_reuse": settings.prefix_reuse,
         }
         return cls(**{**values, **more})
 
@@ -197,6 +199,9 @@ class Prefill:
     batch_id: str
     requests: list[Request]
     merge_into: str
+    # The first column it runs: the columns before it come from the stages' cached prompt
+    # blocks (every row whose prompt starts before it reuses that part; 0: nothing reused).
+    start: int = 0
 
     @property
     def width(self) -> int:
@@ -313,11 +318,18 @@ class Scheduler:
 
     # -- planning ----------------------------------------------------------------------------
 
-    def plan(self, slot: Slot, now: float, room: Room) -> Plan:
+    def plan(
+        self,
+        slot: Slot,
+        now: float,
+        room: Room,
+        matched: Callable[[Request], int] | None = None,
+    ) -> Plan:
         """Rows leave `slot` (done, cancelled, late) and waiting requests are admitted to it.
 
         The leaving rows are out of the slot when this returns; the admitted requests are the
-        slot's prefill in flight until `prefilled` or a fault reports back."""
+        slot's prefill in flight until `prefilled` or a fault reports back. `matched` says how
+        many leading tokens of a request's feed the chain holds cached."""
         leaving = [r for r in slot.rows if r.done or r.cancelled or now >= r.deadline]
         drop: Drop | None = None
         if leaving:
@@ -331,7 +343,10 @@ class Scheduler:
         if picked:
             self._batches += 1
             prefill = Prefill(
-                f"{self.config.batch_prefix}-{self._batches}", picked, slot.batch_id or ""
+                f"{self.config.batch_prefix}-{self._batches}",
+                picked,
+                slot.batch_id or "",
+                _first_column(picked, matched) if matched is not None else 0,
             )
             self._prefilling[slot.index] = prefill
             for request in picked:
@@ -569,6 +584,13 @@ class Scheduler:
             key = bucket(request.priority)
             depths[key] = depths.get(key, 0) + 1
         return depths
+
+
+def _first_column(requests: Sequence[Request], matched: Callable[[Request], int]) -> int:
+    """The first column a batch of these requests must run: every row's cached tokens end at or
+    after it (rows are right-aligned, so a short row's prompt may start after it)."""
+    width = max(len(r.feed) for r in requests)
+    return max(0, min(width - len(r.feed) + matched(r) for r in requests))
 
 
 def _left(request: Request, now: float) -> Output:

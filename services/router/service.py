@@ -259,6 +259,8 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
             chain = choice.chain or table.route(
                 job.model, self.pool.load, fingerprint=choice.fingerprint
             )
+            if self.settings.prefix_reuse:
+                chain = self.generations.prefer(chain, table.chains(job.model), job.prompt_ids)
             with tracer.start_as_current_span(
                 "generate",
                 attributes={

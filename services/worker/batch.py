@@ -42,6 +42,7 @@ class Row:
     sampling: SamplingParams = field(default_factory=SamplingParams)
     generator: torch.Generator | None = None
     replay: list[int] = field(default_factory=list)  # tokens generated before (a re-prefill)
+    tokens: list[int] = field(default_factory=list)  # its whole prompt, for prefix blocks
     matcher: Any = None  # its grammar's state (last stage, structured output)
 
     @property
@@ -62,6 +63,7 @@ class StageBatch:
     rows: list[Row]
     cache: SlotCache
     prefill_width: int = 0  # the prompts' whole left-padded width (chunks fill it in)
+    input_dtype: str = ""  # what its prefill input arrived as (part of its prefix blocks' key)
     last_used: float = field(default_factory=time.monotonic)
 
     def __len__(self) -> int:
@@ -83,14 +85,20 @@ class StageBatch:
         rows: list[Row],
         inputs: torch.Tensor,
         width: int | None = None,
+        start: int = 0,
+        cached: Sequence[tuple[int, int, torch.Tensor]] = (),
     ) -> tuple[StageBatch, torch.Tensor]:
         """Runs left-padded prompts ([rows, width] ids or [rows, width, hidden]), or the first
         chunk of them when `width` (the whole padded width) is wider than the input.
 
+        With `start`, the columns before it come from cached KV blocks (`cached`: row, first
+        column, blocks) and the input begins at column `start`.
         Returns the batch and the hidden states of every position run, [rows, chunk, hidden].
         """
-        width = int(inputs.shape[1]) if width is None else width
+        width = int(inputs.shape[1]) + start if width is None else width
         cache = SlotCache(len(stage.span), capacity_for(rows, width))
+        if start:
+            cache.preload(len(rows), cached, start)
         for row in rows:
             if stage.is_last and row.generator is None:
                 row.generator = make_generator(row.sampling)
@@ -109,6 +117,10 @@ class StageBatch:
         hidden = stage.run(inputs, cache=self.cache, attention_mask=mask, position_ids=positions)
         self.last_used = time.monotonic()
         return hidden
+
+    def first_column(self, index: int) -> int:
+        """The column row `index`'s first prompt token sits at (while its prefill runs)."""
+        return self.prefill_width - self.rows[index].length
 
     @property
     def prefilling(self) -> bool:

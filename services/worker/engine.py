@@ -15,9 +15,11 @@ from dataclasses import dataclass
 import grpc
 import torch
 
-from services.common.errors import InvalidArgument, ResourceExhausted, ServiceError
+from services.common.errors import InvalidArgument, PrefixMissing, ResourceExhausted, ServiceError
+from services.common.prefix import BLOCK_TOKENS, block_hashes
 from services.worker.batch import Row, StageBatch, TokenLogprobs, capacity_for
 from services.worker.grammar import GrammarRefused, Grammars
+from services.worker.prefix import PrefixStore
 from services.worker.stage import StageModel
 
 
@@ -48,9 +50,18 @@ class GenerationEngine:
     """The generation batches held by one stage."""
 
     def __init__(
-        self, stage: StageModel, *, budget_tokens: int, max_rows: int, idle_s: float
+        self,
+        stage: StageModel,
+        *,
+        budget_tokens: int,
+        max_rows: int,
+        idle_s: float,
+        prefixes: PrefixStore | None = None,
     ) -> None:
         self.stage = stage
+        # Prompts' KV blocks, kept in whatever the batches leave of the budget.
+        self.prefixes = prefixes if prefixes is not None else PrefixStore("")
+        self.reused_tokens = 0  # prompt tokens taken from the prefix store, ever
         self.budget_tokens = budget_tokens
         self.max_rows = max_rows
         self.idle_s = idle_s
@@ -74,6 +85,9 @@ class GenerationEngine:
         return self.kv_tokens * self.stage.kv_bytes_per_token
 
     def _reserve(self, extra_tokens: int, extra_rows: int) -> None:
+        over = self.kv_tokens + self.prefixes.tokens + extra_tokens - self.budget_tokens
+        if over > 0:
+            self.prefixes.evict(over)  # cached prefixes give way to live batches
         if self.kv_tokens + extra_tokens > self.budget_tokens:
             raise ResourceExhausted(
                 f"KV budget: {self.kv_tokens} + {extra_tokens} token slots is over this "
@@ -103,10 +117,16 @@ class GenerationEngine:
         start: int = 0,
         width: int = 0,
         more: bool = False,
+        from_prefix: bool = False,
+        input_dtype: str = "",
     ) -> StepOutput:
         """A new batch's prompts, or one chunk of them: `start` is the column the input begins
         at (0: a new batch), `width` the whole left-padded width (0: the input's), `more` that
-        chunks follow (nothing is sampled and the merge is not reserved until the last)."""
+        chunks follow (nothing is sampled and the merge is not reserved until the last).
+
+        `from_prefix`: a new batch whose columns before `start` come from the prefix store (each
+        row's cached blocks, keyed by its `tokens`; PrefixMissing when one is not held).
+        `input_dtype` is what the input arrived as: part of the key of the blocks it stores."""
         chunk = int(inputs.shape[1])
         width = width or chunk
         if start + chunk > width or more != (start + chunk < width):
@@ -114,8 +134,10 @@ class GenerationEngine:
                 f"a chunk of columns [{start}, {start + chunk}) does not fit a prefill of width "
                 f"{width} with more={more}"
             )
-        if start:
+        if start and not from_prefix:
             return self._next_chunk(batch_id, rows, inputs, merge_into, start, width, more)
+        if from_prefix and not start:
+            raise InvalidArgument("a prefill from cached prefixes starts after column 0")
         if batch_id in self.batches:
             raise InvalidArgument(f"batch {batch_id[:80]!r} already exists")
         if any(not 0 < r.length <= width for r in rows):
@@ -128,15 +150,70 @@ class GenerationEngine:
                 f"a row may reach {longest} tokens, over the model's "
                 f"{self.stage.spec.max_positions} positions"
             )
+        if any(r.tokens and len(r.tokens) != r.length for r in rows):
+            raise InvalidArgument("a row's tokens are not its length")
+        cached = self._cached(rows, start, width, input_dtype) if from_prefix else []
         own = len(rows) * capacity_for(rows, width)
         extra = 0 if more else self._merge_extra(merge_into, rows, width, own)
         self._reserve(own + extra, len(rows))
         self._with_grammars(rows)
-        batch, hidden = StageBatch.prefill(self.stage, batch_id, rows, inputs, width)
+        batch, hidden = StageBatch.prefill(self.stage, batch_id, rows, inputs, width, start, cached)
+        batch.input_dtype = input_dtype
+        self.reused_tokens += sum(int(kv.shape[3]) for _, _, kv in cached)
         self.batches[batch_id] = batch
         if extra:
             self.reserved[batch_id] = extra
+        if not more:
+            self._remember(batch)
         return self._chunk_output(batch, hidden, more)
+
+    def _cached(
+        self, rows: list[Row], start: int, width: int, input_dtype: str
+    ) -> list[tuple[int, int, torch.Tensor]]:
+        """Each row's KV for the columns before `start`, from the prefix store."""
+        runs = []
+        for index, row in enumerate(rows):
+            first = width - row.length
+            reused = start - first
+            if reused <= 0:
+                continue  # its prompt starts at or after `start`: nothing to reuse
+            if reused >= row.length or not row.tokens:
+                raise InvalidArgument(
+                    f"row {row.request_id} would reuse {reused} of its {row.length} tokens "
+                    "(at most all but the last, and only with its tokens sent)"
+                )
+            blocks = -(-reused // BLOCK_TOKENS)
+            keys = self.prefixes.keys(input_dtype, block_hashes(row.tokens, blocks * BLOCK_TOKENS))
+            if len(keys) < blocks or self.prefixes.held(keys) < blocks:
+                raise PrefixMissing(
+                    f"row {row.request_id}: {reused} cached prompt tokens are not held here"
+                )
+            kv = torch.cat(self.prefixes.get(keys), dim=3)[:, :, :, :reused]
+            runs.append((index, first, kv))
+        if not runs:
+            raise InvalidArgument(f"no row has cached columns before column {start}")
+        return runs
+
+    def _remember(self, batch: StageBatch) -> None:
+        """Keeps the whole blocks of the batch's prompts (those not held yet) in what the batches
+        leave of the budget."""
+        for index, row in enumerate(batch.rows):
+            if not row.tokens:
+                continue
+            keys = self.prefixes.keys(batch.input_dtype, block_hashes(row.tokens))
+            mine = frozenset(keys)  # a prompt's blocks never push out its own earlier ones
+            first = batch.first_column(index)
+            for number, key in enumerate(keys):
+                if key in self.prefixes:
+                    self.prefixes.held([key])
+                    continue
+                free = self.budget_tokens - self.kv_tokens - self.prefixes.tokens
+                if free < BLOCK_TOKENS:
+                    self.prefixes.evict(BLOCK_TOKENS - free, keep=mine)
+                if self.budget_tokens - self.kv_tokens - self.prefixes.tokens < BLOCK_TOKENS:
+                    return  # the batches hold (nearly) the whole budget
+                column = first + number * BLOCK_TOKENS
+                self.prefixes.put(key, batch.cache.block(index, column, BLOCK_TOKENS))
 
     def _next_chunk(
         self,
@@ -166,7 +243,10 @@ class GenerationEngine:
             self._reserve(extra, 0)
             if extra:
                 self.reserved[batch_id] = extra
-        return self._chunk_output(batch, batch.extend(self.stage, inputs), more)
+        hidden = batch.extend(self.stage, inputs)
+        if not more:
+            self._remember(batch)
+        return self._chunk_output(batch, hidden, more)
 
     def _chunk_output(self, batch: StageBatch, hidden: torch.Tensor, more: bool) -> StepOutput:
         if more and self.stage.is_last:

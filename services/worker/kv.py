@@ -36,6 +36,11 @@ class SlotLayer(CacheLayerMixin):
         self.value_buffer = value_states.new_zeros(shape)
         self.is_initialized = True
 
+    def allocate(self, rows: int, heads: int, dim: int, dtype: torch.dtype) -> None:
+        """Zeroed buffers made before the first update (a prefill that starts from cached KV)."""
+        shape = (rows, heads, self.capacity, dim)
+        self.adopt(torch.zeros(shape, dtype=dtype), torch.zeros(shape, dtype=dtype), 0)
+
     def adopt(self, keys: torch.Tensor, values: torch.Tensor, length: int) -> None:
         """Takes buffers laid out elsewhere (a merge or a filter), `length` columns written."""
         self.key_buffer, self.value_buffer = keys, values
@@ -87,6 +92,36 @@ class SlotCache(Cache):
     @property
     def capacity(self) -> int:
         return self.slot_layers[0].capacity
+
+    def preload(
+        self, rows: int, runs: Sequence[tuple[int, int, torch.Tensor]], length: int
+    ) -> None:
+        """Fills columns from cached blocks before a prefill that starts at column `length`.
+
+        Each run is (row, first column, blocks [2, layers, heads, tokens, dim]); columns not
+        filled stay zero (padding) and every layer's write column becomes `length`."""
+        _, _, heads, _, dim = runs[0][2].shape
+        for index, layer in enumerate(self.slot_layers):
+            layer.allocate(rows, int(heads), int(dim), runs[0][2].dtype)
+            assert layer.key_buffer is not None and layer.value_buffer is not None
+            for row, first, kv in runs:
+                cols = slice(first, first + int(kv.shape[3]))
+                layer.key_buffer[row, :, cols] = kv[0, index]
+                layer.value_buffer[row, :, cols] = kv[1, index]
+            layer.length = length
+            layer.keys = layer.key_buffer[:, :, :length]
+            layer.values = layer.value_buffer[:, :, :length]
+
+    def block(self, row: int, first: int, tokens: int) -> torch.Tensor:
+        """Columns [first, first + tokens) of one row on every layer: [2, layers, heads, t, dim]."""
+        parts = []
+        for layer in self.slot_layers:
+            assert layer.key_buffer is not None and layer.value_buffer is not None
+            cols = slice(first, first + tokens)
+            parts.append(
+                torch.stack((layer.key_buffer[row, :, cols], layer.value_buffer[row, :, cols]))
+            )
+        return torch.stack(parts, dim=1).contiguous()
 
     def nbytes(self) -> int:
         """Bytes allocated, padding included (what the budget counts)."""

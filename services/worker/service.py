@@ -40,6 +40,7 @@ from services.worker.forwarding import (
     run_forward_group,
     run_pass,
 )
+from services.worker.prefix import PrefixStore
 from services.worker.stage import StageModel
 from services.worker.tensors import FLOAT_WIRE, from_torch, to_torch
 
@@ -96,6 +97,9 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
             budget_tokens=limits.max_kv_bytes // stage.kv_bytes_per_token,
             max_rows=limits.max_rows,
             idle_s=limits.batch_idle_s,
+            prefixes=PrefixStore(
+                f"{descriptor.fingerprint}|{descriptor.span}|{descriptor.precision}"
+            ),
         )
         self._expired_at = time.monotonic()
         self.outstanding = 0
@@ -269,6 +273,7 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
                 int(r.max_tokens),
                 SamplingParams.from_pb(r.sampling),
                 replay=list(r.generated),
+                tokens=list(r.tokens),
             )
             for r in request.rows
         ]
@@ -361,10 +366,15 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
             self._check_length(len(rows), width)
         merge_into = request.merge_into[:MAX_BATCH_ID_CHARS]
         prefill = functools.partial(
-            self.engine.prefill, start=start, width=width, more=request.more
+            self.engine.prefill,
+            start=start,
+            width=width,
+            more=request.more,
+            from_prefix=request.from_prefix,
+            input_dtype="ids" if self.stage.is_first else request.hidden_states.dtype,
         )
         # A later chunk continues a batch this worker holds: like a decode step, never refused.
-        name = "chunk" if start else "prefill"
+        name = "chunk" if start and not request.from_prefix else "prefill"
         out = await self._step(name, prefill, batch_id, rows, inputs, merge_into)
         return self._result(out, wire)
 

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from . import common_pb2 as tessera_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17tessera/v1/worker.proto\x12\ntessera.v1\x1a\x17tessera/v1/common.proto\"\r\n\x0bInfoRequest\"\xbc\x02\n\nWorkerInfo\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x13\n\x0b\x66ingerprint\x18\x03 \x01(\t\x12\x1e\n\x04span\x18\x04 \x01(\x0b\x32\x10.tessera.v1.Span\x12\x12\n\nnum_layers\x18\x05 \x01(\x05\x12\x0c\n\x04kind\x18\x06 \x01(\t\x12\x10\n\x08\x63\x61pacity\x18\x07 \x01(\x05\x12\x13\n\x0boutstanding\x18\x08 \x01(\x05\x12\x15\n\rlive_sessions\x18\t \x01(\x05\x12\x13\n\x0bhidden_size\x18\n \x01(\x05\x12\x0f\n\x07\x61\x64\x64ress\x18\x0b \x01(\t\x12\x17\n\x0fkv_token_budget\x18\x0c \x01(\x03\x12\x11\n\tkv_tokens\x18\r \x01(\x03\x12\x14\n\x0clive_batches\x18\x0e \x01(\x05\x12\x11\n\tprecision\x18\x0f \x01(\t\"\xd7\x01\n\x13StageForwardRequest\x12%\n\tinput_ids\x18\x01 \x01(\x0b\x32\x12.tessera.v1.Tensor\x12)\n\rhidden_states\x18\x02 \x01(\x0b\x32\x12.tessera.v1.Tensor\x12*\n\x0e\x61ttention_mask\x18\x03 \x01(\x0b\x32\x12.tessera.v1.Tensor\x12\x0c\n\x04pool\x18\x04 \x01(\x08\x12\x14\n\x0chidden_dtype\x18\x05 \x01(\t\x12\x1e\n\x04span\x18\x06 \x01(\x0b\x32\x10.tessera.v1.Span\"A\n\x14StageForwardResponse\x12)\n\rhidden_states\x18\x01 \x01(\x0b\x32\x12.tessera.v1.Tensor\"\x96\x01\n\x08Sampling\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\r\n\x05top_k\x18\x02 \x01(\x05\x12\r\n\x05top_p\x18\x03 \x01(\x02\x12\x11\n\x04seed\x18\x04 \x01(\x03H\x00\x88\x01\x01\x12\x10\n\x08logprobs\x18\x05 \x01(\x08\x12\x14\n\x0ctop_logprobs\x18\x06 \x01(\x05\x12\x13\n\x0bjson_schema\x18\x07 \x01(\tB\x07\n\x05_seed\"\x7f\n\nPrefillRow\x12\x12\n\nrequest_id\x18\x01 \x01(\x04\x12\x0e\n\x06length\x18\x02 \x01(\x05\x12\x12\n\nmax_tokens\x18\x03 \x01(\x05\x12&\n\x08sampling\x18\x04 \x01(\x0b\x32\x14.tessera.v1.Sampling\x12\x11\n\tgenerated\x18\x05 \x03(\x03\"\xf6\x01\n\x0ePrefillRequest\x12\x10\n\x08\x62\x61tch_id\x18\x01 \x01(\t\x12$\n\x04rows\x18\x02 \x03(\x0b\x32\x16.tessera.v1.PrefillRow\x12%\n\tinput_ids\x18\x03 \x01(\x0b\x32\x12.tessera.v1.Tensor\x12)\n\rhidden_states\x18\x04 \x01(\x0b\x32\x12.tessera.v1.Tensor\x12\x14\n\x0chidden_dtype\x18\x05 \x01(\t\x12\x12\n\nmerge_into\x18\x06 \x01(\t\x12\x13\n\x0b\x63hunk_start\x18\x07 \x01(\r\x12\r\n\x05width\x18\x08 \x01(\r\x12\x0c\n\x04more\x18\t \x01(\x08\"\x8a\x01\n\rDecodeRequest\x12\x11\n\tbatch_ids\x18\x01 \x03(\t\x12%\n\tinput_ids\x18\x02 \x01(\x0b\x32\x12.tessera.v1.Tensor\x12)\n\rhidden_states\x18\x03 \x01(\x0b\x32\x12.tessera.v1.Tensor\x12\x14\n\x0chidden_dtype\x18\x04 \x01(\t\"\x9b\x01\n\nStepResult\x12\x10\n\x08\x62\x61tch_id\x18\x01 \x01(\t\x12)\n\rhidden_states\x18\x02 \x01(\x0b\x32\x12.tessera.v1.Tensor\x12\x11\n\ttoken_ids\x18\x03 \x03(\x03\x12\x11\n\tkv_tokens\x18\x04 \x01(\x03\x12*\n\x08logprobs\x18\x05 \x03(\x0b\x32\x18.tessera.v1.TokenLogprob\"/\n\rFilterRequest\x12\x10\n\x08\x62\x61tch_id\x18\x01 \x01(\t\x12\x0c\n\x04keep\x18\x02 \x03(\x04\"#\n\x0e\x46ilterResponse\x12\x11\n\tkv_tokens\x18\x01 \x01(\x03\"!\n\x0c\x43learRequest\x12\x11\n\tbatch_ids\x18\x01 \x03(\t\"\x0f\n\rClearResponse\"9\n\x0fRegisterRequest\x12&\n\x06worker\x18\x01 \x01(\x0b\x32\x16.tessera.v1.WorkerInfo\"-\n\x10RegisterResponse\x12\x19\n\x11heartbeat_seconds\x18\x01 \x01(\x02\"$\n\x11\x44\x65registerRequest\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\"\x14\n\x12\x44\x65registerResponse2\x8a\x03\n\x06Worker\x12\x37\n\x04Info\x12\x17.tessera.v1.InfoRequest\x1a\x16.tessera.v1.WorkerInfo\x12L\n\x07\x46orward\x12\x1f.tessera.v1.StageForwardRequest\x1a .tessera.v1.StageForwardResponse\x12=\n\x07Prefill\x12\x1a.tessera.v1.PrefillRequest\x1a\x16.tessera.v1.StepResult\x12;\n\x06\x44\x65\x63ode\x12\x19.tessera.v1.DecodeRequest\x1a\x16.tessera.v1.StepResult\x12?\n\x06\x46ilter\x12\x19.tessera.v1.FilterRequest\x1a\x1a.tessera.v1.FilterResponse\x12<\n\x05\x43lear\x12\x18.tessera.v1.ClearRequest\x1a\x19.tessera.v1.ClearResponse2\x9e\x01\n\x08Registry\x12\x45\n\x08Register\x12\x1b.tessera.v1.RegisterRequest\x1a\x1c.tessera.v1.RegisterResponse\x12K\n\nDeregister\x12\x1d.tessera.v1.DeregisterRequest\x1a\x1e.tessera.v1.DeregisterResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17tessera/v1/worker.proto\x12\ntessera.v1\x1a\x17tessera/v1/common.proto\"\r\n\x0bInfoRequest\"\xbc\x02\n\nWorkerInfo\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x13\n\x0b\x66ingerprint\x18\x03 \x01(\t\x12\x1e\n\x04span\x18\x04 \x01(\x0b\x32\x10.tessera.v1.Span\x12\x12\n\nnum_layers\x18\x05 \x01(\x05\x12\x0c\n\x04kind\x18\x06 \x01(\t\x12\x10\n\x08\x63\x61pacity\x18\x07 \x01(\x05\x12\x13\n\x0boutstanding\x18\x08 \x01(\x05\x12\x15\n\rlive_sessions\x18\t \x01(\x05\x12\x13\n\x0bhidden_size\x18\n \x01(\x05\x12\x0f\n\x07\x61\x64\x64ress\x18\x0b \x01(\t\x12\x17\n\x0fkv_token_budget\x18\x0c \x01(\x03\x12\x11\n\tkv_tokens\x18\r \x01(\x03\x12\x14\n\x0clive_batches\x18\x0e \x01(\x05\x12\x11\n\tprecision\x18\x0f \x01(\t\"\xd7\x01\n\x13StageForwardRequest\x12%\n\tinput_ids\x18\x01 \x01(\x0b\x32\x12.tessera.v1.Tensor\x12)\n\rhidden_states\x18\x02 \x01(\x0b\x32\x12.tessera.v1.Tensor\x12*\n\x0e\x61ttention_mask\x18\x03 \x01(\x0b\x32\x12.tessera.v1.Tensor\x12\x0c\n\x04pool\x18\x04 \x01(\x08\x12\x14\n\x0chidden_dtype\x18\x05 \x01(\t\x12\x1e\n\x04span\x18\x06 \x01(\x0b\x32\x10.tessera.v1.Span\"A\n\x14StageForwardResponse\x12)\n\rhidden_states\x18\x01 \x01(\x0b\x32\x12.tessera.v1.Tensor\"\x96\x01\n\x08Sampling\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\r\n\x05top_k\x18\x02 \x01(\x05\x12\r\n\x05top_p\x18\x03 \x01(\x02\x12\x11\n\x04seed\x18\x04 \x01(\x03H\x00\x88\x01\x01\x12\x10\n\x08logprobs\x18\x05 \x01(\x08\x12\x14\n\x0ctop_logprobs\x18\x06 \x01(\x05\x12\x13\n\x0bjson_schema\x18\x07 \x01(\tB\x07\n\x05_seed\"\x8f\x01\n\nPrefillRow\x12\x12\n\nrequest_id\x18\x01 \x01(\x04\x12\x0e\n\x06length\x18\x02 \x01(\x05\x12\x12\n\nmax_tokens\x18\x03 \x01(\x05\x12&\n\x08sampling\x18\x04 \x01(\x0b\x32\x14.tessera.v1.Sampling\x12\x11\n\tgenerated\x18\x05 \x03(\x03\x12\x0e\n\x06tokens\x18\x06 \x03(\x03\"\x8b\x02\n\x0ePrefillRequest\x12\x10\n\x08\x62\x61tch_id\x18\x01 \x01(\t\x12$\n\x04rows\x18\x02 \x03(\x0b\x32\x16.tessera.v1.PrefillRow\x12%\n\tinput_ids\x18\x03 \x01(\x0b\x32\x12.tessera.v1.Tensor\x12)\n\rhidden_states\x18\x04 \x01(\x0b\x32\x12.tessera.v1.Tensor\x12\x14\n\x0chidden_dtype\x18\x05 \x01(\t\x12\x12\n\nmerge_into\x18\x06 \x01(\t\x12\x13\n\x0b\x63hunk_start\x18\x07 \x01(\r\x12\r\n\x05width\x18\x08 \x01(\r\x12\x0c\n\x04more\x18\t \x01(\x08\x12\x13\n\x0b\x66rom_prefix\x18\n \x01(\x08\"\x8a\x01\n\rDecodeRequest\x12\x11\n\tbatch_ids\x18\x01 \x03(\t\x12%\n\tinput_ids\x18\x02 \x01(\x0b\x32\x12.tessera.v1.Tensor\x12)\n\rhidden_states\x18\x03 \x01(\x0b\x32\x12.tessera.v1.Tensor\x12\x14\n\x0chidden_dtype\x18\x04 \x01(\t\"\x9b\x01\n\nStepResult\x12\x10\n\x08\x62\x61tch_id\x18\x01 \x01(\t\x12)\n\rhidden_states\x18\x02 \x01(\x0b\x32\x12.tessera.v1.Tensor\x12\x11\n\ttoken_ids\x18\x03 \x03(\x03\x12\x11\n\tkv_tokens\x18\x04 \x01(\x03\x12*\n\x08logprobs\x18\x05 \x03(\x0b\x32\x18.tessera.v1.TokenLogprob\"/\n\rFilterRequest\x12\x10\n\x08\x62\x61tch_id\x18\x01 \x01(\t\x12\x0c\n\x04keep\x18\x02 \x03(\x04\"#\n\x0e\x46ilterResponse\x12\x11\n\tkv_tokens\x18\x01 \x01(\x03\"!\n\x0c\x43learRequest\x12\x11\n\tbatch_ids\x18\x01 \x03(\t\"\x0f\n\rClearResponse\"9\n\x0fRegisterRequest\x12&\n\x06worker\x18\x01 \x01(\x0b\x32\x16.tessera.v1.WorkerInfo\"-\n\x10RegisterResponse\x12\x19\n\x11heartbeat_seconds\x18\x01 \x01(\x02\"$\n\x11\x44\x65registerRequest\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\"\x14\n\x12\x44\x65registerResponse2\x8a\x03\n\x06Worker\x12\x37\n\x04Info\x12\x17.tessera.v1.InfoRequest\x1a\x16.tessera.v1.WorkerInfo\x12L\n\x07\x46orward\x12\x1f.tessera.v1.StageForwardRequest\x1a .tessera.v1.StageForwardResponse\x12=\n\x07Prefill\x12\x1a.tessera.v1.PrefillRequest\x1a\x16.tessera.v1.StepResult\x12;\n\x06\x44\x65\x63ode\x12\x19.tessera.v1.DecodeRequest\x1a\x16.tessera.v1.StepResult\x12?\n\x06\x46ilter\x12\x19.tessera.v1.FilterRequest\x1a\x1a.tessera.v1.FilterResponse\x12<\n\x05\x43lear\x12\x18.tessera.v1.ClearRequest\x1a\x19.tessera.v1.ClearResponse2\x9e\x01\n\x08Registry\x12\x45\n\x08Register\x12\x1b.tessera.v1.RegisterRequest\x1a\x1c.tessera.v1.RegisterResponse\x12K\n\nDeregister\x12\x1d.tessera.v1.DeregisterRequest\x1a\x1e.tessera.v1.DeregisterResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -42,32 +42,32 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_STAGEFORWARDRESPONSE']._serialized_end=681
   _globals['_SAMPLING']._serialized_start=684
   _globals['_SAMPLING']._serialized_end=834
-  _globals['_PREFILLROW']._serialized_start=836
-  _globals['_PREFILLROW']._serialized_end=963
-  _globals['_PREFILLREQUEST']._serialized_start=966
-  _globals['_PREFILLREQUEST']._serialized_end=1212
-  _globals['_DECODEREQUEST']._serialized_start=1215
-  _globals['_DECODEREQUEST']._serialized_end=1353
-  _globals['_STEPRESULT']._serialized_start=1356
-  _globals['_STEPRESULT']._serialized_end=1511
-  _globals['_FILTERREQUEST']._serialized_start=1513
-  _globals['_FILTERREQUEST']._serialized_end=1560
-  _globals['_FILTERRESPONSE']._serialized_start=1562
-  _globals['_FILTERRESPONSE']._serialized_end=1597
-  _globals['_CLEARREQUEST']._serialized_start=1599
-  _globals['_CLEARREQUEST']._serialized_end=1632
-  _globals['_CLEARRESPONSE']._serialized_start=1634
-  _globals['_CLEARRESPONSE']._serialized_end=1649
-  _globals['_REGISTERREQUEST']._serialized_start=1651
-  _globals['_REGISTERREQUEST']._serialized_end=1708
-  _globals['_REGISTERRESPONSE']._serialized_start=1710
-  _globals['_REGISTERRESPONSE']._serialized_end=1755
-  _globals['_DEREGISTERREQUEST']._serialized_start=1757
-  _globals['_DEREGISTERREQUEST']._serialized_end=1793
-  _globals['_DEREGISTERRESPONSE']._serialized_start=1795
-  _globals['_DEREGISTERRESPONSE']._serialized_end=1815
-  _globals['_WORKER']._serialized_start=1818
-  _globals['_WORKER']._serialized_end=2212
-  _globals['_REGISTRY']._serialized_start=2215
-  _globals['_REGISTRY']._serialized_end=2373
+  _globals['_PREFILLROW']._serialized_start=837
+  _globals['_PREFILLROW']._serialized_end=980
+  _globals['_PREFILLREQUEST']._serialized_start=983
+  _globals['_PREFILLREQUEST']._serialized_end=1250
+  _globals['_DECODEREQUEST']._serialized_start=1253
+  _globals['_DECODEREQUEST']._serialized_end=1391
+  _globals['_STEPRESULT']._serialized_start=1394
+  _globals['_STEPRESULT']._serialized_end=1549
+  _globals['_FILTERREQUEST']._serialized_start=1551
+  _globals['_FILTERREQUEST']._serialized_end=1598
+  _globals['_FILTERRESPONSE']._serialized_start=1600
+  _globals['_FILTERRESPONSE']._serialized_end=1635
+  _globals['_CLEARREQUEST']._serialized_start=1637
+  _globals['_CLEARREQUEST']._serialized_end=1670
+  _globals['_CLEARRESPONSE']._serialized_start=1672
+  _globals['_CLEARRESPONSE']._serialized_end=1687
+  _globals['_REGISTERREQUEST']._serialized_start=1689
+  _globals['_REGISTERREQUEST']._serialized_end=1746
+  _globals['_REGISTERRESPONSE']._serialized_start=1748
+  _globals['_REGISTERRESPONSE']._serialized_end=1793
+  _globals['_DEREGISTERREQUEST']._serialized_start=1795
+  _globals['_DEREGISTERREQUEST']._serialized_end=1831
+  _globals['_DEREGISTERRESPONSE']._serialized_start=1833
+  _globals['_DEREGISTERRESPONSE']._serialized_end=1853
+  _globals['_WORKER']._serialized_start=1856
+  _globals['_WORKER']._serialized_end=2250
+  _globals['_REGISTRY']._serialized_start=2253
+  _globals['_REGISTRY']._serialized_end=2411
 # @@protoc_insertion_point(module_scope)

@@ -232,6 +232,7 @@ class PrefillRow(_message.Message):
     MAX_TOKENS_FIELD_NUMBER: _builtins.int
     SAMPLING_FIELD_NUMBER: _builtins.int
     GENERATED_FIELD_NUMBER: _builtins.int
+    TOKENS_FIELD_NUMBER: _builtins.int
     request_id: _builtins.int
     length: _builtins.int
     """real tokens of this row in the prefill input"""
@@ -247,6 +248,12 @@ class PrefillRow(_message.Message):
         into the row's grammar.
         """
 
+    @_builtins.property
+    def tokens(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """The row's whole prompt (its `length` tokens), sent to every stage: the keys of the prompt's
+        KV blocks, which a stage keeps for the next prompt that starts alike. Empty: none kept.
+        """
+
     def __init__(
         self,
         *,
@@ -255,10 +262,11 @@ class PrefillRow(_message.Message):
         max_tokens: _builtins.int = ...,
         sampling: Global___Sampling | None = ...,
         generated: _abc.Iterable[_builtins.int] | None = ...,
+        tokens: _abc.Iterable[_builtins.int] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["sampling", b"sampling"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["generated", b"generated", "length", b"length", "max_tokens", b"max_tokens", "request_id", b"request_id", "sampling", b"sampling"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["generated", b"generated", "length", b"length", "max_tokens", b"max_tokens", "request_id", b"request_id", "sampling", b"sampling", "tokens", b"tokens"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -277,6 +285,7 @@ class PrefillRequest(_message.Message):
     CHUNK_START_FIELD_NUMBER: _builtins.int
     WIDTH_FIELD_NUMBER: _builtins.int
     MORE_FIELD_NUMBER: _builtins.int
+    FROM_PREFIX_FIELD_NUMBER: _builtins.int
     batch_id: _builtins.str
     """chosen by the router; unique per router"""
     hidden_dtype: _builtins.str
@@ -294,6 +303,12 @@ class PrefillRequest(_message.Message):
     """
     width: _builtins.int
     more: _builtins.bool
+    from_prefix: _builtins.bool
+    """Prefix reuse: a new batch whose columns before chunk_start come from this stage's cache of
+    prompt KV blocks (each row reuses the part of its prompt before chunk_start, keyed by its
+    tokens). A stage that no longer holds them answers FAILED_PRECONDITION marked
+    tessera-prefix-missing, and the router prefills the rows from their first token.
+    """
     @_builtins.property
     def rows(self) -> _containers.RepeatedCompositeFieldContainer[Global___PrefillRow]: ...
     @_builtins.property
@@ -316,10 +331,11 @@ class PrefillRequest(_message.Message):
         chunk_start: _builtins.int = ...,
         width: _builtins.int = ...,
         more: _builtins.bool = ...,
+        from_prefix: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["hidden_states", b"hidden_states", "input_ids", b"input_ids"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_id", b"batch_id", "chunk_start", b"chunk_start", "hidden_dtype", b"hidden_dtype", "hidden_states", b"hidden_states", "input_ids", b"input_ids", "merge_into", b"merge_into", "more", b"more", "rows", b"rows", "width", b"width"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_id", b"batch_id", "chunk_start", b"chunk_start", "from_prefix", b"from_prefix", "hidden_dtype", b"hidden_dtype", "hidden_states", b"hidden_states", "input_ids", b"input_ids", "merge_into", b"merge_into", "more", b"more", "rows", b"rows", "width", b"width"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
