@@ -164,6 +164,9 @@ class Child:
             self._popen.wait()
 
 
+MESH_CACHE_MB = 1024
+
+
 class CacheChild:
     """A memcached node of the mesh, supervised like the other children."""
 
@@ -178,7 +181,8 @@ class CacheChild:
         return self._node.pid
 
     def start(self) -> None:
-        self._node.start(host=self._host, port=self._port)
+        # Answers and the workers' prompt KV blocks (tens of MiB per long prompt) share it.
+        self._node.start(host=self._host, port=self._port, memory_mb=MESH_CACHE_MB)
 
     def poll(self) -> int | None:
         return self._node.poll()
@@ -369,11 +373,35 @@ def _mesh_tokens(
     derived from it for its own address: what it registers with, and what the router must call
     it with. A worker's credentials are worth nothing at another address, so no worker can take
     over another's registration or learn the token another takes calls with. The cache secret
-    seals the values this mesh's router writes to memcached.
+    seals the values this mesh's router writes to memcached; the prefix secret, the prompt KV
+    blocks its workers share there.
     """
     router: dict[str, str] = {}
     if not mesh.router.cache_secret:
         router["TESSERA_ROUTER_CACHE_SECRET"] = secrets.token_urlsafe(32)
+    tier = _prefix_tier(mesh)
+    credentials = _worker_credentials(mesh, router)
+    return router, lambda worker: {**tier(worker), **credentials(worker)}
+
+
+def _prefix_tier(mesh: MeshSettings) -> Callable[[WorkerSettings], dict[str, str]]:
+    """Every worker shares the mesh's memcached nodes as its prefix tier, with one secret."""
+    secret = secrets.token_urlsafe(32)
+
+    def env(worker: WorkerSettings) -> dict[str, str]:
+        if worker.prefix_nodes or not mesh.cache_nodes:
+            return {}
+        found = {"TESSERA_WORKER_PREFIX_NODES": ",".join(mesh.cache_nodes)}
+        if not worker.prefix_secret:
+            found["TESSERA_WORKER_PREFIX_SECRET"] = secret
+        return found
+
+    return env
+
+
+def _worker_credentials(
+    mesh: MeshSettings, router: dict[str, str]
+) -> Callable[[WorkerSettings], dict[str, str]]:
     configured = (
         mesh.router.mesh_secret
         or mesh.router.worker_call_token
@@ -382,7 +410,7 @@ def _mesh_tokens(
         or any(w.caller_tokens or w.caller_token_file or w.router_token for w in mesh.workers)
     )
     if configured:
-        return router, lambda _: {}
+        return lambda _: {}
     secret = secrets.token_urlsafe(32)
     router["TESSERA_ROUTER_MESH_SECRET"] = secret
 
@@ -393,7 +421,7 @@ def _mesh_tokens(
             "TESSERA_WORKER_CALLER_TOKENS": derive_token(secret, CALL, address),
         }
 
-    return router, worker_env
+    return worker_env
 
 
 def _children(

@@ -142,6 +142,7 @@ class Mesh:
         *,
         wait: bool = True,
         env: dict[str, str] | None = None,
+        port: int = 0,
     ) -> Proc:
         assert self.router is not None, "start the router first"
         args = [
@@ -149,7 +150,7 @@ class Mesh:
             "--model",
             model,
             "--port",
-            "0",
+            str(port),
             "--router",
             self.router.address,
             "--repository",

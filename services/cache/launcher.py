@@ -132,7 +132,8 @@ class MemcachedNode:
         self._host, self._port = host, port
         # -U 0: no UDP listener; it is unused and a traffic amplification risk.
         binary = self._binary or find_memcached()
-        command = [binary, "-l", host, "-p", str(port), "-m", str(memory_mb), "-U", "0"]
+        # -I 4m: a prefix block of a whole small model is over memcached's default 1 MiB item.
+        command = [binary, "-l", host, "-p", str(port), "-m", str(memory_mb), "-U", "0", "-I", "4m"]
         if os.geteuid() == 0:
             command += ["-u", "root"]  # memcached refuses to run as root without it
         # A file, not a pipe: a long-lived node must never block on a full stderr pipe.

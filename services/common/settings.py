@@ -95,6 +95,19 @@ class WorkerSettings(ServerSettings):
     max_rows: int = setting(64, "generation rows held at once, over every batch")
     max_kv_mb: int = setting(2048, "MiB of KV cache over every batch, padding included")
     batch_idle_s: float = setting(60.0, "seconds before a batch no router steps is freed")
+    prefix_nodes: list[str] = setting(
+        [],
+        "memcached nodes of the shared prefix tier: prompts' KV blocks are written there and a "
+        "stage that lacks them reads them back (a restarted stage starts warm); empty: off",
+    )
+    prefix_secret: str = setting(
+        "",
+        "key of the MAC sealing each prefix block to its key (every worker of the mesh shares "
+        "it; `tessera up` makes one per run); empty with prefix_nodes: a random one (blocks are "
+        "this process's own)",
+        secret=True,
+    )
+    prefix_timeout_s: float = setting(1.0, "seconds per memcached call of the prefix tier")
     max_batch: int = setting(32, "rows (texts) per Forward pass")
     drain_s: float = setting(10.0, "seconds to finish held work on SIGTERM")
     threads: int = setting(0, "torch intra-op threads; 0 = torch's default")

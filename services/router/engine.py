@@ -697,7 +697,6 @@ class Generations:
         through it move their generations (running or waiting) to other chains."""
         self.pool.apply_blame(fault)
         self.times.forget(fault.address)
-        self.prefixes.forget_worker(fault.address)
         for engine in self._through(fault.address):
             requests = engine.stop()
             self.retire(engine)

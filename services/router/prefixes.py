@@ -5,7 +5,10 @@ while its budget has room. The router records the block hashes of each prompt a 
 prefilling, and plans a later prefill that starts with recorded blocks to begin after them; the
 stages check that they still hold them (a stage that evicted them or restarted answers
 PrefixMissing, and the router forgets that prompt on that chain and prefills from the start).
-The index is a hint, never an answer: a wrong entry costs one refused prefill, not a token.
+The index is a hint, never an answer: a wrong entry costs one refused prefill, not a token. So it
+is kept when a stage fails: the stage that replaces it at the same address reads the blocks back
+from the shared prefix tier (services/worker/prefix_tier.py) when there is one, and otherwise
+refuses once per prompt.
 
 It also gives prefix affinity: of chains with close loads, a request goes where most of its
 prompt is held, so a multi-turn chat lands where its history is.
@@ -68,8 +71,3 @@ class PrefixIndex:
         if held is not None:
             for block in block_hashes(feed):
                 held.pop(block, None)
-
-    def forget_worker(self, address: str) -> None:
-        """A worker failed or restarted: the chains through it hold nothing the router knows."""
-        for chain in [c for c in self._chains if address in c]:
-            del self._chains[chain]

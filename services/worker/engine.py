@@ -62,6 +62,8 @@ class GenerationEngine:
         # Prompts' KV blocks, kept in whatever the batches leave of the budget.
         self.prefixes = prefixes if prefixes is not None else PrefixStore("")
         self.reused_tokens = 0  # prompt tokens taken from the prefix store, ever
+        self.shared = False  # a shared tier takes the blocks the store keeps (take_fresh)
+        self.fresh: list[tuple[bytes, torch.Tensor]] = []  # blocks kept since take_fresh()
         self.budget_tokens = budget_tokens
         self.max_rows = max_rows
         self.idle_s = idle_s
@@ -167,11 +169,12 @@ class GenerationEngine:
             self._remember(batch)
         return self._chunk_output(batch, hidden, more)
 
-    def _cached(
+    def _needed(
         self, rows: list[Row], start: int, width: int, input_dtype: str
-    ) -> list[tuple[int, int, torch.Tensor]]:
-        """Each row's KV for the columns before `start`, from the prefix store."""
-        runs = []
+    ) -> list[tuple[int, int, int, list[bytes]]]:
+        """(row index, first column, tokens reused, block keys) of each row that has columns
+        before `start`: what a prefill from cached prefixes takes from the store."""
+        needed = []
         for index, row in enumerate(rows):
             first = width - row.length
             reused = start - first
@@ -182,17 +185,62 @@ class GenerationEngine:
                     f"row {row.request_id} would reuse {reused} of its {row.length} tokens "
                     "(at most all but the last, and only with its tokens sent)"
                 )
+            if len(row.tokens) != row.length:
+                raise InvalidArgument("a row's tokens are not its length")
             blocks = -(-reused // BLOCK_TOKENS)
             keys = self.prefixes.keys(input_dtype, block_hashes(row.tokens, blocks * BLOCK_TOKENS))
-            if len(keys) < blocks or self.prefixes.held(keys) < blocks:
+            if len(keys) < blocks:
+                raise InvalidArgument(f"row {row.request_id} has no {blocks} whole blocks")
+            needed.append((index, first, reused, keys))
+        if not needed:
+            raise InvalidArgument(f"no row has cached columns before column {start}")
+        return needed
+
+    def missing(self, rows: list[Row], start: int, width: int, input_dtype: str) -> list[bytes]:
+        """The block keys a prefill from cached prefixes needs that the store does not hold."""
+        return [
+            key
+            for *_, keys in self._needed(rows, start, width, input_dtype)
+            for key in keys
+            if key not in self.prefixes
+        ]
+
+    def adopt(self, blocks: dict[bytes, torch.Tensor]) -> int:
+        """Takes blocks fetched from the shared tier into the store, in what the batches leave
+        of the budget; returns how many it kept."""
+        kept = 0
+        for key, block in blocks.items():
+            if not self._room_for_block(frozenset(blocks)):
+                break
+            self.prefixes.put(key, block)
+            kept += 1
+        return kept
+
+    def _room_for_block(self, keep: frozenset[bytes]) -> bool:
+        """Makes room for one more block (pushing out others' blocks, never `keep`)."""
+        free = self.budget_tokens - self.kv_tokens - self.prefixes.tokens
+        if free < BLOCK_TOKENS:
+            self.prefixes.evict(BLOCK_TOKENS - free, keep=keep)
+        return self.budget_tokens - self.kv_tokens - self.prefixes.tokens >= BLOCK_TOKENS
+
+    def _cached(
+        self, rows: list[Row], start: int, width: int, input_dtype: str
+    ) -> list[tuple[int, int, torch.Tensor]]:
+        """Each row's KV for the columns before `start`, from the prefix store."""
+        runs = []
+        for index, first, reused, keys in self._needed(rows, start, width, input_dtype):
+            if self.prefixes.held(keys) < len(keys):
                 raise PrefixMissing(
-                    f"row {row.request_id}: {reused} cached prompt tokens are not held here"
+                    f"row {rows[index].request_id}: {reused} cached prompt tokens are not held here"
                 )
             kv = torch.cat(self.prefixes.get(keys), dim=3)[:, :, :, :reused]
             runs.append((index, first, kv))
-        if not runs:
-            raise InvalidArgument(f"no row has cached columns before column {start}")
         return runs
+
+    def take_fresh(self) -> list[tuple[bytes, torch.Tensor]]:
+        """The blocks the store kept since the last call (for the shared tier to write)."""
+        fresh, self.fresh = self.fresh, []
+        return fresh
 
     def _remember(self, batch: StageBatch) -> None:
         """Keeps the whole blocks of the batch's prompts (those not held yet) in what the batches
@@ -207,13 +255,13 @@ class GenerationEngine:
                 if key in self.prefixes:
                     self.prefixes.held([key])
                     continue
-                free = self.budget_tokens - self.kv_tokens - self.prefixes.tokens
-                if free < BLOCK_TOKENS:
-                    self.prefixes.evict(BLOCK_TOKENS - free, keep=mine)
-                if self.budget_tokens - self.kv_tokens - self.prefixes.tokens < BLOCK_TOKENS:
+                if not self._room_for_block(mine):
                     return  # the batches hold (nearly) the whole budget
                 column = first + number * BLOCK_TOKENS
-                self.prefixes.put(key, batch.cache.block(index, column, BLOCK_TOKENS))
+                block = batch.cache.block(index, column, BLOCK_TOKENS)
+                self.prefixes.put(key, block)
+                if self.shared:
+                    self.fresh.append((key, block))
 
     def _next_chunk(
         self,

@@ -35,6 +35,7 @@ from services.common.server import (
 from services.common.settings import WorkerSettings
 from services.common.types import ModelKind, Span, WorkerDescriptor
 from services.pb.tessera.v1 import worker_pb2, worker_pb2_grpc
+from services.worker.prefix_tier import PrefixTier
 from services.worker.service import WorkerLimits, WorkerService
 from services.worker.stage import StageModel
 
@@ -71,7 +72,18 @@ def build_service(settings: WorkerSettings, address: str) -> WorkerService:
         hidden_size=spec.hidden_size,
         precision=settings.precision,
     )
-    service = WorkerService(stage, descriptor, WorkerLimits.from_settings(settings))
+    tier = (
+        PrefixTier(
+            settings.prefix_nodes,
+            settings.prefix_secret,
+            layers=len(span),
+            kv_bytes_per_token=stage.kv_bytes_per_token,
+            timeout_s=settings.prefix_timeout_s,
+        )
+        if settings.prefix_nodes and spec.kind is ModelKind.CAUSAL_LM
+        else None
+    )
+    service = WorkerService(stage, descriptor, WorkerLimits.from_settings(settings), tier)
     warm_up(stage)
     return service
 

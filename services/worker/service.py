@@ -41,6 +41,7 @@ from services.worker.forwarding import (
     run_pass,
 )
 from services.worker.prefix import PrefixStore
+from services.worker.prefix_tier import PrefixTier
 from services.worker.stage import StageModel
 from services.worker.tensors import FLOAT_WIRE, from_torch, to_torch
 
@@ -86,7 +87,11 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
     """Serves one span of one model version. Model work runs on a single dedicated thread."""
 
     def __init__(
-        self, stage: StageModel, descriptor: WorkerDescriptor, limits: WorkerLimits | None = None
+        self,
+        stage: StageModel,
+        descriptor: WorkerDescriptor,
+        limits: WorkerLimits | None = None,
+        tier: PrefixTier | None = None,
     ) -> None:
         limits = limits or WorkerLimits.from_settings(WorkerSettings())
         self.stage = stage
@@ -101,6 +106,8 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
                 f"{descriptor.fingerprint}|{descriptor.span}|{descriptor.precision}"
             ),
         )
+        self.tier = tier  # prompts' KV blocks shared through memcached
+        self.engine.shared = tier is not None
         self._expired_at = time.monotonic()
         self.outstanding = 0
         self.draining = False
@@ -365,18 +372,35 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         if width:
             self._check_length(len(rows), width)
         merge_into = request.merge_into[:MAX_BATCH_ID_CHARS]
+        input_dtype = "ids" if self.stage.is_first else request.hidden_states.dtype
+        if request.from_prefix and self.tier is not None:
+            await self._fetch_prefixes(rows, start, width, input_dtype)
         prefill = functools.partial(
             self.engine.prefill,
             start=start,
             width=width,
             more=request.more,
             from_prefix=request.from_prefix,
-            input_dtype="ids" if self.stage.is_first else request.hidden_states.dtype,
+            input_dtype=input_dtype,
         )
         # A later chunk continues a batch this worker holds: like a decode step, never refused.
         name = "chunk" if start and not request.from_prefix else "prefill"
         out = await self._step(name, prefill, batch_id, rows, inputs, merge_into)
+        if self.tier is not None and not request.more:
+            self.tier.write(await self._run(self.engine.take_fresh))
         return self._result(out, wire)
+
+    async def _fetch_prefixes(self, rows: list[Row], start: int, width: int, dtype: str) -> None:
+        """The cached blocks a prefill needs that this stage lacks, read from the shared tier
+        (what it does not find, the prefill refuses as PrefixMissing)."""
+        assert self.tier is not None
+        missing = await self._run(self.engine.missing, rows, start, width, dtype)
+        if missing:
+            with tracer.start_as_current_span("stage.prefix_fetch") as span:
+                found = await self.tier.fetch(missing)
+                kept = await self._run(self.engine.adopt, found)
+                span.set_attribute("tessera.blocks_missing", len(missing))
+                span.set_attribute("tessera.blocks_fetched", kept)
 
     async def Decode(
         self, request: worker_pb2.DecodeRequest, context: aio.ServicerContext
@@ -503,3 +527,5 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
 
     def shutdown(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
+        if self.tier is not None:
+            self.tier.close()

@@ -72,8 +72,13 @@ def _prefill_durations(proc: Proc) -> list[float]:
 def test_short_deadlines_cost_only_their_own_requests(real_repo: Path) -> None:
     llm = "smollm2-135m-instruct"
     # Newcomers join a running batch at its next step, so a short deadline passes mid-prefill;
-    # each long prompt goes in one pass (no chunks): the longest a step can hold the chain.
-    env = {"TESSERA_ROUTER_MAX_WAITING_STEPS": "1", "TESSERA_ROUTER_PREFILL_CHUNK_TOKENS": "0"}
+    # each long prompt goes in one pass (no chunks), and whole (no prefix reuse: the same long
+    # prompt is sent four times): the longest a step can hold the chain.
+    env = {
+        "TESSERA_ROUTER_MAX_WAITING_STEPS": "1",
+        "TESSERA_ROUTER_PREFILL_CHUNK_TOKENS": "0",
+        "TESSERA_ROUTER_PREFIX_REUSE": "0",
+    }
     stages = [(llm, "0:15"), (llm, "15:30")]
     with mesh_of(real_repo, stages, chains={llm: 1}, env=env) as mesh:
         stub = mesh.stub()

@@ -1,6 +1,7 @@
 """Prefix reuse through real routers and workers: a conversation's next turn runs only its new part
 on every stage, answers the unsplit transformers model's greedy tokens, goes to the chain that holds
-its history, and is still answered (from its first token) when a stage evicted that history.
+its history, is still answered (from its first token) when a stage evicted that history, and
+starts warm on a stage restarted empty when the stages share their blocks through memcached.
 
 That a turn reused is read from the router's `tessera_prefix_tokens_total{source="cached"}`, which
 rises only when every stage of the chain accepted a prefill that starts after the cached columns
@@ -11,12 +12,15 @@ from __future__ import annotations
 
 import random
 import shutil
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import grpc
 import pytest
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from services.cache.launcher import MemcachedNode
 from services.common.prefix import BLOCK_TOKENS
 from services.pb.tessera.v1 import inference_pb2
 from tests.integration.test_generation import greedy_reference, info
@@ -157,3 +161,44 @@ def test_a_history_the_stages_evicted_is_prefilled_from_the_start(
         assert any("prefill from the start" in line for line in list(m.router.lines)), (
             "the stage's refusal never reached the router"
         )
+
+
+def test_a_restarted_stage_reads_the_history_back_from_the_prefix_tier(
+    repo: Path, reference: tuple, memcached: MemcachedNode
+) -> None:
+    """Both stages write the blocks they keep to memcached. The first stage is killed (-9) and
+    started again at its address, empty; the next turn still starts after the history (the new
+    process fetched its blocks before prefilling) and answers the unsplit model's tokens."""
+    tier = {
+        "TESSERA_WORKER_PREFIX_NODES": memcached.address,
+        "TESSERA_WORKER_PREFIX_SECRET": "prefix-secret",
+    }
+    with Mesh(repo, env={**ENV, **tier}) as m:
+        m.start_router()
+        for span in CHAINS["llama-2"]:
+            m.start_worker("llama-2", span, wait=False)
+        for proc in m.workers:
+            proc.wait_ready()
+        m.wait_model("llama-2")
+        first = system_prompt(seed=21) + " hello"
+        check(reference, first, generate(m, "llama-2", first))
+        tokenizer = reference[0]
+        held = len(tokenizer(first)["input_ids"]) // BLOCK_TOKENS * BLOCK_TOKENS
+
+        stage = m.workers[0]
+        port = stage.port
+        stage.kill()
+        m.workers.remove(stage)
+        m.start_worker("llama-2", CHAINS["llama-2"][0], port=port)
+        deadline = time.monotonic() + 60
+        while True:  # until the router dials the new process (a short prompt: nothing kept)
+            try:
+                generate(m, "llama-2", "hello", max_new=1)
+                break
+            except grpc.RpcError:
+                assert time.monotonic() < deadline, "the restarted stage was never taken back"
+                time.sleep(0.5)
+        before = cached_tokens(m, "llama-2")
+        second = first + " world and the cat"
+        check(reference, second, generate(m, "llama-2", second))
+        assert cached_tokens(m, "llama-2") - before == held
