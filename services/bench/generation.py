@@ -1,6 +1,6 @@
 """Generation side by side in one run: served streams vs transformers' own batched generate.
 
-    python -m services.bench.generation [--quick] [--out FILE]
+    python -m services.bench.generation [--quick] [--prefill] [--out FILE]
 
 Two meshes, one after the other (never both loaded at once): a router with one SmolLM2 replica
 (torch threads = cores) and a router with a two-stage chain [0,15) [15,30) (threads = cores / 2
@@ -8,6 +8,11 @@ each, so the chain uses the same cores). The in-process limit is `model.generate
 prompts, greedy, with the replica's thread count, run in this process between the served
 measurements while the mesh is idle, so each ratio pairs runs made minutes apart at most. Tokens are
 counted up to and including each row's first end-of-sequence token on both sides.
+
+With --prefill it then runs, each on its own fresh mesh, the prefix-reuse chat
+(services.bench.prefix: turn 3's time to first token over its cold twin) and the chunked-prefill
+scenario (services.bench.chunked: running streams' worst gap while a 3,000-token prompt is
+prefilled, one pass vs 128-token chunks), and reports them with the rest.
 """
 
 from __future__ import annotations
@@ -279,6 +284,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--memory", action="store_true", help="only the KV-budget scenario")
+    parser.add_argument(
+        "--prefill", action="store_true", help="also the prefix-reuse and chunked scenarios"
+    )
     args = parser.parse_args(argv)
     cores = os.cpu_count() or 1
     repeats = 1 if args.quick else 3
@@ -335,10 +343,33 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"chain vs replica at {args.streams} streams: "
         f"{chain_r['many_tok_s'] / replica_r['many_tok_s']:.2f}x"
     )
+    code = 0
+    if args.prefill:
+        code = _prefill_scenarios(args.repository, results, args.quick)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(results, indent=2, default=lambda o: asdict(o)))
-    return 0
+    return code
+
+
+def _prefill_scenarios(repository: str, results: dict[str, object], quick: bool) -> int:
+    """The prefix-reuse chat and the chunked-prefill scenario, their summaries into `results`."""
+    import tempfile
+
+    from services.bench import chunked, prefix
+
+    with tempfile.TemporaryDirectory() as tmp:
+        prefix_out, chunked_out = Path(tmp) / "prefix.json", Path(tmp) / "chunked.json"
+        conversations = "1" if quick else "3"
+        code = prefix.main(
+            ["--conversations", conversations, "--repository", repository, "--out", str(prefix_out)]
+        )
+        code |= chunked.main(
+            ["--chunks", "0,128", "--repository", repository, "--out", str(chunked_out)]
+        )
+        results["prefix"] = json.loads(prefix_out.read_text())
+        results["chunked"] = json.loads(chunked_out.read_text())
+    return code
 
 
 if __name__ == "__main__":
