@@ -21,8 +21,10 @@ from collections.abc import Sequence
 
 from services.common.prefix import BLOCK_TOKENS, block_hashes, reusable_blocks
 
-MAX_BLOCKS_PER_CHAIN = 1 << 16  # ~2M prompt tokens a chain's stages could hold, at most
-MAX_CHAINS = 256
+# At most 32 x 8,192 entries (~30 MB): 262,144 prompt tokens per chain, more than a stage's
+# whole KV budget holds of a small model (SmolLM2's half: ~90,000 tokens in 2 GiB).
+MAX_BLOCKS_PER_CHAIN = 8192
+MAX_CHAINS = 32
 
 
 class PrefixIndex:

@@ -117,9 +117,9 @@ def test_disabled_store() -> None:
 
 
 def test_bad_requests_are_counted_not_raised(node: MemcachedNode) -> None:
-    # No size bound of the store's own: memcached's 1 MiB item limit refuses the big value.
-    with CacheStore([node.address], max_value_bytes=4 << 20) as store:
-        store.set("test:big", b"x" * (2 << 20))  # over memcached's 1 MiB item limit
+    # No size bound of the store's own: memcached's item limit (-I 4m as launched) refuses it.
+    with CacheStore([node.address], max_value_bytes=8 << 20) as store:
+        store.set("test:big", b"x" * (6 << 20))  # over memcached's 4 MiB item limit
         assert store.get("test:big") is None
         assert store.get("key with spaces") is None
         assert store.stats.errors == 2
