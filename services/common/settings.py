@@ -84,6 +84,12 @@ class WorkerSettings(ServerSettings):
         "part of the version's fingerprint",
         choices=("float32", "bfloat16", "int8"),
     )
+    attention: str = setting(
+        "sdpa",
+        "attention kernel: transformers' sdpa or eager (both exact float32 attention; which is "
+        "faster depends on the CPU: python -m services.bench.step)",
+        choices=("sdpa", "eager"),
+    )
     port: int = setting(50061, "port to listen on (0 = any free port)")
     advertise: str | None = setting(None, "host:port the router dials; default host:port")
     routers: list[str] = setting([], "routers to register with (host:port, comma-separated)")
@@ -200,6 +206,12 @@ class RouterSettings(ServerSettings):
         128,
         "while other generations run, a wider prefill goes in chunks of this many columns with "
         "their decode steps between them (0: always in one pass)",
+    )
+    prefill_chunk_steps: float = setting(
+        2.0,
+        "a chunk is sized to cost about this many decode steps of the running batch, from the "
+        "step times observed on the chain (at least 16 columns, at most prefill_chunk_tokens); "
+        "0: always prefill_chunk_tokens",
     )
     prefix_reuse: bool = setting(
         True,

@@ -68,6 +68,7 @@ from services.router.scheduler import (
     Scheduler,
     SchedulerConfig,
     Slot,
+    chunk_columns,
     kv_cost,
 )
 
@@ -361,12 +362,30 @@ class ChainEngine:
         prompts are wide and other generations run on the chain (their steps go between)."""
         start = self._chunks.pop(slot.index, (prefill, prefill.start))[1]
         width = prefill.width
-        chunk = self.scheduler.config.prefill_chunk_tokens
+        chunk = self._chunk_size(prefill)
         if not chunk or start + chunk >= width:
             return start, width
         if start == prefill.start and not any(s.rows or s.pending for s in self.scheduler.slots):
             return start, width  # nothing else runs: one pass is fastest
         return start, start + chunk
+
+    def _chunk_size(self, prefill: Prefill) -> int:
+        """Columns per chunk: about `prefill_chunk_steps` decode steps of the running batch,
+        from the step times observed on this chain's workers; the ceiling until both kinds of
+        step were seen."""
+        config = self.scheduler.config
+        ceiling = config.prefill_chunk_tokens
+        if not ceiling or not config.prefill_chunk_steps:
+            return ceiling
+        rows = max((len(s.rows) + len(s.pending) for s in self.scheduler.slots), default=0)
+        times = self.owner.times
+        decode = [times.typical(a, "decode") for a in self.chain.addresses]
+        prefill_rate = [times.typical(a, "prefill") for a in self.chain.addresses]
+        if not rows or None in decode or None in prefill_rate:
+            return ceiling
+        decode_s = sum(d for d in decode if d is not None) * rows
+        column_s = sum(p for p in prefill_rate if p is not None) * len(prefill.requests)
+        return chunk_columns(config.prefill_chunk_steps, decode_s, column_s, ceiling)
 
     async def _prefill(self, slot: Slot, prefill: Prefill) -> bool:
         """Runs a planned prefill, or its next chunk; False when it failed (the fault is

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import statistics
 import time
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
@@ -135,6 +136,11 @@ class StepTimes:
         if rates is None:
             rates = self._rates[key] = collections.deque(maxlen=self.WINDOW)
         rates.append(seconds / max(1, work))
+
+    def typical(self, address: str, kind: str) -> float | None:
+        """The median recent seconds per unit of work of this kind on the worker, if any."""
+        rates = self._rates.get((address, kind))
+        return statistics.median(rates) if rates else None
 
     def forget(self, address: str) -> None:
         for key in [k for k in self._rates if k[0] == address]:

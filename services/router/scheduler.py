@@ -144,6 +144,7 @@ class SchedulerConfig:
     max_retries: int
     max_tenants: int
     prefix_reuse: bool = False  # prefills start after the prompt blocks the chain holds
+    prefill_chunk_steps: float = 0.0  # a chunk costs about this many decode steps (0: off)
     share_half_life_s: float = 10.0  # how fast a tenant's recent share is forgotten
     batch_prefix: str = "b"  # batch ids are `<prefix>-<n>`, unique per router and chain
 
@@ -172,6 +173,7 @@ class SchedulerConfig:
             "max_retries": settings.retries,
             "max_tenants": settings.max_tenants,
             "prefix_reuse": settings.prefix_reuse,
+            "prefill_chunk_steps": settings.prefill_chunk_steps,
         }
         return cls(**{**values, **more})
 
@@ -584,6 +586,16 @@ class Scheduler:
             key = bucket(request.priority)
             depths[key] = depths.get(key, 0) + 1
         return depths
+
+
+MIN_CHUNK = 16
+
+
+def chunk_columns(steps: float, decode_s: float, column_s: float, ceiling: int) -> int:
+    """Columns of a prefill chunk that costs about `steps` decode steps of `decode_s` each, at
+    `column_s` per column, within [MIN_CHUNK, ceiling] (never above `ceiling`)."""
+    wanted = int(steps * decode_s / column_s) if column_s > 0 else ceiling
+    return max(min(MIN_CHUNK, ceiling), min(ceiling, wanted))
 
 
 def _first_column(requests: Sequence[Request], matched: Callable[[Request], int]) -> int:

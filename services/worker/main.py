@@ -57,7 +57,9 @@ def build_service(settings: WorkerSettings, address: str) -> WorkerService:
     )
     # The precision is part of the fingerprint: chains and cache keys never mix precisions.
     digest = fingerprint(spec.path, settings.precision)
-    stage = StageModel(spec, span, precision=settings.precision)
+    stage = StageModel(
+        spec, span, precision=settings.precision, attn_implementation=settings.attention
+    )
     descriptor = WorkerDescriptor(
         address=address,
         model=spec.name,

@@ -246,3 +246,19 @@ def test_rows_a_stage_had_no_room_for_wait_again_without_spending_retries() -> N
     slot.rows, slot.batch_id = [row], "b-3"
     (ended,) = scheduler.lost(slot, error, 1.0)[0]  # ... and none now
     assert ended.error is error
+
+
+def test_a_chunk_is_sized_to_cost_about_the_decode_steps_asked() -> None:
+    from services.router.relay import StepTimes
+    from services.router.scheduler import MIN_CHUNK, chunk_columns
+
+    # 2 steps of 80 ms at 2 ms per column: 80 columns; never above the ceiling nor below 16.
+    assert chunk_columns(2.0, 0.080, 0.002, 128) == 80
+    assert chunk_columns(2.0, 0.080, 0.0005, 128) == 128
+    assert chunk_columns(2.0, 0.001, 0.002, 128) == MIN_CHUNK
+    assert chunk_columns(2.0, 0.001, 0.002, 8) == 8  # a ceiling below the floor wins
+    times = StepTimes()
+    assert times.typical("w", "decode") is None
+    for seconds in (0.08, 0.09, 0.5):  # one slow outlier does not set the size
+        times.observe("w", "decode", 8, seconds)
+    assert times.typical("w", "decode") == 0.09 / 8
