@@ -1,6 +1,6 @@
 """Generation side by side in one run: served streams vs transformers' own batched generate.
 
-    python -m services.bench.generation [--quick] [--prefill] [--out FILE]
+    python -m services.bench.generation [--quick] [--prefill] [--peer DIR] [--out FILE]
 
 Two meshes, one after the other (never both loaded at once): a router with one SmolLM2 replica
 (torch threads = cores) and a router with a two-stage chain [0,15) [15,30) (threads = cores / 2
@@ -8,6 +8,10 @@ each, so the chain uses the same cores). The in-process limit is `model.generate
 prompts, greedy, with the replica's thread count, run in this process between the served
 measurements while the mesh is idle, so each ratio pairs runs made minutes apart at most. Tokens are
 counted up to and including each row's first end-of-sequence token on both sides.
+
+With --peer DIR (what `../shared/tools/build_llamacpp.sh DIR` built: llama.cpp's llama-server and
+SmolLM2 as an F32 GGUF), llama-server serves the same prompts on the same cores after the two
+meshes (services/bench/peer.py), and the replica and chain are reported against it.
 
 With --prefill it then runs, each on its own fresh mesh, the prefix-reuse chat
 (services.bench.prefix: turn 3's time to first token over its cold twin) and the chunked-prefill
@@ -287,6 +291,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--prefill", action="store_true", help="also the prefix-reuse and chunked scenarios"
     )
+    parser.add_argument("--peer", type=Path, default=None, help="llama.cpp build directory")
     args = parser.parse_args(argv)
     cores = os.cpu_count() or 1
     repeats = 1 if args.quick else 3
@@ -343,6 +348,26 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"chain vs replica at {args.streams} streams: "
         f"{chain_r['many_tok_s'] / replica_r['many_tok_s']:.2f}x"
     )
+    if args.peer is not None:
+        from services.bench.peer import measure_peer
+
+        peer = measure_peer(
+            args.peer / "llama.cpp" / "build" / "bin" / "llama-server",
+            args.peer / "smollm2-f32.gguf",
+            texts,
+            args.max_new_tokens,
+            cores,
+            repeats,
+        )
+        results["llama_cpp"] = peer
+        print(
+            f"llama.cpp's llama-server: {args.streams} streams {peer['many_tok_s']:.1f} tok/s, one "
+            f"stream {peer['solo_tok_s']:.1f} tok/s; chain / llama.cpp "
+            f"{chain_r['many_tok_s'] / peer['many_tok_s']:.2f}x at {args.streams} streams, "
+            f"{chain_r['solo_tok_s'] / peer['solo_tok_s']:.2f}x one stream; replica / llama.cpp "
+            f"{replica_r['many_tok_s'] / peer['many_tok_s']:.2f}x, "
+            f"{replica_r['solo_tok_s'] / peer['solo_tok_s']:.2f}x"
+        )
     code = 0
     if args.prefill:
         code = _prefill_scenarios(args.repository, results, args.quick)
