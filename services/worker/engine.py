@@ -209,8 +209,9 @@ class GenerationEngine:
         """Takes blocks fetched from the shared tier into the store, in what the batches leave
         of the budget; returns how many it kept."""
         kept = 0
+        fetched = frozenset(blocks)
         for key, block in blocks.items():
-            if not self._room_for_block(frozenset(blocks)):
+            if not self._room_for_block(fetched):
                 break
             self.prefixes.put(key, block)
             kept += 1

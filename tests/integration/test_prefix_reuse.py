@@ -14,6 +14,7 @@ import random
 import shutil
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import grpc
@@ -70,6 +71,19 @@ def mesh(repo: Path) -> Iterator[Mesh]:
 def reference(repo: Path) -> tuple[AutoTokenizer, AutoModelForCausalLM]:
     path = repo / "llama-1"
     return AutoTokenizer.from_pretrained(path), AutoModelForCausalLM.from_pretrained(path).eval()
+
+
+@contextmanager
+def two_stages(repo: Path, env: dict[str, str]) -> Iterator[Mesh]:
+    """A mesh of its own: a router and llama-2 as two stages, with `env` for every process."""
+    with Mesh(repo, env={**ENV, **env}) as m:
+        m.start_router()
+        for span in CHAINS["llama-2"]:
+            m.start_worker("llama-2", span, wait=False)
+        for proc in m.workers:
+            proc.wait_ready()
+        m.wait_model("llama-2")
+        yield m
 
 
 def cached_tokens(mesh: Mesh, model: str) -> float:
@@ -137,13 +151,7 @@ def test_a_history_the_stages_evicted_is_prefilled_from_the_start(
     """A 1 MiB KV budget: other prompts push the conversation's blocks out of the stages'
     stores while the router still lists them. The next turn is refused by the stage that lost
     them, prefilled from its first token instead, and still the unsplit model's answer."""
-    with Mesh(repo, env={**ENV, "TESSERA_WORKER_MAX_KV_MB": "1"}) as m:
-        m.start_router()
-        for span in CHAINS["llama-2"]:
-            m.start_worker("llama-2", span, wait=False)
-        for proc in m.workers:
-            proc.wait_ready()
-        m.wait_model("llama-2")
+    with two_stages(repo, {"TESSERA_WORKER_MAX_KV_MB": "1"}) as m:
         first = system_prompt(seed=7) + " hello"
         generate(m, "llama-2", first)
         budget = min(info(p).kv_token_budget for p in m.workers)
@@ -173,13 +181,7 @@ def test_a_restarted_stage_reads_the_history_back_from_the_prefix_tier(
         "TESSERA_WORKER_PREFIX_NODES": memcached.address,
         "TESSERA_WORKER_PREFIX_SECRET": "prefix-secret",
     }
-    with Mesh(repo, env={**ENV, **tier}) as m:
-        m.start_router()
-        for span in CHAINS["llama-2"]:
-            m.start_worker("llama-2", span, wait=False)
-        for proc in m.workers:
-            proc.wait_ready()
-        m.wait_model("llama-2")
+    with two_stages(repo, tier) as m:
         first = system_prompt(seed=21) + " hello"
         check(reference, first, generate(m, "llama-2", first))
         tokenizer = reference[0]
