@@ -1,13 +1,18 @@
 """Generation side by side in one run: served streams vs transformers' own batched generate.
 
-    python -m services.bench.generation [--quick] [--prefill] [--peer DIR] [--out FILE]
+    python -m services.bench.generation [--quick] [--prefill] [--peer DIR] [--chain SPANS]
+                                        [--out FILE]
 
 Two meshes, one after the other (never both loaded at once): a router with one SmolLM2 replica
 (torch threads = cores) and a router with a two-stage chain [0,15) [15,30) (threads = cores / 2
-each, so the chain uses the same cores). The in-process limit is `model.generate` of the same
-prompts, greedy, with the replica's thread count, run in this process between the served
-measurements while the mesh is idle, so each ratio pairs runs made minutes apart at most. Tokens are
-counted up to and including each row's first end-of-sequence token on both sides.
+each, so the chain uses the same cores; `--chain 0:19,19:30` runs other spans). The in-process
+limit is `model.generate` of the same prompts, greedy, with the replica's thread count, run in this
+process between the served measurements while the mesh is idle, so each ratio pairs runs made
+minutes apart at most. Tokens are counted up to and including each row's first end-of-sequence
+token on both sides.
+
+The last 16-stream run on each mesh is split per stage into compute, queue, transport and waiting
+(services/bench/split.py, from the workers' and the router's step-time metrics).
 
 With --peer DIR (what `../shared/tools/build_llamacpp.sh DIR` built: llama.cpp's llama-server and
 SmolLM2 as an F32 GGUF), llama-server serves the same prompts on the same cores after the two
@@ -37,6 +42,7 @@ from grpc import aio
 
 from services.bench.limits import GenerateLimit, left_pad
 from services.bench.procs import Fleet
+from services.bench.split import describe, snapshot, split
 from services.common.repository import model_spec
 from services.pb.tessera.v1 import inference_pb2, inference_pb2_grpc
 from services.router.frontends import ModelFrontend
@@ -146,16 +152,20 @@ class Limit:
 
 
 async def measure_mesh(
-    address: str, texts: list[str], max_new: int, repeats: int, limit: Limit
-) -> dict[str, float]:
+    fleet: Fleet, address: str, texts: list[str], max_new: int, repeats: int, limit: Limit
+) -> dict[str, object]:
     """Each repeat: one stream, then the in-process batch-1 generate; the 16 streams, then the
-    in-process batch generate and batched prefill. Ratios are of the paired medians."""
+    in-process batch generate and batched prefill. Ratios are of the paired medians. The last
+    16-stream run's time is split per stage (services/bench/split.py)."""
     await streams(address, texts[:4], 4)  # warm-up
     solo, many, limits = [], [], []
+    where: dict[str, object] = {}
     for _ in range(repeats):
         solo.append(await streams(address, texts[:1], max_new))
         limit_solo = limit.solo_tok_s()
+        before = snapshot(fleet)
         many.append(await streams(address, texts, max_new))
+        where = split(before, snapshot(fleet), many[-1].seconds, fleet)
         limits.append((limit_solo, limit.batch_tok_s(), limit.prefill_s()))
     wide = await streams(address, [f"{t} ({i})" for i in range(4) for t in texts], max_new)
     return {
@@ -169,6 +179,7 @@ async def measure_mesh(
         "limit_solo_tok_s": p50([x[0] for x in limits]),
         "limit_batch_tok_s": p50([x[1] for x in limits]),
         "limit_prefill_s": p50([x[2] for x in limits]),
+        "split": where,
     }
 
 
@@ -291,6 +302,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--prefill", action="store_true", help="also the prefix-reuse and chunked scenarios"
     )
+    parser.add_argument(
+        "--chain",
+        default="0:15,15:30",
+        help="the chain's spans, comma-separated (default: the default mesh's two stages)",
+    )
     parser.add_argument("--peer", type=Path, default=None, help="llama.cpp build directory")
     args = parser.parse_args(argv)
     cores = os.cpu_count() or 1
@@ -312,19 +328,24 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"{memory['tokens']} tokens in {memory['seconds']:.1f} s"
         )
         return 0 if memory["errors"] == 0 and memory["peak_kv_mb"] <= memory["kv_budget_mb"] else 1
-    env = {"OMP_WAIT_POLICY": "PASSIVE"}
+    env = {
+        "OMP_WAIT_POLICY": "PASSIVE",
+        "TESSERA_ROUTER_METRICS_PORT": "0",
+        "TESSERA_WORKER_METRICS_PORT": "0",
+    }
     limit = Limit(spec.path, frontend, texts, args.max_new_tokens, cores)
     fleet = Fleet(args.repository, env=env)
     try:
         replica = start(fleet, [None], cores)
         results["replica"] = asyncio.run(
-            measure_mesh(replica, texts, args.max_new_tokens, repeats, limit)
+            measure_mesh(fleet, replica, texts, args.max_new_tokens, repeats, limit)
         )
         fleet.stop_all()
         fleet = Fleet(args.repository, env=env)
-        chain = start(fleet, ["0:15", "15:30"], max(1, cores // 2))
+        spans = args.chain.split(",")
+        chain = start(fleet, spans, max(1, cores // len(spans)))
         results["chain"] = asyncio.run(
-            measure_mesh(chain, texts, args.max_new_tokens, repeats, limit)
+            measure_mesh(fleet, chain, texts, args.max_new_tokens, repeats, limit)
         )
     finally:
         fleet.stop_all()
@@ -342,6 +363,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"({r['limit_prefill_s']:.3f} s); {4 * args.streams} streams "
             f"{r['wide_tok_s']:.1f} tok/s, {r['wide_errors']} errors"
         )
+        split_r = r["split"]
+        assert isinstance(split_r, dict)
+        print(describe(split_r))
     chain_r, replica_r = results["chain"], results["replica"]
     assert isinstance(chain_r, dict) and isinstance(replica_r, dict)
     print(

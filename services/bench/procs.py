@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import IO
 
 READY = re.compile(r"tessera (?:router|worker|bench echo) ready.* on (\S+)")
+METRICS = re.compile(r"tessera (?:router|worker) metrics on (\S+)")
 ROOT = Path(__file__).resolve().parents[2]
 _CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
@@ -39,6 +40,7 @@ class Child:
         self.argv = list(argv)
         self.env = env
         self.address = ""
+        self.metrics_address = ""  # where it serves /metrics, if it said so
         self.lines: collections.deque[str] = collections.deque(maxlen=200)
         self._ready = threading.Event()
         self.popen: subprocess.Popen[str] | None = None
@@ -71,6 +73,8 @@ class Child:
             log.write(line)
             log.flush()
         self.lines.append(line.rstrip("\n"))
+        if not self.metrics_address and (found := METRICS.search(line)):
+            self.metrics_address = found.group(1)
         if not self._ready.is_set():
             match = READY.search(line)
             if match:

@@ -56,6 +56,21 @@ BATCH_ROWS = Histogram(
     ["model", "span", "kind"],
     buckets=(1, 2, 4, 8, 16, 32, 64, 128),
 )
+# Where a generation step's time goes (services.bench.generation splits it with these): on the
+# worker, waiting for the model thread (queue) and running on it (compute); on the router, the
+# whole call to one stage (compute + queue + transport + (de)serialisation on both ends).
+STEP_SECONDS = Histogram(
+    "tessera_worker_step_seconds",
+    "a generation step on a worker, by phase: queue (for the model thread) or compute",
+    ["model", "span", "kind", "phase"],
+    buckets=_LATENCY_BUCKETS,
+)
+STAGE_CALL_SECONDS = Histogram(
+    "tessera_router_stage_call_seconds",
+    "a generation step's call to one stage, as the router saw it",
+    ["worker", "kind"],
+    buckets=_LATENCY_BUCKETS,
+)
 LIVE_SESSIONS = Gauge("tessera_worker_live_sessions", "generation sessions held", ["model", "span"])
 KV_CACHE_BYTES = Gauge("tessera_worker_kv_cache_bytes", "bytes of KV cache held", ["model", "span"])
 GENERATED_TOKENS = Counter("tessera_generated_tokens_total", "tokens generated", ["model"])

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 from grpc import aio
 
+from services.common.metrics import STAGE_CALL_SECONDS
 from services.common.telemetry import outgoing_metadata
 from services.common.tensors import from_numpy
 from services.pb.tessera.v1 import common_pb2, worker_pb2
@@ -100,10 +101,14 @@ class ChainClient:
             timeout=lambda _: self.times.policy.max_s,
             timeout_is_stuck=True,
             stuck_after=lambda address: self.times.overdue(address, kind, work),
-            observe=lambda address, seconds: self.times.observe(address, kind, work, seconds),
+            observe=lambda address, seconds: self._observe(address, kind, work, seconds),
             wanted=wanted,
         )
         return result
+
+    def _observe(self, address: str, kind: str, work: int, seconds: float) -> None:
+        self.times.observe(address, kind, work, seconds)
+        STAGE_CALL_SECONDS.labels(address, kind).observe(seconds)
 
     async def prefill(self, prefill: Prefill, start: int = 0, end: int = 0) -> Sampled:
         """Runs left-padded prompts through every stage; returns each row's first token.

@@ -23,6 +23,7 @@ from services.common.metrics import (
     KV_CACHE_BYTES,
     LIVE_SESSIONS,
     QUEUE_DEPTH,
+    STEP_SECONDS,
     VLLM_KV,
     VLLM_RUNNING,
     WORKER_KV,
@@ -328,6 +329,8 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
                 )
                 span.set_attribute("tessera.batch_rows", rows)
             BATCH_ROWS.labels(*self._labels, name).observe(rows)
+            STEP_SECONDS.labels(*self._labels, name, "queue").observe(began[0] - submitted)
+            STEP_SECONDS.labels(*self._labels, name, "compute").observe(done - began[0])
             return out
         finally:
             self.outstanding -= 1

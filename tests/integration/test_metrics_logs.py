@@ -193,6 +193,22 @@ def test_token_metrics(observed: Observed) -> None:
     )
 
 
+def test_stage_call_seconds_per_worker_and_kind(observed: Observed) -> None:
+    """The router times each generation step's call to each stage: with the worker's own
+    compute time, what the call spent in transport."""
+    samples = scrape(observed.router_metrics)
+    name = "tessera_router_stage_call_seconds"
+    worker = observed.llama.address
+    total = sum(observed.generated)
+    assert metric(samples, f"{name}_count", worker=worker, kind="prefill") == 3
+    assert metric(samples, f"{name}_count", worker=worker, kind="decode") == total - 3
+    llama = scrape(observed.llama_metrics)
+    compute = metric(
+        llama, "tessera_worker_step_seconds_sum", model="tiny-llama", kind="decode", phase="compute"
+    )
+    assert metric(samples, f"{name}_sum", worker=worker, kind="decode") >= compute > 0
+
+
 def test_cache_counters_by_tier(observed: Observed) -> None:
     samples = scrape(observed.router_metrics)
     name = "tessera_cache_requests_total"
@@ -226,6 +242,13 @@ def test_worker_metrics(observed: Observed) -> None:
 
     assert calls("Prefill") == {"OK": 3}
     assert calls("Decode") == {"OK": total - 3}
+    # Every step's time on the model thread, split into waiting for it and running on it.
+    steps = "tessera_worker_step_seconds"
+    for kind, count in (("prefill", 3), ("decode", total - 3)):
+        for phase in ("queue", "compute"):
+            labels = {"model": "tiny-llama", "kind": kind, "phase": phase}
+            assert metric(llama, f"{steps}_count", **labels) == count
+        assert metric(llama, f"{steps}_sum", model="tiny-llama", kind=kind, phase="compute") > 0
     # Each finished batch is freed: a Clear per generation, never an error.
     assert calls("Clear") == {"OK": 3}
     bert = scrape(observed.bert_metrics)
