@@ -8,10 +8,14 @@ the median time of one decode step of a batch of rows holding `context` tokens e
 - the replica [0,30) with 16 rows on all cores, and on one core;
 - each stage of the default chain ([0,15), [15,30)) with 8 rows on one core: with two slots of 8
   rows pipelined over two stages, the chain's compute-bound ceiling is 16 tokens per
-  2 x the slower stage's step, against the replica's 16 per step;
+  2 x the slower stage's step, against the replica's 16 per step (each measured alone: two
+  stages computing at once slow each other down, see `services.bench.generation`'s split); the
+  last stage's and the replica's step include the LM head and sampling;
 - torch options on the replica's step: eager attention instead of scaled-dot-product attention,
   bfloat16 and int8 weights (not exact: their greedy tokens may differ), and `torch.compile` of
-  the step (inductor, dynamic shapes) where it compiles.
+  the step (inductor, dynamic shapes) where it compiles;
+- one core's fp32 matrix products at 1, 8 and 16 rows over 212 MB of distinct MLP-shaped
+  weights: how fast torch streams weights and computes at the shapes a decode step has.
 
 Each option's first 8 greedy tokens are compared with the baseline's (16 rows): "same" or how
 many rows differ.
@@ -59,9 +63,10 @@ def _timed(stage: StageModel, rows: int, context: int, steps: int, threads: int)
     tokens: list[list[int]] = []
     times = []
     with torch.inference_mode():
+        if stage.is_last:
+            picked, _ = batch.sample(stage, hidden)  # the first token, from the prefill
         for _ in range(steps):
             if stage.is_first and stage.is_last:
-                picked, _ = batch.sample(stage, hidden)
                 tokens.append(picked)
                 x: torch.Tensor = torch.tensor(picked)
             elif stage.is_first:
@@ -70,6 +75,8 @@ def _timed(stage: StageModel, rows: int, context: int, steps: int, threads: int)
                 x = torch.randn(rows, 1, stage.spec.hidden_size)
             started = time.perf_counter()
             hidden = batch.decode(stage, x)
+            if stage.is_last:  # the head and sampling are part of the last stage's step
+                picked, _ = batch.sample(stage, hidden)
             times.append(time.perf_counter() - started)
     warm = times[3:] or times
     return {
@@ -77,6 +84,27 @@ def _timed(stage: StageModel, rows: int, context: int, steps: int, threads: int)
         "p90_ms": sorted(warm)[int(0.9 * (len(warm) - 1))] * 1e3,
         "tokens": [list(col) for col in zip(*tokens[:TOKENS_CHECKED], strict=True)],
     }
+
+
+def _gemm(spec: Any, rows: int, megabytes: int = 212) -> dict[str, float]:
+    """One thread's fp32 matrix products at `rows` rows over distinct weights shaped like the
+    model's MLP matrices (`megabytes` of them, far more than the caches hold, as a step's are):
+    weight bytes streamed per second and arithmetic per second."""
+    torch.set_num_threads(1)
+    shape = (spec.hidden_size * 8 // 3, spec.hidden_size)  # SmolLM2's MLP: 1536 x 576
+    count = max(1, megabytes * 2**20 // (4 * shape[0] * shape[1]))
+    weights = [torch.randn(shape) for _ in range(count)]
+    x = torch.randn(rows, spec.hidden_size)
+    with torch.inference_mode():
+        for w in weights:
+            torch.nn.functional.linear(x, w)
+        started = time.perf_counter()
+        for _ in range(3):
+            for w in weights:
+                torch.nn.functional.linear(x, w)
+        seconds = (time.perf_counter() - started) / 3
+    elements = count * shape[0] * shape[1]
+    return {"gb_s": 4 * elements / seconds / 1e9, "gflop_s": 2 * rows * elements / seconds / 1e9}
 
 
 def _compiled(stage: StageModel) -> StageModel:
@@ -146,11 +174,19 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"{name:34s} {found['step_ms']:7.1f} ms/step (p90 {found['p90_ms']:.1f})  {same}",
             flush=True,
         )
+    for rows in (1, 8, 16):
+        gemm = _gemm(spec, rows)
+        results[f"gemm, {rows} rows, 1 core"] = gemm
+        print(
+            f"fp32 matrix products, {rows:2d} rows, 1 core: weights streamed at "
+            f"{gemm['gb_s']:.1f} GB/s, {gemm['gflop_s']:.1f} GFLOP/s",
+            flush=True,
+        )
     replica = results["replica, 16 rows, all cores"]["step_ms"]
     stages = [results[name]["step_ms"] for name, *_ in cases[2:4]]
     ceiling = replica / (2 * max(stages))
     print(
-        f"chain ceiling (two 8-row slots pipelined, compute only): 16 tokens per "
+        f"chain ceiling (two 8-row slots pipelined, compute only, stages alone): 16 tokens per "
         f"{2 * max(stages):.1f} ms against the replica's 16 per {replica:.1f} ms = {ceiling:.2f}x",
         flush=True,
     )
