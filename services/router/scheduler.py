@@ -340,7 +340,9 @@ class Scheduler:
                 drop = Drop(slot.batch_id, [r.request_id for r in slot.rows])
                 if not slot.rows:
                     slot.batch_id = None
-        picked = self._admit(slot, now, room)
+        if matched is not None:
+            matched = _memo(matched)  # each request's blocks are hashed once per plan
+        picked = self._admit(slot, now, room, matched)
         prefill = None
         if picked:
             self._batches += 1
@@ -393,7 +395,13 @@ class Scheduler:
         width = max(len(r.feed) for r in picked)
         return len(picked) * width <= self.config.max_prefill_tokens or len(picked) == 1
 
-    def _admit(self, slot: Slot, now: float, room: Room) -> list[Request]:
+    def _admit(
+        self,
+        slot: Slot,
+        now: float,
+        room: Room,
+        matched: Callable[[Request], int] | None = None,
+    ) -> list[Request]:
         cfg = self.config
         if not self.waiting or slot.index in self._prefilling or slot.pending:
             return []
@@ -424,6 +432,8 @@ class Scheduler:
             request = self._next(candidates, running, now)
             if not self._fits(slot, [*picked, request], others_cost, others_rows, room):
                 break  # strict order: a big request is not overtaken by smaller ones
+            if picked and matched is not None and _apart_is_cheaper(picked, request, matched):
+                break  # it goes in the next prefill, which reuses its own cached blocks
             picked.append(request)
             candidates.remove(request)
             running[request.tenant] = running.get(request.tenant, 0) + 1
@@ -589,6 +599,8 @@ class Scheduler:
 
 
 MIN_CHUNK = 16
+# A prefill of its own costs a pass and a turn: splitting must save more token columns than this.
+APART_SLACK_COLUMNS = 64
 
 
 def chunk_columns(steps: float, decode_s: float, column_s: float, ceiling: int) -> int:
@@ -603,6 +615,36 @@ def _first_column(requests: Sequence[Request], matched: Callable[[Request], int]
     after it (rows are right-aligned, so a short row's prompt may start after it)."""
     width = max(len(r.feed) for r in requests)
     return max(0, min(width - len(r.feed) + matched(r) for r in requests))
+
+
+def _memo(matched: Callable[[Request], int]) -> Callable[[Request], int]:
+    found: dict[int, int] = {}
+
+    def once(request: Request) -> int:
+        if request.request_id not in found:
+            found[request.request_id] = matched(request)
+        return found[request.request_id]
+
+    return once
+
+
+def _apart_is_cheaper(
+    picked: Sequence[Request], request: Request, matched: Callable[[Request], int]
+) -> bool:
+    """Whether prefilling `request` in a prefill of its own computes fewer token columns than
+    adding it to `picked`'s, where cached prompt blocks are at stake: one batch starts at the
+    first column any of its rows needs (`_first_column`), so a cold row beside warm ones makes
+    them all recompute what they hold, and a warm row beside cold ones reuses nothing."""
+    before = _first_column(picked, matched)
+    own = matched(request)
+    if before == 0 and own == 0:
+        return False  # nothing cached on either side: batching as usual
+    width = max(len(r.feed) for r in picked)
+    together = [*picked, request]
+    wider = max(width, len(request.feed))
+    joint = (len(picked) + 1) * (wider - _first_column(together, matched))
+    apart = len(picked) * (width - before) + len(request.feed) - own
+    return joint > apart + APART_SLACK_COLUMNS
 
 
 def _left(request: Request, now: float) -> Output:

@@ -7,6 +7,8 @@ scheduler that over-admits fails here, not on a worker.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 
 from services.common.errors import ResourceExhausted
@@ -262,3 +264,58 @@ def test_a_chunk_is_sized_to_cost_about_the_decode_steps_asked() -> None:
     for seconds in (0.08, 0.09, 0.5):  # one slow outlier does not set the size
         times.observe("w", "decode", 8, seconds)
     assert times.typical("w", "decode") == 0.09 / 8
+
+
+# -- prefix reuse: who shares a prefill ------------------------------------------------------
+
+
+def _cached(held: dict[int, int]) -> Callable[[Request], int]:
+    """A chain's prefix index as the scheduler sees it: leading tokens held, by request id."""
+    return lambda r: held.get(r.request_id, 0)
+
+
+def _planned(scheduler: Scheduler, held: dict[int, int]) -> tuple[list[int], int]:
+    """The request ids of the next prefill and the column it starts at (reported done)."""
+    slot = scheduler.slots[0]
+    room = Room(scheduler.config.budget_tokens, scheduler.config.max_rows)
+    plan = scheduler.plan(slot, 0.0, room, _cached(held))
+    assert plan.prefill is not None
+    prefill = plan.prefill
+    scheduler.prefilled(slot, prefill, [EOS] * len(prefill.requests), 0.0)
+    return [r.request_id for r in prefill.requests], prefill.start
+
+
+def test_a_cold_prompt_does_not_make_warm_ones_recompute_their_cached_blocks() -> None:
+    scheduler = Scheduler(config())
+    held = {1: 192, 2: 192, 3: 0}  # two turns of one chat, and a stranger of the same length
+    for rid in (1, 2, 3):
+        scheduler.submit(request(rid, prompt_len=200))
+    assert _planned(scheduler, held) == ([1, 2], 192)
+    assert _planned(scheduler, held) == ([3], 0)
+
+
+def test_a_warm_prompt_is_not_dragged_into_a_cold_prefill() -> None:
+    scheduler = Scheduler(config())
+    held = {1: 0, 2: 192}
+    for rid in (1, 2):
+        scheduler.submit(request(rid, prompt_len=200))
+    assert _planned(scheduler, held) == ([1], 0)
+    assert _planned(scheduler, held) == ([2], 192)
+
+
+def test_prompts_share_a_prefill_when_splitting_saves_little_or_nothing_is_cached() -> None:
+    scheduler = Scheduler(config())
+    # A short stranger starts after the warm row's cached part: nothing is lost by sharing.
+    held = {1: 64, 2: 0}
+    scheduler.submit(request(1, prompt_len=70))
+    scheduler.submit(request(2, prompt_len=5))
+    assert _planned(scheduler, held) == ([1, 2], 64)
+    # Nothing cached anywhere: prompts of any lengths share one prefill, as without reuse.
+    for rid, length in ((3, 200), (4, 10), (5, 120)):
+        scheduler.submit(request(rid, prompt_len=length))
+    assert _planned(scheduler, {}) == ([3, 4, 5], 0)
+    # A few cached columns at stake: less than a prefill of its own would cost.
+    held = {6: 32, 7: 0}
+    scheduler.submit(request(6, prompt_len=40))
+    scheduler.submit(request(7, prompt_len=40))
+    assert _planned(scheduler, held) == ([6, 7], 0)
