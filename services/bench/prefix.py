@@ -3,13 +3,14 @@ against the same turn under a system prompt never seen before, side by side in o
 
     python -m services.bench.prefix [--conversations 3] [--system-tokens 1000] [--out FILE]
 
-A router and SmolLM2 as the default mesh's two stages [0,15) [15,30) (threads = cores / 2 each),
-no result cache. Each conversation has its own ~1,000-token system prompt and three user turns;
-each turn resends the whole conversation (what chat clients do). After its third turn, the same
-third turn (same messages and answers) under a fresh system prompt of the same token length is
-sent: the cold twin. Reported: each turn's time to first token, turn 3 over its cold twin (the
-target is <= 0.3), and whether every answer equals transformers' greedy answer to the same
-messages (computed after the mesh is stopped, so it does not share the cores with it).
+A router and SmolLM2 as the default mesh's two stages [0,15) [15,30) (threads = cores / 2 each), no
+result cache. Each conversation has its own ~1,000-token system prompt and three user turns; each
+turn resends the whole conversation (what chat clients do). After its third turn, the same third
+turn (same messages and answers) under a fresh system prompt of the same token length is sent: the
+cold twin; then the third turn twice more, sent at once with two strangers' turns (under system
+prompts never seen before), alternating. Reported: each turn's time to first token, turn 3 over its
+cold twin (the target is <= 0.3), and whether every answer equals transformers' greedy answer to
+the same messages (computed after the mesh is stopped, so it does not share the cores with it).
 """
 
 from __future__ import annotations
@@ -98,14 +99,15 @@ async def ask(
 
 
 async def _conversations(
-    address: str, systems: list[tuple[str, str]], max_new: int
+    address: str, systems: list[tuple[str, str, str, str]], max_new: int, mixed: list[list[Turn]]
 ) -> list[list[Turn]]:
-    """Per conversation: its turns, then the cold twin of its last turn."""
+    """Per conversation: its turns, then the cold twin of its last turn; into `mixed`, its last
+    turn twice more sent at once with two strangers' (cold prompts of the same length)."""
     found: list[list[Turn]] = []
     async with aio.insecure_channel(address) as channel:
         stub = inference_pb2_grpc.InferenceStub(channel)
         await ask(stub, messages("Be brief.", ["Hi."], []), 1)  # warm-up
-        for warm, cold in systems:
+        for warm, cold, *others in systems:
             turns: list[Turn] = []
             for number in range(len(USER_TURNS)):
                 answers = [t.text for t in turns]
@@ -115,6 +117,9 @@ async def _conversations(
             answers = [t.text for t in turns[:-1]]
             turns.append(await ask(stub, messages(cold, USER_TURNS, answers), max_new))
             found.append(turns)
+            strangers = [messages(other, USER_TURNS, answers) for other in others]
+            chats = [turns[-2].chat, strangers[0], turns[-2].chat, strangers[1]]
+            mixed.append(list(await asyncio.gather(*(ask(stub, c, max_new) for c in chats))))
     return found
 
 
@@ -150,8 +155,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     tokenizer = AutoTokenizer.from_pretrained(Path(args.repository) / LLM)
     systems = [
         (
-            system_prompt(tokenizer, 2 * c, args.system_tokens),
-            system_prompt(tokenizer, 2 * c + 1, args.system_tokens),
+            system_prompt(tokenizer, 4 * c, args.system_tokens),
+            system_prompt(tokenizer, 4 * c + 1, args.system_tokens),
+            system_prompt(tokenizer, 4 * c + 2, args.system_tokens),
+            system_prompt(tokenizer, 4 * c + 3, args.system_tokens),
         )
         for c in range(args.conversations)
     ]
@@ -159,10 +166,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     fleet = Fleet(args.repository, env={"OMP_WAIT_POLICY": "PASSIVE"})
     try:
         address = start(fleet, ["0:15", "15:30"], max(1, cores // 2))
-        found = asyncio.run(_conversations(address, systems, args.max_new))
+        mixed: list[list[Turn]] = []
+        found = asyncio.run(_conversations(address, systems, args.max_new, mixed))
     finally:
         fleet.stop_all()
-    turns = [t for conversation in found for t in conversation]
+    turns = [t for conversation in [*found, *mixed] for t in conversation]
     want = _reference(args.repository, [t.chat for t in turns], args.max_new)
     equal = [t.ids == w for t, w in zip(turns, want, strict=True)]
     ratios = []
@@ -177,6 +185,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"({twin.prompt_tokens} tokens): turn 3 / cold = {ratios[-1]:.2f}",
             flush=True,
         )
+    for index, together in enumerate(mixed):
+        warm, cold = together[0::2], together[1::2]
+        print(
+            f"conversation {index + 1}, its turn 3 twice and two strangers at once: turn 3 "
+            + ", ".join(f"{t.ttft_s:.2f}" for t in warm)
+            + " s, strangers "
+            + ", ".join(f"{t.ttft_s:.2f}" for t in cold)
+            + " s",
+            flush=True,
+        )
     print(
         f"time to first token, turn 3 over its cold twin: median {statistics.median(ratios):.2f} "
         f"(target <= 0.3); answers equal to transformers' greedy: {sum(equal)}/{len(equal)}",
@@ -189,6 +207,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "turn3_over_cold": ratios,
             "equal": equal,
             "ttft_s": [[t.ttft_s for t in c] for c in found],
+            "mixed_ttft_s": [[t.ttft_s for t in c] for c in mixed],
         }
         args.out.write_text(json.dumps(summary, indent=2))
     return 0 if all(equal) else 1
