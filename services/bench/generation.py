@@ -165,7 +165,7 @@ async def measure_mesh(
         limit_solo = limit.solo_tok_s()
         before = snapshot(fleet)
         many.append(await streams(address, texts, max_new))
-        where = split(before, snapshot(fleet), many[-1].seconds, fleet)
+        where = split(before, snapshot(fleet), many[-1].seconds)
         limits.append((limit_solo, limit.batch_tok_s(), limit.prefill_s()))
     wide = await streams(address, [f"{t} ({i})" for i in range(4) for t in texts], max_new)
     return {

@@ -73,7 +73,7 @@ def _delta(after: Sums, before: Sums, key: tuple[str, ...]) -> tuple[float, floa
     return a[0] - b[0], a[1] - b[1]
 
 
-def split(before: Snapshot, after: Snapshot, wall_s: float, fleet: Fleet) -> dict[str, object]:
+def split(before: Snapshot, after: Snapshot, wall_s: float) -> dict[str, object]:
     """Per stage, in chain order: fractions of the run's wall time and mean ms per decode step;
     and each process's share of one core over the run."""
     stages = []
@@ -102,9 +102,7 @@ def split(before: Snapshot, after: Snapshot, wall_s: float, fleet: Fleet) -> dic
             }
         )
     cpu = {
-        name: (after.cpu[name] - before.cpu.get(name, 0.0)) / wall_s
-        for name in after.cpu
-        if any(c.name == name for c in fleet.children)
+        name: (seconds - before.cpu.get(name, 0.0)) / wall_s for name, seconds in after.cpu.items()
     }
     return {"wall_s": wall_s, "stages": stages, "cpu_cores": cpu}
 

@@ -35,7 +35,7 @@ from typing import Any
 import torch
 
 from services.bench.generation import LLM
-from services.common.repository import model_spec
+from services.common.repository import ModelSpec, model_spec
 from services.common.types import Span
 from services.worker.batch import Row, StageBatch
 from services.worker.stage import StageModel
@@ -86,7 +86,7 @@ def _timed(stage: StageModel, rows: int, context: int, steps: int, threads: int)
     }
 
 
-def _gemm(spec: Any, rows: int, megabytes: int = 212) -> dict[str, float]:
+def _gemm(spec: ModelSpec, rows: int, megabytes: int = 212) -> dict[str, float]:
     """One thread's fp32 matrix products at `rows` rows over distinct weights shaped like the
     model's MLP matrices (`megabytes` of them, far more than the caches hold, as a step's are):
     weight bytes streamed per second and arithmetic per second."""
